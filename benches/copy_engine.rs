@@ -1,0 +1,88 @@
+//! Copy engine vs a single `copy_from_slice`, on one large buffer and on 20,000 tiny ones.
+//! Run with `cargo bench --bench copy_engine`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use stager::copy_engine::{CopyEngine, CopyRequest};
+use stager::pool::{HostPool, PoolOptions};
+
+fn large_copy(c: &mut Criterion) {
+    let len = 256 << 20;
+    let source = vec![3u8; len];
+    let pool = HostPool::new(PoolOptions::default());
+    let mut target = pool.acquire(len).unwrap();
+    target.as_mut_slice().fill(1); // touched memory: measure the copy, not page faults
+    let mut group = c.benchmark_group("large_256MiB");
+    group.throughput(Throughput::Bytes(len as u64));
+    group.sample_size(20);
+    group.bench_function("copy_from_slice", |b| {
+        b.iter(|| target.as_mut_slice().copy_from_slice(&source))
+    });
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for threads in [1, threads] {
+        let engine = CopyEngine::new(threads);
+        group.bench_with_input(BenchmarkId::new("engine", threads), &threads, |b, _| {
+            b.iter(|| {
+                // SAFETY: source and target outlive the job, which is waited for.
+                let job = unsafe {
+                    engine.submit(vec![CopyRequest::host(
+                        source.as_ptr(),
+                        target.as_ptr(),
+                        len,
+                    )])
+                };
+                job.wait();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn tiny_copies(c: &mut Criterion) {
+    let count = 20_000;
+    let sources: Vec<Vec<u8>> = (0..count).map(|i| vec![i as u8; 16 + i % 48]).collect();
+    let total: usize = sources.iter().map(|s| s.len().next_multiple_of(64)).sum();
+    let pool = HostPool::new(PoolOptions::default());
+    let target = pool.acquire(total).unwrap();
+    let mut offsets = Vec::with_capacity(count);
+    let mut offset = 0;
+    for source in &sources {
+        offsets.push(offset);
+        offset += source.len().next_multiple_of(64);
+    }
+    let mut group = c.benchmark_group("tiny_20000");
+    group.throughput(Throughput::Elements(count as u64));
+    group.bench_function("copy_from_slice_loop", |b| {
+        b.iter(|| {
+            for (source, &offset) in sources.iter().zip(&offsets) {
+                // SAFETY: each destination range lies inside `target` and ranges are disjoint.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        source.as_ptr(),
+                        target.as_ptr().add(offset),
+                        source.len(),
+                    )
+                };
+            }
+        })
+    });
+    let engine = CopyEngine::new(2);
+    group.bench_function("engine", |b| {
+        b.iter(|| {
+            let requests = sources
+                .iter()
+                .zip(&offsets)
+                // SAFETY: as above; the pointer arithmetic stays inside `target`.
+                .map(|(s, &o)| {
+                    CopyRequest::host(s.as_ptr(), unsafe { target.as_ptr().add(o) }, s.len())
+                })
+                .collect();
+            // SAFETY: sources and target outlive the job, which is waited for.
+            let job = unsafe { engine.submit(requests) };
+            job.wait();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, large_copy, tiny_copies);
+criterion_main!(benches);

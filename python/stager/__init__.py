@@ -1,0 +1,13 @@
+"""stager: Rust-accelerated checkpoint staging for PyTorch.
+
+Drop-in replacements for ``torch.distributed.checkpoint.staging``'s stagers, backed by a Rust
+engine that owns (pinned, optionally shared) host memory, copies on worker threads without the
+GIL, and writes files durably.
+"""
+
+from ._native import StagerError
+from .options import StagingOptions
+from .stagers import BlockingAsyncStager, DefaultStager
+
+__all__ = ["BlockingAsyncStager", "DefaultStager", "StagerError", "StagingOptions"]
+__version__ = "0.1.0"

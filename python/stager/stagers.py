@@ -1,0 +1,230 @@
+"""Stagers: PyTorch's ``AsyncStager`` protocol on top of the Rust pool and copy engine.
+
+``DefaultStager`` and ``BlockingAsyncStager`` are drop-ins for their namesakes in
+``torch.distributed.checkpoint.staging``: same constructors, same ``stage()`` results, same
+``should_synchronize_after_execute``. The order of operations in one stage:
+
+1. ``plan_state_dict`` walks the tree once (Python);
+2. the pool hands out one host buffer for every storage (budget checked here, before any copy);
+3. one call into the copy engine copies every CPU storage, on worker threads, without the GIL;
+4. the staged tensors are built over the buffer while the copies run, and handed out once the
+   copies are done. Dropping them returns the buffer to the pool for the next stage.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.staging import AsyncStager
+
+from . import _native
+from ._native import StagerError
+from .options import StagingOptions
+from .plan import StatePlan, plan_state_dict
+
+__all__ = ["BlockingAsyncStager", "DefaultStager", "StagingEngine"]
+
+_engines: dict[int, _native.CopyEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def copy_engine(num_threads: int) -> _native.CopyEngine:
+    """The process-wide copy engine with ``num_threads`` workers (threads are shared by stagers)."""
+    with _engines_lock:
+        engine = _engines.get(num_threads)
+        if engine is None:
+            engine = _engines[num_threads] = _native.CopyEngine(num_threads)
+        return engine
+
+
+class StagedCopy:
+    """A stage in flight: the plan, its host buffer and the copy job filling it."""
+
+    __slots__ = ("plan", "buffer", "job", "device_copies")
+
+    def __init__(self, plan: StatePlan, buffer: Any, job: Any, device_copies: list) -> None:
+        self.plan = plan
+        self.buffer = buffer
+        self.job = job
+        self.device_copies = device_copies
+
+    def wait(self) -> None:
+        """Blocks (without the GIL) until every byte is in the host buffer."""
+        self.job.wait()
+        for event in self.device_copies:
+            event.synchronize()
+
+
+class StagingEngine:
+    """A host pool plus the shared copy engine: what every stager stages with."""
+
+    def __init__(self, options: StagingOptions) -> None:
+        self.options = options
+        self.pool = _native.HostPool(
+            shared=options.use_shared_memory, budget_bytes=options.memory_budget_bytes
+        )
+        self.copier = copy_engine(options.threads)
+
+    def start(self, state_dict: Any) -> StagedCopy:
+        """Plans ``state_dict``, takes a buffer and starts every copy; returns at once."""
+        plan = plan_state_dict(state_dict)
+        buffer = self.pool.acquire(plan.total_nbytes)
+        cpu = plan.cpu_storages
+        job = self.copier.submit(
+            buffer,
+            [s.address for s in cpu],
+            [s.offset for s in cpu],
+            [s.nbytes for s in cpu],
+            [s.storage for s in cpu],
+        )
+        device_copies = self._start_device_copies(plan, buffer)
+        return StagedCopy(plan, buffer, job, device_copies)
+
+    def _start_device_copies(self, plan: StatePlan, buffer: Any) -> list:
+        """Copies storages that live on an accelerator into the buffer, through torch."""
+        events = []
+        for storage in plan.device_storages:
+            if not storage.nbytes:
+                continue
+            target = torch.frombuffer(buffer, dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
+            source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage.storage)
+            target.copy_(source, non_blocking=False)
+        return events
+
+    def stage(self, state_dict: Any) -> Any:
+        """Stages ``state_dict`` and returns the staged copy once every byte has landed."""
+        staged = self.start(state_dict)
+        result = staged.plan.materialize(staged.buffer)  # overlaps the copies
+        staged.wait()
+        return result
+
+    def reserve(self, nbytes: int) -> None:
+        self.pool.reserve(int(nbytes), self.options.threads)
+
+    def close(self) -> None:
+        self.pool.finish_reservations()
+        self.pool.trim()
+
+
+class DefaultStager(AsyncStager):
+    """Drop-in for ``torch.distributed.checkpoint.staging.DefaultStager``.
+
+    ``stage(state_dict)`` returns a ``Future`` of the staged copy when
+    ``config.use_async_staging`` is set (the default), else the staged copy itself. The copy is
+    made by stager's Rust engine: a pooled host buffer (page-locked once when CUDA is present,
+    shared memory when asked), filled by worker threads that don't hold the GIL, so the caller's
+    Python thread keeps running at full speed during an async stage.
+
+    Unlike PyTorch's, the default options work on a machine without CUDA (GPU-only options become
+    no-ops), and a later ``stage()`` never overwrites a result handed out earlier.
+
+    Thread Safety:
+        ``stage()`` may be called from any thread; async stages run one at a time, in order.
+    """
+
+    _synchronize_after_execute: bool = True
+
+    def __init__(self, config: StagingOptions = StagingOptions()) -> None:
+        if not isinstance(config, StagingOptions):
+            config = _convert_options(config)
+        self._config = config
+        self._engine = StagingEngine(config)
+        self._staging_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager") if config.use_async_staging else None
+        )
+        self._staging_future: Future | None = None
+        self._closed = False
+
+    @property
+    def options(self) -> StagingOptions:
+        return self._config
+
+    def stage(self, state_dict: Any, **kwargs: Any) -> Any:
+        """Stages ``state_dict``: a ``Future`` in async mode, else the staged copy."""
+        if self._closed:
+            raise StagerError("DefaultStager.stage() called after close()")
+        if self._staging_executor is None:
+            return self._engine.stage(state_dict)
+        self._staging_future = self._staging_executor.submit(self._engine.stage, state_dict)
+        return self._staging_future
+
+    def reserve(self, nbytes: int) -> None:
+        """Maps and pre-faults ``nbytes`` of host memory in the background, so the first stage of
+        that size runs at repeat-call speed. The next ``stage()`` waits for it to finish."""
+        self._engine.reserve(nbytes)
+
+    def synchronize_staging(self) -> None:
+        """Waits for the last async stage to finish; a no-op in sync mode."""
+        if self._staging_future is not None:
+            self._staging_future.result()
+
+    def close(self) -> None:
+        """Waits for a stage in flight and releases the pool's free memory. Results handed out
+        earlier stay valid."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._staging_executor is not None:
+            self._staging_executor.shutdown(wait=True)
+        self._engine.close()
+
+    def pool_stats(self) -> dict:
+        """Counters of the stager's host pool (allocations, reuses, bytes held)."""
+        return self._engine.pool.stats()
+
+    def __enter__(self) -> "DefaultStager":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class BlockingAsyncStager(AsyncStager):
+    """Drop-in for ``torch.distributed.checkpoint.staging.BlockingAsyncStager``: ``stage()`` blocks
+    until the host copy is complete and returns it.
+
+    ``cache_staged_state_dict=True`` keeps the host memory of dropped results for the next stage
+    (PyTorch's reason for the cache) but, unlike PyTorch, never overwrites a result still in use.
+    ``type_check`` is accepted for compatibility; structure and dtypes are always preserved.
+    """
+
+    _synchronize_after_execute: bool = False
+
+    def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False) -> None:
+        self.cache_staged_state_dict = cache_staged_state_dict
+        self.type_check = type_check
+        self._engine = StagingEngine(
+            StagingOptions(use_shared_memory=False, use_async_staging=False)
+        )
+
+    def stage(self, state_dict: Any) -> Any:
+        """Returns a copy of ``state_dict`` on the CPU."""
+        staged = self._engine.stage(state_dict)
+        if not self.cache_staged_state_dict:
+            # Without a cache the memory goes back to the OS with the result, like PyTorch's.
+            self._engine.pool.trim()
+        return staged
+
+    def synchronize_staging(self) -> None:
+        """No-op: staging is blocking."""
+
+    def close(self) -> None:
+        self._engine.close()
+
+
+def _convert_options(config: Any) -> StagingOptions:
+    """Accepts PyTorch's own StagingOptions (or anything with its four fields)."""
+    try:
+        return StagingOptions(
+            config.use_pinned_memory,
+            config.use_shared_memory,
+            config.use_async_staging,
+            config.use_non_blocking_copy,
+            getattr(config, "num_threads", None),
+            getattr(config, "memory_budget_bytes", None),
+        )
+    except AttributeError as err:
+        raise StagerError(f"config must be a StagingOptions, got {type(config).__name__}") from err
