@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import _native
 from ._native import StagerError
+from .device import start_device_copies
 from .options import StagingOptions
 from .plan import StatePlan, plan_state_dict
 
@@ -80,19 +81,8 @@ class StagingEngine:
             [s.nbytes for s in cpu],
             [s.storage for s in cpu],
         )
-        device_copies = self._start_device_copies(plan, buffer)
+        device_copies = start_device_copies(plan, buffer, self.options.use_non_blocking_copy)
         return StagedCopy(plan, buffer, job, device_copies)
-
-    def _start_device_copies(self, plan: StatePlan, buffer: Any) -> list:
-        """Copies storages that live on an accelerator into the buffer, through torch."""
-        events = []
-        for storage in plan.device_storages:
-            if not storage.nbytes:
-                continue
-            target = torch.frombuffer(buffer, dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
-            source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage.storage)
-            target.copy_(source, non_blocking=False)
-        return events
 
     def stage(self, state_dict: Any) -> Any:
         """Stages ``state_dict`` and returns the staged copy once every byte has landed."""

@@ -1,13 +1,9 @@
-//! The `stager._native` extension module: conversions between Python and the engine, nothing more.
-//!
-//! Every engine error becomes `stager.StagerError` (a `RuntimeError`) here, in one place. Every
-//! call that moves bytes or waits releases the GIL.
+//! Bindings for the host pool and the copy engine.
 
 use std::os::raw::c_int;
 use std::time::Duration;
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyBufferError, PyRuntimeError};
+use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -15,22 +11,7 @@ use pyo3::types::PyDict;
 use crate::copy_engine::{CopyEngine, CopyJob, CopyRequest};
 use crate::pool::{HostBuffer, HostPool, PoolOptions};
 
-create_exception!(
-    stager,
-    StagerError,
-    PyRuntimeError,
-    "Base of every error stager raises."
-);
-
-impl From<crate::StagerError> for PyErr {
-    fn from(err: crate::StagerError) -> PyErr {
-        StagerError::new_err(err.to_string())
-    }
-}
-
-fn invalid(message: String) -> PyErr {
-    StagerError::new_err(message)
-}
+use super::invalid;
 
 /// A pool of reusable host buffers (see `pool.rs`).
 #[pyclass(name = "HostPool", module = "stager._native", frozen)]
@@ -93,8 +74,8 @@ impl PyHostPool {
 /// One pool buffer, exposed through the buffer protocol so `torch.frombuffer` can wrap it without
 /// a copy. Tensors made from it keep it alive; when the last goes, the memory returns to the pool.
 #[pyclass(name = "HostBuffer", module = "stager._native", frozen)]
-struct PyHostBuffer {
-    buffer: HostBuffer,
+pub(crate) struct PyHostBuffer {
+    pub(crate) buffer: HostBuffer,
     // Py_buffer points at these for shape and strides; they live as long as the object.
     shape: [ffi::Py_ssize_t; 1],
     strides: [ffi::Py_ssize_t; 1],
@@ -323,9 +304,7 @@ impl Drop for PyCopyJob {
     }
 }
 
-#[pymodule(name = "_native")]
-fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("StagerError", m.py().get_type::<StagerError>())?;
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHostPool>()?;
     m.add_class::<PyHostBuffer>()?;
     m.add_class::<PyCopyEngine>()?;
