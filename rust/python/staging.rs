@@ -254,8 +254,8 @@ fn check_disjoint_ranges(offsets: &[usize], nbytes: &[usize], capacity: usize) -
 
 /// A running copy job; waits release the GIL.
 #[pyclass(name = "CopyJob", module = "stager._native")]
-struct PyCopyJob {
-    job: CopyJob,
+pub(crate) struct PyCopyJob {
+    pub(crate) job: CopyJob,
     keepalive: Option<(Py<PyAny>, Py<PyAny>)>,
 }
 
