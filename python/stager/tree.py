@@ -1,0 +1,350 @@
+"""The state_dict's shape as plain JSON, for files and for the wire, without pickle.
+
+:func:`encode` turns a :class:`~stager.plan.StatePlan` into a JSON-able dict: the tree (containers
+with their types, keys, non-tensor leaves), one entry per tensor (dtype, shape, stride, storage
+offset, storage index) and one per storage (byte size). :func:`decode` validates such a dict, as
+read from an untrusted file or peer, and returns a ``StatePlan`` whose storages are laid out in one
+host buffer, ready for the bytes to be read in and :meth:`StatePlan.materialize` to rebuild the
+exact state_dict (containers, strides, offsets, shared storages).
+
+Plain Python values (None, bool, int, float incl. nan/inf, complex, str, bytes, torch dtypes,
+devices and sizes) are stored as JSON. Anything else is pickled only when the writer passes
+``allow_pickle=True``, and unpickled only when the reader passes ``allow_pickle=True`` too.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import math
+import pickle
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from ._native import StagerError
+from .plan import ALIGNMENT, StatePlan, StoragePlan, TensorPlan
+
+__all__ = ["FORMAT_VERSION", "DTYPES", "decode", "encode"]
+
+FORMAT_VERSION = 1
+
+#: Every torch dtype by its short name ("float32", "bfloat16", "float8_e4m3fn", ...).
+DTYPES: dict[str, torch.dtype] = {
+    str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)
+}
+
+_MAX_DEPTH = 256
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _float_value(value: float) -> Any:
+    return value if math.isfinite(value) else repr(value)  # "nan", "inf", "-inf"
+
+
+def encode(plan: StatePlan, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """The JSON-able description of ``plan`` (call before ``materialize``, which spends it)."""
+    if plan.opaque:
+        _, key, tensor = plan.opaque[0]
+        raise StagerError(
+            f"cannot persist or send a {type(tensor).__name__} (layout {tensor.layout}) at key {key!r}: "
+            "only plain strided tensors are supported"
+        )
+    tensor_at = {(id(parent), key): index for parent, key, index in plan.fills}
+    tuple_type = {id(items): cls for _, _, items, cls in plan.tuples}
+
+    def leaf(value: Any, where: str) -> dict[str, Any]:
+        cls = type(value)
+        if value is None:
+            return {"t": "none"}
+        if cls is bool:
+            return {"t": "bool", "v": value}
+        if cls is int:
+            return {"t": "int", "v": str(value)} if abs(value) >= 2**53 else {"t": "int", "v": value}
+        if cls is float:
+            return {"t": "float", "v": _float_value(value)}
+        if cls is complex:
+            return {"t": "complex", "v": [_float_value(value.real), _float_value(value.imag)]}
+        if cls is str:
+            return {"t": "str", "v": value}
+        if cls is bytes:
+            return {"t": "bytes", "v": base64.b64encode(value).decode()}
+        if cls is torch.dtype:
+            return {"t": "dtype", "v": _dtype_name(value)}
+        if cls is torch.device:
+            return {"t": "device", "v": str(value)}
+        if cls is torch.Size:
+            return {"t": "size", "v": list(value)}
+        if allow_pickle:
+            return {"t": "pickle", "v": base64.b64encode(pickle.dumps(value)).decode()}
+        raise StagerError(
+            f"cannot store the {cls.__module__}.{cls.__qualname__} at {where} without pickle: "
+            "pass allow_pickle=True to store it (and to load it back)"
+        )
+
+    def node(value: Any, parent: Any, key: Any, where: str) -> dict[str, Any]:
+        index = tensor_at.get((id(parent), key))
+        if index is not None:
+            return {"t": "tensor", "i": index}
+        if isinstance(value, dict):
+            kind = "odict" if isinstance(value, OrderedDict) else "dict"
+            return {
+                "t": kind,
+                "items": [[leaf(k, where), node(v, value, k, f"{where}.{k}")] for k, v in value.items()],
+            }
+        if type(value) is list:
+            cls = tuple_type.get(id(value))
+            items = [node(v, value, i, f"{where}[{i}]") for i, v in enumerate(value)]
+            if cls is None:
+                return {"t": "list", "items": items}
+            if hasattr(cls, "_fields"):
+                return {"t": "namedtuple", "name": cls.__name__, "fields": list(cls._fields), "items": items}
+            return {"t": "tuple", "items": items}
+        return leaf(value, where)
+
+    tensors = []
+    for tensor in plan.tensors:
+        entry = {
+            "dtype": _dtype_name(tensor.dtype),
+            "shape": list(tensor.size),
+            "stride": list(tensor.stride),
+            "offset": tensor.storage_offset,
+            "storage": tensor.storage_index,
+        }
+        if tensor.flags & TensorPlan.CONJ:
+            entry["conj"] = True
+        if tensor.flags & TensorPlan.NEG:
+            entry["neg"] = True
+        tensors.append(entry)
+    return {
+        "version": FORMAT_VERSION,
+        "tree": node(plan.holder[0], plan.holder, 0, "root"),
+        "tensors": tensors,
+        "storages": [{"nbytes": storage.nbytes} for storage in plan.storages],
+    }
+
+
+# ---- decoding (untrusted input) ----------------------------------------------------------------
+
+
+def _fail(reason: str) -> StagerError:
+    return StagerError(f"invalid checkpoint metadata: {reason}")
+
+
+def _expect(condition: bool, reason: str) -> None:
+    if not condition:
+        raise _fail(reason)
+
+
+def _int(value: Any, what: str, minimum: int | None = 0) -> int:
+    _expect(type(value) is int, f"{what} must be an integer, got {type(value).__name__}")
+    if minimum is not None:
+        _expect(value >= minimum, f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value: Any, what: str) -> float:
+    if isinstance(value, str):
+        _expect(value in ("nan", "inf", "-inf"), f"{what}: bad float {value!r}")
+        return float(value)
+    _expect(type(value) in (int, float), f"{what} must be a number")
+    return float(value)
+
+
+class _DecodedStorage(StoragePlan):
+    """A storage described by metadata rather than taken from a tensor."""
+
+    def __init__(self, nbytes: int, offset: int) -> None:  # noqa: D107 - no super(): no source
+        self.storage = None
+        self.address = 0
+        self.nbytes = nbytes
+        self.offset = offset
+        self.device = torch.device("cpu")
+        self.users = 0
+
+
+class _DecodedTensor(TensorPlan):
+    def __init__(self, spec: dict, index: int, storages: list[StoragePlan]) -> None:  # noqa: D107
+        where = f"tensor {index}"
+        _expect(isinstance(spec, dict), f"{where} must be an object")
+        dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+        _expect(dtype is not None, f"{where} has unknown dtype {spec.get('dtype')!r}")
+        shape = spec.get("shape")
+        stride = spec.get("stride")
+        _expect(isinstance(shape, list) and isinstance(stride, list), f"{where} needs shape and stride lists")
+        _expect(len(shape) == len(stride) and len(shape) <= 64, f"{where} has mismatched shape/stride")
+        shape = [_int(v, f"{where} shape") for v in shape]
+        stride = [_int(v, f"{where} stride") for v in stride]
+        offset = _int(spec.get("offset"), f"{where} offset")
+        storage_index = _int(spec.get("storage"), f"{where} storage")
+        _expect(storage_index < len(storages), f"{where} refers to storage {storage_index} of {len(storages)}")
+        storage = storages[storage_index]
+        numel = math.prod(shape)
+        itemsize = dtype.itemsize
+        if numel:
+            last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+            _expect(
+                (last + 1) * itemsize <= storage.nbytes,
+                f"{where} ({_dtype_name(dtype)} {shape}, stride {stride}, offset {offset}) "
+                f"reaches past its storage of {storage.nbytes} bytes",
+            )
+        self.storage_index = storage_index
+        self.dtype = dtype
+        self.size = torch.Size(shape)
+        self.stride = tuple(stride)
+        self.storage_offset = offset
+        self.numel = numel
+        contiguous = _is_contiguous(shape, stride)
+        flags = 0
+        if offset == 0 and storage.nbytes and numel * itemsize == storage.nbytes and contiguous:
+            flags = TensorPlan.WHOLE_STORAGE
+        if spec.get("conj") is True:
+            _expect(dtype.is_complex, f"{where} is conjugated but not complex")
+            flags |= TensorPlan.CONJ
+        if spec.get("neg") is True:
+            flags |= TensorPlan.NEG
+        self.flags = flags
+
+
+def _is_contiguous(shape: list[int], stride: list[int]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride)):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def decode(meta: Any, *, allow_pickle: bool = False, max_nbytes: int | None = None) -> StatePlan:
+    """Validates ``meta`` (as produced by :func:`encode`) and returns a ``StatePlan`` whose
+    storages are laid out in one buffer of ``plan.total_nbytes``; fill that buffer with the
+    storages' bytes (each at ``storage.offset``) and call ``plan.materialize(buffer)``.
+
+    ``max_nbytes`` bounds the total storage bytes (e.g. the size of the file they come from), so
+    a hostile header cannot make the reader allocate absurd amounts of memory."""
+    _expect(isinstance(meta, dict), "top level must be an object")
+    _expect(meta.get("version") == FORMAT_VERSION, f"unsupported version {meta.get('version')!r}")
+    storage_specs = meta.get("storages")
+    tensor_specs = meta.get("tensors")
+    _expect(isinstance(storage_specs, list), "'storages' must be a list")
+    _expect(isinstance(tensor_specs, list), "'tensors' must be a list")
+    plan = StatePlan()
+    offset = 0
+    total = 0
+    for index, spec in enumerate(storage_specs):
+        _expect(isinstance(spec, dict), f"storage {index} must be an object")
+        nbytes = _int(spec.get("nbytes"), f"storage {index} nbytes")
+        total += nbytes
+        _expect(max_nbytes is None or total <= max_nbytes,
+                f"storages claim {total} bytes, more than the {max_nbytes} available")
+        plan.storages.append(_DecodedStorage(nbytes, offset))
+        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+    plan.total_nbytes = offset
+    for index, spec in enumerate(tensor_specs):
+        tensor = _DecodedTensor(spec, index, plan.storages)
+        plan.storages[tensor.storage_index].users += 1
+        plan.tensors.append(tensor)
+
+    count = len(plan.tensors)
+    namedtuple_types: dict[tuple, type] = {}
+
+    def leaf(item: dict, where: str) -> Any:
+        kind = item.get("t")
+        value = item.get("v")
+        if kind == "none":
+            return None
+        if kind == "bool":
+            _expect(type(value) is bool, f"{where}: bad bool")
+            return value
+        if kind == "int":
+            if isinstance(value, str):
+                _expect(len(value) <= 64 and value.lstrip("-").isdigit(), f"{where}: bad int")
+                return int(value)
+            return _int(value, where, minimum=None)
+        if kind == "float":
+            return _float(value, where)
+        if kind == "complex":
+            _expect(isinstance(value, list) and len(value) == 2, f"{where}: bad complex")
+            return complex(_float(value[0], where), _float(value[1], where))
+        if kind == "str":
+            _expect(isinstance(value, str), f"{where}: bad str")
+            return value
+        if kind == "bytes":
+            _expect(isinstance(value, str), f"{where}: bad bytes")
+            try:
+                return base64.b64decode(value, validate=True)
+            except ValueError as err:
+                raise _fail(f"{where}: bad base64") from err
+        if kind == "dtype":
+            _expect(value in DTYPES, f"{where}: unknown dtype {value!r}")
+            return DTYPES[value]
+        if kind == "device":
+            _expect(isinstance(value, str) and len(value) < 64, f"{where}: bad device")
+            try:
+                return torch.device(value)
+            except RuntimeError as err:
+                raise _fail(f"{where}: bad device {value!r}") from err
+        if kind == "size":
+            _expect(isinstance(value, list), f"{where}: bad size")
+            return torch.Size([_int(v, where) for v in value])
+        if kind == "pickle":
+            if not allow_pickle:
+                raise StagerError(
+                    f"the checkpoint holds a pickled value at {where}; refusing to unpickle it "
+                    "(pass allow_pickle=True only for files you trust)"
+                )
+            _expect(isinstance(value, str), f"{where}: bad pickle")
+            return pickle.loads(base64.b64decode(value))
+        raise _fail(f"{where}: unknown node type {kind!r}")
+
+    def node(item: Any, parent: Any, key: Any, where: str, depth: int) -> Any:
+        _expect(isinstance(item, dict), f"{where}: node must be an object")
+        _expect(depth < _MAX_DEPTH, f"{where}: tree nested deeper than {_MAX_DEPTH}")
+        kind = item.get("t")
+        if kind == "tensor":
+            index = _int(item.get("i"), f"{where} tensor index")
+            _expect(index < count, f"{where} refers to tensor {index} of {count}")
+            plan.fills.append((parent, key, index))
+            return None
+        if kind in ("dict", "odict"):
+            entries = item.get("items")
+            _expect(isinstance(entries, list), f"{where}: items must be a list")
+            mapping: dict = OrderedDict() if kind == "odict" else {}
+            for entry in entries:
+                _expect(isinstance(entry, list) and len(entry) == 2, f"{where}: bad item")
+                k = leaf(entry[0], f"{where} key")
+                try:
+                    mapping[k] = node(entry[1], mapping, k, f"{where}.{k}", depth + 1)
+                except TypeError as err:
+                    raise _fail(f"{where}: unhashable key") from err
+            return mapping
+        if kind in ("list", "tuple", "namedtuple"):
+            entries = item.get("items")
+            _expect(isinstance(entries, list), f"{where}: items must be a list")
+            items: list = []
+            for i, entry in enumerate(entries):
+                items.append(node(entry, items, i, f"{where}[{i}]", depth + 1))
+            if kind == "list":
+                return items
+            cls: type = tuple
+            if kind == "namedtuple":
+                name, fields = item.get("name"), item.get("fields")
+                _expect(isinstance(name, str) and isinstance(fields, list) and len(fields) == len(items),
+                        f"{where}: bad namedtuple")
+                signature = (name, tuple(fields))
+                if signature not in namedtuple_types:
+                    try:
+                        namedtuple_types[signature] = collections.namedtuple(name, fields)  # type: ignore[misc]
+                    except (TypeError, ValueError) as err:
+                        raise _fail(f"{where}: bad namedtuple {name!r}") from err
+                cls = namedtuple_types[signature]
+            plan.tuples.append((parent, key, items, cls))
+            return items
+        return leaf(item, where)
+
+    plan.holder[0] = node(meta.get("tree"), plan.holder, 0, "root", 0)
+    return plan
