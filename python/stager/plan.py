@@ -108,14 +108,18 @@ class StatePlan:
         self.fills: list[tuple[Any, Any, int]] = []  # (parent, key, tensor index)
         self.tuples: list[tuple[Any, Any, list, type]] = []  # (parent, key, items, tuple type), post-order
         self.total_nbytes = 0
+        # The copy engine's arguments for every CPU storage, gathered during the walk:
+        # source addresses, offsets in the host buffer, byte counts, and the storages themselves
+        # (which keep the sources alive while the copies run).
+        self.cpu_addresses: list[int] = []
+        self.cpu_offsets: list[int] = []
+        self.cpu_nbytes: list[int] = []
+        self.cpu_sources: list[torch.UntypedStorage] = []
+        self.device_storages: list[StoragePlan] = []
 
     @property
     def cpu_storages(self) -> list[StoragePlan]:
         return [s for s in self.storages if s.is_cpu]
-
-    @property
-    def device_storages(self) -> list[StoragePlan]:
-        return [s for s in self.storages if not s.is_cpu]
 
     def materialize(self, buffer: Any) -> Any:
         """Builds the staged tree over ``buffer`` (a host buffer of at least ``total_nbytes``).
@@ -206,6 +210,11 @@ def _empty_like_mapping(mapping: dict) -> dict:
     return clone
 
 
+_QUANTIZED_DTYPES = frozenset(
+    getattr(torch, name) for name in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4") if hasattr(torch, name)
+)
+
+
 def plan_state_dict(state_dict: Any) -> StatePlan:
     """Walks ``state_dict`` once and returns its :class:`StatePlan`."""
     plan = StatePlan()
@@ -216,46 +225,61 @@ def plan_state_dict(state_dict: Any) -> StatePlan:
     storages = plan.storages
     tensors = plan.tensors
     fills = plan.fills
+    cpu_addresses, cpu_offsets, cpu_nbytes, cpu_sources = (
+        plan.cpu_addresses, plan.cpu_offsets, plan.cpu_nbytes, plan.cpu_sources
+    )
     offset = 0
     Tensor = torch.Tensor
+    Parameter = torch.nn.Parameter
+    strided = torch.strided
     cpu = torch.device("cpu")
     immutable = _IMMUTABLE_LEAVES
+    quantized = _QUANTIZED_DTYPES
+
+    def add_tensor(value: torch.Tensor, parent: Any, key: Any) -> None:
+        """Records one tensor leaf; it is filled in at ``parent[key]`` after the copy."""
+        nonlocal offset
+        index = tensor_index.get(id(value))
+        if index is None:
+            cls = type(value)
+            if (cls is not Tensor and cls is not Parameter) or value.layout is not strided or value.dtype in quantized:
+                plan.opaque.append((parent, key, value))
+                return
+            is_cpu = value.is_cpu
+            if not is_cpu and value.is_meta:
+                raise StagerError(
+                    f"cannot stage a meta tensor (no data) at key {key!r}: materialize it before checkpointing"
+                )
+            storage = value.untyped_storage()
+            sindex = storage_index.get(storage._cdata)
+            if sindex is None:
+                sindex = len(storages)
+                storage_index[storage._cdata] = sindex
+                splan = StoragePlan(storage, cpu if is_cpu else value.device, offset)
+                storages.append(splan)
+                if is_cpu:
+                    cpu_addresses.append(splan.address)
+                    cpu_offsets.append(offset)
+                    cpu_nbytes.append(splan.nbytes)
+                    cpu_sources.append(storage)
+                else:
+                    plan.device_storages.append(splan)
+                offset += -(-splan.nbytes // ALIGNMENT) * ALIGNMENT
+            else:
+                splan = storages[sindex]
+            splan.users += 1
+            index = len(tensors)
+            tensor_index[id(value)] = index
+            keep.append(value)
+            tensors.append(TensorPlan(value, sindex, splan.nbytes))
+        fills.append((parent, key, index))
 
     def visit(value: Any, parent: Any, key: Any) -> Any:
-        nonlocal offset
         cls = type(value)
         if cls in immutable:
             return value
-        if isinstance(value, Tensor):
-            index = tensor_index.get(id(value))
-            if index is None:
-                if cls is not Tensor and cls is not torch.nn.Parameter or value.layout is not torch.strided:
-                    plan.opaque.append((parent, key, value))
-                    return None
-                if value.is_quantized or value.is_meta:
-                    if value.is_meta:
-                        raise StagerError(
-                            f"cannot stage a meta tensor (no data) at key {key!r}: "
-                            "materialize it before checkpointing"
-                        )
-                    plan.opaque.append((parent, key, value))
-                    return None
-                storage = value.untyped_storage()
-                sindex = storage_index.get(storage._cdata)
-                if sindex is None:
-                    sindex = len(storages)
-                    storage_index[storage._cdata] = sindex
-                    splan = StoragePlan(storage, cpu if value.is_cpu else value.device, offset)
-                    storages.append(splan)
-                    offset += -(-splan.nbytes // ALIGNMENT) * ALIGNMENT
-                else:
-                    splan = storages[sindex]
-                splan.users += 1
-                index = len(tensors)
-                tensor_index[id(value)] = index
-                keep.append(value)
-                tensors.append(TensorPlan(value, sindex, splan.nbytes))
-            fills.append((parent, key, index))
+        if cls is Tensor or isinstance(value, Tensor):
+            add_tensor(value, parent, key)
             return None
         if isinstance(value, dict):
             seen = memo.get(id(value))
@@ -265,7 +289,11 @@ def plan_state_dict(state_dict: Any) -> StatePlan:
             memo[id(value)] = skeleton
             keep.append(value)
             for k, v in value.items():
-                skeleton[k] = visit(v, skeleton, k)
+                if type(v) is Tensor:  # the common leaf, without a call to visit
+                    skeleton[k] = None
+                    add_tensor(v, skeleton, k)
+                else:
+                    skeleton[k] = visit(v, skeleton, k)
             return skeleton
         if cls is list:
             seen = memo.get(id(value))
@@ -294,7 +322,7 @@ def plan_state_dict(state_dict: Any) -> StatePlan:
     finally:
         # `visit` refers to itself through its closure: break that cycle now, or the skeleton
         # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
-        del visit
+        del visit, add_tensor
         if gc_was_enabled:
             gc.enable()
     plan.total_nbytes = offset

@@ -73,14 +73,7 @@ class StagingEngine:
         """Plans ``state_dict``, takes a buffer and starts every copy; returns at once."""
         plan = plan_state_dict(state_dict)
         buffer = self.pool.acquire(plan.total_nbytes)
-        cpu = plan.cpu_storages
-        job = self.copier.submit(
-            buffer,
-            [s.address for s in cpu],
-            [s.offset for s in cpu],
-            [s.nbytes for s in cpu],
-            [s.storage for s in cpu],
-        )
+        job = self.copier.submit(buffer, plan.cpu_addresses, plan.cpu_offsets, plan.cpu_nbytes, plan.cpu_sources)
         device_copies = start_device_copies(plan, buffer, self.options.use_non_blocking_copy)
         return StagedCopy(plan, buffer, job, device_copies)
 
