@@ -8,7 +8,10 @@
 
 pub mod copy_engine;
 pub mod error;
+pub mod format;
 pub mod pool;
+pub mod reader;
+pub mod writer;
 
 #[cfg(feature = "python")]
 mod python;

@@ -6,8 +6,9 @@ GIL, and writes files durably.
 """
 
 from ._native import StagerError
+from .files import load, save
 from .options import StagingOptions
 from .stagers import BlockingAsyncStager, DefaultStager
 
-__all__ = ["BlockingAsyncStager", "DefaultStager", "StagerError", "StagingOptions"]
+__all__ = ["BlockingAsyncStager", "DefaultStager", "StagerError", "StagingOptions", "load", "save"]
 __version__ = "0.1.0"

@@ -1,0 +1,569 @@
+//! The stager file format: a `.safetensors` file whose metadata also carries the rest.
+//!
+//! ```text
+//! [u64 little-endian: N] [N bytes: JSON header, padded with spaces] [data section]
+//! ```
+//!
+//! The JSON header maps each entry name to `{"dtype", "shape", "data_offsets": [begin, end]}`
+//! (offsets relative to the data section) and `"__metadata__"` to a string→string map. Entries
+//! tile the data section exactly, in order, with no gap and no overlap, as safetensors demands.
+//! stager writes one entry per stored buffer (a tensor's storage), 64-byte aligned, with
+//! `__stager__.pad.<i>` entries of `U8` filling the alignment gaps; the header is padded so the
+//! data section starts on a 4 KiB boundary. Its `__metadata__` holds:
+//!
+//! - `format`: `"stager"`, `stager.version`: `"1"`;
+//! - `stager.tree`: the tree, tensors and storages as JSON (`python/stager/tree.py`);
+//! - `stager.storages`: a JSON list naming the entry of each storage, in storage order;
+//! - `stager.crc32c`: the crc32c of each storage's bytes, 8 hex digits each, comma-separated.
+//!
+//! Everything read from a file is untrusted: [`parse_header`] checks sizes before allocating,
+//! every dtype, shape and offset, the tiling of the data section and the file's length, and
+//! [`stager_layout`] checks the stager metadata against the entries.
+//!
+//! # Example
+//! ```
+//! use std::collections::BTreeMap;
+//! use stager::format::{build_header, layout_entries, parse_header, EntrySpec};
+//! let entries = layout_entries(&[EntrySpec { name: "w".into(), dtype: "F32".into(), shape: vec![2], nbytes: 8 }]).unwrap();
+//! let header = build_header(&entries, &BTreeMap::new()).unwrap();
+//! let parsed = parse_header(&header[8..], header.len() as u64 + 8).unwrap();
+//! assert_eq!(parsed.entries[0].name, "w");
+//! ```
+//!
+//! # Thread Safety
+//! Pure functions over owned data.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+/// Upper bound on the JSON header (the same bound safetensors uses).
+pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+/// Alignment of every stored buffer inside the data section.
+pub const STORAGE_ALIGNMENT: u64 = 64;
+/// The data section starts at a multiple of this (page) in the file.
+pub const DATA_ALIGNMENT: u64 = 4096;
+/// Metadata keys.
+pub const KEY_FORMAT: &str = "format";
+pub const KEY_VERSION: &str = "stager.version";
+pub const KEY_TREE: &str = "stager.tree";
+pub const KEY_STORAGES: &str = "stager.storages";
+pub const KEY_CRC: &str = "stager.crc32c";
+/// Prefix of the entries stager adds (padding, storages with no single owning tensor).
+pub const RESERVED_PREFIX: &str = "__stager__.";
+/// The version this build writes and reads.
+pub const VERSION: &str = "1";
+
+/// Bytes per element of a safetensors dtype name; `None` for names this build does not know.
+pub fn dtype_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ"
+        | "F8_E5M2FNUZ" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" | "C64" => 8,
+        _ => return None,
+    })
+}
+
+/// What the writer is asked to store for one buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntrySpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    pub nbytes: u64,
+}
+
+/// One entry of the header: a named byte range of the data section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    /// Offsets relative to the start of the data section.
+    pub begin: u64,
+    pub end: u64,
+}
+
+impl Entry {
+    pub fn nbytes(&self) -> u64 {
+        self.end - self.begin
+    }
+}
+
+/// Lays `specs` out one after another, each 64-byte aligned, with padding entries in the gaps.
+/// Returns every entry (storages and paddings) in file order; the i-th spec is the i-th entry
+/// whose name does not start with `__stager__.pad.`.
+pub fn layout_entries(specs: &[EntrySpec]) -> Result<Vec<Entry>, String> {
+    let mut entries = Vec::with_capacity(specs.len());
+    let mut offset = 0u64;
+    let mut names = std::collections::HashSet::with_capacity(specs.len());
+    for (index, spec) in specs.iter().enumerate() {
+        check_entry(&spec.name, &spec.dtype, &spec.shape, spec.nbytes)
+            .map_err(|reason| format!("storage {index}: {reason}"))?;
+        if is_padding(&spec.name) {
+            return Err(format!("entry name {:?} is reserved for padding", spec.name));
+        }
+        if !names.insert(spec.name.as_str()) {
+            return Err(format!("entry name {:?} is used twice", spec.name));
+        }
+        // Empty buffers need no alignment (and get no padding).
+        let aligned = if spec.nbytes == 0 {
+            offset
+        } else {
+            offset.div_ceil(STORAGE_ALIGNMENT) * STORAGE_ALIGNMENT
+        };
+        if aligned > offset {
+            entries.push(Entry {
+                name: format!("{RESERVED_PREFIX}pad.{index}"),
+                dtype: "U8".into(),
+                shape: vec![aligned - offset],
+                begin: offset,
+                end: aligned,
+            });
+        }
+        entries.push(Entry {
+            name: spec.name.clone(),
+            dtype: spec.dtype.clone(),
+            shape: spec.shape.clone(),
+            begin: aligned,
+            end: aligned + spec.nbytes,
+        });
+        offset = aligned + spec.nbytes;
+    }
+    Ok(entries)
+}
+
+/// Whether `padding entry` names one of the alignment fillers.
+pub fn is_padding(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX) && name[RESERVED_PREFIX.len()..].starts_with("pad.")
+}
+
+fn check_entry(name: &str, dtype: &str, shape: &[u64], nbytes: u64) -> Result<(), String> {
+    if name == "__metadata__" {
+        return Err("an entry cannot be named __metadata__".into());
+    }
+    let size = dtype_size(dtype).ok_or_else(|| format!("entry {name:?} has unknown dtype {dtype:?}"))?;
+    let expected = shape
+        .iter()
+        .try_fold(size, |acc, &dim| acc.checked_mul(dim))
+        .ok_or_else(|| format!("entry {name:?}: shape {shape:?} overflows"))?;
+    if expected != nbytes {
+        return Err(format!(
+            "entry {name:?}: {dtype} {shape:?} needs {expected} bytes but spans {nbytes}"
+        ));
+    }
+    Ok(())
+}
+
+/// The full file prefix: the 8-byte length and the JSON header, padded with spaces so the data
+/// section starts on a [`DATA_ALIGNMENT`] boundary.
+pub fn build_header(entries: &[Entry], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, String> {
+    let mut root = Map::new();
+    if !metadata.is_empty() {
+        let meta: Map<String, Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        root.insert("__metadata__".into(), Value::Object(meta));
+    }
+    for entry in entries {
+        let mut object = Map::new();
+        object.insert("dtype".into(), Value::String(entry.dtype.clone()));
+        object.insert(
+            "shape".into(),
+            Value::Array(entry.shape.iter().map(|&d| Value::from(d)).collect()),
+        );
+        object.insert(
+            "data_offsets".into(),
+            Value::Array(vec![Value::from(entry.begin), Value::from(entry.end)]),
+        );
+        if root.insert(entry.name.clone(), Value::Object(object)).is_some() {
+            return Err(format!("entry name {:?} is used twice", entry.name));
+        }
+    }
+    let json = serde_json::to_vec(&Value::Object(root)).map_err(|err| err.to_string())?;
+    let unpadded = 8 + json.len() as u64;
+    let total = unpadded.div_ceil(DATA_ALIGNMENT) * DATA_ALIGNMENT;
+    let header_len = total - 8;
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format!(
+            "the header would take {header_len} bytes, more than the {MAX_HEADER_BYTES} readers accept"
+        ));
+    }
+    let mut out = Vec::with_capacity(total as usize);
+    out.extend_from_slice(&header_len.to_le_bytes());
+    out.extend_from_slice(&json);
+    out.resize(total as usize, b' ');
+    Ok(out)
+}
+
+/// Formats checksums the way [`KEY_CRC`] stores them (fixed width, so the header's length does
+/// not depend on their values).
+pub fn format_crcs(crcs: &[u32]) -> String {
+    let mut out = String::with_capacity(crcs.len() * 9);
+    for (i, crc) in crcs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{crc:08x}"));
+    }
+    out
+}
+
+/// A parsed, validated header.
+#[derive(Clone, Debug)]
+pub struct Header {
+    /// Bytes of the JSON header (without the 8-byte length).
+    pub header_len: u64,
+    /// File offset of the data section (`8 + header_len`).
+    pub data_start: u64,
+    /// Bytes of the data section.
+    pub data_len: u64,
+    /// Every entry, sorted by offset; they tile `[0, data_len)`.
+    pub entries: Vec<Entry>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Reads the header length from the first 8 bytes and checks it against the file size.
+pub fn header_len(prefix: &[u8; 8], file_len: u64) -> Result<u64, String> {
+    if prefix.starts_with(b"PK\x03\x04") {
+        return Err("this is a zip archive (a torch.save file?), not a safetensors/stager file".into());
+    }
+    if prefix[0] == 0x80 && (2..=5).contains(&prefix[1]) {
+        return Err("this is a pickle (a torch.save or pickle file?), not a safetensors/stager file; stager never unpickles it".into());
+    }
+    let n = u64::from_le_bytes(*prefix);
+    if n > MAX_HEADER_BYTES {
+        return Err(format!(
+            "header length {n} is absurd (limit {MAX_HEADER_BYTES}); not a safetensors file or a damaged one"
+        ));
+    }
+    if n < 2 {
+        return Err(format!("header length {n} is too small for a JSON object"));
+    }
+    if 8 + n > file_len {
+        return Err(format!(
+            "header claims {n} bytes but the file has only {} after the length (truncated?)",
+            file_len.saturating_sub(8)
+        ));
+    }
+    Ok(n)
+}
+
+/// Parses and validates the JSON header `json` (the `header_len` bytes after the 8-byte length)
+/// of a file of `file_len` bytes.
+pub fn parse_header(json: &[u8], file_len: u64) -> Result<Header, String> {
+    let header_len = json.len() as u64;
+    let data_start = 8 + header_len;
+    let data_len = file_len
+        .checked_sub(data_start)
+        .ok_or_else(|| format!("file of {file_len} bytes is shorter than its header"))?;
+    let text = std::str::from_utf8(json).map_err(|err| format!("header is not UTF-8: {err}"))?;
+    if !text.starts_with('{') {
+        return Err("header does not start with a JSON object".into());
+    }
+    let value: Value =
+        serde_json::from_str(text).map_err(|err| format!("header is not valid JSON: {err}"))?;
+    let Value::Object(root) = value else {
+        return Err("header is not a JSON object".into());
+    };
+    let mut metadata = BTreeMap::new();
+    let mut entries = Vec::with_capacity(root.len());
+    for (name, value) in root {
+        if name == "__metadata__" {
+            let Value::Object(map) = value else {
+                return Err("__metadata__ is not an object".into());
+            };
+            for (key, value) in map {
+                let Value::String(value) = value else {
+                    return Err(format!("__metadata__[{key:?}] is not a string"));
+                };
+                metadata.insert(key, value);
+            }
+            continue;
+        }
+        entries.push(parse_entry(&name, value)?);
+    }
+    entries.sort_by_key(|entry| (entry.begin, entry.end));
+    let mut expected = 0u64;
+    for entry in &entries {
+        if entry.begin != expected {
+            return Err(if entry.begin < expected {
+                format!(
+                    "entry {:?} [{}, {}) overlaps the previous entry ending at {expected}",
+                    entry.name, entry.begin, entry.end
+                )
+            } else {
+                format!(
+                    "gap in the data section: nothing covers [{expected}, {}) before entry {:?}",
+                    entry.begin, entry.name
+                )
+            });
+        }
+        expected = entry.end;
+    }
+    if expected != data_len {
+        return Err(if expected > data_len {
+            format!(
+                "entries need a data section of {expected} bytes but the file holds only {data_len} (truncated?)"
+            )
+        } else {
+            format!(
+                "the data section holds {data_len} bytes but the entries cover only {expected} (trailing bytes)"
+            )
+        });
+    }
+    Ok(Header {
+        header_len,
+        data_start,
+        data_len,
+        entries,
+        metadata,
+    })
+}
+
+fn parse_entry(name: &str, value: Value) -> Result<Entry, String> {
+    let Value::Object(object) = value else {
+        return Err(format!("entry {name:?} is not an object"));
+    };
+    let dtype = match object.get("dtype") {
+        Some(Value::String(dtype)) => dtype.clone(),
+        _ => return Err(format!("entry {name:?} has no dtype string")),
+    };
+    let u64_list = |key: &str| -> Result<Vec<u64>, String> {
+        match object.get(key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|item| {
+                    item.as_u64()
+                        .ok_or_else(|| format!("entry {name:?}: {key} holds {item}, not a non-negative integer"))
+                })
+                .collect(),
+            _ => Err(format!("entry {name:?} has no {key} list")),
+        }
+    };
+    let shape = u64_list("shape")?;
+    let offsets = u64_list("data_offsets")?;
+    let [begin, end] = offsets[..] else {
+        return Err(format!("entry {name:?}: data_offsets must hold two numbers"));
+    };
+    if end < begin {
+        return Err(format!("entry {name:?}: data_offsets [{begin}, {end}) end before they begin"));
+    }
+    check_entry(name, &dtype, &shape, end - begin)?;
+    Ok(Entry {
+        name: name.to_string(),
+        dtype,
+        shape,
+        begin,
+        end,
+    })
+}
+
+/// Where one stored buffer lies in the file and its checksum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageRange {
+    pub entry: String,
+    /// Absolute file offset.
+    pub offset: u64,
+    pub nbytes: u64,
+    pub crc32c: u32,
+}
+
+/// The stager part of a file: the tree JSON and each storage's range and checksum.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub tree: String,
+    pub storages: Vec<StorageRange>,
+}
+
+/// Reads and checks the stager metadata of `header` against its entries.
+pub fn stager_layout(header: &Header) -> Result<Layout, String> {
+    let meta = &header.metadata;
+    match meta.get(KEY_FORMAT).map(String::as_str) {
+        Some("stager") => {}
+        _ => {
+            return Err(
+                "no stager metadata (format != \"stager\"): a plain safetensors file? load it with safetensors".into(),
+            )
+        }
+    }
+    match meta.get(KEY_VERSION).map(String::as_str) {
+        Some(VERSION) => {}
+        other => return Err(format!("unsupported stager format version {other:?} (this build reads {VERSION:?})")),
+    }
+    let tree = meta
+        .get(KEY_TREE)
+        .ok_or_else(|| format!("metadata has no {KEY_TREE}"))?
+        .clone();
+    let names: Vec<String> = serde_json::from_str(
+        meta.get(KEY_STORAGES)
+            .ok_or_else(|| format!("metadata has no {KEY_STORAGES}"))?,
+    )
+    .map_err(|err| format!("{KEY_STORAGES} is not a JSON list of names: {err}"))?;
+    let crc_text = meta
+        .get(KEY_CRC)
+        .ok_or_else(|| format!("metadata has no {KEY_CRC} checksums"))?;
+    let crcs: Vec<u32> = if crc_text.is_empty() {
+        Vec::new()
+    } else {
+        crc_text
+            .split(',')
+            .map(|hex| {
+                if hex.len() != 8 {
+                    return Err(format!("{KEY_CRC} holds {hex:?}, not 8 hex digits"));
+                }
+                u32::from_str_radix(hex, 16).map_err(|_| format!("{KEY_CRC} holds {hex:?}, not 8 hex digits"))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if crcs.len() != names.len() {
+        return Err(format!(
+            "{} storages but {} crc32c checksums",
+            names.len(),
+            crcs.len()
+        ));
+    }
+    let by_name: std::collections::HashMap<&str, &Entry> =
+        header.entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    let mut used = std::collections::HashSet::with_capacity(names.len());
+    let storages = names
+        .into_iter()
+        .zip(crcs)
+        .enumerate()
+        .map(|(index, (name, crc32c))| {
+            let entry = by_name
+                .get(name.as_str())
+                .ok_or_else(|| format!("storage {index} names entry {name:?}, which the header lacks"))?;
+            if !used.insert(name.clone()) {
+                return Err(format!("entry {name:?} is claimed by two storages"));
+            }
+            Ok(StorageRange {
+                offset: header.data_start + entry.begin,
+                nbytes: entry.nbytes(),
+                crc32c,
+                entry: name,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Layout { tree, storages })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, dtype: &str, shape: &[u64]) -> EntrySpec {
+        let nbytes = shape.iter().product::<u64>() * dtype_size(dtype).unwrap();
+        EntrySpec {
+            name: name.into(),
+            dtype: dtype.into(),
+            shape: shape.to_vec(),
+            nbytes,
+        }
+    }
+
+    fn sample() -> (Vec<Entry>, Vec<u8>) {
+        let entries =
+            layout_entries(&[spec("a", "F32", &[3]), spec("b", "I64", &[2, 2]), spec("c", "U8", &[0])])
+                .unwrap();
+        let mut meta = BTreeMap::new();
+        meta.insert(KEY_FORMAT.into(), "stager".into());
+        meta.insert(KEY_VERSION.into(), VERSION.into());
+        meta.insert(KEY_TREE.into(), "{}".into());
+        meta.insert(KEY_STORAGES.into(), r#"["a","b","c"]"#.into());
+        meta.insert(KEY_CRC.into(), format_crcs(&[1, 2, 0xdeadbeef]));
+        let header = build_header(&entries, &meta).unwrap();
+        (entries, header)
+    }
+
+    #[test]
+    fn layout_aligns_and_pads() {
+        let (entries, header) = sample();
+        assert_eq!(header.len() as u64 % DATA_ALIGNMENT, 0);
+        let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a", "__stager__.pad.1", "b", "c"]);
+        assert_eq!((entries[2].begin, entries[2].end), (64, 96));
+        let data_len = entries.last().unwrap().end;
+        let parsed = parse_header(&header[8..], header.len() as u64 + data_len).unwrap();
+        assert_eq!(parsed.entries, entries);
+        let layout = stager_layout(&parsed).unwrap();
+        assert_eq!(layout.storages[2].crc32c, 0xdeadbeef);
+        assert_eq!(layout.storages[1].offset, header.len() as u64 + 64);
+    }
+
+    #[test]
+    fn rejects_truncated_and_trailing_data() {
+        let (entries, header) = sample();
+        let data_len = entries.last().unwrap().end;
+        let short = parse_header(&header[8..], header.len() as u64 + data_len - 1).unwrap_err();
+        assert!(short.contains("truncated"), "{short}");
+        let long = parse_header(&header[8..], header.len() as u64 + data_len + 1).unwrap_err();
+        assert!(long.contains("trailing"), "{long}");
+    }
+
+    #[test]
+    fn rejects_hostile_headers() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}"#, "needs 4 bytes"),
+            (r#"{"a":{"dtype":"Q9","shape":[1],"data_offsets":[0,1]}}"#, "unknown dtype"),
+            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,0]}}"#, "end before"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                "overlaps",
+            ),
+            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#, "gap"),
+            (
+                r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
+                "overflows",
+            ),
+            (r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, "non-negative"),
+            (r#"{"__metadata__":{"x":1}}"#, "not a string"),
+            (r#"[1,2]"#, "JSON object"),
+            (r#"{"a":"#, "not valid JSON"),
+        ];
+        for (json, expected) in cases {
+            let err = parse_header(json.as_bytes(), 8 + json.len() as u64 + 6).unwrap_err();
+            assert!(err.contains(expected), "{json}: {err}");
+        }
+        let deep = "[".repeat(100_000);
+        assert!(parse_header(format!("{{\"a\":{deep}").as_bytes(), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn header_len_rejects_absurd_and_foreign_files() {
+        assert!(header_len(&u64::MAX.to_le_bytes(), 100).unwrap_err().contains("absurd"));
+        assert!(header_len(&50u64.to_le_bytes(), 20).unwrap_err().contains("truncated"));
+        assert!(header_len(b"PK\x03\x04\0\0\0\0", 100).unwrap_err().contains("zip"));
+        assert!(header_len(b"\x80\x04\x95\0\0\0\0\0", 100).unwrap_err().contains("pickle"));
+    }
+
+    #[test]
+    fn layout_metadata_is_checked() {
+        let (entries, _) = sample();
+        let mut meta = BTreeMap::new();
+        meta.insert(KEY_FORMAT.into(), "stager".into());
+        meta.insert(KEY_VERSION.into(), VERSION.into());
+        meta.insert(KEY_TREE.into(), "{}".into());
+        meta.insert(KEY_STORAGES.into(), r#"["a","a"]"#.into());
+        meta.insert(KEY_CRC.into(), format_crcs(&[1, 2]));
+        let header = Header {
+            header_len: 0,
+            data_start: 8,
+            data_len: 0,
+            entries,
+            metadata: meta.clone(),
+        };
+        assert!(stager_layout(&header).unwrap_err().contains("two storages"));
+        let mut missing = header.clone();
+        missing.metadata.insert(KEY_STORAGES.into(), r#"["zz"]"#.into());
+        missing.metadata.insert(KEY_CRC.into(), format_crcs(&[1]));
+        assert!(stager_layout(&missing).unwrap_err().contains("lacks"));
+        let mut bad_crc = header.clone();
+        bad_crc.metadata.insert(KEY_STORAGES.into(), r#"["a"]"#.into());
+        bad_crc.metadata.insert(KEY_CRC.into(), "xyz".into());
+        assert!(stager_layout(&bad_crc).unwrap_err().contains("hex"));
+    }
+}
