@@ -287,3 +287,34 @@ def test_big_state_dict_with_many_storages_and_threads():
     staged = stager.DefaultStager(sync_options(num_threads=2)).stage(sd)
     assert_same_tree(staged, sd)
     assert same_storage(staged["views"][0], staged["layer3"])
+
+
+def test_sparse_and_quantized_tensors_are_staged_through_torch():
+    sparse = torch.sparse_coo_tensor([[0, 2], [1, 0]], [3.0, 4.0], (3, 3))
+    quantized = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
+    sd = {"sparse": sparse, "q": quantized, "dense": torch.ones(2)}
+    staged = stager.DefaultStager(sync_options()).stage(sd)
+    assert staged["sparse"].is_sparse and torch.equal(staged["sparse"].to_dense(), sparse.to_dense())
+    assert staged["q"].is_quantized and torch.equal(staged["q"].int_repr(), quantized.int_repr())
+    assert torch.equal(staged["dense"], sd["dense"])
+
+
+def test_non_tensor_objects_are_deep_copied():
+    class Config:
+        def __init__(self):
+            self.values = [1, 2]
+
+    config = Config()
+    sd = {"config": config, "tensor": torch.ones(1)}
+    staged = stager.DefaultStager(sync_options()).stage(sd)
+    assert staged["config"] is not config and staged["config"].values == [1, 2]
+    config.values.append(3)
+    assert staged["config"].values == [1, 2]
+
+
+def test_a_bare_tensor_or_list_stages_too():
+    s = stager.DefaultStager(sync_options())
+    t = torch.randn(5)
+    assert torch.equal(s.stage(t), t)
+    staged = s.stage([t, (t, 1)])
+    assert staged[0] is staged[1][0] and torch.equal(staged[0], t)

@@ -22,12 +22,15 @@ from typing import Any
 
 import torch
 
+from . import _native
 from ._native import StagerError
 
 __all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "plan_state_dict"]
 
 #: Alignment of every storage inside the host buffer (a cache line; enough for any dtype).
 ALIGNMENT = 64
+
+_CPU = torch.device("cpu")
 
 _IMMUTABLE_LEAVES = frozenset(
     {
@@ -54,13 +57,13 @@ class StoragePlan:
 
     __slots__ = ("storage", "address", "nbytes", "offset", "device", "users")
 
-    def __init__(self, storage: torch.UntypedStorage, device: torch.device, offset: int) -> None:
-        self.storage = storage
-        self.address = storage.data_ptr()
-        self.nbytes = storage.nbytes()
+    def __init__(self, storage: Any, address: int, nbytes: int, offset: int, device: Any, users: int) -> None:
+        self.storage = storage  # the source UntypedStorage; None when described by metadata
+        self.address = address
+        self.nbytes = nbytes
         self.offset = offset
-        self.device = device
-        self.users = 0
+        self.device = device if device is not None else _CPU
+        self.users = users
 
     @property
     def is_cpu(self) -> bool:
@@ -68,58 +71,84 @@ class StoragePlan:
 
 
 class TensorPlan:
-    """One distinct tensor: how to view its storage."""
+    """One distinct tensor: how it views its storage."""
 
-    __slots__ = ("storage_index", "dtype", "size", "stride", "storage_offset", "numel", "flags")
+    __slots__ = ("storage_index", "dtype", "size", "stride", "storage_offset", "flags")
 
     # flags
     WHOLE_STORAGE = 1  # contiguous, offset 0, covers its storage exactly
     CONJ = 2
     NEG = 4
+    OPAQUE = 8  # not a plain strided tensor: staged through torch
 
-    def __init__(self, tensor: torch.Tensor, storage_index: int, storage_nbytes: int) -> None:
+    def __init__(self, storage_index: int, dtype: torch.dtype, size: torch.Size, stride: tuple,
+                 storage_offset: int, flags: int) -> None:
         self.storage_index = storage_index
-        self.dtype = dtype = tensor.dtype
-        self.size = tensor.shape
-        self.stride = tensor.stride()
-        self.storage_offset = offset = tensor.storage_offset()
-        self.numel = tensor.numel()
-        flags = 0
-        if offset == 0 and storage_nbytes and tensor.nbytes == storage_nbytes and tensor.is_contiguous():
-            flags = TensorPlan.WHOLE_STORAGE
-        if dtype.is_complex:
-            if tensor.is_conj():
-                flags |= TensorPlan.CONJ
-            if tensor.is_neg():
-                flags |= TensorPlan.NEG
+        self.dtype = dtype
+        self.size = size
+        self.stride = stride
+        self.storage_offset = storage_offset
         self.flags = flags
 
 
 class StatePlan:
-    """The result of one pass over a state_dict. See the module docstring."""
+    """The result of one pass over a state_dict. See the module docstring.
+
+    ``table`` (a ``stager._native.TensorTable``) holds the flat description the engine works
+    from; ``storages`` and ``tensors`` present it as Python objects for the modules that need
+    them (files, transport), built on first use.
+    """
 
     def __init__(self) -> None:
         self.holder: list[Any] = [None]  # the root lives in holder[0], so it too can be filled
-        self.storages: list[StoragePlan] = []
-        self.tensors: list[TensorPlan] = []
-        # Tensors that can't be staged by copying their storage's bytes (tensor subclasses,
-        # sparse or quantized layouts): (parent, key, tensor), staged through torch.
-        self.opaque: list[tuple[Any, Any, torch.Tensor]] = []
+        self.leaves: list[torch.Tensor] = []  # distinct source tensors; tensor index = position
         self.fills: list[tuple[Any, Any, int]] = []  # (parent, key, tensor index)
         self.tuples: list[tuple[Any, Any, list, type]] = []  # (parent, key, items, tuple type), post-order
-        self.total_nbytes = 0
-        # The copy engine's arguments for every CPU storage, gathered during the walk:
-        # source addresses, offsets in the host buffer, byte counts, and the storages themselves
-        # (which keep the sources alive while the copies run).
-        self.cpu_addresses: list[int] = []
-        self.cpu_offsets: list[int] = []
-        self.cpu_nbytes: list[int] = []
-        self.cpu_sources: list[torch.UntypedStorage] = []
-        self.device_storages: list[StoragePlan] = []
+        self.table: Any = None
+        self._storages: list[StoragePlan] | None = None
+        self._tensors: list[TensorPlan] | None = None
 
     @property
-    def cpu_storages(self) -> list[StoragePlan]:
-        return [s for s in self.storages if s.is_cpu]
+    def total_nbytes(self) -> int:
+        return self.table.total_nbytes
+
+    @property
+    def storages(self) -> list[StoragePlan]:
+        if self._storages is None:
+            table = self.table
+            self._storages = [
+                StoragePlan(*fields)
+                for fields in zip(
+                    table.storage_objects, table.storage_addresses, table.storage_nbytes,
+                    table.storage_offsets, table.storage_devices, table.storage_users,
+                )
+            ]
+        return self._storages
+
+    @property
+    def tensors(self) -> list[TensorPlan]:
+        if self._tensors is None:
+            table = self.table
+            self._tensors = [
+                TensorPlan(*fields)
+                for fields in zip(
+                    table.tensor_storage, table.tensor_dtypes, table.tensor_shapes,
+                    table.tensor_strides, table.tensor_offsets, table.tensor_flags,
+                )
+            ]
+        return self._tensors
+
+    @property
+    def device_storages(self) -> list[StoragePlan]:
+        """Storages that live on an accelerator (copied by the device path, not the copy engine)."""
+        if not any(device is not None for device in self.table.storage_devices):
+            return []
+        return [storage for storage in self.storages if not storage.is_cpu]
+
+    @property
+    def opaque(self) -> list[tuple[None, int, torch.Tensor]]:
+        """Tensors that are not plain strided tensors: (None, tensor index, tensor)."""
+        return [(None, index, self.leaves[index]) for index in self.table.opaque]
 
     def materialize(self, buffer: Any) -> Any:
         """Builds the staged tree over ``buffer`` (a host buffer of at least ``total_nbytes``).
@@ -130,57 +159,26 @@ class StatePlan:
         gc_was_enabled = gc.isenabled()
         gc.disable()  # see plan_state_dict
         try:
-            return self._materialize(buffer)
+            staged = self.table.materialize(buffer)
+            for index in self.table.opaque:
+                staged[index] = _stage_opaque(self.leaves[index])
+            return self.fill(staged)
         finally:
             if gc_was_enabled:
                 gc.enable()
-
-    def _materialize(self, buffer: Any) -> Any:
-        storages = self.storages
-        bases: list[torch.Tensor | None] = [None] * len(storages)
-        frombuffer = torch.frombuffer
-        uint8 = torch.uint8
-        staged: list[torch.Tensor] = []
-        append = staged.append
-        for plan in self.tensors:
-            storage = storages[plan.storage_index]
-            if plan.flags == TensorPlan.WHOLE_STORAGE and storage.users == 1:
-                tensor = frombuffer(buffer, dtype=plan.dtype, count=plan.numel, offset=storage.offset)
-                if len(plan.size) != 1:
-                    tensor = tensor.view(plan.size)
-                append(tensor)
-                continue
-            base = bases[plan.storage_index]
-            if base is None:
-                if storage.nbytes:
-                    base = frombuffer(buffer, dtype=uint8, count=storage.nbytes, offset=storage.offset)
-                else:
-                    base = torch.empty(0, dtype=uint8)
-                bases[plan.storage_index] = base
-            tensor = torch.empty(0, dtype=plan.dtype).set_(
-                base.untyped_storage(), plan.storage_offset, plan.size, plan.stride
-            )
-            if plan.flags & TensorPlan.CONJ:
-                tensor = tensor.conj()
-            if plan.flags & TensorPlan.NEG:
-                tensor = tensor._neg_view()
-            append(tensor)
-        return self.fill(staged)
 
     def fill(self, staged: list[Any]) -> Any:
         """Puts ``staged[i]`` in tensor i's places, converts tuples, returns the root."""
         for parent, key, index in self.fills:
             parent[key] = staged[index]
-        for parent, key, tensor in self.opaque:
-            parent[key] = _stage_opaque(tensor)
         for parent, key, items, tuple_type in self.tuples:
             parent[key] = _make_tuple(tuple_type, items)
         root = self.holder[0]
         # The plan is spent: drop references to the sources and the staged tree.
         self.holder = [None]
         self.fills = []
-        self.opaque = []
         self.tuples = []
+        self.leaves = []
         return root
 
 
@@ -210,68 +208,23 @@ def _empty_like_mapping(mapping: dict) -> dict:
     return clone
 
 
-_QUANTIZED_DTYPES = frozenset(
-    getattr(torch, name) for name in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4") if hasattr(torch, name)
-)
-
-
 def plan_state_dict(state_dict: Any) -> StatePlan:
     """Walks ``state_dict`` once and returns its :class:`StatePlan`."""
     plan = StatePlan()
-    storage_index: dict[int, int] = {}
     tensor_index: dict[int, int] = {}
     memo: dict[int, Any] = {}  # id(container) -> its skeleton; deepcopy memo for other leaves
     keep: list[Any] = []  # keeps memo'd sources alive so their ids stay unique during the walk
-    storages = plan.storages
-    tensors = plan.tensors
+    leaves = plan.leaves
     fills = plan.fills
-    cpu_addresses, cpu_offsets, cpu_nbytes, cpu_sources = (
-        plan.cpu_addresses, plan.cpu_offsets, plan.cpu_nbytes, plan.cpu_sources
-    )
-    offset = 0
     Tensor = torch.Tensor
-    Parameter = torch.nn.Parameter
-    strided = torch.strided
-    cpu = torch.device("cpu")
     immutable = _IMMUTABLE_LEAVES
-    quantized = _QUANTIZED_DTYPES
 
     def add_tensor(value: torch.Tensor, parent: Any, key: Any) -> None:
         """Records one tensor leaf; it is filled in at ``parent[key]`` after the copy."""
-        nonlocal offset
         index = tensor_index.get(id(value))
         if index is None:
-            cls = type(value)
-            if (cls is not Tensor and cls is not Parameter) or value.layout is not strided or value.dtype in quantized:
-                plan.opaque.append((parent, key, value))
-                return
-            is_cpu = value.is_cpu
-            if not is_cpu and value.is_meta:
-                raise StagerError(
-                    f"cannot stage a meta tensor (no data) at key {key!r}: materialize it before checkpointing"
-                )
-            storage = value.untyped_storage()
-            sindex = storage_index.get(storage._cdata)
-            if sindex is None:
-                sindex = len(storages)
-                storage_index[storage._cdata] = sindex
-                splan = StoragePlan(storage, cpu if is_cpu else value.device, offset)
-                storages.append(splan)
-                if is_cpu:
-                    cpu_addresses.append(splan.address)
-                    cpu_offsets.append(offset)
-                    cpu_nbytes.append(splan.nbytes)
-                    cpu_sources.append(storage)
-                else:
-                    plan.device_storages.append(splan)
-                offset += -(-splan.nbytes // ALIGNMENT) * ALIGNMENT
-            else:
-                splan = storages[sindex]
-            splan.users += 1
-            index = len(tensors)
-            tensor_index[id(value)] = index
-            keep.append(value)
-            tensors.append(TensorPlan(value, sindex, splan.nbytes))
+            index = tensor_index[id(value)] = len(leaves)
+            leaves.append(value)
         fills.append((parent, key, index))
 
     def visit(value: Any, parent: Any, key: Any) -> Any:
@@ -319,11 +272,12 @@ def plan_state_dict(state_dict: Any) -> StatePlan:
     gc.disable()
     try:
         plan.holder[0] = visit(state_dict, plan.holder, 0)
+        # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
+        plan.table = _native.describe_tensors(leaves, ALIGNMENT)
     finally:
         # `visit` refers to itself through its closure: break that cycle now, or the skeleton
         # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
         del visit, add_tensor
         if gc_was_enabled:
             gc.enable()
-    plan.total_nbytes = offset
     return plan

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import _native
 from ._native import StagerError
-from .device import start_device_copies
+from .device import capture_order, start_device_copies
 from .options import StagingOptions
 from .plan import StatePlan, plan_state_dict
 
@@ -65,21 +65,25 @@ class StagingEngine:
     def __init__(self, options: StagingOptions) -> None:
         self.options = options
         self.pool = _native.HostPool(
-            shared=options.use_shared_memory, budget_bytes=options.memory_budget_bytes
+            shared=options.use_shared_memory,
+            budget_bytes=options.memory_budget_bytes,
+            pinned=options.use_pinned_memory,  # no-op without CUDA
         )
         self.copier = copy_engine(options.threads)
 
-    def start(self, state_dict: Any) -> StagedCopy:
-        """Plans ``state_dict``, takes a buffer and starts every copy; returns at once."""
+    def start(self, state_dict: Any, order: dict | None = None) -> StagedCopy:
+        """Plans ``state_dict``, takes a buffer and starts every copy; returns at once.
+        Device copies run after ``order`` (``device.capture_order()``), else after this thread's
+        current streams."""
         plan = plan_state_dict(state_dict)
         buffer = self.pool.acquire(plan.total_nbytes)
-        job = self.copier.submit(buffer, plan.cpu_addresses, plan.cpu_offsets, plan.cpu_nbytes, plan.cpu_sources)
-        device_copies = start_device_copies(plan, buffer, self.options.use_non_blocking_copy)
+        job = self.copier.submit_table(buffer, plan.table)
+        device_copies = start_device_copies(plan, buffer, self.options.use_non_blocking_copy, order)
         return StagedCopy(plan, buffer, job, device_copies)
 
-    def stage(self, state_dict: Any) -> Any:
+    def stage(self, state_dict: Any, order: dict | None = None) -> Any:
         """Stages ``state_dict`` and returns the staged copy once every byte has landed."""
-        staged = self.start(state_dict)
+        staged = self.start(state_dict, order)
         result = staged.plan.materialize(staged.buffer)  # overlaps the copies
         staged.wait()
         return result
@@ -131,7 +135,8 @@ class DefaultStager(AsyncStager):
             raise StagerError("DefaultStager.stage() called after close()")
         if self._staging_executor is None:
             return self._engine.stage(state_dict)
-        self._staging_future = self._staging_executor.submit(self._engine.stage, state_dict)
+        # The GPU copies must follow what the caller has queued *now*, not when the stage starts.
+        self._staging_future = self._staging_executor.submit(self._engine.stage, state_dict, capture_order())
         return self._staging_future
 
     def reserve(self, nbytes: int) -> None:

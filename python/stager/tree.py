@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from . import _native
 from ._native import StagerError
-from .plan import ALIGNMENT, StatePlan, StoragePlan, TensorPlan
+from .plan import ALIGNMENT, StatePlan, TensorPlan
 
 __all__ = ["FORMAT_VERSION", "DTYPES", "decode", "encode"]
 
@@ -49,9 +50,9 @@ def _float_value(value: float) -> Any:
 def encode(plan: StatePlan, *, allow_pickle: bool = False) -> dict[str, Any]:
     """The JSON-able description of ``plan`` (call before ``materialize``, which spends it)."""
     if plan.opaque:
-        _, key, tensor = plan.opaque[0]
+        _, _, tensor = plan.opaque[0]
         raise StagerError(
-            f"cannot persist or send a {type(tensor).__name__} (layout {tensor.layout}) at key {key!r}: "
+            f"cannot persist or send a {type(tensor).__name__} (layout {tensor.layout}, dtype {tensor.dtype}): "
             "only plain strided tensors are supported"
         )
     tensor_at = {(id(parent), key): index for parent, key, index in plan.fills}
@@ -155,59 +156,40 @@ def _float(value: Any, what: str) -> float:
     return float(value)
 
 
-class _DecodedStorage(StoragePlan):
-    """A storage described by metadata rather than taken from a tensor."""
-
-    def __init__(self, nbytes: int, offset: int) -> None:  # noqa: D107 - no super(): no source
-        self.storage = None
-        self.address = 0
-        self.nbytes = nbytes
-        self.offset = offset
-        self.device = torch.device("cpu")
-        self.users = 0
-
-
-class _DecodedTensor(TensorPlan):
-    def __init__(self, spec: dict, index: int, storages: list[StoragePlan]) -> None:  # noqa: D107
-        where = f"tensor {index}"
-        _expect(isinstance(spec, dict), f"{where} must be an object")
-        dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
-        _expect(dtype is not None, f"{where} has unknown dtype {spec.get('dtype')!r}")
-        shape = spec.get("shape")
-        stride = spec.get("stride")
-        _expect(isinstance(shape, list) and isinstance(stride, list), f"{where} needs shape and stride lists")
-        _expect(len(shape) == len(stride) and len(shape) <= 64, f"{where} has mismatched shape/stride")
-        shape = [_int(v, f"{where} shape") for v in shape]
-        stride = [_int(v, f"{where} stride") for v in stride]
-        offset = _int(spec.get("offset"), f"{where} offset")
-        storage_index = _int(spec.get("storage"), f"{where} storage")
-        _expect(storage_index < len(storages), f"{where} refers to storage {storage_index} of {len(storages)}")
-        storage = storages[storage_index]
-        numel = math.prod(shape)
-        itemsize = dtype.itemsize
-        if numel:
-            last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
-            _expect(
-                (last + 1) * itemsize <= storage.nbytes,
-                f"{where} ({_dtype_name(dtype)} {shape}, stride {stride}, offset {offset}) "
-                f"reaches past its storage of {storage.nbytes} bytes",
-            )
-        self.storage_index = storage_index
-        self.dtype = dtype
-        self.size = torch.Size(shape)
-        self.stride = tuple(stride)
-        self.storage_offset = offset
-        self.numel = numel
-        contiguous = _is_contiguous(shape, stride)
-        flags = 0
-        if offset == 0 and storage.nbytes and numel * itemsize == storage.nbytes and contiguous:
-            flags = TensorPlan.WHOLE_STORAGE
-        if spec.get("conj") is True:
-            _expect(dtype.is_complex, f"{where} is conjugated but not complex")
-            flags |= TensorPlan.CONJ
-        if spec.get("neg") is True:
-            flags |= TensorPlan.NEG
-        self.flags = flags
+def _decode_tensor(spec: Any, index: int, storage_nbytes: list[int]) -> tuple:
+    """Validates one tensor entry; returns (storage, dtype, shape, stride, offset, numel, flags)."""
+    where = f"tensor {index}"
+    _expect(isinstance(spec, dict), f"{where} must be an object")
+    dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+    _expect(dtype is not None, f"{where} has unknown dtype {spec.get('dtype')!r}")
+    shape = spec.get("shape")
+    stride = spec.get("stride")
+    _expect(isinstance(shape, list) and isinstance(stride, list), f"{where} needs shape and stride lists")
+    _expect(len(shape) == len(stride) and len(shape) <= 64, f"{where} has mismatched shape/stride")
+    shape = [_int(v, f"{where} shape") for v in shape]
+    stride = [_int(v, f"{where} stride") for v in stride]
+    offset = _int(spec.get("offset"), f"{where} offset")
+    storage = _int(spec.get("storage"), f"{where} storage")
+    _expect(storage < len(storage_nbytes), f"{where} refers to storage {storage} of {len(storage_nbytes)}")
+    nbytes = storage_nbytes[storage]
+    numel = math.prod(shape)
+    itemsize = dtype.itemsize
+    if numel:
+        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        _expect(
+            (last + 1) * itemsize <= nbytes,
+            f"{where} ({_dtype_name(dtype)} {shape}, stride {stride}, offset {offset}) "
+            f"reaches past its storage of {nbytes} bytes",
+        )
+    flags = 0
+    if offset == 0 and nbytes and numel * itemsize == nbytes and _is_contiguous(shape, stride):
+        flags = TensorPlan.WHOLE_STORAGE
+    if spec.get("conj") is True:
+        _expect(dtype.is_complex, f"{where} is conjugated but not complex")
+        flags |= TensorPlan.CONJ
+    if spec.get("neg") is True:
+        flags |= TensorPlan.NEG
+    return storage, dtype, torch.Size(shape), tuple(stride), offset, numel, flags
 
 
 def _is_contiguous(shape: list[int], stride: list[int]) -> bool:
@@ -233,23 +215,18 @@ def decode(meta: Any, *, allow_pickle: bool = False, max_nbytes: int | None = No
     _expect(isinstance(storage_specs, list), "'storages' must be a list")
     _expect(isinstance(tensor_specs, list), "'tensors' must be a list")
     plan = StatePlan()
-    offset = 0
-    total = 0
+    storage_nbytes = []
     for index, spec in enumerate(storage_specs):
         _expect(isinstance(spec, dict), f"storage {index} must be an object")
-        nbytes = _int(spec.get("nbytes"), f"storage {index} nbytes")
-        total += nbytes
-        _expect(max_nbytes is None or total <= max_nbytes,
-                f"storages claim {total} bytes, more than the {max_nbytes} available")
-        plan.storages.append(_DecodedStorage(nbytes, offset))
-        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
-    plan.total_nbytes = offset
-    for index, spec in enumerate(tensor_specs):
-        tensor = _DecodedTensor(spec, index, plan.storages)
-        plan.storages[tensor.storage_index].users += 1
-        plan.tensors.append(tensor)
-
-    count = len(plan.tensors)
+        storage_nbytes.append(_int(spec.get("nbytes"), f"storage {index} nbytes"))
+    total = sum(storage_nbytes)
+    _expect(max_nbytes is None or total <= max_nbytes,
+            f"storages claim {total} bytes, more than the {max_nbytes} available")
+    columns = list(zip(*(_decode_tensor(spec, i, storage_nbytes) for i, spec in enumerate(tensor_specs))))
+    if not columns:
+        columns = [[] for _ in range(7)]
+    plan.table = _native.TensorTable.from_layout(storage_nbytes, ALIGNMENT, *map(list, columns))
+    count = len(tensor_specs)
     namedtuple_types: dict[tuple, type] = {}
 
     def leaf(item: dict, where: str) -> Any:

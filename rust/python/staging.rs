@@ -12,6 +12,7 @@ use crate::copy_engine::{CopyEngine, CopyJob, CopyRequest};
 use crate::pool::{HostBuffer, HostPool, PoolOptions};
 
 use super::invalid;
+use super::tensors::PyTensorTable;
 
 /// A pool of reusable host buffers (see `pool.rs`).
 #[pyclass(name = "HostPool", module = "stager._native", frozen)]
@@ -22,13 +23,14 @@ struct PyHostPool {
 #[pymethods]
 impl PyHostPool {
     #[new]
-    #[pyo3(signature = (*, shared = false, budget_bytes = None))]
-    fn new(shared: bool, budget_bytes: Option<usize>) -> PyHostPool {
+    /// `pinned`: page-lock each buffer once for device copies (no-op without CUDA).
+    #[pyo3(signature = (*, shared = false, budget_bytes = None, pinned = false))]
+    fn new(shared: bool, budget_bytes: Option<usize>, pinned: bool) -> PyHostPool {
         PyHostPool {
             pool: HostPool::new(PoolOptions {
                 shared,
                 budget_bytes,
-                pinner: None,
+                pinner: if pinned { super::cuda::pinner() } else { None },
             }),
         }
     }
@@ -57,6 +59,12 @@ impl PyHostPool {
     #[getter]
     fn shared(&self) -> bool {
         self.pool.is_shared()
+    }
+
+    /// Whether buffers are page-locked (False without CUDA, whatever was asked).
+    #[getter]
+    fn pinned(&self) -> bool {
+        self.pool.is_pinned()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -163,8 +171,8 @@ impl PyHostBuffer {
 
 /// The copy engine's worker threads.
 #[pyclass(name = "CopyEngine", module = "stager._native", frozen)]
-struct PyCopyEngine {
-    engine: CopyEngine,
+pub(crate) struct PyCopyEngine {
+    pub(crate) engine: CopyEngine,
 }
 
 #[pymethods]
@@ -179,6 +187,26 @@ impl PyCopyEngine {
     #[getter]
     fn num_threads(&self) -> usize {
         self.engine.num_threads()
+    }
+
+    /// Copies every CPU storage of `table` into `target` at its offset. The job keeps the table
+    /// (and so the source storages) and the target alive until the copies finish.
+    fn submit_table(
+        &self,
+        py: Python<'_>,
+        target: Bound<'_, PyHostBuffer>,
+        table: Bound<'_, PyTensorTable>,
+    ) -> PyResult<PyCopyJob> {
+        let requests = table.get().cpu_requests(target.get())?;
+        // SAFETY: destinations are the table's disjoint, aligned ranges inside `target`; sources
+        // are the table's storages, which the job keeps alive with the target until the copies
+        // finish (PyCopyJob's Drop waits).
+        let job = py.detach(|| unsafe { self.engine.submit(requests) });
+        Ok(PyCopyJob::new(
+            job,
+            table.into_any().unbind(),
+            target.into_any().unbind(),
+        ))
     }
 
     /// Copies `nbytes[i]` bytes from address `sources[i]` to `target` at `offsets[i]`, for every i.
@@ -219,10 +247,7 @@ impl PyCopyEngine {
         // sources are owned by `keepalive`, which the job keeps alive until the copies finish
         // (PyCopyJob's Drop waits). Nothing writes the fresh target before the job completes.
         let job = py.detach(|| unsafe { self.engine.submit(requests) });
-        Ok(PyCopyJob {
-            job,
-            keepalive: Some((keepalive, target.unbind().into_any())),
-        })
+        Ok(PyCopyJob::new(job, keepalive, target.unbind().into_any()))
     }
 }
 
@@ -257,6 +282,16 @@ fn check_disjoint_ranges(offsets: &[usize], nbytes: &[usize], capacity: usize) -
 pub(crate) struct PyCopyJob {
     pub(crate) job: CopyJob,
     keepalive: Option<(Py<PyAny>, Py<PyAny>)>,
+}
+
+impl PyCopyJob {
+    /// A job that keeps `sources` and `target` alive until its copies finish.
+    pub(crate) fn new(job: CopyJob, sources: Py<PyAny>, target: Py<PyAny>) -> PyCopyJob {
+        PyCopyJob {
+            job,
+            keepalive: Some((sources, target)),
+        }
+    }
 }
 
 #[pymethods]
