@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 mod cuda;
 mod files;
 mod staging;
+mod tensors;
 
 create_exception!(
     stager,
@@ -32,6 +33,7 @@ pub(crate) fn invalid(message: String) -> PyErr {
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StagerError", m.py().get_type::<StagerError>())?;
     staging::register(m)?;
+    tensors::register(m)?;
     files::register(m)?;
     cuda::register(m)?;
     Ok(())
