@@ -8,7 +8,21 @@ GIL, and writes files durably.
 from ._native import StagerError
 from .files import load, save
 from .options import StagingOptions
+from .replication import Replica, ReplicationStager, find_replicas, recover
 from .stagers import BlockingAsyncStager, DefaultStager
+from .transport import PGTransport
 
-__all__ = ["BlockingAsyncStager", "DefaultStager", "StagerError", "StagingOptions", "load", "save"]
+__all__ = [
+    "BlockingAsyncStager",
+    "DefaultStager",
+    "PGTransport",
+    "Replica",
+    "ReplicationStager",
+    "StagerError",
+    "StagingOptions",
+    "find_replicas",
+    "load",
+    "recover",
+    "save",
+]
 __version__ = "0.1.0"
