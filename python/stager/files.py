@@ -148,17 +148,7 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
     flag to load them back). Raises :class:`StagerError` naming ``path`` on any failure.
     """
     path = os.fspath(path)
-    staged = None
-    if stager is not None:
-        engine = getattr(stager, "_engine", None)
-        if engine is None or not hasattr(engine, "start"):
-            raise StagerError(f"save(stager=...) needs a stager.DefaultStager or BlockingAsyncStager, got {type(stager).__name__}")
-        staged = engine.start(state_dict)
-        plan = staged.plan
-    else:
-        plan = plan_state_dict(state_dict)
-        if plan.device_storages:
-            staged = _start_staging(plan)
+    plan = plan_state_dict(state_dict)
     meta = tree.encode(plan, allow_pickle=allow_pickle)
     names, dtypes, shapes = _entries(plan, meta)
     metadata = {
@@ -166,43 +156,44 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
         "stager.version": str(tree.FORMAT_VERSION),
         "stager.tree": json.dumps(meta, separators=(",", ":"), allow_nan=False),
     }
-    nbytes = [s.nbytes for s in plan.storages]
-    if staged is None:
-        addresses = [s.address for s in plan.storages]
-        _native.write_file(path, names, dtypes, shapes, nbytes, addresses, metadata)
+    storages = plan.storages
+    nbytes = [s.nbytes for s in storages]
+    if stager is None and not plan.device_storages:
+        _native.write_file(path, names, dtypes, shapes, nbytes, [s.address for s in storages], metadata)
         return
-    # Device copies (if any) complete in the background; wait for them before their bytes are
-    # written (host copies are waited on per storage by the writer).
-    for event in staged.device_copies:
-        event.synchronize()
-    base = staged.buffer.address
-    addresses = [base + s.offset for s in plan.storages]
-    request_of = {id(s): i for i, s in enumerate(plan.cpu_storages)}
-    requests = [request_of.get(id(s)) for s in plan.storages]
-    try:
-        _native.write_file(path, names, dtypes, shapes, nbytes, addresses, metadata, staged.job, requests)
-    finally:
-        staged.job.wait()
-
-
-def _start_staging(plan: StatePlan) -> Any:
-    """Like StagingEngine.start, for a plan already made (no second pass over the tree)."""
-    from .stagers import StagedCopy
-
-    engine = _staging_engine()
+    engine = _staging_engine() if stager is None else getattr(stager, "_engine", None)
+    if engine is None or not hasattr(engine, "copier"):
+        raise StagerError(
+            f"save(stager=...) needs a stager.DefaultStager or BlockingAsyncStager, got {type(stager).__name__}"
+        )
     buffer = engine.pool.acquire(plan.total_nbytes)
-    cpu = plan.cpu_storages
+    cpu = [index for index, s in enumerate(storages) if s.is_cpu]
     job = engine.copier.submit(
-        buffer, [s.address for s in cpu], [s.offset for s in cpu], [s.nbytes for s in cpu], [s.storage for s in cpu]
+        buffer,
+        [storages[i].address for i in cpu],
+        [storages[i].offset for i in cpu],
+        [storages[i].nbytes for i in cpu],
+        [storages[i].storage for i in cpu],
     )
-    device_copies = start_device_copies(plan, buffer, engine.options.use_non_blocking_copy)
-    return StagedCopy(plan, buffer, job, device_copies)
+    try:
+        # Device copies complete in the background; wait for them before their bytes are written
+        # (host copies are waited for one by one by the writer, so writing overlaps copying).
+        for event in start_device_copies(plan, buffer, engine.options.use_non_blocking_copy):
+            event.synchronize()
+        requests: list[int | None] = [None] * len(storages)
+        for request, index in enumerate(cpu):
+            requests[index] = request
+        base = buffer.address
+        addresses = [base + s.offset for s in storages]
+        _native.write_file(path, names, dtypes, shapes, nbytes, addresses, metadata, job, requests)
+    finally:
+        job.wait()
 
 
 # ---- load --------------------------------------------------------------------------------------
 
 
-def _open(path: str | os.PathLike) -> tuple[Any, dict, StatePlan, list]:
+def _open(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[Any, dict, StatePlan, list]:
     """Opens ``path``, validates header, metadata and tree; returns (file, meta, plan, storages)."""
     file = _native.CheckpointFile(os.fspath(path))
     tree_json, storages = file.layout()
@@ -211,7 +202,7 @@ def _open(path: str | os.PathLike) -> tuple[Any, dict, StatePlan, list]:
     except (ValueError, RecursionError) as err:
         raise StagerError(f"invalid stager file {os.fspath(path)}: the tree metadata is not valid JSON: {err}") from None
     try:
-        plan = tree.decode(meta, max_nbytes=file.data_nbytes)
+        plan = tree.decode(meta, allow_pickle=allow_pickle, max_nbytes=file.data_nbytes)
     except StagerError as err:
         raise StagerError(f"invalid stager file {os.fspath(path)}: {err}") from None
     except RecursionError:
@@ -237,9 +228,7 @@ def load(path: str | os.PathLike, *, verify: bool = True, allow_pickle: bool = F
     Every malformed input raises :class:`StagerError` saying what is wrong; with ``verify`` every
     buffer's crc32c is checked. Never unpickles unless ``allow_pickle=True``.
     """
-    file, meta, plan, _ = _open(path)
-    if allow_pickle:
-        plan = tree.decode(meta, allow_pickle=True, max_nbytes=file.data_nbytes)
+    file, _, plan, _ = _open(path, allow_pickle)
     buffer = _pool().acquire(plan.total_nbytes)
     file.read_into(buffer, [s.offset for s in plan.storages], verify)
     try:
