@@ -7,6 +7,7 @@
 //! for the `stager._native` extension module and nothing more.
 
 pub mod copy_engine;
+pub mod cuda;
 pub mod error;
 pub mod format;
 pub mod pool;
