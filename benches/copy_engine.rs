@@ -1,8 +1,12 @@
-//! Copy engine vs a single `copy_from_slice`, on one large buffer and on 20,000 tiny ones.
-//! Run with `cargo bench --bench copy_engine`.
+//! Copy engine vs a single `copy_from_slice`, on one large buffer and on 20,000 tiny ones, and the
+//! machine's limits (`stager::limits`: a plain parallel memcpy into touched and fresh memory) that
+//! `stager bench` compares the stagers with. Run with `cargo bench --bench copy_engine`.
+
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use stager::copy_engine::{CopyEngine, CopyRequest};
+use stager::limits::{copy_limit_from, Target};
 use stager::pool::{HostPool, PoolOptions};
 
 fn large_copy(c: &mut Criterion) {
@@ -84,5 +88,29 @@ fn tiny_copies(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, large_copy, tiny_copies);
+/// The limits, timed by `copy_limit_from` itself so mapping and unmapping fresh memory stay out.
+fn limits(c: &mut Criterion) {
+    let len = 256 << 20;
+    let source = vec![3u8; len];
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut group = c.benchmark_group("limit_256MiB");
+    group.throughput(Throughput::Bytes(len as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(3));
+    for (name, target) in [
+        ("touched", Target::Touched),
+        ("fresh_private", Target::FreshPrivate),
+        ("fresh_shared", Target::FreshShared),
+    ] {
+        group.bench_with_input(BenchmarkId::new(name, threads), &target, |b, &target| {
+            b.iter_custom(|iters| {
+                let seconds = copy_limit_from(&source, threads, target, iters as usize).unwrap();
+                Duration::from_secs_f64(seconds.iter().sum())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, large_copy, tiny_copies, limits);
 criterion_main!(benches);

@@ -10,6 +10,7 @@ pub mod copy_engine;
 pub mod cuda;
 pub mod error;
 pub mod format;
+pub mod limits;
 pub mod pool;
 pub mod reader;
 pub mod writer;

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 
 mod cuda;
 mod files;
+mod limits;
 mod staging;
 mod tensors;
 
@@ -36,5 +37,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tensors::register(m)?;
     files::register(m)?;
     cuda::register(m)?;
+    limits::register(m)?;
     Ok(())
 }

@@ -263,8 +263,13 @@ def synthetic_transformer_state_dict(total_bytes: int, *, hidden: int = 1024, vo
 
 
 def format_table(rows: list[Row]) -> str:
-    """A plain-text table: seconds, GB/s, µs per tensor, ratio to the limit, speedup vs PyTorch."""
+    """A plain-text table: seconds, GB/s, µs per tensor, ratio to the limit, speedup vs PyTorch,
+    and each row's ``extra["summary"]`` when any row has one."""
     header = ["section", "workload", "row", "seconds", "GB/s", "us/tensor", "x limit", "x PyTorch"]
+    # A row may carry a short text for the table in extra["summary"] (figures that aren't times).
+    notes = any(row.extra.get("summary") for row in rows)
+    if notes:
+        header.append("note")
     lines = [header]
     for row in rows:
         ratio = row.ratio_to_limit(rows)
@@ -275,7 +280,7 @@ def format_table(rows: list[Row]) -> str:
             f"{row.us_per_tensor:.2f}" if row.us_per_tensor is not None else "",
             f"{ratio:.2f}" if ratio is not None else "",
             f"{speedup:.1f}" if speedup is not None else "",
-        ])
+        ] + ([str(row.extra.get("summary", ""))] if notes else []))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for index, line in enumerate(lines):

@@ -1,0 +1,378 @@
+"""``staging`` section of ``stager bench``: stager's stagers vs PyTorch's vs the machine's limits.
+
+Two workloads, each measured against the same rows:
+
+* ``large``: the synthetic transformer + Adam state_dict (``--size``): bandwidth;
+* ``tiny``: ``--tiny`` small tensors: the cost per tensor.
+
+Rows per workload:
+
+* the machine's limits (``stager._native.copy_limit_seconds``, a plain parallel memcpy of one
+  buffer of the same size, split evenly over the same number of threads, independent of stager's
+  engine): into already-touched memory, into fresh private memory, into fresh shared memory;
+* stager's ``DefaultStager`` with private and with shared memory: repeat calls (results dropped
+  between calls, so the pool recycles; compared with the touched-memory limit), the first call of
+  a new stager (fresh memory; compared with the fresh limit of the same kind), the first call after
+  ``reserve()`` (compared with the touched-memory limit);
+* PyTorch's ``DefaultStager`` with the same options as far as a machine without CUDA allows, and
+  both ``BlockingAsyncStager``s (no cache: every call stages into fresh memory);
+* for ``tiny``: ``torch._foreach_copy_`` into preallocated tensors, PyTorch's per-tensor floor in C++.
+
+And for the large workload with async staging: how long ``stage()`` takes to return its Future,
+and how fast a pure-Python loop in the caller's thread runs while the stage is in flight, relative
+to the same loop alone (stager vs PyTorch's DefaultStager).
+
+First-call rows and their fresh-memory limits are measured interleaved (limit, stager, PyTorch,
+limit, ...), so all of them see the same state of the machine's memory: on VMs, memory given back
+to the OS comes back at a speed that varies with how long ago it was freed.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch.distributed.checkpoint import staging as torch_staging
+
+from .. import _native
+from ..options import StagingOptions
+from ..stagers import BlockingAsyncStager, DefaultStager
+from .common import BenchContext, Row
+
+SECTION = "staging"
+
+LIMIT_TOUCHED = "limit: copy into touched memory"
+LIMIT_FRESH = {False: "limit: copy into fresh private memory", True: "limit: copy into fresh shared memory"}
+
+
+def _memory(shared: bool) -> str:
+    return "shared" if shared else "private"
+
+
+def _name(who: str, kind: str, shared: bool) -> str:
+    return f"{who} DefaultStager {_memory(shared)} {kind}"
+
+
+TORCH_OPTIONS_NOTE = (
+    "use_pinned_memory=True (ignored: no CUDA), use_shared_memory={shared}, use_async_staging=True, "
+    "use_non_blocking_copy=False (True asserts without an accelerator)"
+)
+STAGER_OPTIONS_NOTE = (
+    "StagingOptions() defaults except use_shared_memory={shared}: pinned and non-blocking are no-ops "
+    "without CUDA; async staging, timed until the Future's result"
+)
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    previous_threads = torch.get_num_threads()
+    # PyTorch's copy_ splits large copies over its intra-op threads: give it as many as stager has.
+    torch.set_num_threads(ctx.threads)
+    try:
+        rows: list[Row] = []
+        large = ctx.large_state_dict()
+        rows += _workload(ctx, "large", large)
+        rows += _async_rows(ctx, large)
+        rows += _workload(ctx, "tiny", ctx.tiny_state_dict())
+        return rows
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+# ---- stagers under test ---------------------------------------------------------------------------
+def _stager_options(ctx: BenchContext, shared: bool) -> StagingOptions:
+    return StagingOptions(use_shared_memory=shared, num_threads=ctx.threads)
+
+
+def _torch_options(shared: bool) -> Any:
+    return torch_staging.StagingOptions(
+        use_pinned_memory=True, use_shared_memory=shared, use_async_staging=True, use_non_blocking_copy=False
+    )
+
+
+def _torch_default_stager(shared: bool) -> Any:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Ignoring pin_memory flag ... CUDA is not available"
+        return torch_staging.DefaultStager(_torch_options(shared))
+
+
+def _stage(stager: Any, state_dict: Any) -> Any:
+    result = stager.stage(state_dict)
+    return result.result() if hasattr(result, "result") else result
+
+
+def _close_quietly(stager: Any) -> None:
+    try:
+        stager.close()
+    except Exception:  # noqa: BLE001 - a failed baseline must not take the benchmark down
+        pass
+
+
+# ---- one workload -----------------------------------------------------------------------------------
+def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
+    nbytes = ctx.nbytes_of(state_dict)
+    ntensors = ctx.count_tensors(state_dict)
+    size = dict(nbytes=nbytes, ntensors=ntensors)
+    rows: list[Row] = []
+    failures: dict[str, str] = {}
+
+    def add(name: str, samples: list[float], **kwargs: Any) -> None:
+        if samples:
+            rows.append(ctx.row(SECTION, workload, name, samples, **size, **kwargs))
+
+    ctx.log(f"  [{workload}] {nbytes / 1e9:.3f} GB in {ntensors} tensors, {ctx.threads} threads")
+    # The limits copy one buffer of the same size, allocated and touched once per workload.
+    source = torch.empty(max(nbytes, 1), dtype=torch.uint8).fill_(0x5A).numpy()
+
+    # The machine's limit for repeat calls: one copy of as many bytes into touched memory.
+    add(LIMIT_TOUCHED, _limit_samples(ctx, source, "touched", f"{workload}: {LIMIT_TOUCHED}"),
+        extra={"threads": ctx.threads, "how": "parallel memcpy of one buffer, even split, scoped threads"})
+    if workload == "tiny":
+        add("torch _foreach_copy_ floor", _foreach_copy_samples(ctx, state_dict),
+            extra={"note": "PyTorch's per-tensor floor in C++: copies into preallocated, touched tensors"})
+
+    for shared in (False, True):
+        memory = _memory(shared)
+        stager_name = _name("stager", "repeat", shared)
+        torch_name = _name("torch", "repeat", shared)
+        # stager, repeat calls: results dropped between calls, so the pool hands the memory back.
+        with DefaultStager(_stager_options(ctx, shared)) as stager:
+            samples = ctx.measure(f"{workload}: {stager_name}", lambda: _stage(stager, state_dict), warmup=1)
+            stats = stager.pool_stats()
+        add(stager_name, samples, limit=LIMIT_TOUCHED, baseline=torch_name,
+            extra={"options": STAGER_OPTIONS_NOTE.format(shared=shared), "pool_allocations": stats["allocations"],
+                   "pool_reuses": stats["reuses"], "results_independent": True})
+        # PyTorch, repeat calls: its cached storages are reused (and earlier results overwritten).
+        samples, error = _guarded(lambda: _torch_repeat_samples(ctx, f"{workload}: {torch_name}", state_dict, shared))
+        if error:
+            failures[torch_name] = error
+        add(torch_name, samples, limit=LIMIT_TOUCHED,
+            extra={"options": TORCH_OPTIONS_NOTE.format(shared=shared), "results_independent": False,
+                   "note": "reuses its cached storages: a later stage overwrites earlier results"})
+
+        # stager, first call after reserve(): the pool was pre-faulted in the background.
+        reserve_name = _name("stager", "first call after reserve()", shared)
+        samples = _reserved_first_call_samples(ctx, f"{workload}: {reserve_name}", state_dict, shared, nbytes, ntensors)
+        add(reserve_name, samples, limit=LIMIT_TOUCHED, baseline=torch_name,
+            extra={"options": STAGER_OPTIONS_NOTE.format(shared=shared)})
+
+        # First calls (fresh memory) and the fresh-memory limit, interleaved.
+        stager_first = _name("stager", "first call", shared)
+        torch_first = _name("torch", "first call", shared)
+        limit_fresh = LIMIT_FRESH[shared]
+        samples_by_name, errors = _interleaved(ctx, f"{workload}: first calls, {memory} memory", {
+            limit_fresh: lambda: _limit_samples(ctx, source, memory, None, repeats=1)[0],
+            stager_first: lambda: _first_call_seconds(lambda: DefaultStager(_stager_options(ctx, shared)), state_dict),
+            torch_first: lambda: _first_call_seconds(lambda: _torch_default_stager(shared), state_dict),
+        })
+        failures.update(errors)
+        add(limit_fresh, samples_by_name[limit_fresh], extra={"threads": ctx.threads})
+        add(stager_first, samples_by_name[stager_first], limit=limit_fresh, baseline=torch_first,
+            extra={"options": STAGER_OPTIONS_NOTE.format(shared=shared)})
+        add(torch_first, samples_by_name[torch_first], limit=limit_fresh,
+            extra={"options": TORCH_OPTIONS_NOTE.format(shared=shared)})
+
+    # BlockingAsyncStager without a cache: every call stages into fresh private memory.
+    samples_by_name, errors = _interleaved(ctx, f"{workload}: BlockingAsyncStager", {
+        "stager BlockingAsyncStager": lambda: _first_call_seconds(BlockingAsyncStager, state_dict),
+        "torch BlockingAsyncStager": lambda: _first_call_seconds(torch_staging.BlockingAsyncStager, state_dict),
+    })
+    failures.update(errors)
+    note = "cache_staged_state_dict=False (True pins memory, which needs CUDA): fresh memory every call"
+    add("stager BlockingAsyncStager", samples_by_name["stager BlockingAsyncStager"],
+        limit=LIMIT_FRESH[False], baseline="torch BlockingAsyncStager", extra={"options": note})
+    add("torch BlockingAsyncStager", samples_by_name["torch BlockingAsyncStager"],
+        limit=LIMIT_FRESH[False], extra={"options": note})
+
+    for name, error in failures.items():
+        ctx.log(f"  [{workload}] {name} failed: {error}")
+    if failures:
+        # Say it where the reader looks: on the stager rows that lost their baseline.
+        for row in rows:
+            if row.baseline in failures:
+                row.extra["baseline_failed"] = failures[row.baseline]
+                row.extra.setdefault("summary", "PyTorch failed: " + failures[row.baseline].split(":")[0])
+    return rows
+
+
+def _limit_samples(ctx: BenchContext, source: Any, target: str, label: str | None, repeats: int | None = None) -> list[float]:
+    """The machine's limit: ``repeats`` parallel copies of ``source`` (a touched uint8 array of the
+    workload's size, kept for the whole workload so fresh-memory samples don't take the memory the
+    OS has just freed) into ``target`` memory, with the benchmark's thread count."""
+    repeats = repeats or ctx.repeats
+    if label is not None:
+        ctx.log(f"  {label}")
+    gc.collect()
+    return list(_native.copy_limit_seconds(source.nbytes, ctx.threads, target, repeats, source))
+
+
+def _foreach_copy_samples(ctx: BenchContext, state_dict: dict) -> list[float]:
+    sources = [t for t in state_dict.values() if isinstance(t, torch.Tensor)]
+    targets = [torch.empty_like(t).fill_(1) for t in sources]
+    return ctx.measure("tiny: torch _foreach_copy_ floor", lambda: torch._foreach_copy_(targets, sources), warmup=1)
+
+
+def _torch_repeat_samples(ctx: BenchContext, label: str, state_dict: Any, shared: bool) -> list[float]:
+    stager = _torch_default_stager(shared)
+    try:
+        return ctx.measure(label, lambda: _stage(stager, state_dict), warmup=1)
+    finally:
+        _close_quietly(stager)
+
+
+def _reserved_first_call_samples(ctx: BenchContext, label: str, state_dict: Any, shared: bool,
+                                 nbytes: int, ntensors: int) -> list[float]:
+    samples = []
+    reserve = nbytes + 64 * ntensors  # each storage is 64-byte aligned in the pool buffer
+    for _ in ctx.progress(range(ctx.repeats), label):
+        with DefaultStager(_stager_options(ctx, shared)) as stager:
+            stager.reserve(reserve)
+            deadline = time.monotonic() + 600
+            while stager.pool_stats()["free_bytes"] < reserve and time.monotonic() < deadline:
+                time.sleep(0.002)  # a checkpoint comes long after reserve(): don't time the pre-fault
+            gc.collect()
+            start = time.perf_counter()
+            result = _stage(stager, state_dict)
+            samples.append(time.perf_counter() - start)
+            del result
+    return samples
+
+
+def _first_call_seconds(make: Callable[[], Any], state_dict: Any) -> float:
+    """Seconds of the first stage() of a new stager (construction and close() not timed)."""
+    stager = make()
+    try:
+        gc.collect()
+        start = time.perf_counter()
+        result = _stage(stager, state_dict)
+        elapsed = time.perf_counter() - start
+        del result
+        return elapsed
+    finally:
+        _close_quietly(stager)
+
+
+def _guarded(fn: Callable[[], list[float]]) -> tuple[list[float], str | None]:
+    try:
+        return fn(), None
+    except Exception as err:  # noqa: BLE001 - PyTorch baselines may fail here (EMFILE, no CUDA)
+        return [], f"{type(err).__name__}: {err}"
+
+
+def _interleaved(ctx: BenchContext, label: str, runs: dict[str, Callable[[], float]]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Takes one sample of each run in turn, ``repeats`` rounds. A run that raises is dropped and
+    its error returned."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    errors: dict[str, str] = {}
+    for _ in ctx.progress(range(ctx.repeats), label):
+        for name, fn in runs.items():
+            if name in errors:
+                continue
+            try:
+                samples[name].append(fn())
+            except Exception as err:  # noqa: BLE001 - see _guarded
+                errors[name] = f"{type(err).__name__}: {err}"
+                samples[name] = []
+            gc.collect()
+    return samples, errors
+
+
+# ---- async staging: Future latency and the caller's thread -----------------------------------------
+def _spin(iterations: int) -> int:
+    total = 0
+    for i in range(iterations):
+        total += i
+    return total
+
+
+SPIN_CHUNK = 2_000
+
+
+def _loop_rate(seconds: float) -> float:
+    """Iterations per second of the pure-Python loop run alone for ``seconds``."""
+    iterations = 0
+    start = time.perf_counter()
+    while True:
+        _spin(SPIN_CHUNK)
+        iterations += SPIN_CHUNK
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return iterations / elapsed
+
+
+def _async_samples(ctx: BenchContext, label: str, stager: Any, state_dict: Any) -> dict[str, list[float]]:
+    """Future latency samples (stage() to its return), then per round: the loop alone for about a
+    stage's time, and an async stage with the loop running in this thread until it finishes."""
+    out: dict[str, list[float]] = {"future": [], "stage": [], "ratio": [], "alone": []}
+    _stage(stager, state_dict)  # warm up: repeat-call state (stager's pool, PyTorch's cache)
+    # Future latency: cheap to sample, and noisy on a shared machine, so take more samples.
+    for _ in ctx.progress(range(max(10, 2 * ctx.repeats)), f"{label}: stage() returns Future"):
+        gc.collect()
+        start = time.perf_counter()
+        future = stager.stage(state_dict)
+        out["future"].append(time.perf_counter() - start)
+        result = future.result()
+        del result, future
+    for _ in ctx.progress(range(ctx.repeats), f"{label}: caller's Python loop"):
+        gc.collect()
+        duration = max(statistics.median(out["stage"]) if out["stage"] else 0.2, 0.05)
+        alone = _loop_rate(duration)
+        iterations = 0
+        start = time.perf_counter()
+        future = stager.stage(state_dict)
+        while not future.done():
+            _spin(SPIN_CHUNK)
+            iterations += SPIN_CHUNK
+        end = time.perf_counter()
+        result = future.result()
+        del result
+        out["stage"].append(end - start)
+        out["alone"].append(alone)
+        out["ratio"].append(iterations / (end - start) / alone)
+    return out
+
+
+def _async_rows(ctx: BenchContext, state_dict: Any) -> list[Row]:
+    workload = "large"
+    nbytes = ctx.nbytes_of(state_dict)
+    ntensors = ctx.count_tensors(state_dict)
+    rows: list[Row] = []
+    measured: dict[str, dict[str, list[float]]] = {}
+    stager = DefaultStager(_stager_options(ctx, shared=False))
+    try:
+        measured["stager"] = _async_samples(ctx, "large: stager DefaultStager async", stager, state_dict)
+    finally:
+        stager.close()
+    torch_stager = _torch_default_stager(shared=False)
+    try:
+        measured["torch"] = _async_samples(ctx, "large: torch DefaultStager async", torch_stager, state_dict)
+    except Exception as err:  # noqa: BLE001
+        ctx.log(f"  torch DefaultStager async failed: {type(err).__name__}: {err}")
+    finally:
+        _close_quietly(torch_stager)
+
+    for who, data in measured.items():
+        rows.append(ctx.row(
+            SECTION, workload, f"{who} DefaultStager async: stage() returns Future", data["future"],
+            baseline="torch DefaultStager async: stage() returns Future" if who == "stager" else None,
+            extra={"summary": f"Future after {statistics.median(data['future']) * 1e3:.3f} ms",
+                   "ms": round(statistics.median(data["future"]) * 1e3, 4), "target_ms": 1.0,
+                   "options": (STAGER_OPTIONS_NOTE if who == "stager" else TORCH_OPTIONS_NOTE).format(shared=False)},
+        ))
+    for who, data in measured.items():
+        ratio = statistics.median(data["ratio"])
+        rows.append(ctx.row(
+            SECTION, workload, f"{who} DefaultStager async: stage with caller's Python loop running", data["stage"],
+            nbytes=nbytes, ntensors=ntensors,
+            extra={"summary": f"caller's loop at {ratio:.0%} of its speed alone",
+                   "caller_loop_speed_vs_alone": round(ratio, 4),
+                   "caller_loop_speed_samples": [round(r, 4) for r in data["ratio"]],
+                   "loop_alone_iterations_per_s": round(statistics.median(data["alone"])),
+                   "target": ">= 0.90 of the loop's speed alone",
+                   "note": "seconds: the async stage's wall time while the caller's thread runs a pure-Python loop"},
+        ))
+    return rows
