@@ -207,6 +207,9 @@ def _open(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[Any, dic
         raise StagerError(f"invalid stager file {os.fspath(path)}: {err}") from None
     except RecursionError:
         raise StagerError(f"invalid stager file {os.fspath(path)}: the tree is nested too deeply") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as err:
+        # decode validates what it reads; this is the backstop for a case it missed.
+        raise StagerError(f"invalid stager file {os.fspath(path)}: malformed tree metadata ({type(err).__name__}: {err})") from None
     if len(plan.storages) != len(storages):
         raise StagerError(
             f"invalid stager file {os.fspath(path)}: the tree has {len(plan.storages)} storages, "
