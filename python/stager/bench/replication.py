@@ -1,0 +1,238 @@
+"""``replication`` section of ``stager bench``: partner replication over gloo with 2 local ranks.
+
+Two processes (spawned, gloo on 127.0.0.1) swap their state_dicts, for the large synthetic
+transformer + Adam dict (``--size``) and the tiny-tensor dict (``--tiny``). Every timed call starts
+after a barrier on both ranks, and its time is the slower rank's (an all-reduce of the two).
+
+Rows per workload (``<workload> exchange`` and ``<workload> exchange+persist``):
+
+* ``limit: gloo exchange of one buffer``: both ranks send and receive one buffer of the same total
+  bytes at once (``send`` and ``recv`` posted together), the wire's limit for one message;
+* ``stager ReplicationStager`` (``persist_format=None``) and PyTorch's ``_ReplicationStager`` with
+  its persistence switched off (same exchange, no file);
+* ``limit: disk write+fsync (both ranks)``: each rank writes the same bytes from one buffer with
+  large writes and fsyncs, both at once (they share the disk, as replicas do);
+* ``max(exchange, write)``: the slower of stager's exchange and the disk limit (a computed row),
+  the bound for exchange + persist;
+* ``stager ReplicationStager + persist`` (``.stager`` file via ``stager.save``) and PyTorch's
+  ``_ReplicationStager`` (``torch.save`` ``.pt`` + fsync + rename).
+
+Rows of one workload are measured interleaved, round by round. PyTorch on the tiny dict takes
+seconds per call (one message and one wait per tensor), so it runs at most 2 rounds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import multiprocessing
+import os
+import socket
+import statistics
+import time
+import traceback
+from typing import Any, Callable
+
+from .common import BenchContext, Row
+
+SECTION = "replication"
+
+WIRE_LIMIT = "limit: gloo exchange of one buffer"
+DISK_LIMIT = "limit: disk write+fsync (both ranks)"
+BOUND = "max(exchange, write)"
+STAGER = "stager ReplicationStager"
+TORCH = "PyTorch _ReplicationStager"
+STAGER_PERSIST = "stager ReplicationStager + persist (.stager)"
+TORCH_PERSIST = "PyTorch _ReplicationStager + persist (.pt)"
+
+_WRITE_CHUNK = 64 << 20
+_TORCH_TINY_ROUNDS = 2
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    settings = {"size_bytes": ctx.size_bytes, "tiny_count": ctx.tiny_count, "repeats": ctx.repeats,
+                "threads": ctx.threads, "workdir": ctx.workdir}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    procs = [mp.Process(target=_worker, args=(rank, port, settings, results), daemon=True) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    report: dict[str, Any] | None = None
+    errors: list[str] = []
+    deadline = time.monotonic() + 600 + 60 * ctx.repeats * max(1.0, ctx.size_bytes / 1e9)
+    try:
+        pending = 2
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError("replication benchmark workers did not finish in time")
+            try:
+                kind, payload = results.get(timeout=min(5.0, remaining))
+            except Exception:  # queue.Empty: check the workers are alive
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(f"a replication benchmark worker died (exit codes {[p.exitcode for p in procs]})")
+                continue
+            if kind == "log":
+                ctx.log(payload)
+                continue
+            pending -= 1
+            if kind == "error":
+                errors.append(payload)
+            elif kind == "report":
+                report = payload
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if errors:
+        raise RuntimeError("replication benchmark failed:\n" + "\n".join(errors))
+    assert report is not None
+    rows: list[Row] = []
+    for workload, data in report.items():
+        rows += _rows(ctx, workload, data)
+    return rows
+
+
+def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
+    samples = data["samples"]
+    size = {"nbytes": data["nbytes"], "ntensors": data["ntensors"]}
+    exchange, persisted = f"{workload} exchange", f"{workload} exchange+persist"
+    rows = [
+        ctx.row(SECTION, exchange, WIRE_LIMIT, samples[WIRE_LIMIT], **size),
+        ctx.row(SECTION, exchange, STAGER, samples[STAGER], limit=WIRE_LIMIT, baseline=TORCH, **size),
+        ctx.row(SECTION, exchange, TORCH, samples[TORCH], limit=WIRE_LIMIT, **size),
+        ctx.row(SECTION, persisted, DISK_LIMIT, samples[DISK_LIMIT], **size),
+    ]
+    bound = max(statistics.median(samples[STAGER]), statistics.median(samples[DISK_LIMIT]))
+    rows.append(Row(section=SECTION, workload=persisted, name=BOUND, seconds=bound, **size,
+                    extra={"computed": f"max of '{STAGER}' ({exchange}) and '{DISK_LIMIT}'"}))
+    rows.append(ctx.row(SECTION, persisted, STAGER_PERSIST, samples[STAGER_PERSIST], limit=BOUND,
+                        baseline=TORCH_PERSIST, **size))
+    rows.append(ctx.row(SECTION, persisted, TORCH_PERSIST, samples[TORCH_PERSIST], limit=BOUND, **size))
+    return rows
+
+
+# ---- the two ranks -----------------------------------------------------------------------------------
+
+
+def _worker(rank: int, port: int, settings: dict, results: Any) -> None:
+    try:
+        import warnings
+
+        import torch
+        import torch.distributed as dist
+
+        # PyTorch's PGTransport warns about a read-only buffer on every send; once is enough.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(minutes=30))
+        try:
+            report = _measure(rank, settings, results)
+        finally:
+            dist.destroy_process_group()
+        results.put(("report", report) if rank == 0 else ("done", None))
+    except BaseException:
+        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+
+
+def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.staging import _ReplicationStager
+
+    from ..replication import ReplicationStager
+
+    def log(message: str) -> None:
+        if rank == 0:
+            results.put(("log", message))
+
+    ctx = BenchContext(size_bytes=settings["size_bytes"], tiny_count=settings["tiny_count"],
+                       repeats=settings["repeats"], threads=settings["threads"], workdir=settings["workdir"],
+                       progress=False)
+    pg = dist.distributed_c10d._get_default_group()
+    partner = 1 - rank
+    timeout = datetime.timedelta(minutes=10)
+    base = os.path.join(settings["workdir"], "replication", f"rank{rank}")
+    stager_dir, torch_dir = os.path.join(base, "stager"), os.path.join(base, "torch")
+    ours = ReplicationStager(pg, timeout, storage_dir=os.path.join(base, "memory"), persist_format=None)
+    ours_persist = ReplicationStager(pg, timeout, storage_dir=stager_dir, persist_format="stager")
+    theirs = _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=os.path.join(base, "torch-memory"))
+    theirs._persist_state_dict = lambda *args: None  # the same exchange without the file
+    theirs_persist = _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=torch_dir)
+
+    def timed(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
+        if setup is not None:
+            setup()
+        gc.collect()
+        dist.barrier()
+        start = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - start
+        del result
+        slowest = torch.tensor([elapsed], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest.item())
+
+    report: dict[str, Any] = {}
+    for workload in ("large", "tiny"):
+        sd = ctx.large_state_dict() if workload == "large" else ctx.tiny_state_dict()
+        nbytes, ntensors = ctx.nbytes_of(sd), ctx.count_tensors(sd)
+        log(f"  [{workload}] {nbytes / 1e9:.3f} GB in {ntensors} tensors, 2 ranks over gloo")
+        send_buf = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
+        recv_buf = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
+        limit_path = os.path.join(base, "limit.bin")
+        os.makedirs(base, exist_ok=True)
+
+        def wire_limit() -> None:
+            works = [pg.recv([recv_buf], partner, 77), pg.send([send_buf], partner, 77)]
+            for work in works:
+                work.wait(timeout)
+
+        def disk_limit() -> None:
+            view = memoryview(send_buf.numpy())
+            fd = os.open(limit_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for begin in range(0, nbytes, _WRITE_CHUNK):
+                    chunk = view[begin:begin + _WRITE_CHUNK]
+                    while chunk:
+                        chunk = chunk[os.write(fd, chunk):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        def remove_limit_file() -> None:
+            try:
+                os.unlink(limit_path)
+            except FileNotFoundError:
+                pass
+
+        cases: list[tuple[str, Callable[[], Any]]] = [
+            (WIRE_LIMIT, wire_limit),
+            (STAGER, lambda: ours.stage(sd)),
+            (TORCH, lambda: theirs.stage(sd)),
+            (DISK_LIMIT, disk_limit),
+            (STAGER_PERSIST, lambda: ours_persist.stage(sd)),
+            (TORCH_PERSIST, lambda: theirs_persist.stage(sd)),
+        ]
+        samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+        # One untimed round of stager's rows warms its pools (later checkpoints reuse them).
+        timed(lambda: ours.stage(sd))
+        timed(lambda: ours_persist.stage(sd))
+        for round_ in range(ctx.repeats):
+            for name, fn in cases:
+                if name in (TORCH, TORCH_PERSIST) and workload == "tiny" and round_ >= _TORCH_TINY_ROUNDS:
+                    continue
+                samples[name].append(timed(fn, remove_limit_file if name == DISK_LIMIT else None))
+            log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
+                + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
+        remove_limit_file()
+        report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
+        del send_buf, recv_buf, sd
+        ctx._large = None if workload == "large" else ctx._large
+    return report
