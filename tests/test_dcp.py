@@ -71,3 +71,40 @@ def test_async_save_round_trip(tmp_path, kind, which):
         timeout=240,
     )
     assert result.returncode == 0 and "DCP-OK" in result.stdout, result.stdout + result.stderr
+
+
+MANY_TENSORS_SCRIPT = textwrap.dedent(
+    """
+    import socket, sys
+    import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    import stager
+
+    def main(path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        state = {f"t{i}": torch.full((4,), float(i)) for i in range(20_000)}
+        with stager.DefaultStager(stager.StagingOptions(use_shared_memory=True)) as async_stager:
+            response = dcp.async_save(state, checkpoint_id=path, async_stager=async_stager,
+                                      async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+            response.upload_completion.result(timeout=300)
+        target = {key: torch.zeros(4) for key in state}
+        dcp.load(target, checkpoint_id=path)
+        assert all(torch.equal(target[key], state[key]) for key in state)
+        dist.destroy_process_group()
+        print("DCP-OK")
+
+    if __name__ == "__main__":
+        main(sys.argv[1])
+    """
+)
+
+
+def test_process_checkpointer_with_twenty_thousand_shared_tensors(tmp_path):
+    # PyTorch's own pickling would open one shared-memory descriptor per tensor here (EMFILE).
+    script = tmp_path / "many.py"
+    script.write_text(MANY_TENSORS_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0 and "DCP-OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

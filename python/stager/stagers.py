@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native
+from . import _native, sharing
 from ._native import StagerError
 from .device import capture_order, start_device_copies
 from .options import StagingOptions
 from .plan import StatePlan, plan_state_dict
 
 __all__ = ["BlockingAsyncStager", "DefaultStager", "StagingEngine"]
+
+sharing.install()
 
 _engines: dict[int, _native.CopyEngine] = {}
 _engines_lock = threading.Lock()
@@ -77,6 +79,8 @@ class StagingEngine:
         current streams."""
         plan = plan_state_dict(state_dict)
         buffer = self.pool.acquire(plan.total_nbytes)
+        if buffer.shared_fd is not None:
+            sharing.register_buffer(buffer)
         job = self.copier.submit_table(buffer, plan.table)
         device_copies = start_device_copies(plan, buffer, self.options.use_non_blocking_copy, order)
         return StagedCopy(plan, buffer, job, device_copies)
