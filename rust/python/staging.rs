@@ -81,7 +81,7 @@ impl PyHostPool {
 
 /// One pool buffer, exposed through the buffer protocol so `torch.frombuffer` can wrap it without
 /// a copy. Tensors made from it keep it alive; when the last goes, the memory returns to the pool.
-#[pyclass(name = "HostBuffer", module = "stager._native", frozen)]
+#[pyclass(name = "HostBuffer", module = "stager._native", frozen, weakref)]
 pub(crate) struct PyHostBuffer {
     pub(crate) buffer: HostBuffer,
     // Py_buffer points at these for shape and strides; they live as long as the object.
