@@ -103,7 +103,10 @@ pub fn layout_entries(specs: &[EntrySpec]) -> Result<Vec<Entry>, String> {
         check_entry(&spec.name, &spec.dtype, &spec.shape, spec.nbytes)
             .map_err(|reason| format!("storage {index}: {reason}"))?;
         if is_padding(&spec.name) {
-            return Err(format!("entry name {:?} is reserved for padding", spec.name));
+            return Err(format!(
+                "entry name {:?} is reserved for padding",
+                spec.name
+            ));
         }
         if !names.insert(spec.name.as_str()) {
             return Err(format!("entry name {:?} is used twice", spec.name));
@@ -144,7 +147,8 @@ fn check_entry(name: &str, dtype: &str, shape: &[u64], nbytes: u64) -> Result<()
     if name == "__metadata__" {
         return Err("an entry cannot be named __metadata__".into());
     }
-    let size = dtype_size(dtype).ok_or_else(|| format!("entry {name:?} has unknown dtype {dtype:?}"))?;
+    let size =
+        dtype_size(dtype).ok_or_else(|| format!("entry {name:?} has unknown dtype {dtype:?}"))?;
     let expected = shape
         .iter()
         .try_fold(size, |acc, &dim| acc.checked_mul(dim))
@@ -159,7 +163,10 @@ fn check_entry(name: &str, dtype: &str, shape: &[u64], nbytes: u64) -> Result<()
 
 /// The full file prefix: the 8-byte length and the JSON header, padded with spaces so the data
 /// section starts on a [`DATA_ALIGNMENT`] boundary.
-pub fn build_header(entries: &[Entry], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>, String> {
+pub fn build_header(
+    entries: &[Entry],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, String> {
     let mut root = Map::new();
     if !metadata.is_empty() {
         let meta: Map<String, Value> = metadata
@@ -179,7 +186,10 @@ pub fn build_header(entries: &[Entry], metadata: &BTreeMap<String, String>) -> R
             "data_offsets".into(),
             Value::Array(vec![Value::from(entry.begin), Value::from(entry.end)]),
         );
-        if root.insert(entry.name.clone(), Value::Object(object)).is_some() {
+        if root
+            .insert(entry.name.clone(), Value::Object(object))
+            .is_some()
+        {
             return Err(format!("entry name {:?} is used twice", entry.name));
         }
     }
@@ -229,7 +239,9 @@ pub struct Header {
 /// Reads the header length from the first 8 bytes and checks it against the file size.
 pub fn header_len(prefix: &[u8; 8], file_len: u64) -> Result<u64, String> {
     if prefix.starts_with(b"PK\x03\x04") {
-        return Err("this is a zip archive (a torch.save file?), not a safetensors/stager file".into());
+        return Err(
+            "this is a zip archive (a torch.save file?), not a safetensors/stager file".into(),
+        );
     }
     if prefix[0] == 0x80 && (2..=5).contains(&prefix[1]) {
         return Err("this is a pickle (a torch.save or pickle file?), not a safetensors/stager file; stager never unpickles it".into());
@@ -337,8 +349,9 @@ fn parse_entry(name: &str, value: Value) -> Result<Entry, String> {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|item| {
-                    item.as_u64()
-                        .ok_or_else(|| format!("entry {name:?}: {key} holds {item}, not a non-negative integer"))
+                    item.as_u64().ok_or_else(|| {
+                        format!("entry {name:?}: {key} holds {item}, not a non-negative integer")
+                    })
                 })
                 .collect(),
             _ => Err(format!("entry {name:?} has no {key} list")),
@@ -347,10 +360,14 @@ fn parse_entry(name: &str, value: Value) -> Result<Entry, String> {
     let shape = u64_list("shape")?;
     let offsets = u64_list("data_offsets")?;
     let [begin, end] = offsets[..] else {
-        return Err(format!("entry {name:?}: data_offsets must hold two numbers"));
+        return Err(format!(
+            "entry {name:?}: data_offsets must hold two numbers"
+        ));
     };
     if end < begin {
-        return Err(format!("entry {name:?}: data_offsets [{begin}, {end}) end before they begin"));
+        return Err(format!(
+            "entry {name:?}: data_offsets [{begin}, {end}) end before they begin"
+        ));
     }
     check_entry(name, &dtype, &shape, end - begin)?;
     Ok(Entry {
@@ -392,7 +409,11 @@ pub fn stager_layout(header: &Header) -> Result<Layout, String> {
     }
     match meta.get(KEY_VERSION).map(String::as_str) {
         Some(VERSION) => {}
-        other => return Err(format!("unsupported stager format version {other:?} (this build reads {VERSION:?})")),
+        other => {
+            return Err(format!(
+                "unsupported stager format version {other:?} (this build reads {VERSION:?})"
+            ))
+        }
     }
     let tree = meta
         .get(KEY_TREE)
@@ -415,7 +436,8 @@ pub fn stager_layout(header: &Header) -> Result<Layout, String> {
                 if hex.len() != 8 {
                     return Err(format!("{KEY_CRC} holds {hex:?}, not 8 hex digits"));
                 }
-                u32::from_str_radix(hex, 16).map_err(|_| format!("{KEY_CRC} holds {hex:?}, not 8 hex digits"))
+                u32::from_str_radix(hex, 16)
+                    .map_err(|_| format!("{KEY_CRC} holds {hex:?}, not 8 hex digits"))
             })
             .collect::<Result<_, _>>()?
     };
@@ -426,17 +448,20 @@ pub fn stager_layout(header: &Header) -> Result<Layout, String> {
             crcs.len()
         ));
     }
-    let by_name: std::collections::HashMap<&str, &Entry> =
-        header.entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    let by_name: std::collections::HashMap<&str, &Entry> = header
+        .entries
+        .iter()
+        .map(|e| (e.name.as_str(), e))
+        .collect();
     let mut used = std::collections::HashSet::with_capacity(names.len());
     let storages = names
         .into_iter()
         .zip(crcs)
         .enumerate()
         .map(|(index, (name, crc32c))| {
-            let entry = by_name
-                .get(name.as_str())
-                .ok_or_else(|| format!("storage {index} names entry {name:?}, which the header lacks"))?;
+            let entry = by_name.get(name.as_str()).ok_or_else(|| {
+                format!("storage {index} names entry {name:?}, which the header lacks")
+            })?;
             if !used.insert(name.clone()) {
                 return Err(format!("entry {name:?} is claimed by two storages"));
             }
@@ -466,9 +491,12 @@ mod tests {
     }
 
     fn sample() -> (Vec<Entry>, Vec<u8>) {
-        let entries =
-            layout_entries(&[spec("a", "F32", &[3]), spec("b", "I64", &[2, 2]), spec("c", "U8", &[0])])
-                .unwrap();
+        let entries = layout_entries(&[
+            spec("a", "F32", &[3]),
+            spec("b", "I64", &[2, 2]),
+            spec("c", "U8", &[0]),
+        ])
+        .unwrap();
         let mut meta = BTreeMap::new();
         meta.insert(KEY_FORMAT.into(), "stager".into());
         meta.insert(KEY_VERSION.into(), VERSION.into());
@@ -507,19 +535,34 @@ mod tests {
     #[test]
     fn rejects_hostile_headers() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}"#, "needs 4 bytes"),
-            (r#"{"a":{"dtype":"Q9","shape":[1],"data_offsets":[0,1]}}"#, "unknown dtype"),
-            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,0]}}"#, "end before"),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}"#,
+                "needs 4 bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"Q9","shape":[1],"data_offsets":[0,1]}}"#,
+                "unknown dtype",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[4,0]}}"#,
+                "end before",
+            ),
             (
                 r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
                 "overlaps",
             ),
-            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#, "gap"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                "gap",
+            ),
             (
                 r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
                 "overflows",
             ),
-            (r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, "non-negative"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#,
+                "non-negative",
+            ),
             (r#"{"__metadata__":{"x":1}}"#, "not a string"),
             (r#"[1,2]"#, "JSON object"),
             (r#"{"a":"#, "not valid JSON"),
@@ -534,10 +577,18 @@ mod tests {
 
     #[test]
     fn header_len_rejects_absurd_and_foreign_files() {
-        assert!(header_len(&u64::MAX.to_le_bytes(), 100).unwrap_err().contains("absurd"));
-        assert!(header_len(&50u64.to_le_bytes(), 20).unwrap_err().contains("truncated"));
-        assert!(header_len(b"PK\x03\x04\0\0\0\0", 100).unwrap_err().contains("zip"));
-        assert!(header_len(b"\x80\x04\x95\0\0\0\0\0", 100).unwrap_err().contains("pickle"));
+        assert!(header_len(&u64::MAX.to_le_bytes(), 100)
+            .unwrap_err()
+            .contains("absurd"));
+        assert!(header_len(&50u64.to_le_bytes(), 20)
+            .unwrap_err()
+            .contains("truncated"));
+        assert!(header_len(b"PK\x03\x04\0\0\0\0", 100)
+            .unwrap_err()
+            .contains("zip"));
+        assert!(header_len(b"\x80\x04\x95\0\0\0\0\0", 100)
+            .unwrap_err()
+            .contains("pickle"));
     }
 
     #[test]
@@ -558,11 +609,15 @@ mod tests {
         };
         assert!(stager_layout(&header).unwrap_err().contains("two storages"));
         let mut missing = header.clone();
-        missing.metadata.insert(KEY_STORAGES.into(), r#"["zz"]"#.into());
+        missing
+            .metadata
+            .insert(KEY_STORAGES.into(), r#"["zz"]"#.into());
         missing.metadata.insert(KEY_CRC.into(), format_crcs(&[1]));
         assert!(stager_layout(&missing).unwrap_err().contains("lacks"));
         let mut bad_crc = header.clone();
-        bad_crc.metadata.insert(KEY_STORAGES.into(), r#"["a"]"#.into());
+        bad_crc
+            .metadata
+            .insert(KEY_STORAGES.into(), r#"["a"]"#.into());
         bad_crc.metadata.insert(KEY_CRC.into(), "xyz".into());
         assert!(stager_layout(&bad_crc).unwrap_err().contains("hex"));
     }

@@ -171,7 +171,10 @@ impl CheckpointFile {
                 done += piece as u64;
             }
             if crc != storage.crc32c {
-                problems.push(self.checksum_error(index, &storage.entry, storage.crc32c, crc).to_string());
+                problems.push(
+                    self.checksum_error(index, &storage.entry, storage.crc32c, crc)
+                        .to_string(),
+                );
             }
         }
         Ok(problems)
@@ -186,7 +189,10 @@ impl CheckpointFile {
 
     fn read_error(&self, err: io::Error) -> StagerError {
         if err.kind() == io::ErrorKind::UnexpectedEof {
-            invalid(&self.path, "the file ended early (truncated while reading?)".into())
+            invalid(
+                &self.path,
+                "the file ended early (truncated while reading?)".into(),
+            )
         } else {
             StagerError::io("reading", &self.path, err)
         }
@@ -275,7 +281,11 @@ mod tests {
         let file = CheckpointFile::open(&path).unwrap();
         let problems = file.verify().unwrap();
         assert_eq!(problems.len(), 1);
-        assert!(problems[0].contains("crc32c checksum mismatch"), "{}", problems[0]);
+        assert!(
+            problems[0].contains("crc32c checksum mismatch"),
+            "{}",
+            problems[0]
+        );
         let mut out = vec![0u8; data.len()];
         // SAFETY: `out` is large enough.
         let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), &[0], true) }.unwrap_err();
@@ -305,7 +315,10 @@ mod tests {
         for cut in [0, 7, 8, 100, bytes.len() - 1] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             let err = CheckpointFile::open(&path).err().expect("truncated");
-            assert!(matches!(err, StagerError::InvalidFile { .. }), "{cut}: {err}");
+            assert!(
+                matches!(err, StagerError::InvalidFile { .. }),
+                "{cut}: {err}"
+            );
         }
     }
 }

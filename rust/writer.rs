@@ -144,7 +144,10 @@ pub unsafe fn write_file(
         format::KEY_STORAGES.into(),
         serde_json::to_string(&names).expect("strings serialize"),
     );
-    metadata.insert(format::KEY_CRC.into(), format::format_crcs(&vec![0; specs.len()]));
+    metadata.insert(
+        format::KEY_CRC.into(),
+        format::format_crcs(&vec![0; specs.len()]),
+    );
     let header = format::build_header(&entries, &metadata).map_err(invalid)?;
     let data_start = header.len() as u64;
     let data_len = entries.last().map_or(0, |e| e.end);
@@ -263,7 +266,10 @@ fn pwrite_all(fd: i32, mut bytes: &[u8], mut offset: u64) -> io::Result<()> {
             return Err(err);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote nothing"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwrite wrote nothing",
+            ));
         }
         bytes = &bytes[n as usize..];
         offset += n as u64;
@@ -334,7 +340,10 @@ impl BatchWriter {
                 return Err(err);
             }
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev wrote nothing"));
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pwritev wrote nothing",
+                ));
             }
             let mut written = n as usize;
             self.offset += written as u64;
@@ -424,7 +433,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
         let buffers: Vec<Vec<u8>> = (0..300)
-            .map(|i| (0..(i * 37 % 5000 + (i == 7) as usize * (WRITE_CHUNK + 3))).map(|j| (j * i) as u8).collect())
+            .map(|i| {
+                (0..(i * 37 % 5000 + (i == 7) as usize * (WRITE_CHUNK + 3)))
+                    .map(|j| (j * i) as u8)
+                    .collect()
+            })
             .collect();
         let sources: Vec<Source> = buffers
             .iter()
@@ -434,7 +447,8 @@ mod tests {
             })
             .collect();
         // SAFETY: buffers outlive the call.
-        let report = unsafe { write_file(&path, &specs_for(&buffers), &sources, meta(), None) }.unwrap();
+        let report =
+            unsafe { write_file(&path, &specs_for(&buffers), &sources, meta(), None) }.unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), report.file_bytes);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         read_back(&path, &buffers);
@@ -444,7 +458,9 @@ mod tests {
     fn pipelined_with_copy_job() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.safetensors");
-        let buffers: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8 + 1; (i + 1) * 300_000]).collect();
+        let buffers: Vec<Vec<u8>> = (0..16)
+            .map(|i| vec![i as u8 + 1; (i + 1) * 300_000])
+            .collect();
         let mut targets: Vec<Vec<u8>> = buffers.iter().map(|b| vec![0; b.len()]).collect();
         let engine = CopyEngine::new(2);
         let requests = buffers

@@ -71,9 +71,8 @@ fn write_file(
     let job = job.map(|job| job.job.clone());
     // SAFETY: stager.files passes the addresses of storages (or of a host buffer filled by `job`)
     // that it holds references to for the whole call; write_file checks sizes against the specs.
-    let report = py.detach(|| unsafe {
-        engine_write_file(&path, &specs, &sources, metadata, job.as_ref())
-    })?;
+    let report = py
+        .detach(|| unsafe { engine_write_file(&path, &specs, &sources, metadata, job.as_ref()) })?;
     Ok(report.file_bytes)
 }
 
@@ -124,12 +123,15 @@ impl PyCheckpointFile {
     /// Every entry as (name, dtype, shape, begin, end), in file order.
     #[getter]
     fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let items = self
-            .file
-            .header()
-            .entries
-            .iter()
-            .map(|e| (e.name.clone(), e.dtype.clone(), e.shape.clone(), e.begin, e.end));
+        let items = self.file.header().entries.iter().map(|e| {
+            (
+                e.name.clone(),
+                e.dtype.clone(),
+                e.shape.clone(),
+                e.begin,
+                e.end,
+            )
+        });
         PyList::new(py, items)
     }
 
