@@ -30,8 +30,10 @@ Thread Safety:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -121,6 +123,19 @@ def segments_of(storages: list, bucket_bytes: int, chunk_bytes: int) -> list[Seg
     return out
 
 
+@contextmanager
+def _no_gc() -> Any:
+    """Cyclic GC off while building or parsing big metadata: it allocates tens of thousands of
+    containers, none of them garbage, and GC passes over them would cost more than the work."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _as_timedelta(timeout: Any) -> timedelta:
     if isinstance(timeout, timedelta):
         return timeout
@@ -171,8 +186,9 @@ class _Outgoing:
         self.error: str | None = None
         self.keep: list[Any] = []
         try:
-            plan = plan_state_dict(state_dict)
-            meta = json.dumps(encode(plan), separators=(",", ":"), allow_nan=False).encode()
+            with _no_gc():
+                plan = plan_state_dict(state_dict)
+                meta = json.dumps(encode(plan), separators=(",", ":"), allow_nan=False).encode()
         except Exception as err:  # tell the receiver at once instead of letting it time out
             self.error = f"{type(err).__name__}: {err}"
             self.failure = err
@@ -275,10 +291,11 @@ class _Incoming:
             raise StagerError(f"rank {peer.rank} could not send its state_dict: "
                               f"{text.decode(errors='replace')}")
         try:
-            meta = json.loads(text)
-        except ValueError as err:
+            with _no_gc():
+                meta = json.loads(text)
+                plan = decode(meta)
+        except (ValueError, RecursionError) as err:
             raise StagerError(f"rank {peer.rank} sent invalid checkpoint metadata: {err}") from err
-        plan = decode(meta)
         if plan.total_nbytes != total or bucket <= 0 or chunk <= 0:
             raise StagerError(f"rank {peer.rank} sent inconsistent checkpoint metadata "
                               f"({total} bytes announced, {plan.total_nbytes} described)")
@@ -326,7 +343,7 @@ class _Incoming:
         plan = self.plan
         targets = self.targets
         if not targets:
-            return plan.materialize(self.buffer)
+            return plan.materialize(self.buffer)  # GC is off inside
         direct = {s.first for s in self.segments if s.direct}
         for index, target in targets.items():
             storage = plan.storages[index]
