@@ -136,6 +136,31 @@ def scenario_transport(rank, world, directory, options):
     report(rank=rank, inplace=sorted(inplace))
 
 
+class Opaque:
+    """A leaf that can't travel without pickle."""
+
+
+def scenario_unsendable(rank, world, directory, options):
+    """Rank 1's dict has a leaf that needs pickle: both ranks fail at once (no timeout) with a
+    StagerError that says why, and the previous replicas stay."""
+    replicator = stager.ReplicationStager(timeout=datetime.timedelta(seconds=30), storage_dir=directory)
+    replicator.stage(make_state_dict(rank))
+    sd = make_state_dict(rank, step=1)
+    if rank == 1:
+        sd["extra"]["opaque"] = Opaque()
+    started = time.monotonic()
+    try:
+        replicator.stage(sd)
+    except stager.StagerError as err:
+        elapsed = time.monotonic() - started
+        assert elapsed < 10, elapsed
+        assert "Opaque" in str(err) and ("rank 1" in str(err) or rank == 1), str(err)
+        assert_same_tree(stager.recover(directory, 1 - rank), make_state_dict(1 - rank))
+        report(rank=rank, error=str(err), elapsed=elapsed)
+        return
+    raise AssertionError("stage() accepted a leaf that needs pickle")
+
+
 def _prepare_failure(rank, world, directory, options):
     replicator = stager.ReplicationStager(timeout=datetime.timedelta(seconds=options["timeout"]),
                                           storage_dir=directory, persist_format=options.get("persist_format", "stager"))

@@ -95,9 +95,10 @@ def test_two_ranks_exchange_torch_format_and_transport(tmp_path):
         ["exchange", {"steps": 2, "big_numel": BIG}],
         ["exchange", {"subdir": "torch", "persist_format": "torch"}],
         ["transport", {}],
+        ["unsendable", {}],  # last: it leaves unmatched messages behind
     ]
     results = run_ranks(2, tmp_path, steps)
-    assert_all_ok(results, ["exchange", "torch", "transport"])
+    assert_all_ok(results, ["exchange", "torch", "transport", "unsendable"])
     check_replicas(tmp_path / "exchange", 2, "pairs", results, "exchange")
     # PyTorch's format: torch.save of the dict, loadable with torch.load
     for rank in range(2):
