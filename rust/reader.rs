@@ -22,6 +22,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StagerError};
@@ -42,7 +43,12 @@ impl CheckpointFile {
     /// Opens `path` and validates its header. Fails with [`StagerError::InvalidFile`] saying what
     /// is wrong, or [`StagerError::Io`].
     pub fn open(path: &Path) -> Result<CheckpointFile> {
-        let file = File::open(path).map_err(|err| StagerError::io("opening", path, err))?;
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is rejected just below).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|err| StagerError::io("opening", path, err))?;
         let meta = file
             .metadata()
             .map_err(|err| StagerError::io("reading the size of", path, err))?;

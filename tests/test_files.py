@@ -268,6 +268,14 @@ def test_hostile_file_fails_cleanly(attack_files, name, tmp_path, monkeypatch):
     assert stager.files.verify_command(path) == 1
 
 
+def test_special_files_are_rejected_without_blocking(tmp_path):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path in (fifo, tmp_path, "/dev/zero"):
+        with pytest.raises(stager.StagerError):
+            stager.load(path)
+
+
 def test_hostile_corpus_is_complete(attack_files):
     assert len(attack_files) >= 40
 
