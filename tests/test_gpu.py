@@ -34,8 +34,7 @@ def test_detection_never_raises_and_is_consistent():
     assert (_native.cuda_device_count() > 0) == available
     assert (_native.cuda_unavailable_reason() is None) == available
     assert isinstance(_native.cuda_active_devices(), list)
-    if not torch.cuda.is_available():
-        assert native_cuda_available() is False or available
+    assert isinstance(native_cuda_available(), bool)
 
 
 @pytest.mark.skipif(_native.cuda_available(), reason="checks the CUDA-absent behaviour")
