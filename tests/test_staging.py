@@ -318,3 +318,15 @@ def test_a_bare_tensor_or_list_stages_too():
     assert torch.equal(s.stage(t), t)
     staged = s.stage([t, (t, 1)])
     assert staged[0] is staged[1][0] and torch.equal(staged[0], t)
+
+
+def test_async_results_dropped_by_the_caller_are_recycled():
+    s = stager.DefaultStager(stager.StagingOptions(num_threads=2))
+    sd = {"w": torch.randn(1 << 16)}
+    for _ in range(4):
+        future = s.stage(sd)
+        assert torch.equal(future.result()["w"], sd["w"])
+        del future
+    s.synchronize_staging()
+    assert s.pool_stats()["allocations"] == 1
+    s.close()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -126,7 +127,9 @@ class DefaultStager(AsyncStager):
         self._staging_executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager") if config.use_async_staging else None
         )
-        self._staging_future: Future | None = None
+        # Weak: holding the last Future would hold its staged dict, and with it a pool buffer
+        # that the next stage could otherwise reuse once the caller is done with the result.
+        self._staging_future: weakref.ref[Future] | None = None
         self._closed = False
 
     @property
@@ -140,8 +143,9 @@ class DefaultStager(AsyncStager):
         if self._staging_executor is None:
             return self._engine.stage(state_dict)
         # The GPU copies must follow what the caller has queued *now*, not when the stage starts.
-        self._staging_future = self._staging_executor.submit(self._engine.stage, state_dict, capture_order())
-        return self._staging_future
+        future = self._staging_executor.submit(self._engine.stage, state_dict, capture_order())
+        self._staging_future = weakref.ref(future)
+        return future
 
     def reserve(self, nbytes: int) -> None:
         """Maps and pre-faults ``nbytes`` of host memory in the background, so the first stage of
@@ -150,8 +154,9 @@ class DefaultStager(AsyncStager):
 
     def synchronize_staging(self) -> None:
         """Waits for the last async stage to finish; a no-op in sync mode."""
-        if self._staging_future is not None:
-            self._staging_future.result()
+        future = self._staging_future() if self._staging_future is not None else None
+        if future is not None:
+            future.result()
 
     def close(self) -> None:
         """Waits for a stage in flight and releases the pool's free memory. Results handed out
@@ -189,7 +194,11 @@ class BlockingAsyncStager(AsyncStager):
         self.cache_staged_state_dict = cache_staged_state_dict
         self.type_check = type_check
         self._engine = StagingEngine(
-            StagingOptions(use_shared_memory=False, use_async_staging=False)
+            # Pinned only with the cache, like PyTorch: pinning a buffer used once costs more
+            # than it saves.
+            StagingOptions(
+                use_pinned_memory=cache_staged_state_dict, use_shared_memory=False, use_async_staging=False
+            )
         )
 
     def stage(self, state_dict: Any) -> Any:
