@@ -18,8 +18,10 @@ synthetic transformer + Adam state_dict (``--size``):
   and ``safetensors.torch.load_file`` (whose tensors are mmap-backed: one byte per page is touched
   so every page is really read).
 
-Rows of one workload are measured interleaved (limit, stager, PyTorch, ... then again), so they
-all see the same state of the disk and the page cache.
+Rows of one workload are measured interleaved (limit, stager, PyTorch, ... then again, the order
+rotated every round, after an untimed ``sync``), so they all see the same state of the disk and
+the page cache: this machine's disk is bursty (the same 1 GB write + fsync takes 0.5 s to 4 s), so
+use ``--repeats`` of at least the number of rows in a workload (4) for stable medians.
 """
 
 from __future__ import annotations
@@ -87,8 +89,12 @@ def _flatten(value: Any, prefix: str, out: dict) -> dict:
 def _interleaved(ctx: BenchContext, label: str, cases: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]]) -> dict[str, list[float]]:
     """Times each (name, fn, setup) once per round, ``ctx.repeats`` rounds; returns samples."""
     samples: dict[str, list[float]] = {name: [] for name, _, _ in cases}
-    for _ in ctx.progress(range(ctx.repeats), label):
-        for name, fn, setup in cases:
+    for round_index in ctx.progress(range(ctx.repeats), label):
+        # Rotate the order every round: this VM's disk absorbs a burst quickly and then slows
+        # down, so a fixed order would favour whichever row comes first.
+        shift = round_index % len(cases)
+        for name, fn, setup in cases[shift:] + cases[:shift]:
+            os.sync()  # start every row with no dirty pages from the previous one (untimed)
             if setup is not None:
                 setup()
             gc.collect()
