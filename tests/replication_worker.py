@@ -184,14 +184,16 @@ def scenario_killed(rank, world, directory, options):
     victim = options.get("victim", 1)
     replicator = _prepare_failure(rank, world, directory, options)
     if rank == victim:
-        original = transport_module._Incoming.wait_segment
+        original = transport_module.PGTransport._send
 
-        def die_mid_exchange(self, index):
-            if index == 2:
+        def die_mid_send(self, tensor, dst, seq, index, peer):
+            # The third data segment is never posted: the partner can't have received it all.
+            if index >= transport_module._TAG_FIRST_SEGMENT + 2 and index != transport_module._TAG_ACK:
+                time.sleep(0.2)  # let the first segments reach the partner
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, index)
+            return original(self, tensor, dst, seq, index, peer)
 
-        transport_module._Incoming.wait_segment = die_mid_exchange
+        transport_module.PGTransport._send = die_mid_send
     started = time.monotonic()
     try:
         replicator.stage(make_state_dict(rank, big_numel=options["big_numel"], step=1))

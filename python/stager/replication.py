@@ -11,7 +11,7 @@ when no process group is initialized). It differs in what PyTorch leaves out:
 * the received replica is persisted as ``rank_{rank}_replica_partner_{partner}.<ext>`` in
   ``storage_dir`` with stager's durable writer (``persist_format="stager"``: a checksummed,
   safetensors-compatible ``.stager`` file that :func:`stager.load` reads, see
-  :mod:`stager.files`) or with ``torch.save`` (``persist_format="torch"``, PyTorch's ``.pt``);
+  :mod:`stager.files`), each storage written as soon as it has been received, or with ``torch.save`` (``persist_format="torch"``, PyTorch's ``.pt``);
   either way atomically and durably (temp file ending ``.tmp`` → fsync → rename → directory
   fsync) before ``stage()`` returns, replacing the previous replica; ``persist_format=None``
   keeps it in memory only;
@@ -26,6 +26,7 @@ of a given rank, so a restarted rank can restore from what its partner persisted
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import files
+from . import _native, files, tree
 from ._native import StagerError
 from .transport import PGTransport, _as_timedelta
 
@@ -122,6 +123,96 @@ def _temp_path(final: str) -> str:
     return f"{final}.{os.getpid()}.{threading.get_ident() % 100000}.tmp"
 
 
+class _StreamingReplica:
+    """Writes a received replica with stager's durable writer *while its bytes arrive*.
+
+    The writer (``_native.write_file``, the one behind :func:`stager.save`) writes storage i once
+    request i of a job completes; here the job's requests are deferred and completed as the
+    segments holding each storage are received, so the disk works during the exchange. The
+    writer produces ``<final>.<pid>.recv.tmp`` (its own temp file, fsync, rename, directory
+    fsync); :meth:`commit` renames that over the final name and fsyncs the directory again.
+    :meth:`abort` releases the writer (it finishes writing what is in the buffer) and removes the
+    file, so neither a partial nor a stale replica is left and the previous one stays."""
+
+    _ABORT_WAIT_S = 5.0
+
+    def __init__(self, path: str, incoming: Any, copier: Any) -> None:
+        plan, meta = incoming.plan, incoming.meta
+        self.path = path
+        self.incoming_path = f"{path}.{os.getpid()}.recv.tmp"
+        names, dtypes, shapes = files._entries(plan, meta)
+        metadata = {
+            "format": "stager",
+            "stager.version": str(tree.FORMAT_VERSION),
+            "stager.tree": json.dumps(meta, separators=(",", ":"), allow_nan=False),
+        }
+        storages = plan.storages
+        nbytes = [s.nbytes for s in storages]
+        base = incoming.buffer.address if nbytes and sum(nbytes) else 0
+        addresses = [base + s.offset if s.nbytes else 0 for s in storages]
+        self.buffer = incoming.buffer  # the writer reads it until it returns
+        self.job = copier.deferred(nbytes)
+        for index, size in enumerate(nbytes):
+            if not size:
+                self.job.mark_complete(index)
+        self.error: BaseException | None = None
+
+        def write() -> None:
+            try:
+                _native.write_file(self.incoming_path, names, dtypes, shapes, nbytes, addresses, metadata,
+                                   self.job, list(range(len(storages))))
+            except BaseException as err:  # reported by commit()
+                self.error = err
+
+        self.thread = threading.Thread(target=write, name="stager-replica-writer", daemon=True)
+        self.thread.start()
+
+    def received(self, incoming: Any, index: int) -> None:
+        """Segment ``index`` has landed: release the storages it completes to the writer."""
+        segment = incoming.segments[index]
+        if segment.direct:
+            storage = incoming.plan.storages[segment.first]
+            if segment.end == storage.offset + storage.nbytes:
+                self.job.mark_complete(segment.first)
+        else:
+            for storage_index in range(segment.first, segment.last):
+                self.job.mark_complete(storage_index)
+
+    def commit(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            self._remove()
+            if isinstance(self.error, StagerError):
+                raise self.error
+            raise StagerError(f"cannot persist replica {self.path!r}: {self.error}") from self.error
+        try:
+            os.rename(self.incoming_path, self.path)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as err:
+            self._remove()
+            raise StagerError(f"cannot persist replica {self.path!r}: {err}") from err
+
+    def abort(self) -> None:
+        for index in range(len(self.job)):
+            self.job.mark_complete(index)
+        self.thread.join(self._ABORT_WAIT_S)
+        if not self.thread.is_alive():
+            self._remove()
+            return
+
+        def finish() -> None:  # a large remainder: don't make the caller wait for the disk
+            self.thread.join()
+            self._remove()
+
+        threading.Thread(target=finish, name="stager-replica-abort", daemon=True).start()
+
+    def _remove(self) -> None:
+        try:
+            os.unlink(self.incoming_path)
+        except FileNotFoundError:
+            pass
+
+
 def _durable_torch_save(state_dict: Any, path: str) -> None:
     """``torch.save`` into a temp file → fsync → rename → directory fsync (PyTorch's ``.pt``)."""
     temp = _temp_path(path)
@@ -151,8 +242,8 @@ class ReplicationStager(AsyncStager):
     ``stage(state_dict)`` sends ``state_dict`` to this rank's partner, receives the partner's,
     persists it (see ``persist_format``) and returns it; without an initialized process group it
     returns ``state_dict`` itself. The order of operations: plan → post every receive and send
-    (full duplex) → persist the received replica (temp file → fsync → rename → dir fsync) →
-    acknowledge to the source → wait for the destination's acknowledgement → return. So a
+    (full duplex) → write each received storage to a temp file as it lands → fsync → rename →
+    directory fsync → acknowledge to the source → wait for the destination's acknowledgement → return. So a
     successful ``stage()`` means both: this rank holds its source's replica durably, and its
     destination holds this rank's. ``should_synchronize_after_execute`` is False, like PyTorch's.
 
@@ -163,7 +254,8 @@ class ReplicationStager(AsyncStager):
         device: device of the wire tensors (CPU for gloo).
         storage_dir: where replicas are persisted (default: a new temp directory, like PyTorch).
         topology: ``"pairs"`` (PyTorch's partner; a ring for odd world sizes) or ``"ring"``.
-        persist_format: ``"stager"`` (``.stager`` via :func:`stager.save`), ``"torch"``
+        persist_format: ``"stager"`` (``.stager``, :func:`stager.save`'s format, written while
+            the bytes arrive), ``"torch"``
             (``.pt`` via ``torch.save``) or None (not persisted).
 
     Thread Safety:
@@ -215,15 +307,35 @@ class ReplicationStager(AsyncStager):
         fmt = self._persist_format
         path = replica_path(self._storage_dir, rank, src, fmt) if fmt else None
 
+        transport = self._transport
+        streaming = fmt == "stager" and hasattr(transport._copier, "deferred")
+        writer: list[_StreamingReplica] = []
+
+        def on_metadata(incoming: Any) -> None:
+            if not incoming.targets:  # (always: no in-place receive here)
+                writer.append(_StreamingReplica(path, incoming, transport._copier))
+
+        def on_segment(incoming: Any, index: int) -> None:
+            if writer:
+                writer[0].received(incoming, index)
+
         def persist(received: Any) -> None:
             # Runs once every byte has arrived, before the source is told it is safe.
-            if fmt == "stager":
+            if writer:
+                writer.pop().commit()
+            elif fmt == "stager":
                 files.save(received, path)
             elif fmt == "torch":
                 _durable_torch_save(received, path)
 
-        received = self._transport.exchange(dst, state_dict, src, confirm=persist)
-        return received
+        try:
+            return transport.exchange(dst, state_dict, src, confirm=persist,
+                                      on_metadata=on_metadata if streaming else None,
+                                      on_segment=on_segment if streaming else None)
+        except BaseException:
+            for w in writer:
+                w.abort()
+            raise
 
     def synchronize_staging(self) -> None:
         """No-op: staging is blocking."""

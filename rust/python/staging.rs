@@ -249,6 +249,19 @@ impl PyCopyEngine {
         let job = py.detach(|| unsafe { self.engine.submit(requests) });
         Ok(PyCopyJob::new(job, keepalive, target.unbind().into_any()))
     }
+
+    /// A job of `len(nbytes)` requests the engine never copies: request i completes when
+    /// `CopyJob.mark_complete(i)` is called, e.g. once its bytes arrived from the network. Lets
+    /// the durable writer write each storage of a replica as soon as it is received.
+    fn deferred(&self, nbytes: Vec<usize>) -> PyCopyJob {
+        let requests = nbytes.into_iter().map(CopyRequest::deferred).collect();
+        // SAFETY: deferred requests carry no pointers; the engine copies nothing for them.
+        let job = unsafe { self.engine.submit(requests) };
+        PyCopyJob {
+            job,
+            keepalive: None,
+        }
+    }
 }
 
 /// Proves every `[offset, offset + len)` lies inside `capacity` and no two overlap.
@@ -319,6 +332,20 @@ impl PyCopyJob {
 
     fn __len__(&self) -> usize {
         self.job.len()
+    }
+
+    /// Completes request `index` of a job made by `CopyEngine.deferred` (its bytes are in place).
+    fn mark_complete(&self, index: usize) -> PyResult<()> {
+        if index >= self.job.len() {
+            return Err(invalid(format!(
+                "request {index} is out of range: the job has {} requests",
+                self.job.len()
+            )));
+        }
+        if !self.job.is_request_done(index) {
+            self.job.mark_complete(index);
+        }
+        Ok(())
     }
 
     /// The index of the next copy to finish, in completion order; None when all were taken
