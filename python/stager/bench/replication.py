@@ -14,8 +14,10 @@ Rows per workload (``<workload> exchange`` and ``<workload> exchange+persist``):
   large writes and fsyncs, both at once (they share the disk, as replicas do);
 * ``max(exchange, write)``: the slower of stager's exchange and the disk limit (a computed row),
   the bound for exchange + persist;
-* ``stager ReplicationStager + persist`` (``.stager`` file via ``stager.save``) and PyTorch's
-  ``_ReplicationStager`` (``torch.save`` ``.pt`` + fsync + rename).
+* ``stager ReplicationStager + persist`` (``.stager`` file, stager's durable writer, written while
+  the bytes arrive) and PyTorch's ``_ReplicationStager`` (``torch.save`` ``.pt`` + fsync +
+  rename). The previous replica is removed (untimed) before each of these calls, as the disk
+  limit's file is, so no row pays for freeing the blocks of the file it replaces.
 
 Rows of one workload are measured interleaved, round by round. PyTorch on the tiny dict takes
 seconds per call (one message and one wait per tensor), so it runs at most 2 rounds.
@@ -120,6 +122,12 @@ def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
 # ---- the two ranks -----------------------------------------------------------------------------------
 
 
+def _clear(directory: str) -> None:
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+
+
 def _worker(rank: int, port: int, settings: dict, results: Any) -> None:
     try:
         import warnings
@@ -221,6 +229,10 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
             (TORCH_PERSIST, lambda: theirs_persist.stage(sd)),
         ]
         samples: dict[str, list[float]] = {name: [] for name, _ in cases}
+        # Like the persistence section: no timed call pays for freeing the blocks of the file it
+        # replaces (the previous replica is removed, untimed, before each persisted call).
+        setups = {DISK_LIMIT: remove_limit_file,
+                  STAGER_PERSIST: lambda: _clear(stager_dir), TORCH_PERSIST: lambda: _clear(torch_dir)}
         # One untimed round of stager's rows warms its pools (later checkpoints reuse them).
         timed(lambda: ours.stage(sd))
         timed(lambda: ours_persist.stage(sd))
@@ -228,7 +240,7 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
             for name, fn in cases:
                 if name in (TORCH, TORCH_PERSIST) and workload == "tiny" and round_ >= _TORCH_TINY_ROUNDS:
                     continue
-                samples[name].append(timed(fn, remove_limit_file if name == DISK_LIMIT else None))
+                samples[name].append(timed(fn, setups.get(name)))
             log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
                 + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
         remove_limit_file()
