@@ -148,7 +148,15 @@ pub unsafe fn write_file(
         format::KEY_CRC.into(),
         format::format_crcs(&vec![0; specs.len()]),
     );
-    let header = format::build_header(&entries, &metadata).map_err(invalid)?;
+    let mut header = format::build_header(&entries, &metadata).map_err(invalid)?;
+    // Where the checksums go: the key and its opening quote can't occur unescaped inside another
+    // JSON string, so this finds the metadata value itself.
+    let crc_key = format!("\"{}\":\"", format::KEY_CRC);
+    let crc_at = header
+        .windows(crc_key.len())
+        .position(|w| w == crc_key.as_bytes())
+        .map(|at| at + crc_key.len())
+        .expect("the header holds the checksum placeholder");
     let data_start = header.len() as u64;
     let data_len = entries.last().map_or(0, |e| e.end);
     let file_bytes = data_start + data_len;
@@ -207,9 +215,16 @@ pub unsafe fn write_file(
     writer.flush().map_err(io_err("writing"))?;
 
     // Header, now that the checksums are known (same length: fixed-width checksums).
-    metadata.insert(format::KEY_CRC.into(), format::format_crcs(&crcs));
-    let header = format::build_header(&entries, &metadata).map_err(invalid)?;
-    debug_assert_eq!(header.len() as u64, data_start);
+    let crc_text = format::format_crcs(&crcs);
+    header[crc_at..crc_at + crc_text.len()].copy_from_slice(crc_text.as_bytes());
+    debug_assert_eq!(
+        header,
+        format::build_header(&entries, &{
+            metadata.insert(format::KEY_CRC.into(), crc_text);
+            metadata
+        })
+        .unwrap()
+    );
     pwrite_all(fd, &header, 0).map_err(io_err("writing the header of"))?;
     file.sync_all().map_err(io_err("fsync of"))?;
     drop(file);
