@@ -81,10 +81,12 @@ def test_every_expected_row_is_measured_with_positive_times(report, workload):
 @pytest.mark.parametrize("workload", ["large", "tiny"])
 def test_stager_rows_have_ratios_to_limit_and_pytorch(report, workload):
     rows = rows_of(report, workload)
+    floor = "torch _foreach_copy_ floor"  # per tensor, tiny rows are held against PyTorch's C++ floor
     for memory in MEMORIES:
         for kind, limit in (("repeat", "limit: copy into touched memory"),
                             ("first call", f"limit: copy into fresh {memory} memory"),
                             ("first call after reserve()", "limit: copy into touched memory")):
+            limit = floor if workload == "tiny" else limit
             row = rows[f"stager DefaultStager {memory} {kind}"]
             assert row["limit"] == limit
             assert row["ratio_to_limit"] > 0

@@ -46,6 +46,7 @@ SECTION = "staging"
 
 LIMIT_TOUCHED = "limit: copy into touched memory"
 LIMIT_FRESH = {False: "limit: copy into fresh private memory", True: "limit: copy into fresh shared memory"}
+FLOOR = "torch _foreach_copy_ floor"
 
 
 def _memory(shared: bool) -> str:
@@ -128,36 +129,56 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
     # The limits copy one buffer of the same size, allocated and touched once per workload.
     source = torch.empty(max(nbytes, 1), dtype=torch.uint8).fill_(0x5A).numpy()
 
-    # The machine's limit for repeat calls: one copy of as many bytes into touched memory.
-    add(LIMIT_TOUCHED, _limit_samples(ctx, source, "touched", f"{workload}: {LIMIT_TOUCHED}"),
-        extra={"threads": ctx.threads, "how": "parallel memcpy of one buffer, even split, scoped threads"})
-    if workload == "tiny":
-        add("torch _foreach_copy_ floor", _foreach_copy_samples(ctx, state_dict),
+    touched_samples: list[float] = []
+    tiny = workload == "tiny"
+    if tiny:
+        add(FLOOR, _foreach_copy_samples(ctx, state_dict),
             extra={"note": "PyTorch's per-tensor floor in C++: copies into preallocated, touched tensors"})
+    # Per tensor, the bytes are nothing: tiny rows are held against PyTorch's C++ floor.
+    touched_limit = FLOOR if tiny else LIMIT_TOUCHED
 
     for shared in (False, True):
         memory = _memory(shared)
         stager_name = _name("stager", "repeat", shared)
         torch_name = _name("torch", "repeat", shared)
-        # stager, repeat calls: results dropped between calls, so the pool hands the memory back.
-        with DefaultStager(_stager_options(ctx, shared)) as stager:
-            samples = ctx.measure(f"{workload}: {stager_name}", lambda: _stage(stager, state_dict), warmup=1)
-            stats = stager.pool_stats()
-        add(stager_name, samples, limit=LIMIT_TOUCHED, baseline=torch_name,
-            extra={"options": STAGER_OPTIONS_NOTE.format(shared=shared), "pool_allocations": stats["allocations"],
-                   "pool_reuses": stats["reuses"], "results_independent": True})
-        # PyTorch, repeat calls: its cached storages are reused (and earlier results overwritten).
-        samples, error = _guarded(lambda: _torch_repeat_samples(ctx, f"{workload}: {torch_name}", state_dict, shared))
+        # Repeat calls, interleaved with the touched-memory limit (the machine's limit for them:
+        # one copy of as many bytes into memory that is already faulted in). stager's results are
+        # dropped between calls, so its pool hands the memory back; PyTorch reuses its cached
+        # storages (and so overwrites earlier results).
+        stager = DefaultStager(_stager_options(ctx, shared))
+        _stage(stager, state_dict)  # warm up
+        torch_stager = _torch_default_stager(shared)
+        _, error = _guarded(lambda: [_stage(torch_stager, state_dict)])  # warm up (may hit EMFILE)
+        runs = {
+            LIMIT_TOUCHED: lambda: _limit_samples(ctx, source, "touched", None, repeats=1)[0],
+            stager_name: lambda: _timed(lambda: _stage(stager, state_dict)),
+        }
         if error:
             failures[torch_name] = error
-        add(torch_name, samples, limit=LIMIT_TOUCHED,
+            _close_quietly(torch_stager)
+            torch_stager = None  # its Future holds the failed stage's storages (and their files)
+            gc.collect()
+        else:
+            runs[torch_name] = lambda: _timed(lambda: _stage(torch_stager, state_dict))
+        samples_by_name, errors = _interleaved(ctx, f"{workload}: repeat calls, {memory} memory", runs)
+        failures.update(errors)
+        stats = stager.pool_stats()
+        _close_quietly(stager)
+        _close_quietly(torch_stager)
+        del stager, torch_stager
+        gc.collect()
+        touched_samples += samples_by_name[LIMIT_TOUCHED]
+        add(stager_name, samples_by_name[stager_name], limit=touched_limit, baseline=torch_name,
+            extra={"options": STAGER_OPTIONS_NOTE.format(shared=shared), "pool_allocations": stats["allocations"],
+                   "pool_reuses": stats["reuses"], "results_independent": True})
+        add(torch_name, samples_by_name.get(torch_name, []), limit=touched_limit,
             extra={"options": TORCH_OPTIONS_NOTE.format(shared=shared), "results_independent": False,
                    "note": "reuses its cached storages: a later stage overwrites earlier results"})
 
         # stager, first call after reserve(): the pool was pre-faulted in the background.
         reserve_name = _name("stager", "first call after reserve()", shared)
         samples = _reserved_first_call_samples(ctx, f"{workload}: {reserve_name}", state_dict, shared, nbytes, ntensors)
-        add(reserve_name, samples, limit=LIMIT_TOUCHED, baseline=torch_name,
+        add(reserve_name, samples, limit=touched_limit, baseline=torch_name,
             extra={"options": STAGER_OPTIONS_NOTE.format(shared=shared)})
 
         # First calls (fresh memory) and the fresh-memory limit, interleaved.
@@ -171,9 +192,10 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
         })
         failures.update(errors)
         add(limit_fresh, samples_by_name[limit_fresh], extra={"threads": ctx.threads})
-        add(stager_first, samples_by_name[stager_first], limit=limit_fresh, baseline=torch_first,
+        first_limit = FLOOR if tiny else limit_fresh
+        add(stager_first, samples_by_name[stager_first], limit=first_limit, baseline=torch_first,
             extra={"options": STAGER_OPTIONS_NOTE.format(shared=shared)})
-        add(torch_first, samples_by_name[torch_first], limit=limit_fresh,
+        add(torch_first, samples_by_name[torch_first], limit=first_limit,
             extra={"options": TORCH_OPTIONS_NOTE.format(shared=shared)})
 
     # BlockingAsyncStager without a cache: every call stages into fresh private memory.
@@ -183,10 +205,15 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
     })
     failures.update(errors)
     note = "cache_staged_state_dict=False (True pins memory, which needs CUDA): fresh memory every call"
+    blocking_limit = FLOOR if tiny else LIMIT_FRESH[False]
     add("stager BlockingAsyncStager", samples_by_name["stager BlockingAsyncStager"],
-        limit=LIMIT_FRESH[False], baseline="torch BlockingAsyncStager", extra={"options": note})
+        limit=blocking_limit, baseline="torch BlockingAsyncStager", extra={"options": note})
     add("torch BlockingAsyncStager", samples_by_name["torch BlockingAsyncStager"],
-        limit=LIMIT_FRESH[False], extra={"options": note})
+        limit=blocking_limit, extra={"options": note})
+    # The touched-memory limit's samples were taken between the repeat calls; its row goes first.
+    add(LIMIT_TOUCHED, touched_samples,
+        extra={"threads": ctx.threads, "how": "parallel memcpy of one buffer, even split, scoped threads"})
+    rows.insert(0, rows.pop())
 
     for name, error in failures.items():
         ctx.log(f"  [{workload}] {name} failed: {error}")
@@ -216,14 +243,6 @@ def _foreach_copy_samples(ctx: BenchContext, state_dict: dict) -> list[float]:
     return ctx.measure("tiny: torch _foreach_copy_ floor", lambda: torch._foreach_copy_(targets, sources), warmup=1)
 
 
-def _torch_repeat_samples(ctx: BenchContext, label: str, state_dict: Any, shared: bool) -> list[float]:
-    stager = _torch_default_stager(shared)
-    try:
-        return ctx.measure(label, lambda: _stage(stager, state_dict), warmup=1)
-    finally:
-        _close_quietly(stager)
-
-
 def _reserved_first_call_samples(ctx: BenchContext, label: str, state_dict: Any, shared: bool,
                                  nbytes: int, ntensors: int) -> list[float]:
     samples = []
@@ -240,6 +259,15 @@ def _reserved_first_call_samples(ctx: BenchContext, label: str, state_dict: Any,
             samples.append(time.perf_counter() - start)
             del result
     return samples
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    """Seconds of ``fn()``; its result is dropped outside the timed region."""
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    del result
+    return elapsed
 
 
 def _first_call_seconds(make: Callable[[], Any], state_dict: Any) -> float:
@@ -260,7 +288,11 @@ def _guarded(fn: Callable[[], list[float]]) -> tuple[list[float], str | None]:
     try:
         return fn(), None
     except Exception as err:  # noqa: BLE001 - PyTorch baselines may fail here (EMFILE, no CUDA)
-        return [], f"{type(err).__name__}: {err}"
+        message = f"{type(err).__name__}: {err}"
+    # A failed stage's traceback (kept by PyTorch's stager in its Future) holds every storage made
+    # so far in reference cycles: with shared memory, one open file each. Free them now.
+    gc.collect()
+    return [], message
 
 
 def _interleaved(ctx: BenchContext, label: str, runs: dict[str, Callable[[], float]]) -> tuple[dict[str, list[float]], dict[str, str]]:
@@ -310,13 +342,17 @@ def _async_samples(ctx: BenchContext, label: str, stager: Any, state_dict: Any) 
     out: dict[str, list[float]] = {"future": [], "stage": [], "ratio": [], "alone": []}
     _stage(stager, state_dict)  # warm up: repeat-call state (stager's pool, PyTorch's cache)
     # Future latency: cheap to sample, and noisy on a shared machine, so take more samples.
+    # No gc.collect() right before stage(): a training loop doesn't run one there, and a long
+    # collection just before makes the OS preempt this thread for the woken staging thread, which
+    # then holds the GIL for a switch interval or two (measured: 5-40 ms on a loaded 2-core VM).
     for _ in ctx.progress(range(max(10, 2 * ctx.repeats)), f"{label}: stage() returns Future"):
-        gc.collect()
         start = time.perf_counter()
         future = stager.stage(state_dict)
         out["future"].append(time.perf_counter() - start)
         result = future.result()
         del result, future
+        gc.collect()
+        time.sleep(0.02)
     for _ in ctx.progress(range(ctx.repeats), f"{label}: caller's Python loop"):
         gc.collect()
         duration = max(statistics.median(out["stage"]) if out["stage"] else 0.2, 0.05)
@@ -358,9 +394,11 @@ def _async_rows(ctx: BenchContext, state_dict: Any) -> list[Row]:
     for who, data in measured.items():
         rows.append(ctx.row(
             SECTION, workload, f"{who} DefaultStager async: stage() returns Future", data["future"],
+            nbytes=0, ntensors=0,
             baseline="torch DefaultStager async: stage() returns Future" if who == "stager" else None,
             extra={"summary": f"Future after {statistics.median(data['future']) * 1e3:.3f} ms",
                    "ms": round(statistics.median(data["future"]) * 1e3, 4), "target_ms": 1.0,
+                   "min_ms": round(min(data["future"]) * 1e3, 4),
                    "options": (STAGER_OPTIONS_NOTE if who == "stager" else TORCH_OPTIONS_NOTE).format(shared=False)},
         ))
     for who, data in measured.items():
