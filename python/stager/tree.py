@@ -160,7 +160,7 @@ def _decode_tensor(spec: Any, index: int, storage_nbytes: list[int]) -> tuple:
     """Validates one tensor entry; returns (storage, dtype, shape, stride, offset, numel, flags)."""
     where = f"tensor {index}"
     _expect(isinstance(spec, dict), f"{where} must be an object")
-    dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+    dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec.get("dtype"), str) else None
     _expect(dtype is not None, f"{where} has unknown dtype {spec.get('dtype')!r}")
     shape = spec.get("shape")
     stride = spec.get("stride")
@@ -230,6 +230,7 @@ def decode(meta: Any, *, allow_pickle: bool = False, max_nbytes: int | None = No
     namedtuple_types: dict[tuple, type] = {}
 
     def leaf(item: dict, where: str) -> Any:
+        _expect(isinstance(item, dict), f"{where}: value must be an object")
         kind = item.get("t")
         value = item.get("v")
         if kind == "none":

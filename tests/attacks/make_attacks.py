@@ -135,6 +135,11 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "tree_absurd_storage_size": (_edit_tree(lambda t: t["storages"][0].__setitem__("nbytes", 10**15)), "bytes"),
     "tree_storage_size_mismatch": (_edit_tree(lambda t: t["storages"][2].__setitem__("nbytes", t["storages"][2]["nbytes"] - 8)), "holds"),
     "tree_missing_storage": (_edit_tree(lambda t: t["storages"].pop()), "storage"),
+    "tree_key_not_object": (  # found by scripts/fuzz_header.py
+        _edit_tree(lambda t: t.__setitem__("tree", {"t": "dict", "items": [[7, {"t": "none"}]]})),
+        "value must be an object",
+    ),
+    "tree_dtype_not_string": (_edit_tree(lambda t: t["tensors"][0].__setitem__("dtype", ["float32"])), "unknown dtype"),  # fuzz
     "tree_unknown_node": (_edit_tree(lambda t: t.__setitem__("tree", {"t": "exec", "v": "import os"})), "unknown node type"),
     "tree_pickle_leaf": (
         _edit_tree(lambda t: t.__setitem__("tree", {"t": "pickle", "v": __import__("base64").b64encode(pickle.dumps(Exploit())).decode()})),
