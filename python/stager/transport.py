@@ -330,14 +330,6 @@ class _Incoming:
         self.peer.wait(self.works[index], f"receiving bytes {segment.start}..{segment.end} of "
                                           f"{self.plan.total_nbytes} from rank {self.peer.rank}")
 
-    def storage_view(self, index: int) -> memoryview:
-        """The received bytes of storage ``index`` (valid once its segments have arrived)."""
-        storage = self.plan.storages[index]
-        target = self.targets.get(index)
-        if target is not None and any(s.direct and s.first == index for s in self.segments):
-            return memoryview(_storage_bytes(target).numpy()).cast("B")
-        return memoryview(self.buffer)[storage.offset:storage.offset + storage.nbytes]
-
     def finish(self) -> Any:
         """Builds the received state_dict once every segment has arrived."""
         plan = self.plan
