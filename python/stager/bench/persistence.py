@@ -18,6 +18,9 @@ synthetic transformer + Adam state_dict (``--size``):
   and ``safetensors.torch.load_file`` (whose tensors are mmap-backed: one byte per page is touched
   so every page is really read).
 
+And for ``--tiny`` small tensors (the cost per tensor): ``stager.save`` vs ``torch.save`` + fsync +
+rename + directory fsync, and ``stager.load`` vs ``torch.load`` with a warm page cache.
+
 Rows of one workload are measured interleaved (limit, stager, PyTorch, ... then again, the order
 rotated every round, after an untimed ``sync``), so they all see the same state of the disk and
 the page cache: this machine's disk is bursty (the same 1 GB write + fsync takes 0.5 s to 4 s), so
@@ -256,5 +259,52 @@ def run(ctx: BenchContext) -> list[Row]:
                         baseline=None if is_limit or name == TORCH_LOAD else TORCH_LOAD))
     del read_buffer
     for path in (stager_path, torch_path, st_path):
+        _remove(path)
+    rows += _tiny_rows(ctx)
+    return rows
+
+
+def _tiny_rows(ctx: BenchContext) -> list[Row]:
+    """``--tiny`` small tensors: the cost per tensor of saving and of loading (warm page cache)."""
+    sd = ctx.tiny_state_dict()
+    nbytes = ctx.nbytes_of(sd)
+    ntensors = ctx.count_tensors(sd)
+    stager_path = os.path.join(ctx.workdir, "tiny.safetensors")
+    torch_path = os.path.join(ctx.workdir, "tiny.pt")
+
+    def torch_save() -> None:
+        temp = torch_path + ".tmp"
+        with open(temp, "wb") as f:
+            torch.save(sd, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, torch_path)
+        _fsync_dir(ctx.workdir)
+
+    def torch_load() -> Any:
+        with open(torch_path, "rb") as f:
+            return torch.load(f, weights_only=True)
+
+    save_cases: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = [
+        ("stager.save", lambda: files.save(sd, stager_path), lambda: _remove(stager_path)),
+        (TORCH_SAVE, torch_save, lambda: _remove(torch_path)),
+    ]
+    samples = _interleaved(ctx, "tiny save", save_cases)
+    rows = [
+        ctx.row(SECTION, "tiny save", name, samples[name], nbytes=nbytes, ntensors=ntensors,
+                baseline=None if name == TORCH_SAVE else TORCH_SAVE)
+        for name, _, _ in save_cases
+    ]
+    load_cases: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = [
+        ("stager.load (verify=True)", lambda: files.load(stager_path), None),
+        (TORCH_LOAD, torch_load, None),
+    ]
+    samples = _interleaved(ctx, "tiny load (warm cache)", load_cases)
+    rows += [
+        ctx.row(SECTION, "tiny load (warm cache)", name, samples[name], nbytes=nbytes, ntensors=ntensors,
+                baseline=None if name == TORCH_LOAD else TORCH_LOAD)
+        for name, _, _ in load_cases
+    ]
+    for path in (stager_path, torch_path):
         _remove(path)
     return rows
