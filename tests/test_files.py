@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import stager
-from helpers import FLOAT8, all_dtype_tensors, assert_same_tree, same_storage
+from helpers import all_dtype_tensors, assert_same_tree, same_storage
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "attacks"))
 import make_attacks  # noqa: E402
