@@ -18,14 +18,15 @@ from __future__ import annotations
 import copy
 import gc
 from collections import OrderedDict, defaultdict
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
 from . import _native
 from ._native import StagerError
 
-__all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "plan_state_dict"]
+__all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
 
 #: Alignment of every storage inside the host buffer (a cache line; enough for any dtype).
 ALIGNMENT = 64
@@ -156,16 +157,11 @@ class StatePlan:
         The tensors alias the buffer: it must hold the copied bytes before anyone reads them.
         Each source storage becomes one CPU storage, so views that shared a storage still do.
         """
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # see plan_state_dict
-        try:
+        with gc_paused():
             staged = self.table.materialize(buffer)
             for index in self.table.opaque:
                 staged[index] = _stage_opaque(self.leaves[index])
             return self.fill(staged)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     def fill(self, staged: list[Any]) -> Any:
         """Puts ``staged[i]`` in tensor i's places, converts tuples, returns the root."""
@@ -180,6 +176,20 @@ class StatePlan:
         self.tuples = []
         self.leaves = []
         return root
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Cyclic GC off while walking or building big trees and metadata: they allocate tens of
+    thousands of objects, none of them garbage, and GC passes over them would cost more than
+    the work itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _make_tuple(tuple_type: type, items: list) -> tuple:
@@ -266,18 +276,13 @@ def plan_state_dict(state_dict: Any) -> StatePlan:
             return items
         return copy.deepcopy(value, memo)
 
-    # The walk allocates a few objects per tensor; cyclic GC passes over a big tree would
-    # triple its cost, and nothing it creates is cyclic garbage.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        plan.holder[0] = visit(state_dict, plan.holder, 0)
-        # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
-        plan.table = _native.describe_tensors(leaves, ALIGNMENT)
-    finally:
-        # `visit` refers to itself through its closure: break that cycle now, or the skeleton
-        # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
-        del visit, add_tensor
-        if gc_was_enabled:
-            gc.enable()
+    with gc_paused():
+        try:
+            plan.holder[0] = visit(state_dict, plan.holder, 0)
+            # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
+            plan.table = _native.describe_tensors(leaves, ALIGNMENT)
+        finally:
+            # `visit` refers to itself through its closure: break that cycle now, or the skeleton
+            # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
+            del visit, add_tensor
     return plan

@@ -30,10 +30,8 @@ Thread Safety:
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,7 +42,7 @@ import torch
 from . import _native
 from ._native import StagerError
 from .options import default_num_threads
-from .plan import StatePlan, TensorPlan, plan_state_dict
+from .plan import StatePlan, TensorPlan, gc_paused, plan_state_dict
 from .stagers import copy_engine
 from .tree import decode, encode
 
@@ -123,19 +121,6 @@ def segments_of(storages: list, bucket_bytes: int, chunk_bytes: int) -> list[Seg
     return out
 
 
-@contextmanager
-def _no_gc() -> Any:
-    """Cyclic GC off while building or parsing big metadata: it allocates tens of thousands of
-    containers, none of them garbage, and GC passes over them would cost more than the work."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _as_timedelta(timeout: Any) -> timedelta:
     if isinstance(timeout, timedelta):
         return timeout
@@ -186,7 +171,7 @@ class _Outgoing:
         self.error: str | None = None
         self.keep: list[Any] = []
         try:
-            with _no_gc():
+            with gc_paused():
                 plan = plan_state_dict(state_dict)
                 meta = json.dumps(encode(plan), separators=(",", ":"), allow_nan=False).encode()
         except Exception as err:  # tell the receiver at once instead of letting it time out
@@ -291,7 +276,7 @@ class _Incoming:
             raise StagerError(f"rank {peer.rank} could not send its state_dict: "
                               f"{text.decode(errors='replace')}")
         try:
-            with _no_gc():
+            with gc_paused():
                 meta = json.loads(text)
                 plan = decode(meta)
         except (ValueError, RecursionError) as err:

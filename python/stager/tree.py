@@ -25,7 +25,7 @@ import torch
 
 from . import _native
 from ._native import StagerError
-from .plan import ALIGNMENT, StatePlan, TensorPlan
+from .plan import ALIGNMENT, StatePlan, TensorPlan, gc_paused
 
 __all__ = ["FORMAT_VERSION", "DTYPES", "decode", "encode"]
 
@@ -49,6 +49,11 @@ def _float_value(value: float) -> Any:
 
 def encode(plan: StatePlan, *, allow_pickle: bool = False) -> dict[str, Any]:
     """The JSON-able description of ``plan`` (call before ``materialize``, which spends it)."""
+    with gc_paused():
+        return _encode(plan, allow_pickle)
+
+
+def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
     if plan.opaque:
         _, _, tensor = plan.opaque[0]
         raise StagerError(
@@ -158,34 +163,53 @@ def _float(value: Any, what: str) -> float:
 
 def _decode_tensor(spec: Any, index: int, storage_nbytes: list[int]) -> tuple:
     """Validates one tensor entry; returns (storage, dtype, shape, stride, offset, numel, flags)."""
-    where = f"tensor {index}"
-    _expect(isinstance(spec, dict), f"{where} must be an object")
-    dtype = DTYPES.get(spec.get("dtype")) if isinstance(spec.get("dtype"), str) else None
-    _expect(dtype is not None, f"{where} has unknown dtype {spec.get('dtype')!r}")
+    if type(spec) is not dict:
+        raise _fail(f"tensor {index} must be an object")
+    name = spec.get("dtype")
+    dtype = DTYPES.get(name) if type(name) is str else None
     shape = spec.get("shape")
     stride = spec.get("stride")
-    _expect(isinstance(shape, list) and isinstance(stride, list), f"{where} needs shape and stride lists")
-    _expect(len(shape) == len(stride) and len(shape) <= 64, f"{where} has mismatched shape/stride")
-    shape = [_int(v, f"{where} shape") for v in shape]
-    stride = [_int(v, f"{where} stride") for v in stride]
-    offset = _int(spec.get("offset"), f"{where} offset")
-    storage = _int(spec.get("storage"), f"{where} storage")
-    _expect(storage < len(storage_nbytes), f"{where} refers to storage {storage} of {len(storage_nbytes)}")
+    offset = spec.get("offset")
+    storage = spec.get("storage")
+    # One combined check on the hot path; the slow path below says what exactly is wrong.
+    if not (
+        dtype is not None
+        and type(shape) is list
+        and type(stride) is list
+        and len(shape) == len(stride) <= 64
+        and all(type(v) is int and v >= 0 for v in shape)
+        and all(type(v) is int and v >= 0 for v in stride)
+        and type(offset) is int
+        and offset >= 0
+        and type(storage) is int
+        and 0 <= storage < len(storage_nbytes)
+    ):
+        where = f"tensor {index}"
+        _expect(dtype is not None, f"{where} has unknown dtype {name!r}")
+        _expect(isinstance(shape, list) and isinstance(stride, list), f"{where} needs shape and stride lists")
+        _expect(len(shape) == len(stride) and len(shape) <= 64, f"{where} has mismatched shape/stride")
+        for v in shape:
+            _int(v, f"{where} shape")
+        for v in stride:
+            _int(v, f"{where} stride")
+        _int(offset, f"{where} offset")
+        _int(storage, f"{where} storage")
+        raise _fail(f"{where} refers to storage {storage} of {len(storage_nbytes)}")
     nbytes = storage_nbytes[storage]
     numel = math.prod(shape)
     itemsize = dtype.itemsize
     if numel:
         last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
-        _expect(
-            (last + 1) * itemsize <= nbytes,
-            f"{where} ({_dtype_name(dtype)} {shape}, stride {stride}, offset {offset}) "
-            f"reaches past its storage of {nbytes} bytes",
-        )
+        if (last + 1) * itemsize > nbytes:
+            raise _fail(
+                f"tensor {index} ({_dtype_name(dtype)} {shape}, stride {stride}, offset {offset}) "
+                f"reaches past its storage of {nbytes} bytes"
+            )
     flags = 0
     if offset == 0 and nbytes and numel * itemsize == nbytes and _is_contiguous(shape, stride):
         flags = TensorPlan.WHOLE_STORAGE
     if spec.get("conj") is True:
-        _expect(dtype.is_complex, f"{where} is conjugated but not complex")
+        _expect(dtype.is_complex, f"tensor {index} is conjugated but not complex")
         flags |= TensorPlan.CONJ
     if spec.get("neg") is True:
         flags |= TensorPlan.NEG
@@ -208,6 +232,11 @@ def decode(meta: Any, *, allow_pickle: bool = False, max_nbytes: int | None = No
 
     ``max_nbytes`` bounds the total storage bytes (e.g. the size of the file they come from), so
     a hostile header cannot make the reader allocate absurd amounts of memory."""
+    with gc_paused():
+        return _decode(meta, allow_pickle, max_nbytes)
+
+
+def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
     _expect(isinstance(meta, dict), "top level must be an object")
     _expect(meta.get("version") == FORMAT_VERSION, f"unsupported version {meta.get('version')!r}")
     storage_specs = meta.get("storages")
