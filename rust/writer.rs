@@ -85,6 +85,49 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Removes temp files of `path` left by saves whose process died (SIGKILL, power loss), so they
+/// don't pile up: `<name>.<pid>.<n>.tmp` where no process `pid` exists any more. Temp files of
+/// live processes (this one included) are left alone.
+fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Some(prefix) = name.to_str().map(|name| format!("{name}.")) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|f| f.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((pid, counter)) = rest.split_once('.') else {
+            continue;
+        };
+        let (Ok(pid), Ok(_)) = (pid.parse::<i32>(), counter.parse::<u64>()) else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Removes the temp file unless the write was committed.
 struct TempGuard {
     path: PathBuf,
@@ -164,6 +207,7 @@ pub unsafe fn write_file(
     let io_err = |action: &'static str| {
         move |source: io::Error| StagerError::io(action, path.to_path_buf(), source)
     };
+    remove_stale_temps(path);
     let temp = temp_path(path);
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -401,6 +445,24 @@ mod tests {
     use super::*;
     use crate::copy_engine::{CopyEngine, CopyRequest};
     use crate::reader::CheckpointFile;
+
+    #[test]
+    fn temps_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.stager");
+        // A pid that can't exist (above the kernel's maximum) stands for a killed saver.
+        let dead = dir.path().join("ckpt.stager.2147483646.0.tmp");
+        let live = dir
+            .path()
+            .join(format!("ckpt.stager.{}.99.tmp", std::process::id()));
+        let unrelated = dir.path().join("other.stager.2147483646.0.tmp");
+        for file in [&dead, &live, &unrelated] {
+            std::fs::write(file, b"partial").unwrap();
+        }
+        remove_stale_temps(&path);
+        assert!(!dead.exists());
+        assert!(live.exists() && unrelated.exists());
+    }
 
     fn specs_for(buffers: &[Vec<u8>]) -> Vec<EntrySpec> {
         buffers

@@ -315,3 +315,13 @@ def test_cli_verify_exit_code_from_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "stager.cli", "verify", str(path)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1 and "pickle" in result.stderr, result.stderr
+
+
+def test_temp_files_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path):
+    path = tmp_path / "ckpt.stager"
+    # What a save killed mid-write leaves: its temp file, named after a process that is gone.
+    stale = tmp_path / "ckpt.stager.2147483646.0.tmp"
+    stale.write_bytes(b"partial")
+    stager.save({"w": torch.ones(3)}, path)
+    assert not stale.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.stager"]

@@ -1,6 +1,7 @@
 //! Bindings for the host pool and the copy engine.
 
 use std::os::raw::c_int;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use pyo3::exceptions::PyBufferError;
@@ -259,7 +260,7 @@ impl PyCopyEngine {
         let job = unsafe { self.engine.submit(requests) };
         PyCopyJob {
             job,
-            keepalive: None,
+            keepalive: Mutex::new(None),
         }
     }
 }
@@ -291,10 +292,12 @@ fn check_disjoint_ranges(offsets: &[usize], nbytes: &[usize], capacity: usize) -
 }
 
 /// A running copy job; waits release the GIL.
-#[pyclass(name = "CopyJob", module = "stager._native")]
+#[pyclass(name = "CopyJob", module = "stager._native", frozen)]
 pub(crate) struct PyCopyJob {
     pub(crate) job: CopyJob,
-    keepalive: Option<(Py<PyAny>, Py<PyAny>)>,
+    // Released once the copies are known to be finished; a Mutex so waits can take `&self`
+    // and run from several threads at once.
+    keepalive: Mutex<Option<(Py<PyAny>, Py<PyAny>)>>,
 }
 
 impl PyCopyJob {
@@ -302,7 +305,7 @@ impl PyCopyJob {
     pub(crate) fn new(job: CopyJob, sources: Py<PyAny>, target: Py<PyAny>) -> PyCopyJob {
         PyCopyJob {
             job,
-            keepalive: Some((sources, target)),
+            keepalive: Mutex::new(Some((sources, target))),
         }
     }
 }
@@ -311,7 +314,7 @@ impl PyCopyJob {
 impl PyCopyJob {
     /// Waits for every copy; with a timeout (seconds) returns whether they finished.
     #[pyo3(signature = (timeout = None))]
-    fn wait(&mut self, py: Python<'_>, timeout: Option<f64>) -> bool {
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> bool {
         let job = &self.job;
         let finished = py.detach(|| match timeout {
             None => {
@@ -321,7 +324,12 @@ impl PyCopyJob {
             Some(seconds) => job.wait_timeout(Duration::from_secs_f64(seconds.max(0.0))),
         });
         if finished {
-            self.keepalive = None;
+            let released = self
+                .keepalive
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            drop(released); // decref'd here, with the GIL held
         }
         finished
     }
@@ -360,7 +368,8 @@ impl PyCopyJob {
 impl Drop for PyCopyJob {
     fn drop(&mut self) {
         // Sources and target must outlive the copies: never release them mid-copy.
-        if self.keepalive.is_some() {
+        let holding = self.keepalive.get_mut().map_or(true, |k| k.is_some());
+        if holding {
             self.job.wait();
         }
     }
