@@ -31,7 +31,7 @@ import torch
 from . import _native, tree
 from ._native import StagerError
 from .device import start_device_copies
-from .plan import StatePlan, TensorPlan, plan_state_dict
+from .plan import StatePlan, TensorPlan, gc_paused, plan_state_dict
 
 __all__ = ["inspect_command", "load", "save", "verify_command"]
 
@@ -198,7 +198,8 @@ def _open(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[Any, dic
     file = _native.CheckpointFile(os.fspath(path))
     tree_json, storages = file.layout()
     try:
-        meta = json.loads(tree_json)
+        with gc_paused():
+            meta = json.loads(tree_json)
     except (ValueError, RecursionError) as err:
         raise StagerError(f"invalid stager file {os.fspath(path)}: the tree metadata is not valid JSON: {err}") from None
     try:
