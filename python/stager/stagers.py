@@ -31,16 +31,22 @@ __all__ = ["BlockingAsyncStager", "DefaultStager", "StagingEngine"]
 
 sharing.install()
 
-_engines: dict[int, _native.CopyEngine] = {}
+_engines: dict[tuple[int, bool], _native.CopyEngine] = {}
 _engines_lock = threading.Lock()
 
+#: Scheduling priority drop of background (async) copy workers: they use the cores the training
+#: thread leaves idle rather than taking them from it, and run at full speed on idle cores.
+BACKGROUND_NICENESS = 10
 
-def copy_engine(num_threads: int) -> _native.CopyEngine:
-    """The process-wide copy engine with ``num_threads`` workers (threads are shared by stagers)."""
+
+def copy_engine(num_threads: int, background: bool = False) -> _native.CopyEngine:
+    """The process-wide copy engine with ``num_threads`` workers (threads are shared by stagers);
+    ``background`` engines run at lower priority, for stages that overlap training."""
     with _engines_lock:
-        engine = _engines.get(num_threads)
+        engine = _engines.get((num_threads, background))
         if engine is None:
-            engine = _engines[num_threads] = _native.CopyEngine(num_threads)
+            niceness = BACKGROUND_NICENESS if background else 0
+            engine = _engines[(num_threads, background)] = _native.CopyEngine(num_threads, niceness)
         return engine
 
 
@@ -72,7 +78,7 @@ class StagingEngine:
             budget_bytes=options.memory_budget_bytes,
             pinned=options.use_pinned_memory,  # no-op without CUDA
         )
-        self.copier = copy_engine(options.threads)
+        self.copier = copy_engine(options.threads, background=options.use_async_staging)
 
     def start(self, state_dict: Any, order: dict | None = None) -> StagedCopy:
         """Plans ``state_dict``, takes a buffer and starts every copy; returns at once.

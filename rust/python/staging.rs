@@ -178,10 +178,12 @@ pub(crate) struct PyCopyEngine {
 
 #[pymethods]
 impl PyCopyEngine {
+    /// `niceness` > 0 lowers the workers' scheduling priority (background staging).
     #[new]
-    fn new(num_threads: usize) -> PyCopyEngine {
+    #[pyo3(signature = (num_threads, niceness = 0))]
+    fn new(num_threads: usize, niceness: i32) -> PyCopyEngine {
         PyCopyEngine {
-            engine: CopyEngine::new(num_threads),
+            engine: CopyEngine::with_niceness(num_threads, niceness),
         }
     }
 
