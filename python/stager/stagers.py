@@ -189,8 +189,10 @@ class BlockingAsyncStager(AsyncStager):
     """Drop-in for ``torch.distributed.checkpoint.staging.BlockingAsyncStager``: ``stage()`` blocks
     until the host copy is complete and returns it.
 
-    ``cache_staged_state_dict=True`` keeps the host memory of dropped results for the next stage
-    (PyTorch's reason for the cache) but, unlike PyTorch, never overwrites a result still in use.
+    Host memory of dropped results is kept for the next stage (what PyTorch's
+    ``cache_staged_state_dict=True`` is for) but, unlike PyTorch's cache, a result still in use is
+    never overwritten. ``cache_staged_state_dict=True`` also page-locks that memory when CUDA is
+    present; ``close()`` returns it to the OS.
     ``type_check`` is accepted for compatibility; structure and dtypes are always preserved.
     """
 
@@ -209,11 +211,7 @@ class BlockingAsyncStager(AsyncStager):
 
     def stage(self, state_dict: Any) -> Any:
         """Returns a copy of ``state_dict`` on the CPU."""
-        staged = self._engine.stage(state_dict)
-        if not self.cache_staged_state_dict:
-            # Without a cache the memory goes back to the OS with the result, like PyTorch's.
-            self._engine.pool.trim()
-        return staged
+        return self._engine.stage(state_dict)
 
     def synchronize_staging(self) -> None:
         """No-op: staging is blocking."""
