@@ -133,6 +133,15 @@ def _entries(plan: StatePlan, meta: dict) -> tuple[list[str], list[str], list[li
     return names, dtypes, shapes
 
 
+def header_metadata(meta: dict) -> dict[str, str]:
+    """The ``__metadata__`` strings of a stager file holding the tree ``meta`` (tree.encode)."""
+    return {
+        "format": "stager",
+        "stager.version": str(tree.FORMAT_VERSION),
+        "stager.tree": json.dumps(meta, separators=(",", ":"), allow_nan=False),
+    }
+
+
 def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_pickle: bool = False) -> None:
     """Writes ``state_dict`` to ``path`` atomically and durably (a crash leaves the previous file
     or the new one, complete), as a safetensors-compatible stager file.
@@ -151,11 +160,7 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
     plan = plan_state_dict(state_dict)
     meta = tree.encode(plan, allow_pickle=allow_pickle)
     names, dtypes, shapes = _entries(plan, meta)
-    metadata = {
-        "format": "stager",
-        "stager.version": str(tree.FORMAT_VERSION),
-        "stager.tree": json.dumps(meta, separators=(",", ":"), allow_nan=False),
-    }
+    metadata = header_metadata(meta)
     storages = plan.storages
     nbytes = [s.nbytes for s in storages]
     if stager is None and not plan.device_storages:

@@ -24,7 +24,6 @@ from typing import Any, Iterator
 import torch
 
 from . import _native
-from ._native import StagerError
 
 __all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
 

@@ -26,7 +26,6 @@ of a given rank, so a restarted rank can restore from what its partner persisted
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -39,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native, files, tree
+from . import _native, files
 from ._native import StagerError
 from .transport import PGTransport, _as_timedelta
 
@@ -141,11 +140,7 @@ class _StreamingReplica:
         self.path = path
         self.incoming_path = f"{path}.{os.getpid()}.recv.tmp"
         names, dtypes, shapes = files._entries(plan, meta)
-        metadata = {
-            "format": "stager",
-            "stager.version": str(tree.FORMAT_VERSION),
-            "stager.tree": json.dumps(meta, separators=(",", ":"), allow_nan=False),
-        }
+        metadata = files.header_metadata(meta)
         storages = plan.storages
         nbytes = [s.nbytes for s in storages]
         base = incoming.buffer.address if nbytes and sum(nbytes) else 0

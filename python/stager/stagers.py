@@ -18,7 +18,6 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import _native, sharing

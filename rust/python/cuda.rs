@@ -13,7 +13,7 @@ use crate::cuda::{self, CudaPinner, DeviceBatch, DeviceCopier, DeviceCopy, Strea
 use crate::pool::MemoryPinner;
 
 use super::invalid;
-use super::staging::PyHostBuffer;
+use super::staging::{check_disjoint_ranges, PyHostBuffer};
 
 /// The pinner a pool with `pinned=True` installs: `None` (pageable memory) without CUDA.
 pub(crate) fn pinner() -> Option<Arc<dyn MemoryPinner>> {
@@ -119,14 +119,14 @@ impl PyDeviceCopier {
             )));
         }
         let buffer = &target.get().buffer;
-        check_disjoint(&offsets, &nbytes, buffer.len())?;
+        check_disjoint_ranges(&offsets, &nbytes, buffer.len(), "device copy")?;
         let base = buffer.as_ptr();
         let copies: Vec<DeviceCopy> = (0..n)
             .map(|i| DeviceCopy {
                 request: i,
                 device: devices[i],
                 src: sources[i],
-                // SAFETY: check_disjoint proved offsets[i] + nbytes[i] <= buffer.len().
+                // SAFETY: check_disjoint_ranges proved offsets[i] + nbytes[i] <= buffer.len().
                 dst: unsafe { base.add(offsets[i]) },
                 len: nbytes[i],
             })
@@ -147,32 +147,6 @@ impl PyDeviceCopier {
             keepalive: Some((keepalive, target.unbind().into_any())),
         })
     }
-}
-
-/// Proves every `[offset, offset + len)` lies inside `capacity` and no two overlap.
-fn check_disjoint(offsets: &[usize], nbytes: &[usize], capacity: usize) -> PyResult<()> {
-    let mut ranges = Vec::with_capacity(offsets.len());
-    for (i, (&offset, &len)) in offsets.iter().zip(nbytes).enumerate() {
-        let end = offset
-            .checked_add(len)
-            .filter(|&end| end <= capacity)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "device copy {i} ({len} bytes at offset {offset}) does not fit the {capacity}-byte buffer"
-                ))
-            })?;
-        if len > 0 {
-            ranges.push((offset, end));
-        }
-    }
-    ranges.sort_unstable();
-    if let Some(pair) = ranges.windows(2).find(|pair| pair[0].1 > pair[1].0) {
-        return Err(invalid(format!(
-            "device copies overlap in the target buffer: [{}, {}) and [{}, {})",
-            pair[0].0, pair[0].1, pair[1].0, pair[1].1
-        )));
-    }
-    Ok(())
 }
 
 /// Device copies in flight; completion per copy, waits release the GIL, errors raise StagerError.

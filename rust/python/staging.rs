@@ -234,7 +234,7 @@ impl PyCopyEngine {
             )));
         }
         let buffer = &target.get().buffer;
-        check_disjoint_ranges(&offsets, &nbytes, buffer.len())?;
+        check_disjoint_ranges(&offsets, &nbytes, buffer.len(), "copy")?;
         let base = buffer.as_ptr();
         let requests: Vec<CopyRequest> = (0..sources.len())
             .map(|i| {
@@ -267,8 +267,14 @@ impl PyCopyEngine {
     }
 }
 
-/// Proves every `[offset, offset + len)` lies inside `capacity` and no two overlap.
-fn check_disjoint_ranges(offsets: &[usize], nbytes: &[usize], capacity: usize) -> PyResult<()> {
+/// Proves every `[offset, offset + len)` lies inside `capacity` and no two overlap; `what` names
+/// the copies in the error ("copy", "device copy").
+pub(crate) fn check_disjoint_ranges(
+    offsets: &[usize],
+    nbytes: &[usize],
+    capacity: usize,
+    what: &str,
+) -> PyResult<()> {
     let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(offsets.len());
     for (i, (&offset, &len)) in offsets.iter().zip(nbytes).enumerate() {
         let end = offset
@@ -276,7 +282,7 @@ fn check_disjoint_ranges(offsets: &[usize], nbytes: &[usize], capacity: usize) -
             .filter(|&end| end <= capacity)
             .ok_or_else(|| {
                 invalid(format!(
-                    "copy {i} ({len} bytes at offset {offset}) does not fit the {capacity}-byte buffer"
+                    "{what} {i} ({len} bytes at offset {offset}) does not fit the {capacity}-byte buffer"
                 ))
             })?;
         if len > 0 {
@@ -286,7 +292,7 @@ fn check_disjoint_ranges(offsets: &[usize], nbytes: &[usize], capacity: usize) -
     ranges.sort_unstable();
     if let Some(pair) = ranges.windows(2).find(|pair| pair[0].1 > pair[1].0) {
         return Err(invalid(format!(
-            "copies overlap in the target buffer: [{}, {}) and [{}, {})",
+            "{what} ranges overlap in the target buffer: [{}, {}) and [{}, {})",
             pair[0].0, pair[0].1, pair[1].0, pair[1].1
         )));
     }
