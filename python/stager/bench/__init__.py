@@ -14,6 +14,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 
 from .common import BenchContext, Row, SectionSkipped, format_table, parse_size
 
@@ -44,6 +45,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     rows: list[Row] = []
     skipped: dict[str, str] = {}
+    failed = False
     started = time.time()
     try:
         for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
@@ -62,6 +64,10 @@ def run_from_args(args: argparse.Namespace) -> int:
                 rows.extend(module.run(ctx))
             except SectionSkipped as reason:
                 skipped[name] = str(reason)
+            except Exception as err:  # one failed section must not lose the others' rows
+                traceback.print_exc()
+                skipped[name] = f"failed: {type(err).__name__}: {err}"
+                failed = True
     finally:
         ctx.close()
     print(format_table(rows))
@@ -83,4 +89,4 @@ def run_from_args(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")
-    return 0
+    return 1 if failed else 0

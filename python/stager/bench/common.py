@@ -214,6 +214,11 @@ class BenchContext:
             info["gpu"] = torch.cuda.get_device_name(0)
         return info
 
+    def drop_workloads(self) -> None:
+        """Frees the cached state_dicts (rebuilt on next use), e.g. before spawning workers."""
+        self._large = self._tiny = None
+        gc.collect()
+
     def close(self) -> None:
         self._large = self._tiny = None
         if self._own_workdir:
