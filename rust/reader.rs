@@ -29,6 +29,7 @@ use std::sync::Mutex;
 
 use crate::error::{Result, StagerError};
 use crate::format::{self, Header, Layout};
+use crate::writer::retry_interrupted;
 
 /// Bytes per `pread`; each piece's checksum is folded in right after it lands.
 pub const READ_CHUNK: usize = 8 << 20;
@@ -360,26 +361,15 @@ fn invalid(path: &Path, reason: String) -> StagerError {
 
 fn pread_exact(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
-        // SAFETY: reads into a live, exclusively borrowed slice.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                offset as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
+        let (fd, ptr, len) = (file.as_raw_fd(), buf.as_mut_ptr(), buf.len());
+        // SAFETY: reads into a live, exclusively borrowed slice of `len` bytes.
+        let n = retry_interrupted(|| unsafe {
+            libc::pread(fd, ptr.cast(), len, offset as libc::off_t)
+        })?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        buf = &mut buf[n as usize..];
+        buf = &mut buf[n..];
         offset += n as u64;
     }
     Ok(())

@@ -306,31 +306,41 @@ fn sync_parent(path: &Path) -> io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
+/// Runs a positional read or write until it transfers something, retrying when a signal
+/// interrupted it. `Ok(0)` means end of file (reads) or no progress (writes); the callers turn
+/// that into an error, since their files never end early.
+pub(crate) fn retry_interrupted(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+fn wrote_nothing(call: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::WriteZero, format!("{call} wrote nothing"))
+}
+
 fn pwrite_all(fd: i32, mut bytes: &[u8], mut offset: u64) -> io::Result<()> {
     while !bytes.is_empty() {
         // SAFETY: writes from a live slice.
-        let n = unsafe {
+        let n = retry_interrupted(|| unsafe {
             libc::pwrite(
                 fd,
                 bytes.as_ptr().cast(),
                 bytes.len(),
                 offset as libc::off_t,
             )
-        };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
+        })?;
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwrite wrote nothing",
-            ));
+            return Err(wrote_nothing("pwrite"));
         }
-        bytes = &bytes[n as usize..];
+        bytes = &bytes[n..];
         offset += n as u64;
     }
     Ok(())
@@ -382,29 +392,15 @@ impl BatchWriter {
         let mut first = 0;
         while first < self.iovecs.len() {
             let count = (self.iovecs.len() - first) as libc::c_int;
+            let (fd, iovecs, offset) = (self.fd, &self.iovecs[first..], self.offset);
             // SAFETY: every iovec points to readable bytes (see `push`); pwritev only reads them.
-            let n = unsafe {
-                libc::pwritev(
-                    self.fd,
-                    self.iovecs[first..].as_ptr(),
-                    count,
-                    self.offset as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
+            let n = retry_interrupted(|| unsafe {
+                libc::pwritev(fd, iovecs.as_ptr(), count, offset as libc::off_t)
+            })?;
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "pwritev wrote nothing",
-                ));
+                return Err(wrote_nothing("pwritev"));
             }
-            let mut written = n as usize;
+            let mut written = n;
             self.offset += written as u64;
             // Skip the iovecs written whole, trim the one written in part.
             while written > 0 {
