@@ -430,6 +430,23 @@ impl PyTensorTable {
         let buffer_args = PyTuple::new(py, [buffer])?;
         // One kwargs dict, refilled per call: torch copies what it parses out of it.
         let kwargs = PyDict::new(py);
+        // `torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)`: a tensor with a
+        // CPU storage of its own over those bytes of the buffer.
+        let view_bytes = |dtype: &Bound<'py, PyAny>,
+                          count: usize,
+                          offset: usize|
+         -> PyResult<Bound<'py, PyAny>> {
+            kwargs.set_item(intern!(py, "dtype"), dtype)?;
+            kwargs.set_item(intern!(py, "count"), count)?;
+            kwargs.set_item(intern!(py, "offset"), offset)?;
+            frombuffer.call(&buffer_args, Some(&kwargs))
+        };
+        // `torch.empty(0, dtype=dtype)`.
+        let empty_of = |dtype: &Bound<'py, PyAny>| -> PyResult<Bound<'py, PyAny>> {
+            let dtype_kwargs = PyDict::new(py);
+            dtype_kwargs.set_item(intern!(py, "dtype"), dtype)?;
+            empty.call((0,), Some(&dtype_kwargs))
+        };
         let mut bases: Vec<Option<Bound<'py, PyAny>>> = vec![None; self.nbytes.len()];
         let out = PyList::empty(py);
         for index in 0..self.flags.len() {
@@ -442,10 +459,8 @@ impl PyTensorTable {
             let dtype = self.dtypes[index].bind(py);
             let shape = self.shapes[index].bind(py);
             if flags == WHOLE_STORAGE && self.users[storage] == 1 {
-                kwargs.set_item(intern!(py, "dtype"), dtype)?;
-                kwargs.set_item(intern!(py, "count"), self.numels[index])?;
-                kwargs.set_item(intern!(py, "offset"), self.offsets[storage])?;
-                let mut tensor = frombuffer.call(&buffer_args, Some(&kwargs))?;
+                let mut tensor =
+                    view_bytes(dtype, self.numels[index] as usize, self.offsets[storage])?;
                 if shape.len()? != 1 {
                     tensor = tensor.call_method1(intern!(py, "view"), (shape,))?;
                 }
@@ -455,23 +470,16 @@ impl PyTensorTable {
             let base = match &bases[storage] {
                 Some(base) => base.clone(),
                 None => {
-                    let empty_kwargs = PyDict::new(py);
-                    empty_kwargs.set_item(intern!(py, "dtype"), uint8)?;
                     let base = if self.nbytes[storage] > 0 {
-                        kwargs.set_item(intern!(py, "dtype"), uint8)?;
-                        kwargs.set_item(intern!(py, "count"), self.nbytes[storage])?;
-                        kwargs.set_item(intern!(py, "offset"), self.offsets[storage])?;
-                        frombuffer.call(&buffer_args, Some(&kwargs))?
+                        view_bytes(uint8, self.nbytes[storage], self.offsets[storage])?
                     } else {
-                        empty.call((0,), Some(&empty_kwargs))?
+                        empty_of(uint8)?
                     };
                     bases[storage] = Some(base.clone());
                     base
                 }
             };
-            let typed_kwargs = PyDict::new(py);
-            typed_kwargs.set_item(intern!(py, "dtype"), dtype)?;
-            let mut tensor = empty.call((0,), Some(&typed_kwargs))?.call_method1(
+            let mut tensor = empty_of(dtype)?.call_method1(
                 intern!(py, "set_"),
                 (
                     base.call_method0(intern!(py, "untyped_storage"))?,
