@@ -158,9 +158,10 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
     """
     path = os.fspath(path)
     plan = plan_state_dict(state_dict)
-    meta = tree.encode(plan, allow_pickle=allow_pickle)
-    names, dtypes, shapes = _entries(plan, meta)
-    metadata = header_metadata(meta)
+    with gc_paused():
+        meta = tree.encode(plan, allow_pickle=allow_pickle)
+        names, dtypes, shapes = _entries(plan, meta)
+        metadata = header_metadata(meta)
     storages = plan.storages
     nbytes = [s.nbytes for s in storages]
     if stager is None and not plan.device_storages:
