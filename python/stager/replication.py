@@ -208,7 +208,7 @@ class _StreamingReplica:
             pass
 
 
-def _durable_torch_save(state_dict: Any, path: str) -> None:
+def durable_torch_save(state_dict: Any, path: str) -> None:
     """``torch.save`` into a temp file → fsync → rename → directory fsync (PyTorch's ``.pt``)."""
     temp = _temp_path(path)
     try:
@@ -321,7 +321,7 @@ class ReplicationStager(AsyncStager):
             elif fmt == "stager":
                 files.save(received, path)
             elif fmt == "torch":
-                _durable_torch_save(received, path)
+                durable_torch_save(received, path)
 
         try:
             return transport.exchange(dst, state_dict, src, confirm=persist,

@@ -225,6 +225,19 @@ class BenchContext:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def write_and_fsync(path: str, data: memoryview, chunk: int = 64 << 20) -> None:
+    """The disk's limit for writing ``data``: plain large writes, then fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for begin in range(0, len(data), chunk):
+            view = data[begin : begin + chunk]
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _bench_tmp_root() -> str | None:
     """A directory on a real disk (not tmpfs) so persistence rows measure the disk."""
     for candidate in (os.environ.get("STAGER_BENCH_DIR"), os.getcwd()):

@@ -39,8 +39,9 @@ import torch
 
 from .. import files
 from ..options import StagingOptions
+from ..replication import durable_torch_save
 from ..stagers import DefaultStager
-from .common import BenchContext, Row
+from .common import BenchContext, Row, write_and_fsync
 
 SECTION = "persistence"
 
@@ -51,14 +52,6 @@ TORCH_LOAD = "torch.load"
 STAGE_WRITE_MAX = "max(stage, write)"
 
 _CHUNK = 64 << 20
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _drop_cache(path: str) -> None:
@@ -129,24 +122,10 @@ def run(ctx: BenchContext) -> list[Row]:
     flat = _flatten(sd, "", {})
 
     def write_limit() -> None:
-        fd = os.open(limit_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            for start in range(0, nbytes, _CHUNK):
-                view = blob_view[start : start + _CHUNK]
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_and_fsync(limit_path, blob_view)
 
     def torch_save() -> None:
-        temp = torch_path + ".tmp"
-        with open(temp, "wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, torch_path)
-        _fsync_dir(workdir)
+        durable_torch_save(sd, torch_path)
 
     def safetensors_save() -> None:
         from safetensors.torch import save_file
@@ -273,13 +252,7 @@ def _tiny_rows(ctx: BenchContext) -> list[Row]:
     torch_path = os.path.join(ctx.workdir, "tiny.pt")
 
     def torch_save() -> None:
-        temp = torch_path + ".tmp"
-        with open(temp, "wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, torch_path)
-        _fsync_dir(ctx.workdir)
+        durable_torch_save(sd, torch_path)
 
     def torch_load() -> Any:
         with open(torch_path, "rb") as f:

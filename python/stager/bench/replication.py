@@ -35,7 +35,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from .common import BenchContext, Row
+from .common import BenchContext, Row, write_and_fsync
 
 SECTION = "replication"
 
@@ -47,7 +47,6 @@ TORCH = "PyTorch _ReplicationStager"
 STAGER_PERSIST = "stager ReplicationStager + persist (.stager)"
 TORCH_PERSIST = "PyTorch _ReplicationStager + persist (.pt)"
 
-_WRITE_CHUNK = 64 << 20
 _TORCH_TINY_ROUNDS = 2
 
 
@@ -213,16 +212,7 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
                 work.wait(timeout)
 
         def disk_limit() -> None:
-            view = memoryview(send_buf.numpy())
-            fd = os.open(limit_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                for begin in range(0, nbytes, _WRITE_CHUNK):
-                    chunk = view[begin:begin + _WRITE_CHUNK]
-                    while chunk:
-                        chunk = chunk[os.write(fd, chunk):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_and_fsync(limit_path, memoryview(send_buf.numpy()))
 
         def remove_limit_file() -> None:
             try:
