@@ -330,3 +330,15 @@ def test_async_results_dropped_by_the_caller_are_recycled():
     s.synchronize_staging()
     assert s.pool_stats()["allocations"] == 1
     s.close()
+
+
+def test_new_blocking_stagers_reuse_memory_dropped_by_earlier_ones():
+    sd = {"w": torch.randn(1 << 18)}
+    first = stager.BlockingAsyncStager().stage(sd)
+    address = first["w"].data_ptr()
+    del first
+    second = stager.BlockingAsyncStager().stage(sd)  # a new stager, as PyTorch users often make
+    assert second["w"].data_ptr() == address
+    held = stager.BlockingAsyncStager().stage(sd)  # the first result is still held: fresh memory
+    assert held["w"].data_ptr() != second["w"].data_ptr()
+    assert torch.equal(second["w"], sd["w"]) and torch.equal(held["w"], sd["w"])

@@ -67,12 +67,30 @@ class StagedCopy:
             event.synchronize()
 
 
-class StagingEngine:
-    """A host pool plus the shared copy engine: what every stager stages with."""
+_shared_pools: dict[bool, _native.HostPool] = {}
 
-    def __init__(self, options: StagingOptions) -> None:
+
+def process_pool(pinned: bool) -> _native.HostPool:
+    """A process-wide pool of private memory, for stagers that own no memory across calls
+    (``BlockingAsyncStager``): a new stager reuses what an earlier one's results left behind,
+    as the C allocator would for PyTorch's, instead of faulting in fresh pages."""
+    with _engines_lock:
+        pool = _shared_pools.get(pinned)
+        if pool is None:
+            pool = _shared_pools[pinned] = _native.HostPool(shared=False, pinned=pinned)
+        return pool
+
+
+class StagingEngine:
+    """A host pool plus the shared copy engine: what every stager stages with.
+
+    With ``pool`` given it stages into that (process-wide) pool, which ``close()`` leaves alone.
+    """
+
+    def __init__(self, options: StagingOptions, pool: _native.HostPool | None = None) -> None:
         self.options = options
-        self.pool = _native.HostPool(
+        self._owns_pool = pool is None
+        self.pool = pool if pool is not None else _native.HostPool(
             shared=options.use_shared_memory,
             budget_bytes=options.memory_budget_bytes,
             pinned=options.use_pinned_memory,  # no-op without CUDA
@@ -103,7 +121,8 @@ class StagingEngine:
 
     def close(self) -> None:
         self.pool.finish_reservations()
-        self.pool.trim()
+        if self._owns_pool:
+            self.pool.trim()
 
 
 class DefaultStager(AsyncStager):
@@ -188,10 +207,10 @@ class BlockingAsyncStager(AsyncStager):
     """Drop-in for ``torch.distributed.checkpoint.staging.BlockingAsyncStager``: ``stage()`` blocks
     until the host copy is complete and returns it.
 
-    Host memory of dropped results is kept for the next stage (what PyTorch's
-    ``cache_staged_state_dict=True`` is for) but, unlike PyTorch's cache, a result still in use is
-    never overwritten. ``cache_staged_state_dict=True`` also page-locks that memory when CUDA is
-    present; ``close()`` returns it to the OS.
+    Host memory of dropped results is kept, in a process-wide pool, for the next stage of any
+    ``BlockingAsyncStager`` (what PyTorch's ``cache_staged_state_dict=True`` is for) but, unlike
+    PyTorch's cache, a result still in use is never overwritten. ``cache_staged_state_dict=True``
+    also page-locks that memory when CUDA is present.
     ``type_check`` is accepted for compatibility; structure and dtypes are always preserved.
     """
 
@@ -200,13 +219,12 @@ class BlockingAsyncStager(AsyncStager):
     def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False) -> None:
         self.cache_staged_state_dict = cache_staged_state_dict
         self.type_check = type_check
-        self._engine = StagingEngine(
-            # Pinned only with the cache, like PyTorch: pinning a buffer used once costs more
-            # than it saves.
-            StagingOptions(
-                use_pinned_memory=cache_staged_state_dict, use_shared_memory=False, use_async_staging=False
-            )
+        # Pinned only with the cache, like PyTorch: pinning a buffer used once costs more than
+        # it saves.
+        options = StagingOptions(
+            use_pinned_memory=cache_staged_state_dict, use_shared_memory=False, use_async_staging=False
         )
+        self._engine = StagingEngine(options, pool=process_pool(pinned=cache_staged_state_dict))
 
     def stage(self, state_dict: Any) -> Any:
         """Returns a copy of ``state_dict`` on the CPU."""
