@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from typing import Any
 
 import torch
 
 from . import _native, tree
 from ._native import StagerError
-from .device import start_device_copies
+from .options import StagingOptions
 from .plan import StatePlan, TensorPlan, gc_paused, plan_state_dict
+from .stagers import StagingEngine, process_pool
 
 __all__ = ["inspect_command", "load", "save", "verify_command"]
 
@@ -64,29 +64,11 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 }
 
 _RESERVED = "__stager__."
-_lock = threading.Lock()
-_load_pool: Any = None
-_save_engine: Any = None
 
 
-def _pool() -> Any:
-    global _load_pool
-    with _lock:
-        if _load_pool is None:
-            _load_pool = _native.HostPool()
-        return _load_pool
-
-
-def _staging_engine() -> Any:
-    """A private StagingEngine for saves that need staging (device tensors) without a stager."""
-    global _save_engine
-    with _lock:
-        if _save_engine is None:
-            from .options import StagingOptions
-            from .stagers import StagingEngine
-
-            _save_engine = StagingEngine(StagingOptions(use_shared_memory=False, use_async_staging=False))
-        return _save_engine
+def _staging_engine() -> StagingEngine:
+    """For saves that need staging (device tensors) without a stager: the process-wide pool."""
+    return StagingEngine(StagingOptions(use_shared_memory=False, use_async_staging=False), pool=process_pool(False))
 
 
 # ---- save --------------------------------------------------------------------------------------
@@ -172,28 +154,23 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
         raise StagerError(
             f"save(stager=...) needs a stager.DefaultStager or BlockingAsyncStager, got {type(stager).__name__}"
         )
-    buffer = engine.pool.acquire(plan.total_nbytes)
-    cpu = [index for index, s in enumerate(storages) if s.is_cpu]
-    job = engine.copier.submit(
-        buffer,
-        [storages[i].address for i in cpu],
-        [storages[i].offset for i in cpu],
-        [storages[i].nbytes for i in cpu],
-        [storages[i].storage for i in cpu],
-    )
+    staged = engine.start_plan(plan)
     try:
         # Device copies complete in the background; wait for them before their bytes are written
         # (host copies are waited for one by one by the writer, so writing overlaps copying).
-        for event in start_device_copies(plan, buffer, engine.options.use_non_blocking_copy):
-            event.synchronize()
+        staged.wait_device_copies()
+        # The copy job has one request per CPU storage with bytes, in storage order.
         requests: list[int | None] = [None] * len(storages)
-        for request, index in enumerate(cpu):
-            requests[index] = request
-        base = buffer.address
+        request = 0
+        for index, storage in enumerate(storages):
+            if storage.is_cpu and storage.nbytes:
+                requests[index] = request
+                request += 1
+        base = staged.buffer.address
         addresses = [base + s.offset for s in storages]
-        _native.write_file(path, names, dtypes, shapes, nbytes, addresses, metadata, job, requests)
+        _native.write_file(path, names, dtypes, shapes, nbytes, addresses, metadata, staged.job, requests)
     finally:
-        job.wait()
+        staged.job.wait()
 
 
 # ---- load --------------------------------------------------------------------------------------
@@ -239,7 +216,7 @@ def load(path: str | os.PathLike, *, verify: bool = True, allow_pickle: bool = F
     buffer's crc32c is checked. Never unpickles unless ``allow_pickle=True``.
     """
     file, _, plan, _ = _open(path, allow_pickle)
-    buffer = _pool().acquire(plan.total_nbytes)
+    buffer = process_pool(False).acquire(plan.total_nbytes)
     file.read_into(buffer, [s.offset for s in plan.storages], verify)
     try:
         return plan.materialize(buffer)

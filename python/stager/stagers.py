@@ -63,6 +63,10 @@ class StagedCopy:
     def wait(self) -> None:
         """Blocks (without the GIL) until every byte is in the host buffer."""
         self.job.wait()
+        self.wait_device_copies()
+
+    def wait_device_copies(self) -> None:
+        """Blocks until the accelerator's copies (only) have landed."""
         for event in self.device_copies:
             event.synchronize()
 
@@ -101,7 +105,10 @@ class StagingEngine:
         """Plans ``state_dict``, takes a buffer and starts every copy; returns at once.
         Device copies run after ``order`` (``device.capture_order()``), else after this thread's
         current streams."""
-        plan = plan_state_dict(state_dict)
+        return self.start_plan(plan_state_dict(state_dict), order)
+
+    def start_plan(self, plan: StatePlan, order: dict | None = None) -> StagedCopy:
+        """Like :meth:`start`, for a state_dict already planned (the writer plans first)."""
         buffer = self.pool.acquire(plan.total_nbytes)
         if buffer.shared_fd is not None:
             sharing.register_buffer(buffer)
