@@ -325,16 +325,6 @@ impl PyTensorTable {
         self.total_nbytes
     }
 
-    #[getter]
-    fn num_tensors(&self) -> usize {
-        self.flags.len()
-    }
-
-    #[getter]
-    fn num_storages(&self) -> usize {
-        self.nbytes.len()
-    }
-
     /// Indices of tensors that are not plain strided tensors (staged by torch instead).
     #[getter]
     fn opaque(&self) -> Vec<usize> {
