@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use stager::copy_engine::{CopyEngine, CopyRequest};
+use stager::completion::Completion;
+use stager::copy_engine::{CopyEngine, HostCopy};
 use stager::limits::{copy_limit_from, Target};
 use stager::pool::{HostPool, PoolOptions};
 
@@ -23,18 +24,19 @@ fn large_copy(c: &mut Criterion) {
     });
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     for threads in [1, threads] {
-        let engine = CopyEngine::new(threads);
+        let engine = CopyEngine::new(threads).unwrap();
         group.bench_with_input(BenchmarkId::new("engine", threads), &threads, |b, _| {
             b.iter(|| {
-                // SAFETY: source and target outlive the job, which is waited for.
-                let job = unsafe {
-                    engine.submit(vec![CopyRequest::host(
-                        source.as_ptr(),
-                        target.as_ptr(),
-                        len,
-                    )])
+                let done = Completion::new(1);
+                let copy = HostCopy {
+                    request: 0,
+                    src: source.as_ptr(),
+                    dst: target.as_ptr(),
+                    len,
                 };
-                job.wait();
+                // SAFETY: source and target outlive the batch, which is waited for.
+                unsafe { engine.submit(&done, vec![copy], None) }.unwrap();
+                done.wait_all(None).unwrap();
             })
         });
     }
@@ -69,20 +71,25 @@ fn tiny_copies(c: &mut Criterion) {
             }
         })
     });
-    let engine = CopyEngine::new(2);
+    let engine = CopyEngine::new(2).unwrap();
     group.bench_function("engine", |b| {
         b.iter(|| {
-            let requests = sources
+            let copies = sources
                 .iter()
                 .zip(&offsets)
-                // SAFETY: as above; the pointer arithmetic stays inside `target`.
-                .map(|(s, &o)| {
-                    CopyRequest::host(s.as_ptr(), unsafe { target.as_ptr().add(o) }, s.len())
+                .enumerate()
+                .map(|(request, (s, &o))| HostCopy {
+                    request,
+                    src: s.as_ptr(),
+                    dst: target.as_ptr().wrapping_add(o),
+                    len: s.len(),
                 })
                 .collect();
-            // SAFETY: sources and target outlive the job, which is waited for.
-            let job = unsafe { engine.submit(requests) };
-            job.wait();
+            let done = Completion::new(count);
+            // SAFETY: sources and target outlive the batch, which is waited for; the
+            // destinations are disjoint ranges inside `target`.
+            unsafe { engine.submit(&done, copies, None) }.unwrap();
+            done.wait_all(None).unwrap();
         })
     });
     group.finish();

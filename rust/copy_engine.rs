@@ -1,105 +1,85 @@
 //! Copy engine: host-to-host copies split into chunks and run on a fixed set of worker threads.
 //!
-//! A stage submits one [`CopyJob`] holding one [`CopyRequest`] per storage. Large requests are cut
-//! into chunks and small ones packed together, so both a 2 GB tensor and 20,000 tiny ones keep
-//! every worker busy. Workers take jobs from a lock-free channel and claim chunks with an atomic
-//! counter, so no lock is taken per chunk. Jobs whose bytes would not pay for waking a thread run
-//! inline in the submitting thread.
+//! A stage submits one batch of [`HostCopy`]s, one per host storage, each completing one request
+//! of the stage's [`Completion`] (request i is storage i). Large copies are cut into chunks and
+//! small ones packed together, so both a 2 GB tensor and 20,000 tiny ones keep every worker busy.
+//! Workers take batches from a lock-free channel and claim chunks with an atomic counter, so no
+//! lock is taken per chunk. Batches whose bytes would not pay for waking a thread run inline in
+//! the submitting thread.
 //!
-//! Completion is reported per request: [`CopyJob::next_completed`] yields request indices in the
-//! order they finished (a lock-free queue), [`CopyJob::wait_request`] waits for one, so a writer or
-//! a sender can start on the first storage while the rest are still being copied.
-//!
-//! Requests created with [`CopyRequest::deferred`] are not copied by the engine: another agent (the
-//! CUDA stream, a network receive) fills the bytes and calls [`CopyJob::mark_complete`]. Consumers
-//! wait on one job either way.
+//! The engine only copies and reports: waiting is the [`Completion`]'s business, so writers and
+//! senders wait on the same object whoever filled the bytes (this engine, the CUDA copier, a
+//! network receive).
 //!
 //! # Example
 //! ```
-//! use stager::copy_engine::{CopyEngine, CopyRequest};
-//! let engine = CopyEngine::new(2);
+//! use stager::completion::Completion;
+//! use stager::copy_engine::{CopyEngine, HostCopy};
+//! let engine = CopyEngine::new(2).unwrap();
 //! let src = vec![7u8; 1 << 20];
 //! let mut dst = vec![0u8; 1 << 20];
-//! // SAFETY: both vectors outlive the job, which we wait for before touching them.
-//! let job = unsafe { engine.submit(vec![CopyRequest::host(src.as_ptr(), dst.as_mut_ptr(), src.len())]) };
-//! job.wait();
+//! let done = Completion::new(1);
+//! let copy = HostCopy { request: 0, src: src.as_ptr(), dst: dst.as_mut_ptr(), len: src.len() };
+//! // SAFETY: both vectors outlive the batch, which we wait for before touching them.
+//! unsafe { engine.submit(&done, vec![copy], None) }.unwrap();
+//! done.wait_all(None).unwrap();
 //! assert_eq!(src, dst);
 //! ```
 //!
 //! # Thread Safety
-//! [`CopyEngine`] and [`CopyJob`] are `Send + Sync`. Any thread may submit; any number of threads
-//! may wait on a job. [`CopyJob::next_completed`] hands each index out exactly once, so only one
-//! consumer should drain it.
+//! [`CopyEngine`] is `Send + Sync`; any thread may submit. Worker threads do not survive `fork()`:
+//! in a forked child, [`CopyEngine::submit`] fails at once with [`StagerError::Forked`] instead of
+//! queueing work nobody will run.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use crossbeam_queue::SegQueue;
+
+use crate::completion::Completion;
+use crate::error::{Result, StagerError};
 
 /// Bytes per chunk: large enough that claiming it is noise, small enough to balance threads.
 pub const CHUNK_BYTES: usize = 4 << 20;
-/// Jobs smaller than this run in the submitting thread: a thread wake-up costs more than the copy.
+/// Batches smaller than this run in the submitting thread: a thread wake-up costs more than the copy.
 pub const INLINE_BYTES: usize = 1 << 20;
+/// Most worker threads an engine may start (far above any core count; a guard against typos).
+pub const MAX_THREADS: usize = 1024;
 
-/// One contiguous copy of `len` bytes, or a placeholder completed by someone else.
+/// One contiguous copy of `len` bytes that completes request `request` of its batch's completion.
 #[derive(Clone, Copy, Debug)]
-pub struct CopyRequest {
-    src: *const u8,
-    dst: *mut u8,
-    len: usize,
-    deferred: bool,
+pub struct HostCopy {
+    /// The completion request this copy completes.
+    pub request: usize,
+    /// Source address.
+    pub src: *const u8,
+    /// Destination address.
+    pub dst: *mut u8,
+    /// Bytes to copy.
+    pub len: usize,
 }
 
-// SAFETY: a request is plain addresses; `CopyEngine::submit`'s contract makes them valid on any thread.
-unsafe impl Send for CopyRequest {}
-unsafe impl Sync for CopyRequest {}
+// SAFETY: a copy is plain addresses; `CopyEngine::submit`'s contract makes them valid on any thread.
+unsafe impl Send for HostCopy {}
+// SAFETY: as above; nothing in a HostCopy is mutated through a shared reference.
+unsafe impl Sync for HostCopy {}
 
-impl CopyRequest {
-    /// A host-to-host copy of `len` bytes from `src` to `dst`.
-    pub fn host(src: *const u8, dst: *mut u8, len: usize) -> CopyRequest {
-        CopyRequest {
-            src,
-            dst,
-            len,
-            deferred: false,
-        }
-    }
+/// Whatever owns the memory a batch reads and writes (the source tensors, the target buffer):
+/// kept alive by the batch until its last copy has finished, then dropped by the worker.
+pub type MemoryOwner = Box<dyn Send + Sync>;
 
-    /// A request the engine does not copy; completed by [`CopyJob::mark_complete`].
-    pub fn deferred(len: usize) -> CopyRequest {
-        CopyRequest {
-            src: std::ptr::null(),
-            dst: std::ptr::null_mut(),
-            len,
-            deferred: true,
-        }
-    }
-
-    /// Bytes this request moves.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the request moves no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-/// A slice of one request: chunks are made of pieces.
+/// A slice of one copy: chunks are made of pieces.
 #[derive(Clone, Copy)]
 struct Piece {
-    request: u32,
+    copy: u32,
     offset: usize,
     len: usize,
 }
 
-/// The state of one submitted job, shared by its workers and its waiters.
-struct JobState {
-    requests: Vec<CopyRequest>,
+/// One submitted batch, shared by the workers that run it.
+struct Batch {
+    copies: Vec<HostCopy>,
     pieces: Vec<Piece>,
     /// Chunk `i` is `pieces[chunk_bounds[i]..chunk_bounds[i + 1]]`.
     chunk_bounds: Vec<usize>,
@@ -109,33 +89,26 @@ struct JobState {
     partitions: Vec<(AtomicUsize, usize)>,
     next_worker: AtomicUsize,
     pieces_left: Vec<AtomicU32>,
-    request_done: Vec<AtomicBool>,
-    requests_left: AtomicUsize,
-    completed: SegQueue<usize>,
-    waiters: AtomicUsize,
-    signal: Mutex<()>,
-    changed: Condvar,
+    completion: Completion,
+    _owner: Option<MemoryOwner>,
 }
 
-impl JobState {
-    fn plan(requests: Vec<CopyRequest>) -> JobState {
+impl Batch {
+    fn plan(copies: Vec<HostCopy>, completion: Completion, owner: Option<MemoryOwner>) -> Batch {
         let mut pieces = Vec::new();
         let mut chunk_bounds = vec![0];
         let mut chunk_fill = 0usize;
-        let mut pieces_per_request = vec![0u32; requests.len()];
-        for (index, request) in requests.iter().enumerate() {
-            if request.deferred || request.len == 0 {
-                continue;
-            }
+        let mut pieces_per_copy = vec![0u32; copies.len()];
+        for (index, copy) in copies.iter().enumerate() {
             let mut offset = 0;
-            while offset < request.len {
-                let len = (request.len - offset).min(CHUNK_BYTES - chunk_fill);
+            while offset < copy.len {
+                let len = (copy.len - offset).min(CHUNK_BYTES - chunk_fill);
                 pieces.push(Piece {
-                    request: index as u32,
+                    copy: index as u32,
                     offset,
                     len,
                 });
-                pieces_per_request[index] += 1;
+                pieces_per_copy[index] += 1;
                 offset += len;
                 chunk_fill += len;
                 if chunk_fill == CHUNK_BYTES {
@@ -147,34 +120,28 @@ impl JobState {
         if *chunk_bounds.last().unwrap() != pieces.len() {
             chunk_bounds.push(pieces.len());
         }
-        let state = JobState {
-            pieces_left: pieces_per_request.into_iter().map(AtomicU32::new).collect(),
-            request_done: requests.iter().map(|_| AtomicBool::new(false)).collect(),
-            requests_left: AtomicUsize::new(requests.len()),
-            requests,
+        for (copy, pieces) in copies.iter().zip(&pieces_per_copy) {
+            if *pieces == 0 {
+                completion.mark_complete(copy.request);
+            }
+        }
+        Batch {
+            pieces_left: pieces_per_copy.into_iter().map(AtomicU32::new).collect(),
+            copies,
             pieces,
             chunk_bounds,
             partitions: Vec::new(),
             next_worker: AtomicUsize::new(0),
-            completed: SegQueue::new(),
-            waiters: AtomicUsize::new(0),
-            signal: Mutex::new(()),
-            changed: Condvar::new(),
-        };
-        // Requests with nothing for the engine to copy are complete at once (unless deferred).
-        for (index, request) in state.requests.iter().enumerate() {
-            if request.len == 0 && !request.deferred {
-                state.finish_request(index);
-            }
+            completion,
+            _owner: owner,
         }
-        state
     }
 
     fn chunk_count(&self) -> usize {
         self.chunk_bounds.len() - 1
     }
 
-    /// Splits the chunks into `workers` contiguous ranges, one per worker that will run the job.
+    /// Splits the chunks into `workers` contiguous ranges, one per worker that will run the batch.
     fn partition(&mut self, workers: usize) {
         let chunks = self.chunk_count();
         let workers = workers.clamp(1, chunks.max(1));
@@ -206,181 +173,77 @@ impl JobState {
 
     fn copy_chunk(&self, chunk: usize) {
         for piece in &self.pieces[self.chunk_bounds[chunk]..self.chunk_bounds[chunk + 1]] {
-            let request = &self.requests[piece.request as usize];
+            let copy = &self.copies[piece.copy as usize];
             // SAFETY: `submit`'s caller guarantees both ranges are valid and disjoint until the
-            // job completes; each chunk is claimed by exactly one thread through its range's
-            // cursor.
+            // request completes (the owner keeps them alive); each chunk is claimed by exactly
+            // one thread through its range's cursor.
             unsafe {
                 copy_bytes(
-                    request.src.add(piece.offset),
-                    request.dst.add(piece.offset),
+                    copy.src.add(piece.offset),
+                    copy.dst.add(piece.offset),
                     piece.len,
                 );
             }
-            if self.pieces_left[piece.request as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
-                self.finish_request(piece.request as usize);
+            if self.pieces_left[piece.copy as usize].fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.completion.mark_complete(copy.request);
             }
         }
-    }
-
-    fn finish_request(&self, index: usize) {
-        if self.request_done[index].swap(true, Ordering::AcqRel) {
-            return;
-        }
-        self.completed.push(index);
-        self.requests_left.fetch_sub(1, Ordering::AcqRel);
-        if self.waiters.load(Ordering::Acquire) > 0 {
-            // Taking the lock orders this notification after a waiter's check-then-sleep.
-            let _guard = self.signal.lock().unwrap_or_else(|p| p.into_inner());
-            self.changed.notify_all();
-        }
-    }
-
-    /// Sleeps until `ready()` or the deadline; returns `ready()`.
-    fn wait_until(&self, ready: impl Fn() -> bool, deadline: Option<Instant>) -> bool {
-        if ready() {
-            return true;
-        }
-        self.waiters.fetch_add(1, Ordering::AcqRel);
-        let mut guard = self.signal.lock().unwrap_or_else(|p| p.into_inner());
-        let result = loop {
-            if ready() {
-                break true;
-            }
-            match deadline {
-                None => guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner()),
-                Some(deadline) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        break false;
-                    }
-                    guard = self
-                        .changed
-                        .wait_timeout(guard, deadline - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-            }
-        };
-        drop(guard);
-        self.waiters.fetch_sub(1, Ordering::AcqRel);
-        result
     }
 }
 
-/// A submitted job: wait for it whole or per request.
+/// A fixed set of worker threads that run copy batches. See the module docs.
 ///
 /// # Thread Safety
-/// `Send + Sync`; clone it to wait from several threads.
-#[derive(Clone)]
-pub struct CopyJob {
-    state: Arc<JobState>,
-}
-
-impl CopyJob {
-    /// Number of requests in the job.
-    pub fn len(&self) -> usize {
-        self.state.requests.len()
-    }
-
-    /// Whether the job has no requests.
-    pub fn is_empty(&self) -> bool {
-        self.state.requests.is_empty()
-    }
-
-    /// Whether every request has completed.
-    pub fn is_done(&self) -> bool {
-        self.state.requests_left.load(Ordering::Acquire) == 0
-    }
-
-    /// Whether request `index` has completed.
-    pub fn is_request_done(&self, index: usize) -> bool {
-        self.state.request_done[index].load(Ordering::Acquire)
-    }
-
-    /// Blocks until every request has completed.
-    pub fn wait(&self) {
-        self.state.wait_until(|| self.is_done(), None);
-    }
-
-    /// Blocks until every request has completed or `timeout` passes; returns whether it completed.
-    pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        self.state
-            .wait_until(|| self.is_done(), Some(Instant::now() + timeout))
-    }
-
-    /// Blocks until request `index` has completed.
-    pub fn wait_request(&self, index: usize) {
-        self.state.wait_until(|| self.is_request_done(index), None);
-    }
-
-    /// The next request to complete that no one has taken yet, waiting up to `timeout` for one;
-    /// `None` once all have been taken or on timeout.
-    pub fn next_completed(&self, timeout: Option<Duration>) -> Option<usize> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        loop {
-            if let Some(index) = self.state.completed.pop() {
-                return Some(index);
-            }
-            if self.is_done() && self.state.completed.is_empty() {
-                return None;
-            }
-            let arrived = self.state.wait_until(
-                || !self.state.completed.is_empty() || self.is_done(),
-                deadline,
-            );
-            if !arrived {
-                return None;
-            }
-        }
-    }
-
-    /// Completes a deferred request once its bytes are in place.
-    pub fn mark_complete(&self, index: usize) {
-        self.state.finish_request(index);
-    }
-}
-
-/// A fixed set of worker threads that run copy jobs. See the module docs.
-///
-/// # Thread Safety
-/// `Send + Sync`. Dropping the engine lets the workers finish the jobs already queued and exit.
+/// `Send + Sync`. Dropping the engine lets the workers finish the batches already queued and exit.
 pub struct CopyEngine {
-    sender: Option<Sender<Arc<JobState>>>,
+    sender: Option<Sender<Arc<Batch>>>,
     workers: Vec<JoinHandle<()>>,
+    creator: u32,
 }
 
 impl CopyEngine {
-    /// Starts `num_threads` workers (at least one).
-    pub fn new(num_threads: usize) -> CopyEngine {
+    /// Starts `num_threads` workers (1 to [`MAX_THREADS`]).
+    pub fn new(num_threads: usize) -> Result<CopyEngine> {
         CopyEngine::with_niceness(num_threads, 0)
     }
 
-    /// Starts `num_threads` workers whose scheduling priority is lowered by `niceness` (Linux
-    /// `nice`, 0-19). Background staging uses this so that copies take the cores the training
-    /// thread leaves idle instead of competing with it; with idle cores they run as fast.
-    pub fn with_niceness(num_threads: usize, niceness: i32) -> CopyEngine {
-        let (sender, receiver) = crossbeam_channel::unbounded::<Arc<JobState>>();
-        let workers = (0..num_threads.max(1))
-            .map(|index| {
-                let receiver: Receiver<Arc<JobState>> = receiver.clone();
-                std::thread::Builder::new()
-                    .name(format!("stager-copy-{index}"))
-                    .spawn(move || {
-                        if niceness > 0 {
-                            lower_this_threads_priority(niceness);
-                        }
-                        while let Ok(job) = receiver.recv() {
-                            job.run();
-                        }
-                    })
-                    .expect("spawning a copy worker")
-            })
-            .collect();
-        CopyEngine {
+    /// Starts `num_threads` workers (1 to [`MAX_THREADS`]) whose scheduling priority is lowered
+    /// by `niceness` (Linux `nice`, 0-19). Background staging uses this so that copies take the
+    /// cores the training thread leaves idle instead of competing with it; with idle cores they
+    /// run as fast.
+    pub fn with_niceness(num_threads: usize, niceness: i32) -> Result<CopyEngine> {
+        if !(1..=MAX_THREADS).contains(&num_threads) {
+            return Err(StagerError::invalid(format!(
+                "the copy engine needs 1 to {MAX_THREADS} threads, got {num_threads}"
+            )));
+        }
+        if !(0..=19).contains(&niceness) {
+            return Err(StagerError::invalid(format!(
+                "copy worker niceness must be 0 to 19, got {niceness}"
+            )));
+        }
+        let (sender, receiver) = crossbeam_channel::unbounded::<Arc<Batch>>();
+        let mut workers = Vec::with_capacity(num_threads);
+        for index in 0..num_threads {
+            let receiver: Receiver<Arc<Batch>> = receiver.clone();
+            let worker = std::thread::Builder::new()
+                .name(format!("stager-copy-{index}"))
+                .spawn(move || {
+                    if niceness > 0 {
+                        lower_this_threads_priority(niceness);
+                    }
+                    while let Ok(batch) = receiver.recv() {
+                        batch.run();
+                    }
+                })
+                .map_err(|source| StagerError::Allocation { bytes: 0, source })?;
+            workers.push(worker);
+        }
+        Ok(CopyEngine {
             sender: Some(sender),
             workers,
-        }
+            creator: std::process::id(),
+        })
     }
 
     /// Number of worker threads.
@@ -388,34 +251,107 @@ impl CopyEngine {
         self.workers.len()
     }
 
-    /// Starts copying `requests`; returns at once unless the job is small enough to run inline.
+    /// Fails with [`StagerError::Forked`] in a process forked after this engine was made.
+    pub fn check_process(&self) -> Result<()> {
+        let current = std::process::id();
+        if current != self.creator {
+            return Err(StagerError::Forked {
+                what: "the copy engine",
+                parent: self.creator,
+                child: current,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts `copies`, each completing its request of `completion` once its bytes are in place;
+    /// returns at once unless the batch is small enough to run inline. `owner` is kept alive
+    /// until the last copy has finished.
+    ///
+    /// Checks before copying anything: every request exists and is named by one copy only, no
+    /// address is null, no destination range wraps around or overlaps another.
     ///
     /// # Safety
-    /// For every host request, `src..src+len` must be readable and `dst..dst+len` writable and
-    /// not overlap any other request's destination or any source, and both must stay valid and
-    /// untouched by anyone else until the job reports that request complete.
-    pub unsafe fn submit(&self, requests: Vec<CopyRequest>) -> CopyJob {
-        let mut state = JobState::plan(requests);
-        let total: usize = state.pieces.iter().map(|piece| piece.len).sum();
-        let chunks = state.chunk_count();
+    /// For every copy, `src..src+len` must be readable and `dst..dst+len` writable, must not
+    /// overlap any source, and both must stay valid and untouched by anyone else until its
+    /// request completes (`owner` may be what guarantees it).
+    pub unsafe fn submit(
+        &self,
+        completion: &Completion,
+        copies: Vec<HostCopy>,
+        owner: Option<MemoryOwner>,
+    ) -> Result<()> {
+        self.check_process()?;
+        check_copies(completion, &copies)?;
+        let mut batch = Batch::plan(copies, completion.clone(), owner);
+        let total: usize = batch.pieces.iter().map(|piece| piece.len).sum();
+        let chunks = batch.chunk_count();
         let inline = total < INLINE_BYTES || chunks <= 1;
         let workers = if inline {
             1
         } else {
             self.workers.len().min(chunks)
         };
-        state.partition(workers);
-        let state = Arc::new(state);
+        batch.partition(workers);
+        let batch = Arc::new(batch);
         if inline {
-            state.run();
-        } else {
-            let sender = self.sender.as_ref().expect("engine is running");
-            for _ in 0..workers {
-                sender.send(state.clone()).expect("copy workers are alive");
-            }
+            batch.run();
+            return Ok(());
         }
-        CopyJob { state }
+        let sender = self.sender.as_ref().expect("the sender lives until drop");
+        for _ in 0..workers {
+            sender
+                .send(batch.clone())
+                .map_err(|_| StagerError::Failed("the copy engine's workers have exited".into()))?;
+        }
+        Ok(())
     }
+}
+
+/// The checks of [`CopyEngine::submit`] that need no memory access.
+fn check_copies(completion: &Completion, copies: &[HostCopy]) -> Result<()> {
+    let mut seen = vec![false; completion.len()];
+    let mut spans = Vec::with_capacity(copies.len());
+    for copy in copies {
+        let Some(slot) = seen.get_mut(copy.request) else {
+            return Err(StagerError::invalid(format!(
+                "copy completes request {} of a batch of {}",
+                copy.request,
+                completion.len()
+            )));
+        };
+        if std::mem::replace(slot, true) {
+            return Err(StagerError::invalid(format!(
+                "request {} is completed by two copies",
+                copy.request
+            )));
+        }
+        if copy.len == 0 {
+            continue;
+        }
+        if copy.src.is_null() || copy.dst.is_null() {
+            return Err(StagerError::invalid(format!(
+                "copy for request {} has a null address",
+                copy.request
+            )));
+        }
+        let start = copy.dst as usize;
+        let end = start.checked_add(copy.len).ok_or_else(|| {
+            StagerError::invalid(format!(
+                "copy for request {} wraps around the address space",
+                copy.request
+            ))
+        })?;
+        spans.push((start, end));
+    }
+    spans.sort_unstable();
+    if let Some(pair) = spans.windows(2).find(|pair| pair[0].1 > pair[1].0) {
+        return Err(StagerError::invalid(format!(
+            "copy destinations overlap: [{:#x}, {:#x}) and [{:#x}, {:#x})",
+            pair[0].0, pair[0].1, pair[1].0, pair[1].1
+        )));
+    }
+    Ok(())
 }
 
 /// Pieces at least this large are copied with non-temporal (cache-bypassing) stores.
@@ -490,6 +426,11 @@ fn lower_this_threads_priority(niceness: i32) {
 impl Drop for CopyEngine {
     fn drop(&mut self) {
         drop(self.sender.take());
+        if self.check_process().is_err() {
+            // A forked child has no worker threads to join; its copies of the handles mean nothing.
+            std::mem::forget(std::mem::take(&mut self.workers));
+            return;
+        }
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
@@ -499,6 +440,7 @@ impl Drop for CopyEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
@@ -506,40 +448,47 @@ mod tests {
             .collect()
     }
 
-    fn copy_all(engine: &CopyEngine, sources: &[Vec<u8>]) -> (Vec<Vec<u8>>, CopyJob) {
+    fn copy_all(engine: &CopyEngine, sources: &[Vec<u8>]) -> (Vec<Vec<u8>>, Completion) {
         let mut targets: Vec<Vec<u8>> = sources.iter().map(|s| vec![0; s.len()]).collect();
-        let requests = sources
+        let copies = sources
             .iter()
             .zip(targets.iter_mut())
-            .map(|(s, t)| CopyRequest::host(s.as_ptr(), t.as_mut_ptr(), s.len()))
+            .enumerate()
+            .map(|(request, (s, t))| HostCopy {
+                request,
+                src: s.as_ptr(),
+                dst: t.as_mut_ptr(),
+                len: s.len(),
+            })
             .collect();
-        // SAFETY: sources and targets outlive the job; the caller waits before reading.
-        let job = unsafe { engine.submit(requests) };
-        job.wait();
-        (targets, job)
+        let done = Completion::new(sources.len());
+        // SAFETY: sources and targets outlive the batch; we wait before reading.
+        unsafe { engine.submit(&done, copies, None) }.unwrap();
+        done.wait_all(None).unwrap();
+        (targets, done)
     }
 
     #[test]
-    fn large_request_is_split_and_copied_exactly() {
-        let engine = CopyEngine::new(3);
+    fn large_copy_is_split_and_copied_exactly() {
+        let engine = CopyEngine::new(3).unwrap();
         let sources = vec![pattern(3 * CHUNK_BYTES + 12_345, 1)];
-        let (targets, job) = copy_all(&engine, &sources);
+        let (targets, done) = copy_all(&engine, &sources);
         assert_eq!(targets, sources);
-        assert!(job.is_done() && job.is_request_done(0));
+        assert!(done.all_done() && done.is_done(0));
     }
 
     #[test]
-    fn many_tiny_requests_including_empty_ones() {
-        let engine = CopyEngine::new(2);
+    fn many_tiny_copies_including_empty_ones() {
+        let engine = CopyEngine::new(2).unwrap();
         let sources: Vec<Vec<u8>> = (0..20_000).map(|i| pattern(i % 97, i as u8)).collect();
-        let (targets, job) = copy_all(&engine, &sources);
+        let (targets, done) = copy_all(&engine, &sources);
         assert_eq!(targets, sources);
-        assert_eq!(job.len(), 20_000);
+        assert_eq!(done.len(), 20_000);
     }
 
     #[test]
     fn mixed_sizes_spanning_chunk_boundaries() {
-        let engine = CopyEngine::new(4);
+        let engine = CopyEngine::new(4).unwrap();
         let sources: Vec<Vec<u8>> = (0..64)
             .map(|i| pattern((i * 977_123) % (2 * CHUNK_BYTES) + 1, i as u8))
             .collect();
@@ -548,18 +497,8 @@ mod tests {
     }
 
     #[test]
-    fn completion_queue_yields_every_request_once() {
-        let engine = CopyEngine::new(2);
-        let sources: Vec<Vec<u8>> = (0..40).map(|i| pattern(CHUNK_BYTES / 3, i)).collect();
-        let (_, job) = copy_all(&engine, &sources);
-        let mut seen: Vec<usize> = std::iter::from_fn(|| job.next_completed(None)).collect();
-        seen.sort();
-        assert_eq!(seen, (0..40).collect::<Vec<_>>());
-    }
-
-    #[test]
     fn concurrent_submitters_share_the_workers() {
-        let engine = CopyEngine::new(2);
+        let engine = CopyEngine::new(2).unwrap();
         std::thread::scope(|scope| {
             for seed in 0..4u8 {
                 let engine = &engine;
@@ -575,24 +514,89 @@ mod tests {
     }
 
     #[test]
-    fn deferred_requests_complete_when_marked() {
-        let engine = CopyEngine::new(1);
-        // SAFETY: deferred requests carry no pointers.
-        let job =
-            unsafe { engine.submit(vec![CopyRequest::deferred(10), CopyRequest::deferred(0)]) };
-        assert!(!job.is_done());
-        assert!(!job.wait_timeout(Duration::from_millis(10)));
-        let marker = job.clone();
-        let thread = std::thread::spawn(move || {
-            marker.mark_complete(1);
-            marker.mark_complete(0);
-        });
-        assert_eq!(job.next_completed(Some(Duration::from_secs(5))), Some(1));
-        job.wait_request(0);
-        job.wait();
-        thread.join().unwrap();
-        assert_eq!(job.next_completed(None), Some(0));
-        assert_eq!(job.next_completed(None), None);
+    fn requests_left_to_others_stay_open() {
+        // A batch may complete only some requests; the rest belong to another producer.
+        let engine = CopyEngine::new(1).unwrap();
+        let src = pattern(100, 3);
+        let mut dst = vec![0u8; 100];
+        let done = Completion::new(2);
+        let copy = HostCopy {
+            request: 1,
+            src: src.as_ptr(),
+            dst: dst.as_mut_ptr(),
+            len: 100,
+        };
+        // SAFETY: both vectors outlive the wait below.
+        unsafe { engine.submit(&done, vec![copy], None) }.unwrap();
+        assert!(done.wait(1, None).unwrap());
+        let soon = Instant::now() + Duration::from_millis(10);
+        assert!(!done.wait(0, Some(soon)).unwrap());
+        assert_eq!(dst, src);
+    }
+
+    #[test]
+    fn bad_batches_are_refused_before_copying() {
+        let engine = CopyEngine::new(1).unwrap();
+        let src = [1u8; 64];
+        let mut dst = [0u8; 64];
+        let base = dst.as_mut_ptr();
+        let done = Completion::new(2);
+        let at = |request, offset: usize, len| HostCopy {
+            request,
+            src: src.as_ptr(),
+            dst: base.wrapping_add(offset),
+            len,
+        };
+        let cases = [
+            (vec![at(2, 0, 8)], "request 2 of a batch of 2"),
+            (vec![at(0, 0, 8), at(0, 8, 8)], "two copies"),
+            (vec![at(0, 0, 16), at(1, 8, 8)], "overlap"),
+        ];
+        for (copies, expected) in cases {
+            // SAFETY: every case is rejected before any memory is touched.
+            let err = unsafe { engine.submit(&done, copies, None) }.unwrap_err();
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+        let null = HostCopy {
+            request: 0,
+            src: std::ptr::null(),
+            dst: base,
+            len: 4,
+        };
+        // SAFETY: rejected before any memory is touched.
+        assert!(unsafe { engine.submit(&done, vec![null], None) }.is_err());
+        assert_eq!(dst, [0u8; 64]);
+        assert!(CopyEngine::new(0).is_err());
+        assert!(CopyEngine::new(MAX_THREADS + 1).is_err());
+        assert!(CopyEngine::with_niceness(1, 40).is_err());
+    }
+
+    #[test]
+    fn owner_lives_until_the_last_copy_finished() {
+        let engine = CopyEngine::new(2).unwrap();
+        let source = Arc::new(pattern(3 * CHUNK_BYTES, 7));
+        let mut target = vec![0u8; source.len()];
+        let done = Completion::new(1);
+        let copy = HostCopy {
+            request: 0,
+            src: source.as_ptr(),
+            dst: target.as_mut_ptr(),
+            len: source.len(),
+        };
+        let owner: MemoryOwner = Box::new(source.clone());
+        // SAFETY: `owner` keeps the source alive; `target` outlives the wait below.
+        unsafe { engine.submit(&done, vec![copy], Some(owner)) }.unwrap();
+        done.wait_all(None).unwrap();
+        assert_eq!(&target, &*source);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&source) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            Arc::strong_count(&source),
+            1,
+            "the batch released its owner"
+        );
     }
 
     #[test]
@@ -622,26 +626,9 @@ mod tests {
 
     #[test]
     fn background_engine_copies_the_same_bytes() {
-        let engine = CopyEngine::with_niceness(2, 10);
+        let engine = CopyEngine::with_niceness(2, 10).unwrap();
         let sources = vec![pattern(3 * CHUNK_BYTES + 5, 9), pattern(100, 1)];
         let (targets, _) = copy_all(&engine, &sources);
         assert_eq!(targets, sources);
-    }
-
-    #[test]
-    fn wait_timeout_reports_completion() {
-        let engine = CopyEngine::new(2);
-        let sources = vec![pattern(8 * CHUNK_BYTES, 3)];
-        let mut target = vec![0u8; sources[0].len()];
-        // SAFETY: both buffers outlive the wait below.
-        let job = unsafe {
-            engine.submit(vec![CopyRequest::host(
-                sources[0].as_ptr(),
-                target.as_mut_ptr(),
-                target.len(),
-            )])
-        };
-        assert!(job.wait_timeout(Duration::from_secs(30)));
-        assert_eq!(target, sources[0]);
     }
 }

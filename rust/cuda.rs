@@ -14,10 +14,14 @@
 //!   recorded on the caller's current stream, so kernels already queued there finish before their
 //!   output is copied. Each copy is cut into chunks spread over the device's streams; events
 //!   recorded behind the chunks are waited for by one completion thread, which marks the copy's
-//!   deferred request of a [`CopyJob`] complete as soon as its last chunk has landed.
+//!   request of the stage's [`Completion`] complete as soon as its last chunk has landed (or
+//!   fails the completion with the driver's error).
 //!
-//! Device pointers and streams PyTorch owns are only ever passed to raw `sys` calls: nothing here
-//! wraps them in a cudarc type that would free them.
+//! Driver calls go through cudarc's `result` layer where it has them (init, devices, primary
+//! contexts, streams, events, copies) and through raw `sys` calls only where it does not (context
+//! push/pop, host registration, combined event flags), each turned into [`StagerError::Cuda`]
+//! with its `CUresult` by one function. Device pointers and streams PyTorch owns are only passed to
+//! these low layers: nothing here wraps them in a cudarc type that would free them.
 //!
 //! # Example
 //! ```
@@ -34,17 +38,18 @@
 //! never changed.
 
 use std::collections::HashMap;
-use std::ffi::{c_int, c_uint, CStr};
+use std::ffi::{c_int, c_uint};
 use std::panic::catch_unwind;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crossbeam_channel::Sender;
+use cudarc::driver::result::{self as driver_api, DriverError};
 use cudarc::driver::sys;
 
-use crate::copy_engine::CopyJob;
+use crate::completion::Completion;
+use crate::copy_engine::MemoryOwner;
 use crate::error::{Result, StagerError};
 use crate::pool::MemoryPinner;
 
@@ -70,6 +75,7 @@ fn driver() -> Result<&'static Driver> {
         .as_ref()
         .map_err(|message| StagerError::Cuda {
             call: "cuInit",
+            code: None,
             message: message.clone(),
         })
 }
@@ -87,14 +93,9 @@ fn load_driver() -> std::result::Result<Driver, String> {
     // A driver too old to export a symbol cudarc looks up makes cudarc panic: catch it here, at
     // the first calls, so the only outcome is "CUDA unavailable".
     catch_unwind(|| {
-        // SAFETY: cuInit has no preconditions and the library is known to load.
-        check("cuInit", unsafe { sys::cuInit(0) }).map_err(|e| e.to_string())?;
-        let mut count: c_int = 0;
-        // SAFETY: writes one int through a pointer to a local.
-        check("cuDeviceGetCount", unsafe {
-            sys::cuDeviceGetCount(&mut count)
-        })
-        .map_err(|e| e.to_string())?;
+        driver_api::init().map_err(|e| cuda_error("cuInit", e).to_string())?;
+        let count = driver_api::device::get_count()
+            .map_err(|e| cuda_error("cuDeviceGetCount", e).to_string())?;
         Ok(Driver {
             device_count: count.max(0) as usize,
         })
@@ -121,22 +122,29 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
-/// Turns a driver status into a crate error naming the call.
-fn check(call: &'static str, status: sys::CUresult) -> Result<()> {
-    if status == sys::CUresult::CUDA_SUCCESS {
-        return Ok(());
-    }
-    let mut name: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: cuGetErrorName only writes a pointer to a static string (or leaves it untouched).
-    let named = unsafe { sys::cuGetErrorName(status, &mut name) };
-    let message = if named == sys::CUresult::CUDA_SUCCESS && !name.is_null() {
-        // SAFETY: the driver returned a NUL-terminated static string.
-        let text = unsafe { CStr::from_ptr(name) };
-        format!("{} ({})", text.to_string_lossy(), status as i32)
+/// A driver error as a crate error naming the call, keeping the `CUresult`.
+fn cuda_error(call: &'static str, err: DriverError) -> StagerError {
+    let code = err.0 as i32;
+    // Asking the driver for the name needs a loaded driver (cudarc panics without one).
+    let name = if driver().is_ok() {
+        err.error_name().ok()
     } else {
-        format!("{status:?}")
+        None
     };
-    Err(StagerError::Cuda { call, message })
+    let message = match name {
+        Some(name) => format!("{} ({code})", name.to_string_lossy()),
+        None => format!("{:?} ({code})", err.0),
+    };
+    StagerError::Cuda {
+        call,
+        code: Some(code),
+        message,
+    }
+}
+
+/// A raw driver status (for the calls cudarc's `result` layer lacks) as a crate result.
+fn check(call: &'static str, status: sys::CUresult) -> Result<()> {
+    status.result().map_err(|err| cuda_error(call, err))
 }
 
 fn check_device(device: i32) -> Result<()> {
@@ -144,6 +152,7 @@ fn check_device(device: i32) -> Result<()> {
     if device < 0 || device as usize >= count {
         return Err(StagerError::Cuda {
             call: "cuDeviceGet",
+            code: None,
             message: format!("device {device} does not exist ({count} CUDA devices)"),
         });
     }
@@ -161,14 +170,11 @@ fn primary_context(device: i32) -> Result<sys::CUcontext> {
     if let Some(&(_, ctx)) = contexts.iter().find(|(d, _)| *d == device) {
         return Ok(ctx as sys::CUcontext);
     }
-    let mut dev: sys::CUdevice = 0;
-    // SAFETY: writes the device handle through a pointer to a local; the ordinal was checked.
-    check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut dev, device) })?;
-    let mut ctx: sys::CUcontext = std::ptr::null_mut();
-    // SAFETY: `dev` came from cuDeviceGet; the context is written through a pointer to a local.
-    check("cuDevicePrimaryCtxRetain", unsafe {
-        sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
-    })?;
+    let dev = driver_api::device::get(device).map_err(|e| cuda_error("cuDeviceGet", e))?;
+    // SAFETY: `dev` came from cuDeviceGet for a checked ordinal; the context is retained for the
+    // life of the process (never released), so handles derived from it stay valid.
+    let ctx = unsafe { driver_api::primary_ctx::retain(dev) }
+        .map_err(|e| cuda_error("cuDevicePrimaryCtxRetain", e))?;
     contexts.push((device, ctx as usize));
     Ok(ctx)
 }
@@ -220,10 +226,7 @@ impl Drop for ContextGuard {
 /// this choice avoids creating a context on a GPU the process doesn't use. Only primary contexts
 /// (retained for the process) are used, so unregistering can always push the same one.
 fn pinning_context() -> Result<sys::CUcontext> {
-    let mut current: sys::CUcontext = std::ptr::null_mut();
-    // SAFETY: writes the current context (or null) through a pointer to a local.
-    let status = unsafe { sys::cuCtxGetCurrent(&mut current) };
-    if status == sys::CUresult::CUDA_SUCCESS && !current.is_null() {
+    if let Ok(Some(_current)) = driver_api::ctx::get_current() {
         let mut device: sys::CUdevice = 0;
         // SAFETY: asks the current (live) context for its device, written to a local.
         if unsafe { sys::cuCtxGetDevice(&mut device) } == sys::CUresult::CUDA_SUCCESS {
@@ -249,6 +252,7 @@ impl CudaPinner {
         if let Some(reason) = unavailable_reason() {
             return Err(StagerError::Cuda {
                 call: "cuInit",
+                code: None,
                 message: reason,
             });
         }
@@ -319,11 +323,11 @@ impl StreamMark {
     pub fn is_reached(&self) -> Result<bool> {
         let _guard = ContextGuard::push(self.ctx as sys::CUcontext)?;
         // SAFETY: the event was created by `DeviceCopier::mark` and is destroyed only on drop.
-        let status = unsafe { sys::cuEventQuery(self.event as sys::CUevent) };
-        if status == sys::CUresult::CUDA_ERROR_NOT_READY {
-            return Ok(false);
+        match unsafe { driver_api::event::query(self.event as sys::CUevent) } {
+            Ok(()) => Ok(true),
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(err) => Err(cuda_error("cuEventQuery", err)),
         }
-        check("cuEventQuery", status).map(|_| true)
     }
 }
 
@@ -332,24 +336,30 @@ impl Drop for StreamMark {
         if let Ok(_guard) = ContextGuard::push(self.ctx as sys::CUcontext) {
             // SAFETY: destroys the event this mark created; streams that wait on it captured its
             // state when they were told to wait, and the driver frees it once it has completed.
-            unsafe { sys::cuEventDestroy_v2(self.event as sys::CUevent) };
+            let _ = unsafe { driver_api::event::destroy(self.event as sys::CUevent) };
         }
     }
 }
 
 /// One device-to-host copy: `len` bytes from device address `src` on `device` to host `dst`;
-/// completes request `request` of the job it is submitted with.
+/// completes request `request` of the completion it is submitted with.
 #[derive(Clone, Copy, Debug)]
 pub struct DeviceCopy {
+    /// The completion request this copy completes.
     pub request: usize,
+    /// The CUDA device ordinal the source lives on.
     pub device: i32,
+    /// Device address of the source.
     pub src: u64,
+    /// Host destination.
     pub dst: *mut u8,
+    /// Bytes to copy.
     pub len: usize,
 }
 
 // SAFETY: plain addresses; `DeviceCopier::submit`'s contract makes them valid until completion.
 unsafe impl Send for DeviceCopy {}
+// SAFETY: as above; nothing in a DeviceCopy is mutated through a shared reference.
 unsafe impl Sync for DeviceCopy {}
 
 /// Streams owned by the copier on one device.
@@ -358,26 +368,19 @@ struct DeviceStreams {
     streams: Vec<usize>,
 }
 
-/// State shared by a submission's completion items and its [`DeviceBatch`].
+/// State shared by a submission's landing events.
 struct BatchState {
-    job: CopyJob,
-    /// Per request of the job: chunks of this submission not yet landed.
+    completion: Completion,
+    /// Per request of the completion: chunks of this submission not yet landed.
     chunks_left: Vec<AtomicU32>,
-    error: Mutex<Option<String>>,
+    /// The owner of the memory the copies read and write, released with the last event.
+    _owner: Option<MemoryOwner>,
 }
 
 impl BatchState {
-    fn fail(&self, message: String) {
-        self.error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(message);
-        // Wake every waiter: the batch is over, with an error they will see.
-        for (index, left) in self.chunks_left.iter().enumerate() {
-            if left.swap(0, Ordering::AcqRel) > 0 {
-                self.job.mark_complete(index);
-            }
-        }
+    fn fail(&self, error: StagerError) {
+        // Wakes every waiter: the batch is over, with an error they will see.
+        self.completion.fail(error);
     }
 
     fn landed(&self, request: usize) {
@@ -386,13 +389,13 @@ impl BatchState {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .unwrap_or(0);
         if previous == 1 {
-            self.job.mark_complete(request);
+            self.completion.mark_complete(request);
         }
     }
 }
 
 /// An event behind some chunks, for the completion thread.
-struct Completion {
+struct LandingEvent {
     ctx: usize,
     event: usize,
     /// One request index per chunk the event covers.
@@ -400,66 +403,20 @@ struct Completion {
     batch: Arc<BatchState>,
 }
 
-/// A submission's handle: wait for it whole (errors included) or per request through its job.
-///
-/// # Thread Safety
-/// `Send + Sync`; clone it to wait from several threads.
-#[derive(Clone)]
-pub struct DeviceBatch {
-    state: Arc<BatchState>,
-}
-
-impl DeviceBatch {
-    /// The job whose deferred requests this batch completes.
-    pub fn job(&self) -> &CopyJob {
-        &self.state.job
-    }
-
-    /// The CUDA error that ended the batch, if any.
-    pub fn error(&self) -> Option<StagerError> {
-        let message = self
-            .state
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()?;
-        Some(StagerError::Cuda {
-            call: "cuMemcpyDtoHAsync",
-            message,
-        })
-    }
-
-    /// Blocks until every copy has landed; the error if one failed.
-    pub fn wait(&self) -> Result<()> {
-        self.state.job.wait();
-        self.error().map_or(Ok(()), Err)
-    }
-
-    /// Like [`DeviceBatch::wait`] with a limit; `Ok(false)` on timeout.
-    pub fn wait_timeout(&self, timeout: Duration) -> Result<bool> {
-        if !self.state.job.wait_timeout(timeout) {
-            return Ok(false);
-        }
-        self.error().map_or(Ok(true), Err)
-    }
-}
-
 /// Device-to-host copies on dedicated streams. See the module docs.
 ///
 /// # Example
 /// ```no_run
 /// # use stager::cuda::{DeviceCopier, DeviceCopy};
-/// # use stager::copy_engine::{CopyEngine, CopyRequest};
+/// # use stager::completion::Completion;
 /// # fn f(device_ptr: u64, torch_stream: usize, host: &mut [u8]) -> stager::Result<()> {
 /// let copier = DeviceCopier::new(2)?;
-/// let engine = CopyEngine::new(1);
-/// // SAFETY: deferred requests carry no pointers.
-/// let job = unsafe { engine.submit(vec![CopyRequest::deferred(host.len())]) };
+/// let done = Completion::new(1);
 /// let mark = copier.mark(0, torch_stream)?; // in the training thread, at stage() time
 /// let copy = DeviceCopy { request: 0, device: 0, src: device_ptr, dst: host.as_mut_ptr(), len: host.len() };
-/// // SAFETY: the device memory and `host` stay alive and untouched until the batch completes.
-/// let batch = unsafe { copier.submit(&job, &[copy], &[&mark])? };
-/// batch.wait()?;
+/// // SAFETY: the device memory and `host` stay alive and untouched until the request completes.
+/// unsafe { copier.submit(&done, &[copy], &[&mark], None)? };
+/// done.wait_all(None)?;
 /// # Ok(()) }
 /// ```
 ///
@@ -470,54 +427,75 @@ impl DeviceBatch {
 pub struct DeviceCopier {
     streams_per_device: usize,
     devices: Mutex<HashMap<i32, Arc<DeviceStreams>>>,
-    completions: Option<Sender<Completion>>,
+    landings: Option<Sender<LandingEvent>>,
     thread: Option<JoinHandle<()>>,
+    creator: u32,
 }
+
+/// Most streams per device a copier may create.
+pub const MAX_STREAMS_PER_DEVICE: usize = 64;
 
 impl DeviceCopier {
     /// A copier with `streams_per_device` streams (at least one) on each device it copies from;
     /// streams are created on first use. [`StagerError::Cuda`] when CUDA can't be used.
     pub fn new(streams_per_device: usize) -> Result<DeviceCopier> {
+        if !(1..=MAX_STREAMS_PER_DEVICE).contains(&streams_per_device) {
+            return Err(StagerError::invalid(format!(
+                "streams_per_device must be 1 to {MAX_STREAMS_PER_DEVICE}, got {streams_per_device}"
+            )));
+        }
         if let Some(reason) = unavailable_reason() {
             return Err(StagerError::Cuda {
                 call: "cuInit",
+                code: None,
                 message: reason,
             });
         }
-        let (sender, receiver) = crossbeam_channel::unbounded::<Completion>();
+        let (sender, receiver) = crossbeam_channel::unbounded::<LandingEvent>();
         let thread = std::thread::Builder::new()
             .name("stager-cuda-done".into())
             .spawn(move || {
                 while let Ok(item) = receiver.recv() {
-                    complete(item);
+                    land(item);
                 }
             })
             .map_err(|source| StagerError::Cuda {
                 call: "spawning the completion thread",
+                code: None,
                 message: source.to_string(),
             })?;
         Ok(DeviceCopier {
-            streams_per_device: streams_per_device.max(1),
+            streams_per_device,
             devices: Mutex::new(HashMap::new()),
-            completions: Some(sender),
+            landings: Some(sender),
             thread: Some(thread),
+            creator: std::process::id(),
         })
+    }
+
+    /// Fails with [`StagerError::Forked`] in a process forked after this copier was made (CUDA
+    /// does not survive `fork()`, and neither does the completion thread).
+    fn check_process(&self) -> Result<()> {
+        let current = std::process::id();
+        if current != self.creator {
+            return Err(StagerError::Forked {
+                what: "the CUDA copier",
+                parent: self.creator,
+                child: current,
+            });
+        }
+        Ok(())
     }
 
     /// Records "everything queued so far" on `stream` (a raw `CUstream` of `device`, e.g.
     /// PyTorch's `torch.cuda.current_stream(device).cuda_stream`; 0 is the legacy default stream).
     /// Call it in the thread and at the moment the copy must be ordered after.
     pub fn mark(&self, device: i32, stream: usize) -> Result<StreamMark> {
+        self.check_process()?;
         let ctx = primary_context(device)?;
         let _guard = ContextGuard::push(ctx)?;
-        let mut event: sys::CUevent = std::ptr::null_mut();
-        // SAFETY: creates an event in the pushed context, written through a pointer to a local.
-        check("cuEventCreate", unsafe {
-            sys::cuEventCreate(
-                &mut event,
-                sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as c_uint,
-            )
-        })?;
+        let event = driver_api::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(|e| cuda_error("cuEventCreate", e))?;
         let mark = StreamMark {
             device,
             ctx: ctx as usize,
@@ -525,9 +503,8 @@ impl DeviceCopier {
         };
         // SAFETY: the event is ours; `stream` is the caller's live stream on `device` (PyTorch
         // keeps its streams for the process), only recorded on, never retained or destroyed.
-        check("cuEventRecord", unsafe {
-            sys::cuEventRecord(event, stream as sys::CUstream)
-        })?;
+        unsafe { driver_api::event::record(event, stream as sys::CUstream) }
+            .map_err(|e| cuda_error("cuEventRecord", e))?;
         Ok(mark)
     }
 
@@ -544,75 +521,98 @@ impl DeviceCopier {
             streams: Vec::new(),
         };
         for _ in 0..self.streams_per_device {
-            let mut stream: sys::CUstream = std::ptr::null_mut();
-            // SAFETY: creates a stream in the pushed context through a pointer to a local.
             // NON_BLOCKING: no implicit sync with the legacy default stream; ordering is explicit.
-            let status = unsafe {
-                sys::cuStreamCreate(
-                    &mut stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as c_uint,
-                )
-            };
-            if let Err(err) = check("cuStreamCreate", status) {
-                destroy_streams(&created);
-                return Err(err);
+            match driver_api::stream::create(driver_api::stream::StreamKind::NonBlocking) {
+                Ok(stream) => created.streams.push(stream as usize),
+                Err(err) => {
+                    destroy_streams(&created);
+                    return Err(cuda_error("cuStreamCreate", err));
+                }
             }
-            created.streams.push(stream as usize);
         }
         let created = Arc::new(created);
         devices.insert(device, created.clone());
         Ok(created)
     }
 
-    /// Queues every copy after the marks of its device and returns at once; the job's request
-    /// `copy.request` completes when that copy has landed. Zero-length copies complete at once.
+    /// Queues every copy after the marks of its device and returns at once; request
+    /// `copy.request` of `completion` completes when that copy has landed, and a driver error
+    /// fails the completion. Zero-length copies complete at once. `owner` (what owns the device
+    /// and host memory) is kept alive until the last copy has landed.
     ///
-    /// Every device a copy reads from needs a mark in `marks`.
+    /// Every device a copy reads from needs a mark in `marks`. Checks before queueing anything:
+    /// requests exist and are named once, addresses are not null, destinations don't overlap,
+    /// devices exist.
     ///
     /// # Safety
     /// For each copy, `src..src+len` must be device memory of `device` and `dst..dst+len`
-    /// writable host memory (pinned for asynchrony, else the call blocks per copy); destinations
-    /// must not overlap each other; both must stay allocated, and the destination unread and
-    /// unwritten by anyone else, until the request completes (or the batch reports an error).
-    /// Each request index must be a deferred request of `job` and appear in no other submission.
+    /// writable host memory (pinned for asynchrony, else the call blocks per copy); both must stay
+    /// allocated, and the destination unread and unwritten by anyone else, until the request
+    /// completes or the completion fails (`owner` may be what guarantees it).
     pub unsafe fn submit(
         &self,
-        job: &CopyJob,
+        completion: &Completion,
         copies: &[DeviceCopy],
         marks: &[&StreamMark],
-    ) -> Result<DeviceBatch> {
-        let mut chunks = vec![0u32; job.len()];
+        owner: Option<MemoryOwner>,
+    ) -> Result<()> {
+        self.check_process()?;
+        let mut chunks = vec![0u32; completion.len()];
+        let mut spans = Vec::with_capacity(copies.len());
+        let mut seen = vec![false; completion.len()];
         for copy in copies {
-            if copy.request >= job.len() {
-                return Err(StagerError::InvalidCopy(format!(
-                    "device copy completes request {} of a job of {}",
+            let Some(slot) = seen.get_mut(copy.request) else {
+                return Err(StagerError::invalid(format!(
+                    "device copy completes request {} of a batch of {}",
                     copy.request,
-                    job.len()
+                    completion.len()
+                )));
+            };
+            if std::mem::replace(slot, true) {
+                return Err(StagerError::invalid(format!(
+                    "request {} is completed by two device copies",
+                    copy.request
                 )));
             }
             if copy.len > 0 && (copy.src == 0 || copy.dst.is_null()) {
-                return Err(StagerError::InvalidCopy(format!(
+                return Err(StagerError::invalid(format!(
                     "device copy for request {} has a null address",
                     copy.request
                 )));
             }
             check_device(copy.device)?;
             if !marks.iter().any(|m| m.device == copy.device) {
-                return Err(StagerError::InvalidCopy(format!(
+                return Err(StagerError::invalid(format!(
                     "no stream mark for device {}: copies must be ordered after the caller's stream",
                     copy.device
                 )));
             }
+            if copy.len > 0 {
+                let start = copy.dst as usize;
+                let end = start.checked_add(copy.len).ok_or_else(|| {
+                    StagerError::invalid(format!(
+                        "device copy for request {} wraps around the address space",
+                        copy.request
+                    ))
+                })?;
+                spans.push((start, end));
+            }
             chunks[copy.request] += copy.len.div_ceil(DEVICE_CHUNK_BYTES) as u32;
         }
+        spans.sort_unstable();
+        if spans.windows(2).any(|pair| pair[0].1 > pair[1].0) {
+            return Err(StagerError::invalid(
+                "device copy destinations overlap".to_string(),
+            ));
+        }
         let state = Arc::new(BatchState {
-            job: job.clone(),
+            completion: completion.clone(),
             chunks_left: chunks.iter().map(|&n| AtomicU32::new(n)).collect(),
-            error: Mutex::new(None),
+            _owner: owner,
         });
         for copy in copies {
             if copy.len == 0 {
-                job.mark_complete(copy.request);
+                completion.mark_complete(copy.request);
             }
         }
         let mut devices: Vec<i32> = copies.iter().map(|c| c.device).collect();
@@ -631,11 +631,11 @@ impl DeviceCopier {
                 for streams in &issued {
                     synchronize_streams(streams);
                 }
-                state.fail(err.to_string());
+                state.fail(err.duplicate());
                 return Err(err);
             }
         }
-        Ok(DeviceBatch { state })
+        Ok(())
     }
 
     /// Queues `device`'s share of `copies` on its streams, behind the marks.
@@ -654,13 +654,14 @@ impl DeviceCopier {
         for mark in marks.iter().filter(|m| m.device == device) {
             for &stream in &streams.streams {
                 // SAFETY: our stream and the mark's event both live in this device's context.
-                check("cuStreamWaitEvent", unsafe {
-                    sys::cuStreamWaitEvent(
+                unsafe {
+                    driver_api::stream::wait_event(
                         stream as sys::CUstream,
                         mark.event as sys::CUevent,
-                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT as c_uint,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
                     )
-                })?;
+                }
+                .map_err(|e| cuda_error("cuStreamWaitEvent", e))?;
             }
         }
         let count = streams.streams.len();
@@ -672,15 +673,18 @@ impl DeviceCopier {
             while offset < copy.len {
                 let len = (copy.len - offset).min(DEVICE_CHUNK_BYTES);
                 let lane = (0..count).min_by_key(|&i| queued[i]).unwrap_or(0);
-                // SAFETY: the caller guarantees both ranges (see `submit`); offset + len <= len.
-                check("cuMemcpyDtoHAsync", unsafe {
-                    sys::cuMemcpyDtoHAsync_v2(
-                        copy.dst.add(offset).cast(),
+                // SAFETY: the caller guarantees both ranges (see `submit`); offset + len <= len,
+                // so the slice lies inside the destination, which nobody else touches until the
+                // request completes.
+                unsafe {
+                    let dst = std::slice::from_raw_parts_mut(copy.dst.add(offset), len);
+                    driver_api::memcpy_dtoh_async(
+                        dst,
                         copy.src + offset as u64,
-                        len,
                         streams.streams[lane] as sys::CUstream,
                     )
-                })?;
+                }
+                .map_err(|e| cuda_error("cuMemcpyDtoHAsync", e))?;
                 queued[lane] += len;
                 since_event[lane] += len;
                 pending[lane].push(copy.request as u32);
@@ -728,33 +732,34 @@ impl DeviceCopier {
             unsafe { sys::cuEventDestroy_v2(event) };
             return Err(err);
         }
-        let item = Completion {
+        let item = LandingEvent {
             ctx: streams.ctx,
             event: event as usize,
             requests,
             batch: state.clone(),
         };
-        self.completions
+        self.landings
             .as_ref()
             .expect("copier is running")
             .send(item)
             .map_err(|_| StagerError::Cuda {
                 call: "completion thread",
+                code: None,
                 message: "the completion thread has exited".into(),
             })
     }
 }
 
-/// Waits for one completion event, then reports its chunks (completion thread).
-fn complete(item: Completion) {
+/// Waits for one landing event, then reports its chunks (completion thread).
+fn land(item: LandingEvent) {
     let result = ContextGuard::push(item.ctx as sys::CUcontext).and_then(|guard| {
         // SAFETY: the event was created and recorded by `record_completion` and is destroyed
         // only here, after the wait.
-        let status = unsafe { sys::cuEventSynchronize(item.event as sys::CUevent) };
+        let waited = unsafe { driver_api::event::synchronize(item.event as sys::CUevent) };
         // SAFETY: as above; nothing refers to the event after this.
-        unsafe { sys::cuEventDestroy_v2(item.event as sys::CUevent) };
+        let _ = unsafe { driver_api::event::destroy(item.event as sys::CUevent) };
         drop(guard);
-        check("cuEventSynchronize", status)
+        waited.map_err(|e| cuda_error("cuEventSynchronize", e))
     });
     match result {
         Ok(()) => {
@@ -762,7 +767,7 @@ fn complete(item: Completion) {
                 item.batch.landed(request as usize);
             }
         }
-        Err(err) => item.batch.fail(err.to_string()),
+        Err(err) => item.batch.fail(err),
     }
 }
 
@@ -770,7 +775,7 @@ fn synchronize_streams(streams: &DeviceStreams) {
     if let Ok(_guard) = ContextGuard::push(streams.ctx as sys::CUcontext) {
         for &stream in &streams.streams {
             // SAFETY: our own live stream, in the pushed context.
-            unsafe { sys::cuStreamSynchronize(stream as sys::CUstream) };
+            let _ = unsafe { driver_api::stream::synchronize(stream as sys::CUstream) };
         }
     }
 }
@@ -780,7 +785,7 @@ fn destroy_streams(streams: &DeviceStreams) {
         for &stream in &streams.streams {
             // SAFETY: our own stream; every copy on it has completed (the caller waited) and no
             // one else holds it.
-            unsafe { sys::cuStreamDestroy_v2(stream as sys::CUstream) };
+            let _ = unsafe { driver_api::stream::destroy(stream as sys::CUstream) };
         }
     }
 }
@@ -788,7 +793,15 @@ fn destroy_streams(streams: &DeviceStreams) {
 impl Drop for DeviceCopier {
     fn drop(&mut self) {
         // The completion thread drains what is queued (every copy in flight), then exits.
-        drop(self.completions.take());
+        drop(self.landings.take());
+        if self.check_process().is_err() {
+            // A forked child has neither the completion thread nor usable CUDA streams.
+            std::mem::forget(self.thread.take());
+            std::mem::forget(std::mem::take(
+                &mut *self.devices.lock().unwrap_or_else(|p| p.into_inner()),
+            ));
+            return;
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -803,7 +816,6 @@ impl Drop for DeviceCopier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::copy_engine::{CopyEngine, CopyRequest};
     use crate::pool::{HostPool, PoolOptions};
 
     #[test]
@@ -849,47 +861,45 @@ mod tests {
 
     #[test]
     fn batch_accounting_completes_requests_after_their_last_chunk() {
-        let engine = CopyEngine::new(1);
-        // SAFETY: deferred requests carry no pointers.
-        let job = unsafe { engine.submit(vec![CopyRequest::deferred(10); 3]) };
+        let completion = Completion::new(3);
         let state = BatchState {
-            job: job.clone(),
+            completion: completion.clone(),
             chunks_left: [2u32, 1, 0].iter().map(|&n| AtomicU32::new(n)).collect(),
-            error: Mutex::new(None),
+            _owner: None,
         };
-        job.mark_complete(2);
+        completion.mark_complete(2);
         state.landed(0);
-        assert!(!job.is_request_done(0));
+        assert!(!completion.is_done(0));
         state.landed(1);
-        assert!(job.is_request_done(1));
+        assert!(completion.is_done(1));
         state.landed(0);
-        assert!(job.is_done());
-        let batch = DeviceBatch {
-            state: Arc::new(state),
-        };
-        assert!(batch.wait().is_ok());
+        assert!(completion.wait_all(None).unwrap());
     }
 
     #[test]
     fn a_failed_batch_wakes_waiters_with_the_error() {
-        let engine = CopyEngine::new(1);
-        // SAFETY: deferred requests carry no pointers.
-        let job = unsafe { engine.submit(vec![CopyRequest::deferred(10); 2]) };
-        let batch = DeviceBatch {
-            state: Arc::new(BatchState {
-                job: job.clone(),
-                chunks_left: vec![AtomicU32::new(3), AtomicU32::new(1)],
-                error: Mutex::new(None),
-            }),
-        };
+        let completion = Completion::new(2);
+        let state = Arc::new(BatchState {
+            completion: completion.clone(),
+            chunks_left: vec![AtomicU32::new(3), AtomicU32::new(1)],
+            _owner: None,
+        });
         let waiter = {
-            let batch = batch.clone();
-            std::thread::spawn(move || batch.wait())
+            let completion = completion.clone();
+            std::thread::spawn(move || completion.wait(0, None))
         };
-        batch.state.fail("CUDA_ERROR_ILLEGAL_ADDRESS (700)".into());
+        state.fail(cuda_error(
+            "cuEventSynchronize",
+            DriverError(sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+        ));
         let err = waiter.join().unwrap().expect_err("failed batch");
-        assert!(err.to_string().contains("ILLEGAL_ADDRESS"), "{err}");
-        assert!(job.is_done());
-        assert!(batch.wait_timeout(Duration::from_secs(1)).is_err());
+        assert!(err.to_string().contains("cuEventSynchronize"), "{err}");
+        assert_eq!(err.cuda_code(), Some(700));
+        assert!(completion.all_done());
+        assert!(completion
+            .wait_all(Some(
+                std::time::Instant::now() + std::time::Duration::from_secs(1)
+            ))
+            .is_err());
     }
 }

@@ -37,22 +37,19 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::layout::{self, VIEW_WHOLE_STORAGE};
+pub use crate::layout::{
+    FORMAT_VERSION as VERSION, KEY_CRC, KEY_FORMAT, KEY_STORAGES, KEY_TREE, KEY_VERSION,
+    RESERVED_PREFIX,
+};
+use crate::table::TensorTable;
+
 /// Upper bound on the JSON header (the same bound safetensors uses).
 pub const MAX_HEADER_BYTES: u64 = 100 << 20;
-/// Alignment of every stored buffer inside the data section.
-pub const STORAGE_ALIGNMENT: u64 = 64;
-/// The data section starts at a multiple of this (page) in the file.
-pub const DATA_ALIGNMENT: u64 = 4096;
-/// Metadata keys.
-pub const KEY_FORMAT: &str = "format";
-pub const KEY_VERSION: &str = "stager.version";
-pub const KEY_TREE: &str = "stager.tree";
-pub const KEY_STORAGES: &str = "stager.storages";
-pub const KEY_CRC: &str = "stager.crc32c";
-/// Prefix of the entries stager adds (padding, storages with no single owning tensor).
-pub const RESERVED_PREFIX: &str = "__stager__.";
-/// The version this build writes and reads.
-pub const VERSION: &str = "1";
+/// Alignment of every stored buffer inside the data section ([`layout::STORAGE_ALIGNMENT`]).
+pub const STORAGE_ALIGNMENT: u64 = layout::STORAGE_ALIGNMENT as u64;
+/// The data section starts at a multiple of this in the file ([`layout::DATA_ALIGNMENT`]).
+pub const DATA_ALIGNMENT: u64 = layout::DATA_ALIGNMENT as u64;
 
 /// Bytes per element of a safetensors dtype name; `None` for names this build does not know.
 pub fn dtype_size(dtype: &str) -> Option<u64> {
@@ -69,24 +66,92 @@ pub fn dtype_size(dtype: &str) -> Option<u64> {
 /// What the writer is asked to store for one buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntrySpec {
+    /// The entry's name in the header.
     pub name: String,
+    /// Its safetensors dtype name.
     pub dtype: String,
+    /// Its shape.
     pub shape: Vec<u64>,
+    /// Its bytes.
     pub nbytes: u64,
+}
+
+/// A tensor as a safetensors reader would see it: its dtype name and shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    /// The safetensors dtype name ("F32", "BF16"...).
+    pub dtype: String,
+    /// Its shape.
+    pub shape: Vec<u64>,
+}
+
+/// One entry per storage of `table`, in storage order. A storage viewed by exactly one tensor
+/// that covers it whole is stored under that tensor's name (`tensor_names[i]`, its dotted key
+/// path) with the dtype and shape `describe(i)` gives, so any safetensors reader sees the tensor
+/// itself; every other storage (views sharing it, a dtype safetensors lacks, a name that is taken,
+/// reserved or missing) is a `__stager__.storage.<i>` byte entry.
+pub fn storage_entries(
+    table: &TensorTable,
+    tensor_names: &[Option<String>],
+    describe: impl Fn(usize) -> Option<TensorEntry>,
+) -> Vec<EntrySpec> {
+    let mut owner: Vec<Option<usize>> = vec![None; table.storages().len()];
+    for (index, view) in table.views().iter().enumerate() {
+        if view.flags == VIEW_WHOLE_STORAGE && table.storages()[view.storage].users == 1 {
+            owner[view.storage] = Some(index);
+        }
+    }
+    let mut used = std::collections::HashSet::with_capacity(owner.len());
+    table
+        .storages()
+        .iter()
+        .enumerate()
+        .map(|(index, storage)| {
+            let named = owner[index].and_then(|tensor| {
+                let name = tensor_names.get(tensor)?.as_deref()?;
+                if name.is_empty() || name.starts_with("__") || used.contains(name) {
+                    return None;
+                }
+                let entry = describe(tensor)?;
+                Some((name.to_string(), entry))
+            });
+            let spec = match named {
+                Some((name, entry)) => EntrySpec {
+                    name,
+                    dtype: entry.dtype,
+                    shape: entry.shape,
+                    nbytes: storage.nbytes as u64,
+                },
+                None => EntrySpec {
+                    name: format!("{RESERVED_PREFIX}storage.{index}"),
+                    dtype: "U8".into(),
+                    shape: vec![storage.nbytes as u64],
+                    nbytes: storage.nbytes as u64,
+                },
+            };
+            used.insert(spec.name.clone());
+            spec
+        })
+        .collect()
 }
 
 /// One entry of the header: a named byte range of the data section.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// The entry's name.
     pub name: String,
+    /// Its safetensors dtype name.
     pub dtype: String,
+    /// Its shape.
     pub shape: Vec<u64>,
-    /// Offsets relative to the start of the data section.
+    /// Start, relative to the start of the data section.
     pub begin: u64,
+    /// End (exclusive), relative to the start of the data section.
     pub end: u64,
 }
 
 impl Entry {
+    /// Bytes of the entry.
     pub fn nbytes(&self) -> u64 {
         self.end - self.begin
     }
@@ -233,6 +298,7 @@ pub struct Header {
     pub data_len: u64,
     /// Every entry, sorted by offset; they tile `[0, data_len)`.
     pub entries: Vec<Entry>,
+    /// The `__metadata__` map.
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -382,17 +448,22 @@ fn parse_entry(name: &str, value: Value) -> Result<Entry, String> {
 /// Where one stored buffer lies in the file and its checksum.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorageRange {
+    /// The entry holding the storage.
     pub entry: String,
     /// Absolute file offset.
     pub offset: u64,
+    /// Bytes of the storage.
     pub nbytes: u64,
+    /// Its recorded checksum.
     pub crc32c: u32,
 }
 
 /// The stager part of a file: the tree JSON and each storage's range and checksum.
 #[derive(Clone, Debug)]
 pub struct Layout {
+    /// The tree JSON (`stager.tree`).
     pub tree: String,
+    /// Each storage's range and checksum, in storage order.
     pub storages: Vec<StorageRange>,
 }
 

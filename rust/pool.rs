@@ -29,11 +29,17 @@
 //! [`HostBuffer`] is `Send + Sync`: it hands out raw pointers, and whoever writes through them (the
 //! copy engine) is responsible for not racing with readers, which the stagers guarantee by
 //! publishing a buffer only after its copies completed.
+//!
+//! After `fork()` the child keeps using the pool safely: memory mapped by the parent is never
+//! handed out again in the child (a shared-memory buffer would still be the parent's bytes), a
+//! reservation thread that did not survive the fork is not waited for, and the child neither
+//! pins nor unpins (CUDA does not work in a forked child).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::error::{Result, StagerError};
 
@@ -78,14 +84,18 @@ struct Slab {
     capacity: usize,
     shared_fd: Option<OwnedFd>,
     pinner: Option<Arc<dyn MemoryPinner>>,
+    /// The process that mapped it: a forked child must not reuse or unpin it.
+    owner_pid: u32,
 }
 
 // SAFETY: a slab is a plain owned memory mapping; the pointer is not tied to any thread.
 unsafe impl Send for Slab {}
+// SAFETY: as above; shared access only reads the pointer and sizes.
 unsafe impl Sync for Slab {}
 
 impl Slab {
-    fn map(capacity: usize, options: &PoolOptions) -> Result<Slab> {
+    /// Maps `capacity` bytes; pins them unless this process is a fork of `creator` (the pool's).
+    fn map(capacity: usize, options: &PoolOptions, creator: u32) -> Result<Slab> {
         let alloc_err = |source| StagerError::Allocation {
             bytes: capacity,
             source,
@@ -133,8 +143,9 @@ impl Slab {
             capacity,
             shared_fd,
             pinner: None,
+            owner_pid: std::process::id(),
         };
-        if let Some(pinner) = &options.pinner {
+        if let Some(pinner) = options.pinner.as_ref().filter(|_| !forked_from(creator)) {
             pinner.pin(slab.ptr.as_ptr(), capacity)?;
             slab.pinner = Some(pinner.clone());
         }
@@ -165,7 +176,11 @@ impl Slab {
 
 impl Drop for Slab {
     fn drop(&mut self) {
-        if let Some(pinner) = &self.pinner {
+        if let Some(pinner) = self
+            .pinner
+            .as_ref()
+            .filter(|_| !forked_from(self.owner_pid))
+        {
             pinner.unpin(self.ptr.as_ptr());
         }
         // SAFETY: unmaps exactly the mapping this slab created; no HostBuffer refers to it any more.
@@ -174,6 +189,11 @@ impl Drop for Slab {
 }
 
 const HUGE_PAGE: usize = 2 << 20;
+
+/// Whether this process is not `pid` (a child forked from it).
+fn forked_from(pid: u32) -> bool {
+    std::process::id() != pid
+}
 
 /// The system page size.
 pub fn page_size() -> usize {
@@ -186,13 +206,27 @@ pub fn page_size() -> usize {
     }
 }
 
-fn round_capacity(nbytes: usize) -> usize {
+/// Most threads [`HostPool::reserve`] pre-faults with (more would only contend for the same pages).
+pub const MAX_PREFAULT_THREADS: usize = 64;
+
+/// The mapping size for `nbytes`: whole pages (huge pages from 2 MiB); an error when that does
+/// not fit the address space.
+fn round_capacity(nbytes: usize) -> Result<usize> {
     let unit = if nbytes >= HUGE_PAGE {
         HUGE_PAGE
     } else {
         page_size()
     };
-    nbytes.max(1).div_ceil(unit) * unit
+    nbytes
+        .max(1)
+        .div_ceil(unit)
+        .checked_mul(unit)
+        .filter(|&capacity| capacity <= isize::MAX as usize)
+        .ok_or_else(|| {
+            StagerError::invalid(format!(
+                "cannot map {nbytes} bytes: more than the address space holds"
+            ))
+        })
 }
 
 struct PoolState {
@@ -204,6 +238,8 @@ struct PoolState {
 struct PoolShared {
     options: PoolOptions,
     state: Mutex<PoolState>,
+    /// The process that made the pool.
+    creator: u32,
 }
 
 /// A pool of reusable page-aligned host buffers. See the module docs.
@@ -223,6 +259,7 @@ impl HostPool {
                     stats: PoolStats::default(),
                     reserving: Vec::new(),
                 }),
+                creator: std::process::id(),
             }),
         }
     }
@@ -242,8 +279,9 @@ impl HostPool {
     /// even after releasing every free buffer; nothing is copied before this check.
     pub fn acquire(&self, nbytes: usize) -> Result<HostBuffer> {
         self.finish_reservations()?;
-        let capacity = round_capacity(nbytes);
+        let capacity = round_capacity(nbytes)?;
         let mut state = self.lock();
+        let inherited = self.forget_inherited(&mut state);
         let best_fit = state
             .free
             .iter()
@@ -260,8 +298,8 @@ impl HostPool {
         }
         let released = self.make_room(&mut state, capacity)?;
         drop(state);
-        drop(released); // unmap outside the lock
-        let slab = Slab::map(capacity, &self.shared.options)?;
+        drop((released, inherited)); // unmap outside the lock
+        let slab = Slab::map(capacity, &self.shared.options, self.shared.creator)?;
         let mut state = self.lock();
         state.stats.allocated_bytes += capacity;
         state.stats.allocations += 1;
@@ -273,12 +311,18 @@ impl HostPool {
     /// `threads` threads, so a following stage of that size takes it without any page fault.
     /// The next [`HostPool::acquire`] waits for it. Budget errors are reported right away.
     pub fn reserve(&self, nbytes: usize, threads: usize) -> Result<()> {
-        let capacity = round_capacity(nbytes);
+        let capacity = round_capacity(nbytes)?;
+        let threads = threads.clamp(1, MAX_PREFAULT_THREADS);
+        self.finish_reservations_if_forked();
         let mut state = self.lock();
+        let inherited = self.forget_inherited(&mut state);
         if state.free.iter().any(|slab| slab.capacity >= nbytes) {
+            drop(state);
+            drop(inherited);
             return Ok(());
         }
         let released = self.make_room(&mut state, capacity)?;
+        drop(inherited);
         // Count it now so concurrent acquisitions see the budget it will take.
         state.stats.allocated_bytes += capacity;
         drop(released);
@@ -286,7 +330,7 @@ impl HostPool {
         let handle = std::thread::Builder::new()
             .name("stager-reserve".into())
             .spawn(move || {
-                let slab = match Slab::map(capacity, &shared.options) {
+                let slab = match Slab::map(capacity, &shared.options, shared.creator) {
                     Ok(slab) => slab,
                     Err(err) => {
                         shared.state.lock().unwrap().stats.allocated_bytes -= capacity;
@@ -308,11 +352,48 @@ impl HostPool {
         Ok(())
     }
 
+    /// Waits until `deadline` for the reservations still running: `Ok(true)` once none is left
+    /// (the first error of one that failed), `Ok(false)` if some still run at the deadline.
+    pub fn wait_reservations(&self, deadline: Option<Instant>) -> Result<bool> {
+        loop {
+            let pending = std::mem::take(&mut self.lock().reserving);
+            if pending.is_empty() {
+                return Ok(true);
+            }
+            if forked_from(self.shared.creator) {
+                std::mem::forget(pending);
+                return Ok(true);
+            }
+            let (finished, running): (Vec<_>, Vec<_>) =
+                pending.into_iter().partition(|handle| handle.is_finished());
+            self.lock().reserving.extend(running);
+            for handle in finished {
+                handle
+                    .join()
+                    .map_err(|_| StagerError::Failed("a reservation thread panicked".into()))??;
+            }
+            if self.lock().reserving.is_empty() {
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Waits for every [`HostPool::reserve`] still running.
     pub fn finish_reservations(&self) -> Result<()> {
         let pending = std::mem::take(&mut self.lock().reserving);
+        if forked_from(self.shared.creator) {
+            // The reservation threads stayed in the parent; joining them here would never return.
+            std::mem::forget(pending);
+            return Ok(());
+        }
         for handle in pending {
-            handle.join().expect("reserve thread panicked")?;
+            handle
+                .join()
+                .map_err(|_| StagerError::Failed("a reservation thread panicked".into()))??;
         }
         Ok(())
     }
@@ -339,6 +420,30 @@ impl HostPool {
             .state
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn finish_reservations_if_forked(&self) {
+        if forked_from(self.shared.creator) {
+            let _ = self.finish_reservations();
+        }
+    }
+
+    /// In a forked child: takes the free buffers the parent mapped out of the free list (they are
+    /// unmapped, in this process only, by the caller), so they are never handed out here.
+    fn forget_inherited(&self, state: &mut PoolState) -> Vec<Slab> {
+        if !forked_from(self.shared.creator) {
+            return Vec::new();
+        }
+        let current = std::process::id();
+        let (inherited, own): (Vec<Slab>, Vec<Slab>) = std::mem::take(&mut state.free)
+            .into_iter()
+            .partition(|slab| slab.owner_pid != current);
+        state.free = own;
+        for slab in &inherited {
+            state.stats.free_bytes -= slab.capacity;
+            state.stats.allocated_bytes -= slab.capacity;
+        }
+        inherited
     }
 
     /// Releases free buffers (largest first) until `capacity` more bytes fit the budget.
@@ -443,6 +548,13 @@ impl Drop for HostBuffer {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         state.stats.buffers_in_use -= 1;
+        if forked_from(slab.owner_pid) {
+            // Mapped by the parent: not ours to hand out again (see the module docs).
+            state.stats.allocated_bytes -= slab.capacity;
+            drop(state);
+            drop(slab);
+            return;
+        }
         state.stats.free_bytes += slab.capacity;
         state.free.push(slab);
     }

@@ -97,14 +97,17 @@ impl CheckpointFile {
         })
     }
 
+    /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The file's size in bytes.
     pub fn file_len(&self) -> u64 {
         self.file_len
     }
 
+    /// The validated header.
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -173,7 +176,7 @@ impl CheckpointFile {
                 let dst_gap = offset.checked_sub(run.dst_start + run.len);
                 if file_gap.is_some()
                     && file_gap.map(|g| g as usize) == dst_gap
-                    && dst_gap < Some(64)
+                    && dst_gap < Some(crate::layout::STORAGE_ALIGNMENT)
                 {
                     run.len = offset + nbytes - run.dst_start;
                     run.file_end = storage.offset + storage.nbytes;

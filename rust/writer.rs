@@ -5,8 +5,8 @@
 //!    `fallocate` so a full disk fails before any data is written);
 //! 2. the data section, straight from the callers' memory (staged host buffers or the tensors'
 //!    own storages) with `pwritev`, many small buffers per call, large ones in 32 MiB pieces,
-//!    computing each buffer's crc32c on the way; with a [`CopyJob`], each buffer is written as soon
-//!    as its copy has completed, so staging and writing overlap; write-back is started every
+//!    computing each buffer's crc32c on the way; with a [`Completion`], each buffer is written as
+//!    soon as its request has completed, so staging (or receiving) and writing overlap; write-back is started every
 //!    32 MiB (`sync_file_range`) so the final `fsync` has little left to do;
 //! 3. the header (it holds the checksums, fixed width, so its size was known from the start);
 //! 4. `fsync` of the file, `rename` over the final name, `fsync` of the directory.
@@ -43,7 +43,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::copy_engine::CopyJob;
+use crate::completion::Completion;
 use crate::error::{Result, StagerError};
 use crate::format::{self, EntrySpec};
 
@@ -57,18 +57,21 @@ const MAX_IOVECS: usize = 1024;
 pub struct Source {
     /// Start of the buffer's bytes (`EntrySpec::nbytes` of them); may be null when empty.
     pub ptr: *const u8,
-    /// The request of the `CopyJob` that fills `ptr`, if any: written once it has completed.
+    /// The request of the [`Completion`] that fills `ptr`, if any: written once it has completed.
     pub request: Option<usize>,
 }
 
 // SAFETY: plain addresses; `write_file`'s contract makes them readable from the calling thread.
 unsafe impl Send for Source {}
+// SAFETY: as above; a Source is never mutated through a shared reference.
 unsafe impl Sync for Source {}
 
 /// What a write did.
 #[derive(Clone, Debug, Default)]
 pub struct WriteReport {
+    /// Bytes of the file written.
     pub file_bytes: u64,
+    /// The checksum of each storage.
     pub crc32c: Vec<u32>,
 }
 
@@ -149,13 +152,13 @@ impl Drop for TempGuard {
 /// # Safety
 /// For every i, `sources[i].ptr` must point to `specs[i].nbytes` readable bytes that stay valid
 /// and unchanged until this call returns; when `sources[i].request` is set they only need to be
-/// valid once that request of `job` has completed (which this function waits for).
+/// valid once that request of `completion` has completed (which this function waits for).
 pub unsafe fn write_file(
     path: &Path,
     specs: &[EntrySpec],
     sources: &[Source],
     mut metadata: BTreeMap<String, String>,
-    job: Option<&CopyJob>,
+    completion: Option<&Completion>,
 ) -> Result<WriteReport> {
     let invalid = |reason: String| StagerError::InvalidFile {
         path: path.to_path_buf(),
@@ -172,11 +175,11 @@ pub unsafe fn write_file(
         if spec.nbytes > 0 && source.ptr.is_null() {
             return Err(invalid(format!("storage {index} has a null address")));
         }
-        if let (Some(request), Some(job)) = (source.request, job) {
-            if request >= job.len() {
+        if let (Some(request), Some(completion)) = (source.request, completion) {
+            if request >= completion.len() {
                 return Err(invalid(format!(
-                    "storage {index} waits for copy {request} of a job of {}",
-                    job.len()
+                    "storage {index} waits for request {request} of a batch of {}",
+                    completion.len()
                 )));
             }
         }
@@ -236,12 +239,13 @@ pub unsafe fn write_file(
             continue;
         }
         let source = sources[storage];
-        if let (Some(request), Some(job)) = (source.request, job) {
-            if !job.is_request_done(request) {
+        if let (Some(request), Some(completion)) = (source.request, completion) {
+            if !completion.is_done(request) {
                 // Write what is ready before sleeping on the next copy.
                 writer.flush().map_err(io_err("writing"))?;
-                job.wait_request(request);
             }
+            // A failed batch (a device copy, a receive) must not become a file.
+            completion.wait(request, None)?;
         }
         let len = specs[storage].nbytes as usize;
         let mut done = 0;
@@ -439,7 +443,7 @@ impl BatchWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::copy_engine::{CopyEngine, CopyRequest};
+    use crate::copy_engine::{CopyEngine, HostCopy};
     use crate::reader::CheckpointFile;
 
     #[test]
@@ -535,14 +539,21 @@ mod tests {
             .map(|i| vec![i as u8 + 1; (i + 1) * 300_000])
             .collect();
         let mut targets: Vec<Vec<u8>> = buffers.iter().map(|b| vec![0; b.len()]).collect();
-        let engine = CopyEngine::new(2);
-        let requests = buffers
+        let engine = CopyEngine::new(2).unwrap();
+        let copies = buffers
             .iter()
             .zip(targets.iter_mut())
-            .map(|(s, t)| CopyRequest::host(s.as_ptr(), t.as_mut_ptr(), s.len()))
+            .enumerate()
+            .map(|(request, (s, t))| HostCopy {
+                request,
+                src: s.as_ptr(),
+                dst: t.as_mut_ptr(),
+                len: s.len(),
+            })
             .collect();
-        // SAFETY: sources and targets outlive the job, which write_file waits on.
-        let job = unsafe { engine.submit(requests) };
+        let job = Completion::new(buffers.len());
+        // SAFETY: sources and targets outlive the batch, which write_file waits on.
+        unsafe { engine.submit(&job, copies, None) }.unwrap();
         let sources: Vec<Source> = targets
             .iter()
             .enumerate()
@@ -553,7 +564,7 @@ mod tests {
             .collect();
         // SAFETY: as above.
         unsafe { write_file(&path, &specs_for(&buffers), &sources, meta(), Some(&job)) }.unwrap();
-        job.wait();
+        job.wait_all(None).unwrap();
         read_back(&path, &buffers);
     }
 

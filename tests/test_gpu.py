@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import stager
+from helpers import FLOAT8, all_dtype_tensors, assert_same_tree, same_storage
 from stager import _native
 from stager.device import capture_order, device_copier, native_cuda_available
-from helpers import FLOAT8, all_dtype_tensors, assert_same_tree, same_storage
 
 
 def stage(s, sd):
@@ -244,13 +244,13 @@ def test_completion_is_reported_per_storage():
     storages = plan.device_storages
     copier = device_copier()
     marks = [copier.mark(0, torch.cuda.current_stream(0).cuda_stream)]
-    job = copier.submit(buffer, [0] * len(storages), [s.address for s in storages], [s.offset for s in storages],
-                        [s.nbytes for s in storages], marks, [s.storage for s in storages])
+    job = _native.Completion(len(storages))
+    copier.submit(buffer, job, plan.table.cuda_copies, marks, plan.table)
     seen = []
     while (index := job.next_completed(timeout=60)) is not None:
         seen.append(index)
     assert sorted(seen) == list(range(len(storages)))
-    job.synchronize()
+    job.wait()
     staged = plan.materialize(buffer)
     assert_same_tree(staged, sd)
 
@@ -262,11 +262,11 @@ def test_device_copier_rejects_bad_requests():
     mark = copier.mark(0, torch.cuda.current_stream(0).cuda_stream)
     t = torch.zeros(1024, device="cuda")
     with pytest.raises(stager.StagerError, match="does not fit"):
-        copier.submit(buffer, [0], [t.data_ptr()], [1024], [4096], [mark], [t])
+        copier.submit(buffer, _native.Completion(1), [(0, 0, t.data_ptr(), 1024, 4096)], [mark], [t])
     with pytest.raises(stager.StagerError, match="mark"):
-        copier.submit(buffer, [0], [t.data_ptr()], [0], [4096], [], [t])
+        copier.submit(buffer, _native.Completion(1), [(0, 0, t.data_ptr(), 0, 4096)], [], [t])
     with pytest.raises(stager.StagerError, match="device"):
-        copier.submit(buffer, [torch.cuda.device_count()], [t.data_ptr()], [0], [4096], [mark], [t])
+        copier.submit(buffer, _native.Completion(1), [(0, torch.cuda.device_count(), t.data_ptr(), 0, 4096)], [mark], [t])
 
 
 @gpu
@@ -399,14 +399,15 @@ FAKE_SCRIPT = textwrap.dedent(
     target = pool.acquire(offset)
     mark = copier.mark(0, 0)
     assert mark.device == 0 and mark.reached()
-    job = copier.submit(target, [0] * len(sources), [s.data_ptr() for s in sources], offsets,
-                        [s.numel() for s in sources], [mark], sources)
+    job = _native.Completion(len(sources))
+    copier.submit(target, job, [(i, 0, s.data_ptr(), o, s.numel()) for i, (s, o) in enumerate(zip(sources, offsets))],
+                  [mark], sources)
     assert counters.streams_alive == 2 and counters.waits == 2
     seen = []
     while (index := job.next_completed(timeout=10)) is not None:
         seen.append(index)
     assert sorted(seen) == list(range(len(sources))), seen
-    job.synchronize()
+    job.wait()
     assert job.done() and len(job) == len(sources)
     for s, o in zip(sources, offsets):
         assert torch.equal(torch.frombuffer(target, dtype=torch.uint8, count=s.numel(), offset=o), s) if s.numel() else True
@@ -417,11 +418,12 @@ FAKE_SCRIPT = textwrap.dedent(
     assert current_context() is None
 
     # Refusals: outside the buffer, overlapping, no mark for the device, unknown device.
+    address = sources[1].data_ptr()
     for bad, match in (
-        (lambda: copier.submit(target, [0], [sources[1].data_ptr()], [offset], [1000], [copier.mark(0, 0)], sources), "does not fit"),
-        (lambda: copier.submit(target, [0, 0], [sources[1].data_ptr()] * 2, [0, 64], [1000, 1000], [copier.mark(0, 0)], sources), "overlap"),
-        (lambda: copier.submit(target, [0], [sources[1].data_ptr()], [0], [1000], [], sources), "mark"),
-        (lambda: copier.submit(target, [3], [sources[1].data_ptr()], [0], [1000], [copier.mark(0, 0)], sources), "device 3"),
+        (lambda: copier.submit(target, _native.Completion(1), [(0, 0, address, offset, 1000)], [copier.mark(0, 0)], sources), "does not fit"),
+        (lambda: copier.submit(target, _native.Completion(2), [(0, 0, address, 0, 1000), (1, 0, address, 64, 1000)], [copier.mark(0, 0)], sources), "overlap"),
+        (lambda: copier.submit(target, _native.Completion(1), [(0, 0, address, 0, 1000)], [], sources), "mark"),
+        (lambda: copier.submit(target, _native.Completion(1), [(0, 3, address, 0, 1000)], [copier.mark(0, 0)], sources), "device 3"),
         (lambda: copier.mark(5, 0), "device 5"),
     ):
         try:
@@ -436,17 +438,22 @@ FAKE_SCRIPT = textwrap.dedent(
     from stager.device import capture_order, start_device_copies
     assert capture_order() == {}  # torch has not initialised CUDA: no CUDA tensor can exist
     cuda0 = torch.device("cuda", 0)
-    storages = [SimpleNamespace(device=cuda0, address=t.data_ptr(), nbytes=t.numel(), offset=o, storage=t)
-                for t, o in zip(sources, offsets)]
-    plan = SimpleNamespace(device_storages=storages)
+    table = SimpleNamespace(
+        has_device_storages=True,
+        storage_devices=[cuda0] * len(sources),
+        storage_nbytes=[t.numel() for t in sources],
+        cuda_copies=[(i, 0, t.data_ptr(), o, t.numel()) for i, (t, o) in enumerate(zip(sources, offsets)) if t.numel()],
+    )
+    plan = SimpleNamespace(table=table, storages=None)
     target2 = pool.acquire(offset)
-    waits = start_device_copies(plan, target2, True, {0: copier.mark(0, 0)})
-    assert len(waits) == 1
-    for w in waits:
-        w.synchronize()
+    waits = _native.Completion(len(sources))
+    start_device_copies(plan, target2, waits, True, {0: copier.mark(0, 0)})
+    waits.wait(timeout=30)
+    assert waits.done()
     assert bytes(memoryview(target2)) == bytes(memoryview(target))
-    waits = start_device_copies(plan, target2, False, {0: copier.mark(0, 0)})
-    assert waits[0].done()
+    waits = _native.Completion(len(sources))
+    start_device_copies(plan, target2, waits, False, {0: copier.mark(0, 0)})
+    assert waits.done()
 
     # A stager on CPU tensors with the default options: its pool is pinned now.
     sd = {"w": torch.randn(1000, 100), "b": torch.randn(7)}
@@ -475,8 +482,10 @@ FAKE_FAILURE_SCRIPT = textwrap.dedent(
     target = pool.acquire(3 << 20)
     sources = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(3)]
     try:
-        copier.submit(target, [0] * 3, [s.data_ptr() for s in sources], [0, 1 << 20, 2 << 20], [1 << 20] * 3,
+        done = _native.Completion(3)
+        copier.submit(target, done, [(i, 0, s.data_ptr(), i << 20, 1 << 20) for i, s in enumerate(sources)],
                       [copier.mark(0, 0)], sources)
+        done.wait(timeout=30)
     except stager.StagerError as err:
         assert "cuMemcpyDtoHAsync" in str(err) and "INVALID_VALUE" in str(err), str(err)
     else:

@@ -6,6 +6,7 @@ GIL, and writes files durably.
 """
 
 from ._native import StagerError
+from ._native import __version__ as __version__
 from .files import load, save
 from .options import StagingOptions
 from .replication import Replica, ReplicationStager, find_replicas, recover
@@ -25,4 +26,3 @@ __all__ = [
     "recover",
     "save",
 ]
-__version__ = "0.1.0"

@@ -2,17 +2,18 @@
 
 CUDA storages go through the Rust ``DeviceCopier`` (``rust/cuda.rs``): copies on streams the
 engine owns, made to wait for an event recorded on the caller's current stream, so kernels already
-queued there finish before their output is copied; completion is reported per storage. Storages of
-other accelerators (and CUDA storages where the native driver can't be used, e.g. ROCm builds of
-PyTorch) are copied by torch, blocking.
+queued there finish before their output is copied; each storage's request of the stage's
+``Completion`` completes when its copy has landed. Storages of other accelerators (and CUDA
+storages where the native driver can't be used, e.g. ROCm builds of PyTorch) are copied by torch,
+blocking, and their requests completed here.
 
 The order of operations in one stage:
 
 1. ``capture_order()`` in the caller's thread, at ``stage()`` time: one mark per CUDA device in
    use, on that thread's current stream (a few microseconds; nothing waits);
-2. ``start_device_copies(plan, buffer, non_blocking, order)`` wherever the stage runs: queues every
-   CUDA storage's copy behind its device's mark and returns at once;
-3. ``.synchronize()`` on what it returned, before anyone reads the buffer.
+2. ``start_device_copies(plan, buffer, completion, non_blocking, order)`` wherever the stage runs:
+   queues every CUDA storage's copy behind its device's mark and returns at once;
+3. ``completion.wait()`` before anyone reads the buffer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from . import _native
-from .plan import StatePlan, StoragePlan
+from .plan import StatePlan
 
 __all__ = ["capture_order", "device_copier", "native_cuda_available", "start_device_copies"]
 
@@ -66,55 +67,40 @@ def capture_order() -> dict[int, Any]:
     }
 
 
-def start_device_copies(plan: StatePlan, buffer: Any, non_blocking: bool, order: dict[int, Any] | None = None) -> list:
-    """Starts copying every non-CPU storage of ``plan`` into ``buffer``; returns objects with a
-    ``synchronize()`` method to wait on (empty when the copies are already complete).
+def start_device_copies(plan: StatePlan, buffer: Any, completion: Any, non_blocking: bool,
+                        order: dict[int, Any] | None = None) -> None:
+    """Starts copying every non-CPU storage of ``plan`` into ``buffer``, completing request i of
+    ``completion`` when storage i has landed.
 
     CUDA copies run after ``order``'s mark for their device (see :func:`capture_order`); a device
     without one is ordered after this thread's current stream, now. With ``non_blocking=False``
     the copies are complete when this returns.
     """
-    native: list[StoragePlan] = []
-    fallback: list[StoragePlan] = []
-    for storage in plan.device_storages:
-        if not storage.nbytes:
-            continue
-        if storage.device.type == "cuda" and native_cuda_available():
-            native.append(storage)
-        else:
-            fallback.append(storage)
-    waits = []
+    table = plan.table
+    if not table.has_device_storages:
+        return
+    native = table.cuda_copies if native_cuda_available() else []
     if native:
-        job = _submit_cuda(native, buffer, order or {})
-        if not non_blocking:
-            job.wait()
-        waits.append(job)
-    for storage in fallback:  # overlaps the CUDA copies queued above
-        target = torch.frombuffer(buffer, dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
-        source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage.storage)
-        target.copy_(source, non_blocking=False)
-    return waits
-
-
-def _submit_cuda(storages: list[StoragePlan], buffer: Any, order: dict[int, Any]) -> Any:
-    copier = device_copier()
-    devices = [_index(s.device) for s in storages]
-    marks = []
-    for device in sorted(set(devices)):
-        mark = order.get(device)
-        if mark is None:
-            mark = copier.mark(device, torch.cuda.current_stream(device).cuda_stream)
-        marks.append(mark)
-    return copier.submit(
-        buffer,
-        devices,
-        [s.address for s in storages],
-        [s.offset for s in storages],
-        [s.nbytes for s in storages],
-        marks,
-        [s.storage for s in storages],  # kept alive by the job until every copy has landed
-    )
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+        copier = device_copier()
+        order = order or {}
+        marks = []
+        for device in sorted({copy[1] for copy in native}):
+            mark = order.get(device)
+            if mark is None:
+                mark = copier.mark(device, torch.cuda.current_stream(device).cuda_stream)
+            marks.append(mark)
+        # The table holds the storages: the copier keeps it (and the buffer) alive until they land.
+        copier.submit(buffer, completion, native, marks, table)
+    copied_natively = {copy[0] for copy in native}
+    others = [i for i, device in enumerate(table.storage_devices) if device is not None and i not in copied_natively]
+    if others:  # other accelerators, or CUDA without the native driver: torch copies, blocking
+        nbytes = table.storage_nbytes
+        for index in others:  # overlaps the CUDA copies queued above
+            if nbytes[index]:
+                storage = plan.storages[index]
+                target = torch.frombuffer(buffer, dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
+                source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage.storage)
+                target.copy_(source, non_blocking=False)
+            completion.mark_complete(index)
+    if native and not non_blocking:
+        completion.wait()

@@ -12,8 +12,10 @@ Order of operations in :func:`save`:
 1. plan the state_dict (one pass) and encode its tree as JSON;
 2. if every storage is on the CPU and no ``stager`` is given, write straight from the tensors'
    own memory; otherwise start staging into a host buffer (the given stager's pool and copy
-   engine, or a private one) and write each storage as soon as its copy has completed;
-3. the Rust writer writes a temp file ``<name>.<pid>.<n>.tmp`` next to ``path``, fsyncs it,
+   engine, or the process-wide pool) and write each storage as soon as its request of the stage's
+   completion has completed;
+3. the Rust writer names the file entries (a storage one tensor covers is stored under that
+   tensor's key path), writes a temp file ``<name>.<pid>.<n>.tmp`` next to ``path``, fsyncs it,
    renames it over ``path`` and fsyncs the directory. On any error the temp file is removed and
    the previous file is kept.
 """
@@ -27,100 +29,36 @@ from typing import Any
 
 import torch
 
-from . import _native, tree
+from . import _native, engine, tree
 from ._native import StagerError
 from .options import StagingOptions
-from .plan import StatePlan, TensorPlan, gc_paused, plan_state_dict
-from .stagers import StagingEngine, process_pool
+from .plan import StatePlan, gc_paused, plan_state_dict
+from .stagers import StagingEngine
 
 __all__ = ["inspect_command", "load", "save", "verify_command"]
 
-#: torch dtype → safetensors dtype name, for tensors stored under their own key.
+#: torch dtype → safetensors dtype name: the dtypes whose tensors a file stores under their own key
+#: (the map itself is the Rust writer's, rust/python/table.rs).
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-    **{
-        getattr(torch, name): code
-        for name, code in (
-            ("float8_e4m3fn", "F8_E4M3"),
-            ("float8_e5m2", "F8_E5M2"),
-            ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-            ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
-            ("uint16", "U16"),
-            ("uint32", "U32"),
-            ("uint64", "U64"),
-        )
-        if hasattr(torch, name)
-    },
+    getattr(torch, attr): code for attr, code in _native.SAFETENSORS_DTYPES if hasattr(torch, attr)
 }
-
-_RESERVED = "__stager__."
 
 
 def _staging_engine() -> StagingEngine:
     """For saves that need staging (device tensors) without a stager: the process-wide pool."""
-    return StagingEngine(StagingOptions(use_shared_memory=False, use_async_staging=False), pool=process_pool(False))
+    return StagingEngine(StagingOptions(use_shared_memory=False, use_async_staging=False),
+                         pool=engine.process_pool(False))
 
 
 # ---- save --------------------------------------------------------------------------------------
 
 
-def _key_paths(node: Any, path: list[str], out: dict[int, str]) -> None:
-    """Fills ``out[tensor index] = dotted key path`` (first occurrence) from an encoded tree."""
-    kind = node.get("t")
-    if kind == "tensor":
-        out.setdefault(node["i"], ".".join(path))
-    elif kind in ("dict", "odict"):
-        for key, child in node["items"]:
-            if key.get("t") in ("str", "int"):
-                _key_paths(child, path + [str(key["v"])], out)
-    elif kind in ("list", "tuple", "namedtuple"):
-        for index, child in enumerate(node["items"]):
-            _key_paths(child, path + [str(index)], out)
-
-
-def _entries(plan: StatePlan, meta: dict) -> tuple[list[str], list[str], list[list[int]]]:
-    """One safetensors entry per storage: the owning tensor's dotted key, dtype and shape when a
-    single plain tensor covers the storage exactly, else a ``__stager__.storage.<i>`` byte blob."""
-    paths: dict[int, str] = {}
-    _key_paths(meta["tree"], [], paths)
-    owner: dict[int, int] = {}
-    for index, tensor in enumerate(plan.tensors):
-        if tensor.flags == TensorPlan.WHOLE_STORAGE and tensor.dtype in SAFETENSORS_DTYPES:
-            owner[tensor.storage_index] = index
-    names, dtypes, shapes = [], [], []
-    used: set[str] = set()
-    for index, storage in enumerate(plan.storages):
-        tensor_index = owner.get(index) if storage.users == 1 else None
-        name = paths.get(tensor_index) if tensor_index is not None else None
-        if name and not name.startswith("__") and name not in used:
-            tensor = plan.tensors[tensor_index]
-            names.append(name)
-            dtypes.append(SAFETENSORS_DTYPES[tensor.dtype])
-            shapes.append(list(tensor.size))
-        else:
-            names.append(f"{_RESERVED}storage.{index}")
-            dtypes.append("U8")
-            shapes.append([storage.nbytes])
-        used.add(names[-1])
-    return names, dtypes, shapes
-
-
 def header_metadata(meta: dict) -> dict[str, str]:
     """The ``__metadata__`` strings of a stager file holding the tree ``meta`` (tree.encode)."""
     return {
-        "format": "stager",
-        "stager.version": str(tree.FORMAT_VERSION),
-        "stager.tree": json.dumps(meta, separators=(",", ":"), allow_nan=False),
+        _native.KEY_FORMAT: _native.FORMAT_NAME,
+        _native.KEY_VERSION: str(tree.FORMAT_VERSION),
+        _native.KEY_TREE: json.dumps(meta, separators=(",", ":"), allow_nan=False),
     }
 
 
@@ -142,35 +80,23 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
     plan = plan_state_dict(state_dict)
     with gc_paused():
         meta = tree.encode(plan, allow_pickle=allow_pickle)
-        names, dtypes, shapes = _entries(plan, meta)
+        names = tree.tensor_names(meta, len(plan.table))
         metadata = header_metadata(meta)
-    storages = plan.storages
-    nbytes = [s.nbytes for s in storages]
     if stager is None and not plan.device_storages:
-        _native.write_file(path, names, dtypes, shapes, nbytes, [s.address for s in storages], metadata)
+        _native.write_file(path, plan.table, names, metadata)
         return
-    engine = _staging_engine() if stager is None else getattr(stager, "_engine", None)
-    if engine is None or not hasattr(engine, "copier"):
+    staging = _staging_engine() if stager is None else getattr(stager, "_engine", None)
+    if not isinstance(staging, StagingEngine):
         raise StagerError(
             f"save(stager=...) needs a stager.DefaultStager or BlockingAsyncStager, got {type(stager).__name__}"
         )
-    staged = engine.start_plan(plan)
+    staged = staging.start_plan(plan)
     try:
-        # Device copies complete in the background; wait for them before their bytes are written
-        # (host copies are waited for one by one by the writer, so writing overlaps copying).
-        staged.wait_device_copies()
-        # The copy job has one request per CPU storage with bytes, in storage order.
-        requests: list[int | None] = [None] * len(storages)
-        request = 0
-        for index, storage in enumerate(storages):
-            if storage.is_cpu and storage.nbytes:
-                requests[index] = request
-                request += 1
-        base = staged.buffer.address
-        addresses = [base + s.offset for s in storages]
-        _native.write_file(path, names, dtypes, shapes, nbytes, addresses, metadata, staged.job, requests)
+        # Storage i is written once request i of the stage has completed, so writing overlaps
+        # copying, from the host and from devices alike.
+        _native.write_file(path, plan.table, names, metadata, staged.buffer, staged.completion)
     finally:
-        staged.job.wait()
+        staged.wait()
 
 
 # ---- load --------------------------------------------------------------------------------------
@@ -199,10 +125,10 @@ def _open(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[Any, dic
             f"invalid stager file {os.fspath(path)}: the tree has {len(plan.storages)} storages, "
             f"the file {len(storages)}"
         )
-    for index, (storage, (entry, _, nbytes, _)) in enumerate(zip(plan.storages, storages)):
-        if storage.nbytes != nbytes:
+    for index, (expected, (entry, _, nbytes, _)) in enumerate(zip(plan.table.storage_nbytes, storages)):
+        if expected != nbytes:
             raise StagerError(
-                f"invalid stager file {os.fspath(path)}: storage {index} is {storage.nbytes} bytes in the tree "
+                f"invalid stager file {os.fspath(path)}: storage {index} is {expected} bytes in the tree "
                 f"but its entry {entry!r} holds {nbytes}"
             )
     return file, meta, plan, storages
@@ -216,8 +142,8 @@ def load(path: str | os.PathLike, *, verify: bool = True, allow_pickle: bool = F
     buffer's crc32c is checked. Never unpickles unless ``allow_pickle=True``.
     """
     file, _, plan, _ = _open(path, allow_pickle)
-    buffer = process_pool(False).acquire(plan.total_nbytes)
-    file.read_into(buffer, [s.offset for s in plan.storages], verify)
+    buffer = engine.process_pool(False).acquire(plan.total_nbytes)
+    file.read_into(buffer, plan.table, verify)
     try:
         return plan.materialize(buffer)
     except StagerError:
@@ -244,8 +170,7 @@ def inspect_command(path: str) -> int:
     except StagerError as err:
         print(f"stager inspect: {err}", file=sys.stderr)
         return 1
-    paths: dict[int, str] = {}
-    _key_paths(meta["tree"], [], paths)
+    paths = {index: tree.dotted(key_path) for index, key_path in tree.tensor_paths(meta).items()}
     print(f"{path}: stager file, format version {meta['version']}, {_size(file.file_size)}")
     print(f"  {len(plan.tensors)} tensors in {len(storages)} stored buffers, {_size(file.data_nbytes)} of data")
     print()
@@ -266,7 +191,7 @@ def inspect_command(path: str) -> int:
         if key in ("stager.tree", "stager.crc32c", "stager.storages"):
             value = f"<{len(value)} chars>"
         print(f"  {key}: {value}")
-    leaves = _leaves(meta["tree"], [])
+    leaves = tree.leaf_values(meta)
     if leaves:
         print()
         print("non-tensor values:")
@@ -275,23 +200,6 @@ def inspect_command(path: str) -> int:
         if len(leaves) > 200:
             print(f"  ... {len(leaves) - 200} more")
     return 0
-
-
-def _leaves(node: Any, path: list[str]) -> list[tuple[str, Any]]:
-    kind = node.get("t")
-    if kind in ("dict", "odict"):
-        out = []
-        for key, child in node["items"]:
-            out += _leaves(child, path + [str(key.get("v"))])
-        return out
-    if kind in ("list", "tuple", "namedtuple"):
-        out = []
-        for index, child in enumerate(node["items"]):
-            out += _leaves(child, path + [str(index)])
-        return out
-    if kind == "tensor":
-        return []
-    return [(".".join(path) or "<root>", node.get("v", kind))]
 
 
 def verify_command(path: str) -> int:

@@ -4,13 +4,15 @@
 
 * a *skeleton*: the tree with every container rebuilt (same types, same keys) and every
   non-tensor leaf deep-copied, with the tensors' places recorded instead of filled;
-* one :class:`StoragePlan` per distinct source storage (views of one storage share one entry),
-  each with its place in a single host buffer, 64-byte aligned;
-* one :class:`TensorPlan` per distinct tensor: dtype, size, stride, storage offset.
+* a ``stager._native.TensorTable`` (``plan.table``, built in Rust from the tensors in one call):
+  one entry per distinct source storage (views of one storage share one entry), each placed in a
+  single host buffer as ``rust/layout.rs`` says, and one per distinct tensor;
+* :class:`StoragePlan` / :class:`TensorPlan` views of that table for the Python modules that need
+  them (files, transport), built on first use.
 
 Everything per byte happens afterwards in Rust (the copy engine, the writer, the transport), driven
-by the plan's flat lists. :meth:`StatePlan.materialize` then builds the staged tensors over the host
-buffer: each source storage gets its own CPU storage, so sharing is kept exactly.
+by the table. :meth:`StatePlan.materialize` then builds the staged tensors over the host buffer:
+each source storage gets its own CPU storage, so sharing is kept exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import copy
 import gc
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -27,8 +30,9 @@ from . import _native
 
 __all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
 
-#: Alignment of every storage inside the host buffer (a cache line; enough for any dtype).
-ALIGNMENT = 64
+#: Alignment of every storage inside the host buffer, a file's data section and the wire layout
+#: (defined once, in rust/layout.rs).
+ALIGNMENT = _native.STORAGE_ALIGNMENT
 
 _CPU = torch.device("cpu")
 
@@ -75,11 +79,11 @@ class TensorPlan:
 
     __slots__ = ("storage_index", "dtype", "size", "stride", "storage_offset", "flags")
 
-    # flags
-    WHOLE_STORAGE = 1  # contiguous, offset 0, covers its storage exactly
-    CONJ = 2
-    NEG = 4
-    OPAQUE = 8  # not a plain strided tensor: staged through torch
+    # View flags (rust/layout.rs).
+    WHOLE_STORAGE = _native.VIEW_WHOLE_STORAGE  # contiguous, offset 0, covers its storage exactly
+    CONJ = _native.VIEW_CONJ
+    NEG = _native.VIEW_NEG
+    OPAQUE = _native.VIEW_OPAQUE  # not a plain strided tensor: staged through torch
 
     def __init__(self, storage_index: int, dtype: torch.dtype, size: torch.Size, stride: tuple,
                  storage_offset: int, flags: int) -> None:
@@ -139,25 +143,28 @@ class StatePlan:
         return self._tensors
 
     @property
-    def device_storages(self) -> list[StoragePlan]:
-        """Storages that live on an accelerator (copied by the device path, not the copy engine)."""
+    def device_storages(self) -> list[tuple[int, StoragePlan]]:
+        """``(index, storage)`` of the storages that live on an accelerator (copied by the device
+        path, not the copy engine)."""
         if not any(device is not None for device in self.table.storage_devices):
             return []
-        return [storage for storage in self.storages if not storage.is_cpu]
+        return [(index, storage) for index, storage in enumerate(self.storages) if not storage.is_cpu]
 
     @property
     def opaque(self) -> list[tuple[None, int, torch.Tensor]]:
         """Tensors that are not plain strided tensors: (None, tensor index, tensor)."""
         return [(None, index, self.leaves[index]) for index in self.table.opaque]
 
-    def materialize(self, buffer: Any) -> Any:
+    def materialize(self, buffer: Any, replacements: dict[int, torch.UntypedStorage] | None = None) -> Any:
         """Builds the staged tree over ``buffer`` (a host buffer of at least ``total_nbytes``).
 
         The tensors alias the buffer: it must hold the copied bytes before anyone reads them.
         Each source storage becomes one CPU storage, so views that shared a storage still do.
+        ``replacements`` (storage index → storage of the same size) makes that storage's tensors
+        view the given storage instead (in-place receives).
         """
         with gc_paused():
-            staged = self.table.materialize(buffer)
+            staged = self.table.materialize(buffer, replacements)
             for index in self.table.opaque:
                 staged[index] = _stage_opaque(self.leaves[index])
             return self.fill(staged)
@@ -279,9 +286,9 @@ def plan_state_dict(state_dict: Any) -> StatePlan:
         try:
             plan.holder[0] = visit(state_dict, plan.holder, 0)
             # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
-            plan.table = _native.describe_tensors(leaves, ALIGNMENT)
+            plan.table = _native.describe_tensors(leaves)
         finally:
             # `visit` refers to itself through its closure: break that cycle now, or the skeleton
             # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
-            del visit, add_tensor
+            visit = add_tensor = None  # type: ignore[assignment]
     return plan

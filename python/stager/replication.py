@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native, files
+from . import _native, files, tree
 from ._native import StagerError
 from .transport import PGTransport, _as_timedelta
 
@@ -126,8 +126,8 @@ class _StreamingReplica:
     """Writes a received replica with stager's durable writer *while its bytes arrive*.
 
     The writer (``_native.write_file``, the one behind :func:`stager.save`) writes storage i once
-    request i of a job completes; here the job's requests are deferred and completed as the
-    segments holding each storage are received, so the disk works during the exchange. The
+    request i of a completion completes; here the requests are completed as the segments holding
+    each storage are received, so the disk works during the exchange. The
     writer produces ``<final>.<pid>.recv.tmp`` (its own temp file, fsync, rename, directory
     fsync); :meth:`commit` renames that over the final name and fsyncs the directory again.
     :meth:`abort` releases the writer (it finishes writing what is in the buffer) and removes the
@@ -135,27 +135,24 @@ class _StreamingReplica:
 
     _ABORT_WAIT_S = 5.0
 
-    def __init__(self, path: str, incoming: Any, copier: Any) -> None:
+    def __init__(self, path: str, incoming: Any) -> None:
         plan, meta = incoming.plan, incoming.meta
         self.path = path
         self.incoming_path = f"{path}.{os.getpid()}.recv.tmp"
-        names, dtypes, shapes = files._entries(plan, meta)
+        names = tree.tensor_names(meta, len(plan.table))
         metadata = files.header_metadata(meta)
-        storages = plan.storages
-        nbytes = [s.nbytes for s in storages]
-        base = incoming.buffer.address if nbytes and sum(nbytes) else 0
-        addresses = [base + s.offset if s.nbytes else 0 for s in storages]
+        nbytes = plan.table.storage_nbytes
         self.buffer = incoming.buffer  # the writer reads it until it returns
-        self.job = copier.deferred(nbytes)
+        self.job = _native.Completion(len(nbytes))
         for index, size in enumerate(nbytes):
             if not size:
                 self.job.mark_complete(index)
         self.error: BaseException | None = None
+        buffer = incoming.buffer if isinstance(incoming.buffer, _native.HostBuffer) else None
 
         def write() -> None:
             try:
-                _native.write_file(self.incoming_path, names, dtypes, shapes, nbytes, addresses, metadata,
-                                   self.job, list(range(len(storages))))
+                _native.write_file(self.incoming_path, plan.table, names, metadata, buffer, self.job)
             except BaseException as err:  # reported by commit()
                 self.error = err
 
@@ -188,8 +185,7 @@ class _StreamingReplica:
             raise StagerError(f"cannot persist replica {self.path!r}: {err}") from err
 
     def abort(self) -> None:
-        for index in range(len(self.job)):
-            self.job.mark_complete(index)
+        self.job.fail("the replica was not received completely")  # the writer stops and cleans up
         self.thread.join(self._ABORT_WAIT_S)
         if not self.thread.is_alive():
             self._remove()
@@ -303,12 +299,12 @@ class ReplicationStager(AsyncStager):
         path = replica_path(self._storage_dir, rank, src, fmt) if fmt else None
 
         transport = self._transport
-        streaming = fmt == "stager" and hasattr(transport._copier, "deferred")
+        streaming = fmt == "stager"
         writer: list[_StreamingReplica] = []
 
         def on_metadata(incoming: Any) -> None:
             if not incoming.targets:  # (always: no in-place receive here)
-                writer.append(_StreamingReplica(path, incoming, transport._copier))
+                writer.append(_StreamingReplica(path, incoming))
 
         def on_segment(incoming: Any, index: int) -> None:
             if writer:

@@ -27,7 +27,7 @@ __all__ = ["install", "register_buffer"]
 
 _lock = threading.Lock()
 _starts: list[int] = []  # sorted start addresses of live shared buffers
-_buffers: dict[int, tuple[weakref.ref, int, "_BufferHandle"]] = {}  # start -> (buffer, length, handle)
+_buffers: dict[int, tuple[weakref.ref, int, _BufferHandle]] = {}  # start -> (buffer, length, handle)
 
 
 class _BufferHandle:

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,69 +22,29 @@ from typing import Any
 
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native, sharing
+from . import _native, engine, sharing
 from ._native import StagerError
 from .device import capture_order, start_device_copies
 from .options import StagingOptions
 from .plan import StatePlan, plan_state_dict
 
-__all__ = ["BlockingAsyncStager", "DefaultStager", "StagingEngine"]
-
-sharing.install()
-
-_engines: dict[tuple[int, bool], _native.CopyEngine] = {}
-_engines_lock = threading.Lock()
-
-#: Scheduling priority drop of background (async) copy workers: they use the cores the training
-#: thread leaves idle rather than taking them from it, and run at full speed on idle cores.
-BACKGROUND_NICENESS = 10
-
-
-def copy_engine(num_threads: int, background: bool = False) -> _native.CopyEngine:
-    """The process-wide copy engine with ``num_threads`` workers (threads are shared by stagers);
-    ``background`` engines run at lower priority, for stages that overlap training."""
-    with _engines_lock:
-        engine = _engines.get((num_threads, background))
-        if engine is None:
-            niceness = BACKGROUND_NICENESS if background else 0
-            engine = _engines[(num_threads, background)] = _native.CopyEngine(num_threads, niceness)
-        return engine
+__all__ = ["BlockingAsyncStager", "DefaultStager", "StagedCopy", "StagingEngine", "StagingFuture"]
 
 
 class StagedCopy:
-    """A stage in flight: the plan, its host buffer and the copy job filling it."""
+    """A stage in flight: the plan, its host buffer, and the completion of its copies (request i
+    is storage i, whoever copies it: the copy engine, the CUDA copier or a torch fallback)."""
 
-    __slots__ = ("plan", "buffer", "job", "device_copies")
+    __slots__ = ("plan", "buffer", "completion")
 
-    def __init__(self, plan: StatePlan, buffer: Any, job: Any, device_copies: list) -> None:
+    def __init__(self, plan: StatePlan, buffer: Any, completion: Any) -> None:
         self.plan = plan
         self.buffer = buffer
-        self.job = job
-        self.device_copies = device_copies
+        self.completion = completion
 
     def wait(self) -> None:
-        """Blocks (without the GIL) until every byte is in the host buffer."""
-        self.job.wait()
-        self.wait_device_copies()
-
-    def wait_device_copies(self) -> None:
-        """Blocks until the accelerator's copies (only) have landed."""
-        for event in self.device_copies:
-            event.synchronize()
-
-
-_shared_pools: dict[bool, _native.HostPool] = {}
-
-
-def process_pool(pinned: bool) -> _native.HostPool:
-    """A process-wide pool of private memory, for stagers that own no memory across calls
-    (``BlockingAsyncStager``): a new stager reuses what an earlier one's results left behind,
-    as the C allocator would for PyTorch's, instead of faulting in fresh pages."""
-    with _engines_lock:
-        pool = _shared_pools.get(pinned)
-        if pool is None:
-            pool = _shared_pools[pinned] = _native.HostPool(shared=False, pinned=pinned)
-        return pool
+        """Blocks (without the GIL, interruptibly) until every byte is in the host buffer."""
+        self.completion.wait()
 
 
 class StagingEngine:
@@ -94,12 +56,30 @@ class StagingEngine:
     def __init__(self, options: StagingOptions, pool: _native.HostPool | None = None) -> None:
         self.options = options
         self._owns_pool = pool is None
-        self.pool = pool if pool is not None else _native.HostPool(
-            shared=options.use_shared_memory,
-            budget_bytes=options.memory_budget_bytes,
-            pinned=options.use_pinned_memory,  # no-op without CUDA
+        self._pool = pool
+        self._pid = os.getpid()
+        if pool is None:
+            self._pool = self._new_pool()
+
+    def _new_pool(self) -> _native.HostPool:
+        return _native.HostPool(
+            shared=self.options.use_shared_memory,
+            budget_bytes=self.options.memory_budget_bytes,
+            pinned=self.options.use_pinned_memory,  # no-op without CUDA
         )
-        self.copier = copy_engine(options.threads, background=options.use_async_staging)
+
+    @property
+    def pool(self) -> _native.HostPool:
+        if self._pid != os.getpid() and self._owns_pool:
+            # A forked child: the pool's free memory is the parent's (see rust/pool.rs); keep
+            # the inherited results valid but stage into memory of this process.
+            self._pool, self._pid = self._new_pool(), os.getpid()
+        return self._pool
+
+    @property
+    def copier(self) -> _native.CopyEngine:
+        """The process-wide copy engine for these options (a new one after fork)."""
+        return engine.copy_engine(self.options.threads, background=self.options.use_async_staging)
 
     def start(self, state_dict: Any, order: dict | None = None) -> StagedCopy:
         """Plans ``state_dict``, takes a buffer and starts every copy; returns at once.
@@ -109,27 +89,84 @@ class StagingEngine:
 
     def start_plan(self, plan: StatePlan, order: dict | None = None) -> StagedCopy:
         """Like :meth:`start`, for a state_dict already planned (the writer plans first)."""
+        table = plan.table
         buffer = self.pool.acquire(plan.total_nbytes)
         if buffer.shared_fd is not None:
             sharing.register_buffer(buffer)
-        job = self.copier.submit_table(buffer, plan.table)
-        device_copies = start_device_copies(plan, buffer, self.options.use_non_blocking_copy, order)
-        return StagedCopy(plan, buffer, job, device_copies)
+        completion = _native.Completion(len(table.storage_nbytes))
+        self.copier.submit_table(buffer, table, completion)
+        start_device_copies(plan, buffer, completion, self.options.use_non_blocking_copy, order)
+        engine.register_pending(buffer, completion, table)
+        return StagedCopy(plan, buffer, completion)
 
-    def stage(self, state_dict: Any, order: dict | None = None) -> Any:
-        """Stages ``state_dict`` and returns the staged copy once every byte has landed."""
+    def stage(self, state_dict: Any, order: dict | None = None, early: StagingFuture | None = None) -> Any:
+        """Stages ``state_dict`` and returns the staged copy once every byte has landed. With
+        ``early``, the staged dict is offered to it as soon as it is built (copies still running)."""
         staged = self.start(state_dict, order)
         result = staged.plan.materialize(staged.buffer)  # overlaps the copies
+        if early is not None:
+            early.offer_early(result)
         staged.wait()
         return result
 
     def reserve(self, nbytes: int) -> None:
-        self.pool.reserve(int(nbytes), self.options.threads)
+        self.pool.reserve(nbytes, self.options.threads)
 
     def close(self) -> None:
         self.pool.finish_reservations()
         if self._owns_pool:
             self.pool.trim()
+
+
+class StagingFuture(Future):
+    """The ``Future`` an async :class:`DefaultStager` returns: done (and ``staging_completion``
+    fired) only once every byte is in host memory, like PyTorch's.
+
+    One reader gets the staged dict earlier: dcp's upload thread (``save_wrapper`` of the THREAD
+    checkpointer) when its storage writer is :class:`stager.FileSystemWriter`. That writer waits
+    for each storage's copy (``stager.engine.pending_copy``) before writing it, so writing starts
+    per buffer instead of after the whole stage. Every other caller of :meth:`result` waits for
+    the stage as usual.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._early_ready = threading.Event()
+        self._early: Any = None
+
+    def offer_early(self, result: Any) -> None:
+        self._early = result
+        self._early_ready.set()
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._early_ready.set()
+        self._early = None
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        self._early_ready.set()
+        self._early = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done() and _called_by_pipelined_writer(sys._getframe(1)):
+            self._early_ready.wait(timeout)
+            early = self._early
+            if early is not None:
+                return early
+        return super().result(timeout)
+
+
+_DCP_THREAD_EXECUTOR = "torch.distributed.checkpoint._async_thread_executor"
+
+
+def _called_by_pipelined_writer(frame: Any) -> bool:
+    """Whether ``frame`` is dcp's THREAD-checkpointer upload about to save with a storage writer
+    that waits per storage (one that sets ``waits_for_pending_copies``)."""
+    if frame.f_code.co_name != "save_wrapper" or frame.f_globals.get("__name__") != _DCP_THREAD_EXECUTOR:
+        return False
+    writer = frame.f_locals.get("storage_writer")
+    return bool(getattr(writer, "waits_for_pending_copies", False))
 
 
 class DefaultStager(AsyncStager):
@@ -155,9 +192,8 @@ class DefaultStager(AsyncStager):
             config = _convert_options(config)
         self._config = config
         self._engine = StagingEngine(config)
-        self._staging_executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager") if config.use_async_staging else None
-        )
+        self._pid = os.getpid()
+        self._staging_executor = self._new_executor()
         # Weak: holding the last Future would hold its staged dict, and with it a pool buffer
         # that the next stage could otherwise reuse once the caller is done with the result.
         self._staging_future: weakref.ref[Future] | None = None
@@ -167,14 +203,36 @@ class DefaultStager(AsyncStager):
     def options(self) -> StagingOptions:
         return self._config
 
+    def _new_executor(self) -> ThreadPoolExecutor | None:
+        if not self._config.use_async_staging:
+            return None
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
+
     def stage(self, state_dict: Any, **kwargs: Any) -> Any:
         """Stages ``state_dict``: a ``Future`` in async mode, else the staged copy."""
         if self._closed:
             raise StagerError("DefaultStager.stage() called after close()")
+        if self._pid != os.getpid():
+            # A forked child: the executor's thread stayed in the parent (a stage submitted to
+            # it would never run), so this stager gets threads of its own here.
+            self._pid = os.getpid()
+            self._staging_executor = self._new_executor()
+            self._staging_future = None
         if self._staging_executor is None:
             return self._engine.stage(state_dict)
         # The GPU copies must follow what the caller has queued *now*, not when the stage starts.
-        future = self._staging_executor.submit(self._engine.stage, state_dict, capture_order())
+        order = capture_order()
+        future = StagingFuture()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._engine.stage(state_dict, order, early=future))
+            except BaseException as err:
+                future.set_exception(err)
+
+        self._staging_executor.submit(run)
         self._staging_future = weakref.ref(future)
         return future
 
@@ -195,7 +253,7 @@ class DefaultStager(AsyncStager):
         if self._closed:
             return
         self._closed = True
-        if self._staging_executor is not None:
+        if self._staging_executor is not None and self._pid == os.getpid():
             self._staging_executor.shutdown(wait=True)
         self._engine.close()
 
@@ -203,7 +261,7 @@ class DefaultStager(AsyncStager):
         """Counters of the stager's host pool (allocations, reuses, bytes held)."""
         return self._engine.pool.stats()
 
-    def __enter__(self) -> "DefaultStager":
+    def __enter__(self) -> DefaultStager:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -231,7 +289,7 @@ class BlockingAsyncStager(AsyncStager):
         options = StagingOptions(
             use_pinned_memory=cache_staged_state_dict, use_shared_memory=False, use_async_staging=False
         )
-        self._engine = StagingEngine(options, pool=process_pool(pinned=cache_staged_state_dict))
+        self._engine = StagingEngine(options, pool=engine.process_pool(pinned=cache_staged_state_dict))
 
     def stage(self, state_dict: Any) -> Any:
         """Returns a copy of ``state_dict`` on the CPU."""

@@ -41,10 +41,10 @@ import torch
 
 from . import _native
 from ._native import StagerError
+from .engine import copy_engine, process_pool
 from .options import default_num_threads
-from .plan import StatePlan, TensorPlan, gc_paused, plan_state_dict
-from .stagers import copy_engine
-from .tree import decode, encode
+from .plan import StatePlan, gc_paused, plan_state_dict
+from .tree import decode, encode, tensor_paths, tensors_by_path
 
 __all__ = ["PGTransport", "Segment", "segments_of"]
 
@@ -210,7 +210,7 @@ class _Outgoing:
         if packed:
             buffer = transport._pool.acquire(pack_nbytes)
             self.keep.append(buffer)
-            addresses, offsets, sizes, owners = [], [], [], []
+            copies, owners = [], []
             device_copies = []
             for index in packed:
                 segment = segments[index]
@@ -224,14 +224,13 @@ class _Outgoing:
                 for storage_index, begin, nbytes, target in parts:
                     storage = storages[storage_index]
                     if storage.is_cpu:
-                        addresses.append(storage.address + begin)
-                        offsets.append(target)
-                        sizes.append(nbytes)
+                        copies.append((len(copies), storage.address + begin, target, nbytes))
                         owners.append(storage.storage)
                     else:
                         device_copies.append((storage, begin, nbytes, target))
-            if addresses:
-                self.job = transport._copier.submit(buffer, addresses, offsets, sizes, owners)
+            if copies:
+                self.job = _native.Completion(len(copies))
+                transport._copier.submit(buffer, self.job, copies, owners)
             for storage, begin, nbytes, target in device_copies:
                 dst = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=target)
                 dst.copy_(_storage_bytes(storage.storage)[begin:begin + nbytes])
@@ -327,92 +326,16 @@ class _Incoming:
             if index not in direct and storage.nbytes:
                 src = torch.frombuffer(self.buffer, dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
                 _storage_bytes(target).copy_(src)
-        return _materialize_with(plan, self.buffer, targets)
-
-
-def _materialize_with(plan: StatePlan, buffer: Any, targets: dict[int, torch.UntypedStorage]) -> Any:
-    """``plan.materialize(buffer)``, except that storages in ``targets`` are those storages."""
-    bases: dict[int, torch.Tensor] = {}
-    staged = []
-    for tensor_plan in plan.tensors:
-        index = tensor_plan.storage_index
-        base = bases.get(index)
-        if base is None:
-            storage = plan.storages[index]
-            if index in targets:
-                base = _storage_bytes(targets[index])
-            elif storage.nbytes:
-                base = torch.frombuffer(buffer, dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
-            else:
-                base = torch.empty(0, dtype=torch.uint8)
-            bases[index] = base
-        tensor = torch.empty(0, dtype=tensor_plan.dtype, device=base.device).set_(
-            base.untyped_storage(), tensor_plan.storage_offset, tensor_plan.size, tensor_plan.stride)
-        if tensor_plan.flags & TensorPlan.CONJ:
-            tensor = tensor.conj()
-        if tensor_plan.flags & TensorPlan.NEG:
-            tensor = tensor._neg_view()
-        staged.append(tensor)
-    return plan.fill(staged)
-
-
-def _json_key(entry: Any) -> Any:
-    if isinstance(entry, dict) and entry.get("t") in ("str", "int", "bool", "float"):
-        value = entry.get("v")
-        return int(value) if entry.get("t") == "int" and isinstance(value, str) else value
-    return _NO_KEY
-
-
-_NO_KEY = object()
-
-
-def _tensor_paths(meta: dict) -> dict[int, tuple]:
-    """tensor index → key path, from the encoded tree."""
-    paths: dict[int, tuple] = {}
-
-    def walk(node: Any, path: tuple) -> None:
-        if not isinstance(node, dict):
-            return
-        kind = node.get("t")
-        if kind == "tensor":
-            paths.setdefault(node.get("i"), path)
-        elif kind in ("dict", "odict"):
-            for key, child in node.get("items", []):
-                key = _json_key(key)
-                if key is not _NO_KEY:
-                    walk(child, path + (key,))
-        elif kind in ("list", "tuple", "namedtuple"):
-            for i, child in enumerate(node.get("items", [])):
-                walk(child, path + (i,))
-
-    walk(meta.get("tree"), ())
-    return paths
-
-
-def _leaf_tensors(tree: Any) -> dict[tuple, torch.Tensor]:
-    out: dict[tuple, torch.Tensor] = {}
-
-    def walk(value: Any, path: tuple) -> None:
-        if isinstance(value, torch.Tensor):
-            out[path] = value
-        elif isinstance(value, dict):
-            for key, child in value.items():
-                walk(child, path + (key,))
-        elif isinstance(value, (list, tuple)):
-            for i, child in enumerate(value):
-                walk(child, path + (i,))
-
-    walk(tree, ())
-    return out
+        return plan.materialize(self.buffer, targets)
 
 
 def _inplace_targets(plan: StatePlan, meta: dict, inplace: Any) -> dict[int, torch.UntypedStorage]:
     """storage index → the storage of the in-place tensor at the same key path, where the sizes
     match and the tensor is a plain CPU tensor (like PyTorch: the whole storage is received)."""
-    leaves = _leaf_tensors(inplace)
+    leaves = tensors_by_path(inplace)
     targets: dict[int, torch.UntypedStorage] = {}
     used: set[int] = set()
-    for index, path in _tensor_paths(meta).items():
+    for index, path in tensor_paths(meta).items():
         tensor = leaves.get(path)
         if not isinstance(index, int) or not 0 <= index < len(plan.tensors) or tensor is None:
             continue
@@ -454,7 +377,7 @@ class PGTransport:
             raise StagerError("bucket_bytes and chunk_bytes must be positive")
         self.bucket_bytes = int(bucket_bytes)
         self.chunk_bytes = int(chunk_bytes)
-        self._pool = _native.HostPool()
+        self._pool = process_pool()
         self._copier = copy_engine(default_num_threads())
         self._send_seq: dict[int, int] = {}
         self._recv_seq: dict[int, int] = {}

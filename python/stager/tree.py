@@ -10,6 +10,11 @@ exact state_dict (containers, strides, offsets, shared storages).
 Plain Python values (None, bool, int, float incl. nan/inf, complex, str, bytes, torch dtypes,
 devices and sizes) are stored as JSON. Anything else is pickled only when the writer passes
 ``allow_pickle=True``, and unpickled only when the reader passes ``allow_pickle=True`` too.
+
+The walkers over an encoded tree live here too: :func:`tensor_paths` (each tensor's key path),
+:func:`dotted` (a key path as a file entry name), :func:`leaf_values` (the non-tensor leaves, for
+``stager inspect``), and :func:`tensors_by_path` (the same walk over a live state_dict, for
+matching received tensors to in-place targets).
 """
 
 from __future__ import annotations
@@ -25,9 +30,19 @@ import torch
 
 from . import _native
 from ._native import StagerError
-from .plan import ALIGNMENT, StatePlan, TensorPlan, gc_paused
+from .plan import StatePlan, TensorPlan, gc_paused
 
-__all__ = ["FORMAT_VERSION", "DTYPES", "decode", "encode"]
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "decode",
+    "dotted",
+    "encode",
+    "leaf_values",
+    "tensor_names",
+    "tensor_paths",
+    "tensors_by_path",
+]
 
 FORMAT_VERSION = 1
 
@@ -251,10 +266,8 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
     total = sum(storage_nbytes)
     _expect(max_nbytes is None or total <= max_nbytes,
             f"storages claim {total} bytes, more than the {max_nbytes} available")
-    columns = list(zip(*(_decode_tensor(spec, i, storage_nbytes) for i, spec in enumerate(tensor_specs))))
-    if not columns:
-        columns = [[] for _ in range(7)]
-    plan.table = _native.TensorTable.from_layout(storage_nbytes, ALIGNMENT, *map(list, columns))
+    views = [_decode_tensor(spec, i, storage_nbytes) for i, spec in enumerate(tensor_specs)]
+    plan.table = _native.TensorTable.from_layout(storage_nbytes, views)
     count = len(tensor_specs)
     namedtuple_types: dict[tuple, type] = {}
 
@@ -355,3 +368,91 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
 
     plan.holder[0] = node(meta.get("tree"), plan.holder, 0, "root", 0)
     return plan
+
+
+# ---- walkers over an encoded tree (and over a live state_dict) -------------------------------
+
+
+_NO_KEY = object()
+
+
+def _json_key(entry: Any) -> Any:
+    """The Python value of an encoded dict key usable in a key path, else ``_NO_KEY``."""
+    if isinstance(entry, dict) and entry.get("t") in ("str", "int", "bool", "float"):
+        value = entry.get("v")
+        return int(value) if entry.get("t") == "int" and isinstance(value, str) else value
+    return _NO_KEY
+
+
+def tensor_paths(meta: dict) -> dict[int, tuple]:
+    """tensor index → its key path (first occurrence) in the encoded tree ``meta``."""
+    paths: dict[int, tuple] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        if not isinstance(node, dict):
+            return
+        kind = node.get("t")
+        if kind == "tensor":
+            paths.setdefault(node.get("i"), path)
+        elif kind in ("dict", "odict"):
+            for item in node.get("items", []):
+                if isinstance(item, list) and len(item) == 2:
+                    key = _json_key(item[0])
+                    if key is not _NO_KEY:
+                        walk(item[1], path + (key,))
+        elif kind in ("list", "tuple", "namedtuple"):
+            for i, child in enumerate(node.get("items", [])):
+                walk(child, path + (i,))
+
+    with gc_paused():
+        walk(meta.get("tree"), ())
+    return paths
+
+
+def dotted(path: tuple) -> str:
+    """A key path as a dotted name (``("model", "fc", "weight")`` → ``"model.fc.weight"``)."""
+    return ".".join(str(part) for part in path)
+
+
+def tensor_names(meta: dict, count: int) -> list[str | None]:
+    """The dotted key path of each of ``count`` tensors (None for a tensor no key path reaches):
+    the names a file gives the storages a single tensor covers."""
+    paths = tensor_paths(meta)
+    return [dotted(paths[i]) if i in paths else None for i in range(count)]
+
+
+def leaf_values(meta: dict) -> list[tuple[str, Any]]:
+    """``(dotted key path, stored value)`` of every non-tensor leaf of the encoded tree."""
+    out: list[tuple[str, Any]] = []
+
+    def walk(node: Any, path: list[str]) -> None:
+        kind = node.get("t")
+        if kind in ("dict", "odict"):
+            for key, child in node["items"]:
+                walk(child, path + [str(key.get("v"))])
+        elif kind in ("list", "tuple", "namedtuple"):
+            for index, child in enumerate(node["items"]):
+                walk(child, path + [str(index)])
+        elif kind != "tensor":
+            out.append((".".join(path) or "<root>", node.get("v", kind)))
+
+    walk(meta["tree"], [])
+    return out
+
+
+def tensors_by_path(state_dict: Any) -> dict[tuple, torch.Tensor]:
+    """key path → tensor, for every tensor leaf of a live state_dict (dicts, lists, tuples)."""
+    out: dict[tuple, torch.Tensor] = {}
+
+    def walk(value: Any, path: tuple) -> None:
+        if isinstance(value, torch.Tensor):
+            out[path] = value
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                walk(child, path + (key,))
+        elif isinstance(value, (list, tuple)):
+            for i, child in enumerate(value):
+                walk(child, path + (i,))
+
+    walk(state_dict, ())
+    return out

@@ -1,4 +1,5 @@
-//! Bindings for the durable writer and the reader (`writer.rs`, `reader.rs`, `format.rs`).
+//! `write_file` and `CheckpointFile`: the durable writer and the reader (`writer.rs`, `reader.rs`,
+//! `format.rs`) as Python functions and objects.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,75 +7,108 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::format::EntrySpec;
+use crate::format::storage_entries;
 use crate::reader::CheckpointFile;
+use crate::table::Device;
 use crate::writer::{write_file as engine_write_file, Source};
 
+use super::buffer::PyHostBuffer;
+use super::copy::PyCompletion;
 use super::invalid;
-use super::staging::{PyCopyJob, PyHostBuffer};
+use super::table::PyTensorTable;
 
-/// Writes a stager file atomically and durably; returns the file's size in bytes.
+/// Writes a stager file of the storages of `table` atomically and durably; returns the file's
+/// size in bytes.
 ///
-/// Storage i is entry `names[i]` (`dtypes[i]`, `shapes[i]`, `nbytes[i]` bytes) read from
-/// address `addresses[i]`. When `job` is given, `requests[i]` (if not None) is the copy of that job
-/// that fills storage i: it is written as soon as that copy completes.
-///
-/// The caller (stager.files) keeps every source alive and unchanged for the duration of the call;
-/// the GIL is released while writing.
+/// Storage i is read from `buffer` at its offset when `buffer` is given (a staged buffer), else
+/// from the source storage itself (CPU tables only). With `completion`, storage i is written once
+/// request i has completed, so writing overlaps staging or receiving. `tensor_names[i]` (the
+/// dotted key path of tensor i, or None) names the file entry of a storage a single tensor covers.
+/// The GIL is released while writing; the table and buffer stay alive for the whole call.
 #[pyfunction]
-#[pyo3(signature = (path, names, dtypes, shapes, nbytes, addresses, metadata, job = None, requests = None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (path, table, tensor_names, metadata, buffer = None, completion = None))]
 fn write_file(
     py: Python<'_>,
     path: PathBuf,
-    names: Vec<String>,
-    dtypes: Vec<String>,
-    shapes: Vec<Vec<u64>>,
-    nbytes: Vec<u64>,
-    addresses: Vec<usize>,
+    table: Bound<'_, PyTensorTable>,
+    tensor_names: Vec<Option<String>>,
     metadata: BTreeMap<String, String>,
-    job: Option<PyRef<'_, PyCopyJob>>,
-    requests: Option<Vec<Option<usize>>>,
+    buffer: Option<Bound<'_, PyHostBuffer>>,
+    completion: Option<Bound<'_, PyCompletion>>,
 ) -> PyResult<u64> {
-    let count = names.len();
-    if dtypes.len() != count
-        || shapes.len() != count
-        || nbytes.len() != count
-        || addresses.len() != count
-        || requests.as_ref().is_some_and(|r| r.len() != count)
-    {
+    let table_ref = table.get();
+    let described = &table_ref.table;
+    if tensor_names.len() != described.views().len() {
         return Err(invalid(format!(
-            "write_file needs one name, dtype, shape, size, address (and request) per storage: {count} names"
+            "write_file needs one name (or None) per tensor: {} names for {} tensors",
+            tensor_names.len(),
+            described.views().len()
         )));
     }
-    if requests.is_some() && job.is_none() {
-        return Err(invalid("write_file: requests given without a job".into()));
+    if let Some(index) = described.opaque().next() {
+        return Err(invalid(format!(
+            "tensor {index} is not a plain strided tensor and cannot be written"
+        )));
     }
-    let specs: Vec<EntrySpec> = names
-        .into_iter()
-        .zip(dtypes)
-        .zip(shapes)
-        .zip(&nbytes)
-        .map(|(((name, dtype), shape), &nbytes)| EntrySpec {
-            name,
-            dtype,
-            shape,
-            nbytes,
-        })
-        .collect();
-    let sources: Vec<Source> = (0..count)
-        .map(|i| Source {
-            ptr: addresses[i] as *const u8,
-            request: requests.as_ref().and_then(|r| r[i]),
-        })
-        .collect();
-    let job = job.map(|job| job.job.clone());
-    // SAFETY: stager.files passes the addresses of storages (or of a host buffer filled by `job`)
-    // that it holds references to for the whole call; write_file checks sizes against the specs.
-    let report = py
-        .detach(|| unsafe { engine_write_file(&path, &specs, &sources, metadata, job.as_ref()) })?;
+    let completion = completion.as_ref().map(|c| c.get().completion.clone());
+    if let Some(completion) = &completion {
+        if completion.len() != described.storages().len() {
+            return Err(invalid(format!(
+                "the completion has {} requests for {} storages",
+                completion.len(),
+                described.storages().len()
+            )));
+        }
+    }
+    let specs = storage_entries(described, &tensor_names, |i| {
+        table_ref.safetensors_entry(py, i)
+    });
+    let sources: Vec<Source> = match &buffer {
+        Some(buffer) => {
+            let host = &buffer.get().buffer;
+            described.check_buffer(host.len())?;
+            let base = host.as_ptr() as *const u8;
+            described
+                .storages()
+                .iter()
+                .enumerate()
+                .map(|(index, storage)| Source {
+                    ptr: base.wrapping_add(storage.offset),
+                    request: completion.as_ref().map(|_| index),
+                })
+                .collect()
+        }
+        None => described
+            .storages()
+            .iter()
+            .enumerate()
+            .map(|(index, storage)| {
+                if storage.device != Device::Host {
+                    return Err(invalid(format!(
+                        "storage {index} is not in host memory: stage it into a buffer first"
+                    )));
+                }
+                if storage.nbytes > 0 && storage.address == 0 {
+                    return Err(invalid(format!("storage {index} has no source address")));
+                }
+                Ok(Source {
+                    ptr: storage.address as *const u8,
+                    request: completion.as_ref().map(|_| index),
+                })
+            })
+            .collect::<PyResult<_>>()?,
+    };
+    // SAFETY: every source points into a storage the table holds (CPU, alive for this call) or
+    // into `buffer` at the table's checked offsets (alive for this call); bytes still being
+    // filled are only read after their request of `completion` has completed (write_file waits).
+    let report = py.detach(|| unsafe {
+        engine_write_file(&path, &specs, &sources, metadata, completion.as_ref())
+    })?;
     Ok(report.file_bytes)
 }
+
+/// `(entry, file offset, nbytes, crc32c)` of each storage of a file.
+type StorageRanges = Vec<(String, u64, u64, u32)>;
 
 /// An open stager file whose header has been validated.
 #[pyclass(name = "CheckpointFile", module = "stager._native", frozen)]
@@ -137,7 +171,7 @@ impl PyCheckpointFile {
 
     /// (tree JSON, [(entry, file offset, nbytes, crc32c), ...]); raises StagerError when the
     /// stager metadata is missing or inconsistent.
-    fn layout(&self) -> PyResult<(String, Vec<(String, u64, u64, u32)>)> {
+    fn layout(&self) -> PyResult<(String, StorageRanges)> {
         let layout = self.file.layout()?;
         let storages = layout
             .storages
@@ -147,15 +181,23 @@ impl PyCheckpointFile {
         Ok((layout.tree, storages))
     }
 
-    /// Reads storage i into `buffer` at `offsets[i]`, checking checksums when `verify`.
-    #[pyo3(signature = (buffer, offsets, verify = true))]
+    /// Reads storage i into `buffer` at the offset `table` places it, checking checksums when
+    /// `verify`.
+    #[pyo3(signature = (buffer, table, verify = true))]
     fn read_into(
         &self,
         py: Python<'_>,
         buffer: Bound<'_, PyHostBuffer>,
-        offsets: Vec<usize>,
+        table: Bound<'_, PyTensorTable>,
         verify: bool,
     ) -> PyResult<()> {
+        let offsets: Vec<usize> = table
+            .get()
+            .table
+            .storages()
+            .iter()
+            .map(|s| s.offset)
+            .collect();
         let host = &buffer.get().buffer;
         let (address, len) = (host.as_ptr() as usize, host.len());
         let file = &self.file;

@@ -11,8 +11,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class Row:
     def us_per_tensor(self) -> float | None:
         return self.seconds / self.ntensors * 1e6 if self.ntensors else None
 
-    def _find(self, rows: list["Row"], name: str | None) -> "Row | None":
+    def _find(self, rows: list[Row], name: str | None) -> Row | None:
         if name is None:
             return None
         for row in rows:
@@ -59,17 +60,17 @@ class Row:
                 return row
         return None
 
-    def ratio_to_limit(self, rows: list["Row"]) -> float | None:
+    def ratio_to_limit(self, rows: list[Row]) -> float | None:
         """Throughput relative to the limit row (1.0 = at the limit)."""
         limit = self._find(rows, self.limit)
         return limit.seconds / self.seconds if limit and self.seconds > 0 else None
 
-    def speedup_vs_baseline(self, rows: list["Row"]) -> float | None:
+    def speedup_vs_baseline(self, rows: list[Row]) -> float | None:
         """How many times faster than the baseline (PyTorch) row."""
         baseline = self._find(rows, self.baseline)
         return baseline.seconds / self.seconds if baseline and self.seconds > 0 else None
 
-    def to_json(self, rows: list["Row"]) -> dict[str, Any]:
+    def to_json(self, rows: list[Row]) -> dict[str, Any]:
         return {
             "section": self.section,
             "workload": self.workload,
@@ -107,7 +108,7 @@ class BenchContext:
         self.tiny_count = tiny_count
         self.repeats = repeats
         self.threads = threads or default_num_threads()
-        self.show_progress = progress and sys.stderr.isatty() or progress == "force"
+        self.show_progress = (progress and sys.stderr.isatty()) or progress == "force"
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="stager-bench-", dir=_bench_tmp_root())
         os.makedirs(self.workdir, exist_ok=True)

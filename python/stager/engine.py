@@ -1,0 +1,143 @@
+"""The process-wide parts of the engine: copy engines, host pools, and stages still in flight.
+
+Every stager, writer and transport in a process shares these:
+
+* :func:`copy_engine` gives the copy engine with a given number of worker threads (threads are
+  shared by every stager; background engines run at lower priority);
+* :func:`process_pool` gives a process-wide pool of host memory, for users that own no memory
+  across calls (``BlockingAsyncStager``, ``load``, the transport's receive buffers): a new user
+  reuses what an earlier one's results left behind instead of faulting in fresh pages;
+* :func:`register_pending` / :func:`pending_copy` track staged buffers whose copies are still
+  running, so a writer handed a staged dict early can wait for each storage's copy before writing
+  it instead of for the whole stage;
+* at import, the ``multiprocessing`` pickler learns to send tensors in shared-memory buffers by
+  reference (:mod:`stager.sharing`).
+
+After ``os.fork()`` the child starts with empty registries: the parent's worker threads do not
+exist in the child, so the next stage there makes new engines, and the Rust engine refuses (with a
+``StagerError``) to queue work on an engine inherited from the parent.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import weakref
+from typing import Any
+
+from . import _native, sharing
+
+__all__ = [
+    "BACKGROUND_NICENESS",
+    "copy_engine",
+    "pending_copy",
+    "process_pool",
+    "register_pending",
+]
+
+#: Scheduling priority drop of background (async) copy workers: they use the cores the training
+#: thread leaves idle rather than taking them from it, and run at full speed on idle cores.
+BACKGROUND_NICENESS = 10
+
+_lock = threading.Lock()
+_engines: dict[tuple[int, bool], _native.CopyEngine] = {}
+_pools: dict[bool, _native.HostPool] = {}
+
+
+def copy_engine(num_threads: int, background: bool = False) -> _native.CopyEngine:
+    """The process-wide copy engine with ``num_threads`` workers; ``background`` engines run at
+    lower priority, for stages that overlap training."""
+    with _lock:
+        engine = _engines.get((num_threads, background))
+        if engine is None:
+            niceness = BACKGROUND_NICENESS if background else 0
+            engine = _engines[(num_threads, background)] = _native.CopyEngine(num_threads, niceness)
+        return engine
+
+
+def process_pool(pinned: bool = False) -> _native.HostPool:
+    """The process-wide pool of private (optionally page-locked) host memory."""
+    with _lock:
+        pool = _pools.get(pinned)
+        if pool is None:
+            pool = _pools[pinned] = _native.HostPool(shared=False, pinned=pinned)
+        return pool
+
+
+# ---- stages in flight -------------------------------------------------------------------------
+
+
+class _Pending:
+    __slots__ = ("buffer", "completion", "offsets", "ends")
+
+    def __init__(self, buffer: Any, completion: Any, offsets: list[int], nbytes: list[int]) -> None:
+        self.buffer = weakref.ref(buffer)
+        self.completion = completion
+        self.offsets = offsets
+        self.ends = [offset + size for offset, size in zip(offsets, nbytes)]
+
+
+_pending_starts: list[int] = []
+_pending: dict[int, _Pending] = {}
+
+
+def register_pending(buffer: Any, completion: Any, table: Any) -> None:
+    """Records that ``buffer`` is being filled with ``table``'s storages, request i of
+    ``completion`` completing storage i."""
+    start = buffer.address
+    entry = _Pending(buffer, completion, table.storage_offsets, table.storage_nbytes)
+    with _lock:
+        _forget_finished()
+        if start not in _pending:
+            bisect.insort(_pending_starts, start)
+        _pending[start] = entry
+
+
+def _forget_finished() -> None:
+    done = [start for start, entry in _pending.items() if entry.buffer() is None or entry.completion.done()]
+    for start in done:
+        del _pending[start]
+        _pending_starts.remove(start)
+
+
+def pending_copy(tensor: Any) -> tuple[Any, int] | None:
+    """``(completion, request)`` when ``tensor``'s bytes lie in a staged buffer whose copy into
+    that storage has not completed yet; None when they are in place (or not stager's)."""
+    storage = tensor.untyped_storage()
+    if storage.device.type != "cpu" or not storage.nbytes():
+        return None
+    address = storage.data_ptr()
+    with _lock:
+        index = bisect.bisect_right(_pending_starts, address) - 1
+        if index < 0:
+            return None
+        entry = _pending[_pending_starts[index]]
+        buffer = entry.buffer()
+        if buffer is None or entry.completion.done():
+            return None
+        offset = address - buffer.address
+        request = bisect.bisect_right(entry.offsets, offset) - 1
+        if request < 0 or offset >= entry.ends[request]:
+            return None
+        if entry.completion.done(request):
+            return None
+        return entry.completion, request
+
+
+# ---- fork -------------------------------------------------------------------------------------
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: forget the parent's engines (their threads stayed in the parent) and
+    pools (their free memory is the parent's), so the child makes its own on first use."""
+    global _lock
+    _lock = threading.Lock()
+    _engines.clear()
+    _pools.clear()
+    _pending.clear()
+    _pending_starts.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+sharing.install()

@@ -1,0 +1,243 @@
+//! `Completion` and `CopyEngine`: per-request completion (`completion.rs`) and the host copy
+//! engine (`copy_engine.rs`) as Python objects.
+//!
+//! A stage makes one `Completion(len(storages))`; `CopyEngine.submit_table` completes the host
+//! storages, `DeviceCopier.submit_table` the CUDA ones, and anything else (a fallback torch copy, a
+//! network receive) calls `mark_complete(i)`. Writers and senders wait on the same object. The
+//! memory a batch reads and writes is kept alive by the batch itself until its last copy is done,
+//! so dropping a `Completion` (or the staged result) mid-copy is safe.
+
+use pyo3::prelude::*;
+
+use crate::completion::{Completion, Next};
+use crate::copy_engine::{CopyEngine, HostCopy, MAX_THREADS};
+
+use super::buffer::PyHostBuffer;
+use super::table::PyTensorTable;
+use super::{deadline_of, invalid, usize_arg, wait_interruptibly};
+
+/// Completion of a batch of requests; every wait releases the GIL and lets Ctrl-C through.
+#[pyclass(name = "Completion", module = "stager._native", frozen)]
+pub(crate) struct PyCompletion {
+    pub(crate) completion: Completion,
+}
+
+impl PyCompletion {
+    fn index(&self, index: &Bound<'_, PyAny>) -> PyResult<usize> {
+        if self.completion.is_empty() {
+            return Err(invalid(
+                "request index out of range: the batch has no requests",
+            ));
+        }
+        usize_arg(index, "request index", 0, self.completion.len() - 1)
+    }
+}
+
+#[pymethods]
+impl PyCompletion {
+    /// A batch of `len` requests, none complete.
+    #[new]
+    fn new(len: Bound<'_, PyAny>) -> PyResult<PyCompletion> {
+        let len = usize_arg(&len, "len", 0, isize::MAX as usize)?;
+        Ok(PyCompletion {
+            completion: Completion::new(len),
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.completion.len()
+    }
+
+    /// Marks request `index` complete (its bytes are in place); returns whether this call did.
+    fn mark_complete(&self, index: Bound<'_, PyAny>) -> PyResult<bool> {
+        let index = self.index(&index)?;
+        Ok(self.completion.mark_complete(index))
+    }
+
+    /// Ends the batch with a StagerError saying `message`; every waiter raises it.
+    fn fail(&self, message: String) {
+        self.completion.fail(crate::StagerError::Failed(message));
+    }
+
+    /// Whether request `index` (or, without one, every request) has completed.
+    #[pyo3(signature = (index = None))]
+    fn done(&self, index: Option<Bound<'_, PyAny>>) -> PyResult<bool> {
+        match index {
+            None => Ok(self.completion.all_done()),
+            Some(index) => Ok(self.completion.is_done(self.index(&index)?)),
+        }
+    }
+
+    /// Requests not complete yet.
+    #[getter]
+    fn outstanding(&self) -> usize {
+        self.completion.outstanding()
+    }
+
+    /// The failure that ended the batch, or None.
+    #[getter]
+    fn failure(&self) -> Option<String> {
+        self.completion.failure().map(|err| err.to_string())
+    }
+
+    /// Waits for request `index` (or, without one, for all) until `timeout` seconds pass;
+    /// returns whether it completed. Raises the batch's StagerError if it failed.
+    #[pyo3(signature = (index = None, timeout = None))]
+    fn wait(
+        &self,
+        py: Python<'_>,
+        index: Option<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+    ) -> PyResult<bool> {
+        let index = index.map(|i| self.index(&i)).transpose()?;
+        let deadline = deadline_of(timeout)?;
+        let completion = &self.completion;
+        let reached = wait_interruptibly(py, deadline, |slice| {
+            let reached = match index {
+                Some(index) => completion.wait(index, Some(slice))?,
+                None => completion.wait_all(Some(slice))?,
+            };
+            Ok(reached.then_some(()))
+        })?;
+        Ok(reached.is_some())
+    }
+
+    /// The index of the next request to complete that no caller has taken yet; None once all were
+    /// taken, or when `timeout` seconds pass first.
+    #[pyo3(signature = (timeout = None))]
+    fn next_completed(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<usize>> {
+        let deadline = deadline_of(timeout)?;
+        let completion = &self.completion;
+        let next = wait_interruptibly(py, deadline, |slice| {
+            Ok(match completion.next_completed(Some(slice))? {
+                Next::TimedOut => None,
+                found => Some(found),
+            })
+        })?;
+        Ok(match next {
+            Some(Next::Ready(index)) => Some(index),
+            _ => None,
+        })
+    }
+}
+
+/// `(request, source_address, target_offset, nbytes)` of one host copy, as Python passes it.
+type HostCopyArgs<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+);
+
+/// The copy engine's worker threads.
+#[pyclass(name = "CopyEngine", module = "stager._native", frozen)]
+pub(crate) struct PyCopyEngine {
+    engine: CopyEngine,
+}
+
+#[pymethods]
+impl PyCopyEngine {
+    /// `num_threads` workers; `niceness` > 0 lowers their priority (background staging).
+    #[new]
+    #[pyo3(signature = (num_threads, niceness = None))]
+    fn new(
+        num_threads: Bound<'_, PyAny>,
+        niceness: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<PyCopyEngine> {
+        let threads = usize_arg(&num_threads, "num_threads", 1, MAX_THREADS)?;
+        let niceness = match niceness {
+            Some(niceness) => usize_arg(&niceness, "niceness", 0, 19)? as i32,
+            None => 0,
+        };
+        Ok(PyCopyEngine {
+            engine: CopyEngine::with_niceness(threads, niceness)?,
+        })
+    }
+
+    /// Number of worker threads.
+    #[getter]
+    fn num_threads(&self) -> usize {
+        self.engine.num_threads()
+    }
+
+    /// Raises StagerError in a process forked after this engine was made (its threads are gone).
+    fn check_process(&self) -> PyResult<()> {
+        Ok(self.engine.check_process()?)
+    }
+
+    /// Copies every CPU storage of `table` into `target` at its offset, completing request i of
+    /// `completion` (one request per storage) when storage i has landed; empty storages complete
+    /// at once. The other storages' requests are left to their producers. The batch keeps the
+    /// table (and so the source storages) and the target alive until its copies finish.
+    fn submit_table(
+        &self,
+        py: Python<'_>,
+        target: Bound<'_, PyHostBuffer>,
+        table: Bound<'_, PyTensorTable>,
+        completion: Bound<'_, PyCompletion>,
+    ) -> PyResult<()> {
+        let completion = &completion.get().completion;
+        let described = &table.get().table;
+        if completion.len() != described.storages().len() {
+            return Err(invalid(format!(
+                "the completion has {} requests for a table of {} storages",
+                completion.len(),
+                described.storages().len()
+            )));
+        }
+        let buffer = &target.get().buffer;
+        let copies = described.host_copies(buffer.as_ptr(), buffer.len())?;
+        completion.mark_all(described.empty_storages());
+        let owner: crate::copy_engine::MemoryOwner = Box::new((table.unbind(), target.unbind()));
+        // SAFETY: destinations are the table's disjoint placed ranges inside `target` (checked
+        // by host_copies); sources are the table's storages. The owner keeps both alive until
+        // the batch's last copy finishes, and nothing reads the fresh target before its
+        // requests complete (the stagers publish results only after waiting).
+        py.detach(|| unsafe { self.engine.submit(completion, copies, Some(owner)) })?;
+        Ok(())
+    }
+
+    /// Copies `(request, source_address, target_offset, nbytes)` for each entry of `copies` into
+    /// `target`. `owner` must own the memory at every source address (the tensors or storages);
+    /// the batch keeps it and `target` alive until every copy has finished.
+    fn submit(
+        &self,
+        py: Python<'_>,
+        target: Bound<'_, PyHostBuffer>,
+        completion: Bound<'_, PyCompletion>,
+        copies: Vec<HostCopyArgs<'_>>,
+        owner: Py<PyAny>,
+    ) -> PyResult<()> {
+        let completion = &completion.get().completion;
+        let buffer = &target.get().buffer;
+        let base = buffer.as_ptr();
+        let mut ranges = Vec::with_capacity(copies.len());
+        let mut host_copies = Vec::with_capacity(copies.len());
+        for (request, source, offset, nbytes) in &copies {
+            let request = usize_arg(request, "request", 0, usize::MAX)?;
+            let source = usize_arg(source, "source address", 0, usize::MAX)?;
+            let offset = usize_arg(offset, "target offset", 0, usize::MAX)?;
+            let nbytes = usize_arg(nbytes, "nbytes", 0, isize::MAX as usize)?;
+            ranges.push((offset, nbytes));
+            host_copies.push(HostCopy {
+                request,
+                src: source as *const u8,
+                dst: base.wrapping_add(offset),
+                len: nbytes,
+            });
+        }
+        crate::layout::check_disjoint_ranges(ranges, buffer.len(), "copy")?;
+        let owner: crate::copy_engine::MemoryOwner = Box::new((owner, target.unbind()));
+        // SAFETY: every destination range lies inside `target` and no two overlap (checked just
+        // above); the sources are owned by `owner`, which the batch keeps alive with the target
+        // until its last copy has finished.
+        py.detach(|| unsafe { self.engine.submit(completion, host_copies, Some(owner)) })?;
+        Ok(())
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyCompletion>()?;
+    m.add_class::<PyCopyEngine>()?;
+    Ok(())
+}

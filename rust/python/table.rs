@@ -1,0 +1,559 @@
+//! `TensorTable`: PyTorch tensors into the engine's table (`table.rs`), staged tensors back out.
+//!
+//! A state_dict's tensors cross into Rust once per stage as a list. [`describe_tensors`] reads each
+//! one's storage (identity, address, size, device) and view (dtype, shape, stride, offset) through
+//! the C API and feeds them to the engine's [`TableBuilder`], which dedups storages and places
+//! them. [`PyTensorTable::materialize`] builds the staged tensors over a host buffer, one CPU
+//! storage per source storage. Doing these per-tensor calls here rather than in a Python loop is
+//! what makes 20,000 tiny tensors cheap: the calls are the same, the interpreter around them is gone.
+//!
+//! The Python objects the engine does not need (dtype objects, shape and stride tuples, source
+//! storages, non-CUDA devices) stay here, next to the table, for building tensors back.
+
+use std::collections::HashMap;
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use super::buffer::PyHostBuffer;
+use super::{invalid, usize_arg};
+use crate::layout::{VIEW_CONJ, VIEW_NEG, VIEW_OPAQUE, VIEW_WHOLE_STORAGE};
+use crate::table::{Device, TableBuilder, TensorTable, View, ViewFacts};
+
+/// torch objects looked up once per process.
+struct Torch {
+    frombuffer: Py<PyAny>,
+    empty: Py<PyAny>,
+    uint8: Py<PyAny>,
+    tensor_type: Py<PyAny>,
+    parameter_type: Py<PyAny>,
+    strided: Py<PyAny>,
+    quantized_dtypes: Vec<Py<PyAny>>,
+    /// torch dtype object → its safetensors name.
+    safetensors_names: Vec<(Py<PyAny>, &'static str)>,
+}
+
+static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
+
+/// torch dtype attribute → safetensors dtype name (the dtypes safetensors can name).
+const SAFETENSORS_DTYPES: &[(&str, &str)] = &[
+    ("float64", "F64"),
+    ("float32", "F32"),
+    ("float16", "F16"),
+    ("bfloat16", "BF16"),
+    ("int64", "I64"),
+    ("int32", "I32"),
+    ("int16", "I16"),
+    ("int8", "I8"),
+    ("uint8", "U8"),
+    ("bool", "BOOL"),
+    ("complex64", "C64"),
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+];
+
+fn torch(py: Python<'_>) -> PyResult<&Torch> {
+    TORCH.get_or_try_init(py, || {
+        let torch = py.import("torch")?;
+        let quantized_dtypes = ["qint8", "quint8", "qint32", "quint4x2", "quint2x4"]
+            .iter()
+            .filter_map(|name| torch.getattr(*name).ok().map(Bound::unbind))
+            .collect();
+        let safetensors_names = SAFETENSORS_DTYPES
+            .iter()
+            .filter_map(|(attr, name)| torch.getattr(*attr).ok().map(|d| (d.unbind(), *name)))
+            .collect();
+        Ok::<_, PyErr>(Torch {
+            frombuffer: torch.getattr("frombuffer")?.unbind(),
+            empty: torch.getattr("empty")?.unbind(),
+            uint8: torch.getattr("uint8")?.unbind(),
+            tensor_type: torch.getattr("Tensor")?.unbind(),
+            parameter_type: torch.getattr("nn")?.getattr("Parameter")?.unbind(),
+            strided: torch.getattr("strided")?.unbind(),
+            quantized_dtypes,
+            safetensors_names,
+        })
+    })
+}
+
+/// The safetensors name of a torch dtype, if it has one.
+fn safetensors_name(api: &Torch, py: Python<'_>, dtype: &Bound<'_, PyAny>) -> Option<&'static str> {
+    api.safetensors_names
+        .iter()
+        .find(|(d, _)| d.bind(py).is(dtype))
+        .map(|(_, name)| *name)
+}
+
+#[derive(Clone, Copy)]
+struct DtypeInfo {
+    itemsize: usize,
+    is_complex: bool,
+    safetensors: Option<&'static str>,
+}
+
+/// The flat description of a state_dict's tensors and of where their storages go.
+///
+/// # Thread Safety
+/// Immutable after construction (`frozen`); shared freely between threads.
+#[pyclass(name = "TensorTable", module = "stager._native", frozen)]
+pub(crate) struct PyTensorTable {
+    pub(crate) table: TensorTable,
+    // One entry per tensor.
+    dtypes: Vec<Py<PyAny>>,
+    shapes: Vec<Py<PyAny>>,
+    strides: Vec<Py<PyAny>>,
+    safetensors_dtypes: Vec<Option<&'static str>>,
+    // One entry per storage.
+    storages: Vec<Option<Py<PyAny>>>,
+    devices: Vec<Option<Py<PyAny>>>,
+}
+
+impl PyTensorTable {
+    /// The safetensors dtype name and shape of tensor `index`, for naming file entries.
+    pub(crate) fn safetensors_entry(
+        &self,
+        py: Python<'_>,
+        index: usize,
+    ) -> Option<crate::format::TensorEntry> {
+        let dtype = self.safetensors_dtypes.get(index).copied().flatten()?;
+        let shape: Vec<u64> = self.shapes[index].bind(py).extract().ok()?;
+        Some(crate::format::TensorEntry {
+            dtype: dtype.to_string(),
+            shape,
+        })
+    }
+}
+
+/// Reads every tensor of `tensors` once and describes their distinct storages, placed in one
+/// buffer. Raises StagerError for tensors without data (meta).
+#[pyfunction]
+pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>) -> PyResult<PyTensorTable> {
+    let py = tensors.py();
+    let api = torch(py)?;
+    let count = tensors.len();
+    let mut builder = TableBuilder::with_capacity(count);
+    let mut dtypes = Vec::with_capacity(count);
+    let mut shapes = Vec::with_capacity(count);
+    let mut strides = Vec::with_capacity(count);
+    let mut safetensors_dtypes = Vec::with_capacity(count);
+    let mut storages: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
+    let mut devices: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
+    let mut dtype_info: HashMap<usize, DtypeInfo> = HashMap::new();
+    for tensor in tensors.iter() {
+        let dtype = tensor.getattr(intern!(py, "dtype"))?;
+        let class = tensor.get_type();
+        let plain = class.is(api.tensor_type.bind(py)) || class.is(api.parameter_type.bind(py));
+        let opaque = !plain
+            || !tensor
+                .getattr(intern!(py, "layout"))?
+                .is(api.strided.bind(py))
+            || api.quantized_dtypes.iter().any(|q| dtype.is(q.bind(py)));
+        if opaque {
+            builder.add_opaque();
+            dtypes.push(dtype.unbind());
+            shapes.push(py.None());
+            strides.push(py.None());
+            safetensors_dtypes.push(None);
+            continue;
+        }
+        let is_cpu = tensor.getattr(intern!(py, "is_cpu"))?.is_truthy()?;
+        if !is_cpu && tensor.getattr(intern!(py, "is_meta"))?.is_truthy()? {
+            return Err(invalid(format!(
+                "cannot stage a meta tensor (no data) of shape {}: materialize it before checkpointing",
+                tensor.getattr(intern!(py, "shape"))?
+            )));
+        }
+        let storage = tensor.call_method0(intern!(py, "untyped_storage"))?;
+        let key: usize = storage.getattr(intern!(py, "_cdata"))?.extract()?;
+        let index = match builder.find_storage(key) {
+            Some(index) => index,
+            None => {
+                let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+                let address: usize = storage.call_method0(intern!(py, "data_ptr"))?.extract()?;
+                let (device, device_object) = if is_cpu {
+                    (Device::Host, None)
+                } else {
+                    let device = tensor.getattr(intern!(py, "device"))?;
+                    let kind: String = device.getattr(intern!(py, "type"))?.extract()?;
+                    let ordinal: Option<i32> = device.getattr(intern!(py, "index"))?.extract()?;
+                    let engine_device = match (kind.as_str(), ordinal) {
+                        ("cuda", Some(ordinal)) => Device::Cuda(ordinal),
+                        _ => Device::Other,
+                    };
+                    (engine_device, Some(device.unbind()))
+                };
+                devices.push(device_object);
+                storages.push(Some(storage.unbind()));
+                builder.add_storage(key, address, nbytes, device)
+            }
+        };
+        let info = match dtype_info.get(&(dtype.as_ptr() as usize)) {
+            Some(info) => *info,
+            None => {
+                let info = DtypeInfo {
+                    itemsize: dtype.getattr(intern!(py, "itemsize"))?.extract()?,
+                    is_complex: dtype.getattr(intern!(py, "is_complex"))?.is_truthy()?,
+                    safetensors: safetensors_name(api, py, &dtype),
+                };
+                dtype_info.insert(dtype.as_ptr() as usize, info);
+                info
+            }
+        };
+        let (conj, neg) = if info.is_complex {
+            (
+                tensor.call_method0(intern!(py, "is_conj"))?.is_truthy()?,
+                tensor.call_method0(intern!(py, "is_neg"))?.is_truthy()?,
+            )
+        } else {
+            (false, false)
+        };
+        builder.add_view(
+            index,
+            ViewFacts {
+                itemsize: info.itemsize,
+                storage_offset: tensor
+                    .call_method0(intern!(py, "storage_offset"))?
+                    .extract()?,
+                numel: tensor.call_method0(intern!(py, "numel"))?.extract()?,
+                contiguous: tensor
+                    .call_method0(intern!(py, "is_contiguous"))?
+                    .is_truthy()?,
+                conj,
+                neg,
+            },
+        );
+        dtypes.push(dtype.unbind());
+        shapes.push(tensor.getattr(intern!(py, "shape"))?.unbind());
+        strides.push(tensor.call_method0(intern!(py, "stride"))?.unbind());
+        safetensors_dtypes.push(info.safetensors);
+    }
+    Ok(PyTensorTable {
+        table: builder.finish()?,
+        dtypes,
+        shapes,
+        strides,
+        safetensors_dtypes,
+        storages,
+        devices,
+    })
+}
+
+#[pymethods]
+impl PyTensorTable {
+    /// A table for tensors described by metadata (a file header, a peer's message): storages of
+    /// `storage_nbytes`, and one `(storage, dtype, shape, stride, storage_offset, numel, flags)`
+    /// per tensor. The caller has validated that every view fits its storage.
+    #[staticmethod]
+    fn from_layout(
+        py: Python<'_>,
+        storage_nbytes: Vec<Bound<'_, PyAny>>,
+        tensors: Vec<Bound<'_, PyTuple>>,
+    ) -> PyResult<PyTensorTable> {
+        let api = torch(py)?;
+        let storage_nbytes = storage_nbytes
+            .iter()
+            .map(|n| usize_arg(n, "storage nbytes", 0, isize::MAX as usize))
+            .collect::<PyResult<Vec<usize>>>()?;
+        let count = tensors.len();
+        let mut views = Vec::with_capacity(count);
+        let mut dtypes = Vec::with_capacity(count);
+        let mut shapes = Vec::with_capacity(count);
+        let mut strides = Vec::with_capacity(count);
+        let mut safetensors_dtypes = Vec::with_capacity(count);
+        for (index, tensor) in tensors.iter().enumerate() {
+            if tensor.len() != 7 {
+                return Err(invalid(format!(
+                    "tensor {index} must be (storage, dtype, shape, stride, storage_offset, numel, flags)"
+                )));
+            }
+            let dtype = tensor.get_item(1)?;
+            let view = View {
+                storage: usize_arg(&tensor.get_item(0)?, "tensor storage", 0, usize::MAX - 1)?,
+                storage_offset: tensor.get_item(4)?.extract()?,
+                numel: tensor.get_item(5)?.extract()?,
+                flags: tensor.get_item(6)?.extract()?,
+            };
+            views.push(view);
+            safetensors_dtypes.push(safetensors_name(api, py, &dtype));
+            dtypes.push(dtype.unbind());
+            shapes.push(tensor.get_item(2)?.unbind());
+            strides.push(tensor.get_item(3)?.unbind());
+        }
+        let storage_count = storage_nbytes.len();
+        Ok(PyTensorTable {
+            table: TensorTable::from_layout(&storage_nbytes, views)?,
+            dtypes,
+            shapes,
+            strides,
+            safetensors_dtypes,
+            storages: (0..storage_count).map(|_| None).collect(),
+            devices: (0..storage_count).map(|_| None).collect(),
+        })
+    }
+
+    /// Bytes of the buffer every storage fits in.
+    #[getter]
+    fn total_nbytes(&self) -> usize {
+        self.table.total_nbytes()
+    }
+
+    /// Number of tensors.
+    fn __len__(&self) -> usize {
+        self.table.views().len()
+    }
+
+    /// Indices of tensors that are not plain strided tensors (staged by torch instead).
+    #[getter]
+    fn opaque(&self) -> Vec<usize> {
+        self.table.opaque().collect()
+    }
+
+    /// Each storage's source address (0 for tables made from metadata).
+    #[getter]
+    fn storage_addresses(&self) -> Vec<usize> {
+        self.table.storages().iter().map(|s| s.address).collect()
+    }
+
+    /// Each storage's bytes.
+    #[getter]
+    fn storage_nbytes(&self) -> Vec<usize> {
+        self.table.storages().iter().map(|s| s.nbytes).collect()
+    }
+
+    /// Each storage's offset in the staged buffer.
+    #[getter]
+    fn storage_offsets(&self) -> Vec<usize> {
+        self.table.storages().iter().map(|s| s.offset).collect()
+    }
+
+    /// Each storage's number of tensors.
+    #[getter]
+    fn storage_users(&self) -> Vec<u32> {
+        self.table.storages().iter().map(|s| s.users).collect()
+    }
+
+    /// The source storages (None for tables made from metadata).
+    #[getter]
+    fn storage_objects(&self, py: Python<'_>) -> Vec<Option<Py<PyAny>>> {
+        self.storages
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.clone_ref(py)))
+            .collect()
+    }
+
+    /// Each storage's device, None for CPU.
+    #[getter]
+    fn storage_devices(&self, py: Python<'_>) -> Vec<Option<Py<PyAny>>> {
+        self.devices
+            .iter()
+            .map(|d| d.as_ref().map(|d| d.clone_ref(py)))
+            .collect()
+    }
+
+    /// `(request, device, source_address, target_offset, nbytes)` of every non-empty CUDA storage,
+    /// for `DeviceCopier.submit` (request i is storage i).
+    #[getter]
+    fn cuda_copies(&self) -> Vec<(usize, i32, usize, usize, usize)> {
+        self.table
+            .cuda_storages()
+            .map(|(index, device)| {
+                let storage = &self.table.storages()[index];
+                (
+                    index,
+                    device,
+                    storage.address,
+                    storage.offset,
+                    storage.nbytes,
+                )
+            })
+            .collect()
+    }
+
+    /// Whether any storage lives outside host memory.
+    #[getter]
+    fn has_device_storages(&self) -> bool {
+        self.devices.iter().any(Option::is_some)
+    }
+
+    /// Each tensor's storage index (a huge number for opaque tensors).
+    #[getter]
+    fn tensor_storage(&self) -> Vec<usize> {
+        self.table.views().iter().map(|v| v.storage).collect()
+    }
+
+    /// Each tensor's dtype.
+    #[getter]
+    fn tensor_dtypes(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.dtypes.iter().map(|d| d.clone_ref(py)).collect()
+    }
+
+    /// Each tensor's shape (None for opaque tensors).
+    #[getter]
+    fn tensor_shapes(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.shapes.iter().map(|d| d.clone_ref(py)).collect()
+    }
+
+    /// Each tensor's stride (None for opaque tensors).
+    #[getter]
+    fn tensor_strides(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        self.strides.iter().map(|d| d.clone_ref(py)).collect()
+    }
+
+    /// Each tensor's storage offset (elements).
+    #[getter]
+    fn tensor_offsets(&self) -> Vec<i64> {
+        self.table
+            .views()
+            .iter()
+            .map(|v| v.storage_offset)
+            .collect()
+    }
+
+    /// Each tensor's view flags (`VIEW_*`).
+    #[getter]
+    fn tensor_flags(&self) -> Vec<u8> {
+        self.table.views().iter().map(|v| v.flags).collect()
+    }
+
+    /// Builds one CPU tensor per described tensor over `buffer` (None for opaque ones). Each
+    /// storage becomes one CPU storage, so views that shared one still do. With `replacements`
+    /// (storage index → `torch.UntypedStorage`), tensors of those storages view the given storage
+    /// instead (e.g. in-place receives). The tensors alias the buffer: its bytes must be in place
+    /// before anyone reads them.
+    #[pyo3(signature = (buffer, replacements = None))]
+    fn materialize<'py>(
+        &self,
+        buffer: &Bound<'py, PyAny>,
+        replacements: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let py = buffer.py();
+        let api = torch(py)?;
+        let available = match buffer.cast::<PyHostBuffer>() {
+            Ok(host) => host.get().buffer.len(),
+            Err(_) => buffer.len()?,
+        };
+        let storages = self.table.storages();
+        let mut replaced: Vec<Option<Bound<'py, PyAny>>> = vec![None; storages.len()];
+        if let Some(replacements) = replacements {
+            for (key, storage) in replacements.iter() {
+                let index = usize_arg(
+                    &key,
+                    "replacement storage index",
+                    0,
+                    storages.len().saturating_sub(1),
+                )?;
+                let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+                if nbytes != storages[index].nbytes {
+                    return Err(invalid(format!(
+                        "replacement for storage {index} has {nbytes} bytes, the storage {}",
+                        storages[index].nbytes
+                    )));
+                }
+                replaced[index] = Some(storage);
+            }
+        }
+        let needed = storages
+            .iter()
+            .zip(&replaced)
+            .filter(|(_, r)| r.is_none())
+            .map(|(s, _)| s.offset + s.nbytes)
+            .max()
+            .unwrap_or(0);
+        if available < needed {
+            return Err(invalid(format!(
+                "host buffer of {available} bytes is smaller than the {needed} bytes the tensors need"
+            )));
+        }
+        let frombuffer = api.frombuffer.bind(py);
+        let empty = api.empty.bind(py);
+        let uint8 = api.uint8.bind(py);
+        let buffer_args = PyTuple::new(py, [buffer])?;
+        // One kwargs dict, refilled per call: torch copies what it parses out of it.
+        let kwargs = PyDict::new(py);
+        // `torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset)`: a tensor with a
+        // CPU storage of its own over those bytes of the buffer.
+        let view_bytes = |dtype: &Bound<'py, PyAny>,
+                          count: usize,
+                          offset: usize|
+         -> PyResult<Bound<'py, PyAny>> {
+            kwargs.set_item(intern!(py, "dtype"), dtype)?;
+            kwargs.set_item(intern!(py, "count"), count)?;
+            kwargs.set_item(intern!(py, "offset"), offset)?;
+            frombuffer.call(&buffer_args, Some(&kwargs))
+        };
+        // `torch.empty(0, dtype=dtype)`.
+        let empty_of = |dtype: &Bound<'py, PyAny>| -> PyResult<Bound<'py, PyAny>> {
+            let dtype_kwargs = PyDict::new(py);
+            dtype_kwargs.set_item(intern!(py, "dtype"), dtype)?;
+            empty.call((0,), Some(&dtype_kwargs))
+        };
+        // Per storage, the UntypedStorage every view of it is set onto (made on first use).
+        let mut bases: Vec<Option<Bound<'py, PyAny>>> = replaced;
+        let out = PyList::empty(py);
+        for (index, view) in self.table.views().iter().enumerate() {
+            if view.flags & VIEW_OPAQUE != 0 {
+                out.append(py.None())?;
+                continue;
+            }
+            let storage = &storages[view.storage];
+            let dtype = self.dtypes[index].bind(py);
+            let shape = self.shapes[index].bind(py);
+            if view.flags == VIEW_WHOLE_STORAGE
+                && storage.users == 1
+                && bases[view.storage].is_none()
+            {
+                let mut tensor = view_bytes(dtype, view.numel as usize, storage.offset)?;
+                if shape.len()? != 1 {
+                    tensor = tensor.call_method1(intern!(py, "view"), (shape,))?;
+                }
+                out.append(tensor)?;
+                continue;
+            }
+            let base = match &bases[view.storage] {
+                Some(base) => base.clone(),
+                None => {
+                    let bytes = if storage.nbytes > 0 {
+                        view_bytes(uint8, storage.nbytes, storage.offset)?
+                    } else {
+                        empty_of(uint8)?
+                    };
+                    let base = bytes.call_method0(intern!(py, "untyped_storage"))?;
+                    bases[view.storage] = Some(base.clone());
+                    base
+                }
+            };
+            let mut tensor = empty_of(dtype)?.call_method1(
+                intern!(py, "set_"),
+                (
+                    base,
+                    view.storage_offset,
+                    shape,
+                    self.strides[index].bind(py),
+                ),
+            )?;
+            if view.flags & VIEW_CONJ != 0 {
+                tensor = tensor.call_method0(intern!(py, "conj"))?;
+            }
+            if view.flags & VIEW_NEG != 0 {
+                tensor = tensor.call_method0(intern!(py, "_neg_view"))?;
+            }
+            out.append(tensor)?;
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // torch dtype attribute name → safetensors dtype name, for Python's view of the same map.
+    m.add("SAFETENSORS_DTYPES", SAFETENSORS_DTYPES.to_vec())?;
+    m.add_class::<PyTensorTable>()?;
+    m.add_function(wrap_pyfunction!(describe_tensors, m)?)?;
+    Ok(())
+}
