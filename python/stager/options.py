@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from . import _native
 from ._native import StagerError
 
 __all__ = ["StagingOptions", "default_num_threads"]
@@ -16,6 +17,14 @@ def default_num_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int) -> None:
+    """An optional int option in ``minimum..maximum``, else a StagerError naming it."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise StagerError(f"StagingOptions.{name} must be an int from {minimum} to {maximum} or None, got {value!r}")
 
 
 @dataclass
@@ -51,18 +60,8 @@ class StagingOptions:
         for name in ("use_pinned_memory", "use_shared_memory", "use_async_staging", "use_non_blocking_copy"):
             if not isinstance(getattr(self, name), bool):
                 raise StagerError(f"StagingOptions.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.num_threads is not None and (
-            not isinstance(self.num_threads, int) or isinstance(self.num_threads, bool) or self.num_threads < 1
-        ):
-            raise StagerError(f"StagingOptions.num_threads must be a positive int or None, got {self.num_threads!r}")
-        if self.memory_budget_bytes is not None and (
-            not isinstance(self.memory_budget_bytes, int)
-            or isinstance(self.memory_budget_bytes, bool)
-            or self.memory_budget_bytes < 0
-        ):
-            raise StagerError(
-                f"StagingOptions.memory_budget_bytes must be a non-negative int or None, got {self.memory_budget_bytes!r}"
-            )
+        _check_int("num_threads", self.num_threads, 1, _native.MAX_COPY_THREADS)
+        _check_int("memory_budget_bytes", self.memory_budget_bytes, 0, _native.MAX_BYTES)
 
     @property
     def threads(self) -> int:

@@ -237,6 +237,8 @@ impl PyCopyEngine {
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("MAX_COPY_THREADS", MAX_THREADS)?;
+    m.add("MAX_BYTES", isize::MAX as usize)?;
     m.add_class::<PyCompletion>()?;
     m.add_class::<PyCopyEngine>()?;
     Ok(())

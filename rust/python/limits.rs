@@ -1,11 +1,11 @@
-//! Bindings for the machine-limit measurements `stager bench` compares against (see `limits.rs`).
+//! `copy_limit_seconds`: the machine-limit measurements `stager bench` compares against (`limits.rs`).
 
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 
 use crate::limits::{copy_limit, copy_limit_from, Target};
 
-use super::invalid;
+use super::{invalid, usize_arg};
 
 /// Seconds of each of `samples` parallel copies of `nbytes` bytes with `threads` threads into
 /// `target` memory: "touched" (already faulted in), "private" (fresh anonymous mapping) or
@@ -13,15 +13,21 @@ use super::invalid;
 /// e.g. a numpy array; the caller must not write it meanwhile) when given, else from a touched
 /// buffer of its own. Runs without the GIL.
 #[pyfunction]
-#[pyo3(signature = (nbytes, threads, target, samples = 1, source = None))]
+#[pyo3(signature = (nbytes, threads, target, samples = None, source = None))]
 fn copy_limit_seconds(
     py: Python<'_>,
-    nbytes: usize,
-    threads: usize,
+    nbytes: Bound<'_, PyAny>,
+    threads: Bound<'_, PyAny>,
     target: &str,
-    samples: usize,
+    samples: Option<Bound<'_, PyAny>>,
     source: Option<PyBuffer<u8>>,
 ) -> PyResult<Vec<f64>> {
+    let nbytes = usize_arg(&nbytes, "nbytes", 0, isize::MAX as usize)?;
+    let threads = usize_arg(&threads, "threads", 1, crate::copy_engine::MAX_THREADS)?;
+    let samples = match samples {
+        Some(samples) => usize_arg(&samples, "samples", 1, 1_000_000)?,
+        None => 1,
+    };
     let target = Target::parse(target).ok_or_else(|| {
         invalid(format!(
             "unknown copy-limit target {target:?}; use \"touched\", \"private\" or \"shared\""

@@ -115,6 +115,7 @@ pub(crate) fn usize_arg(
 pub(crate) fn deadline_of(timeout: Option<f64>) -> PyResult<Option<Instant>> {
     match timeout {
         None => Ok(None),
+        Some(seconds) if seconds == f64::INFINITY => Ok(None),
         Some(seconds) if seconds.is_finite() && seconds >= 0.0 => {
             // Durations past what `Instant` can hold mean "no deadline".
             Ok(Duration::try_from_secs_f64(seconds)
@@ -151,7 +152,12 @@ pub(crate) fn wait_interruptibly<T: Send>(
 #[pymodule(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     use crate::layout;
-    m.add("StagerError", m.py().get_type::<StagerError>())?;
+    let error_type = m.py().get_type::<StagerError>();
+    // Defaults for errors raised from Python code (the engine's set their own on the instance).
+    error_type.setattr("kind", "error")?;
+    error_type.setattr("errno", m.py().None())?;
+    error_type.setattr("cuda_code", m.py().None())?;
+    m.add("StagerError", error_type)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("STORAGE_ALIGNMENT", layout::STORAGE_ALIGNMENT)?;
     m.add("DATA_ALIGNMENT", layout::DATA_ALIGNMENT)?;
