@@ -12,6 +12,10 @@
 //! A table can also be made from metadata alone ([`TensorTable::from_layout`]): a file header or
 //! a peer's message, with storage sizes and views but no source memory.
 //!
+//! Incremental staging marks storages whose bytes an earlier result already holds as *reused*
+//! ([`TensorTable::reusing`]): they take no room in the new buffer and get no copy, and their
+//! requests are complete from the start.
+//!
 //! # Example
 //! ```
 //! use stager::table::{Device, TableBuilder, ViewFacts};
@@ -60,6 +64,8 @@ pub struct Storage {
     pub device: Device,
     /// Number of tensors viewing it.
     pub users: u32,
+    /// Its bytes are already staged elsewhere (an earlier result): no room, no copy.
+    pub reused: bool,
 }
 
 /// One tensor: how it views its storage.
@@ -141,6 +147,7 @@ impl TableBuilder {
             offset: 0,
             device,
             users: 0,
+            reused: false,
         });
         self.by_key.insert(key, index);
         index
@@ -193,7 +200,10 @@ pub struct TensorTable {
 
 impl TensorTable {
     fn placed(mut storages: Vec<Storage>, views: Vec<View>) -> Result<TensorTable> {
-        let sizes: Vec<usize> = storages.iter().map(|s| s.nbytes).collect();
+        let sizes: Vec<usize> = storages
+            .iter()
+            .map(|s| if s.reused { 0 } else { s.nbytes })
+            .collect();
         let placement = layout::place_storages(&sizes)?;
         for (storage, offset) in storages.iter_mut().zip(placement.offsets) {
             storage.offset = offset;
@@ -217,6 +227,7 @@ impl TensorTable {
                 offset: 0,
                 device: Device::Host,
                 users: 0,
+                reused: false,
             })
             .collect();
         for (index, view) in views.iter().enumerate() {
@@ -236,6 +247,22 @@ impl TensorTable {
             storage.users += 1;
         }
         TensorTable::placed(storages, views)
+    }
+
+    /// The same table with storages `reused` marked reused (see the module docs) and the others
+    /// placed again, packed; fails on an index out of range.
+    pub fn reusing(&self, reused: &[usize]) -> Result<TensorTable> {
+        let mut storages = self.storages.clone();
+        for &index in reused {
+            let Some(storage) = storages.get_mut(index) else {
+                return Err(StagerError::invalid(format!(
+                    "storage {index} is out of range: the table has {}",
+                    self.storages.len()
+                )));
+            };
+            storage.reused = true;
+        }
+        TensorTable::placed(storages, self.views.clone())
     }
 
     /// The distinct storages, in placement order.
@@ -262,12 +289,13 @@ impl TensorTable {
             .map(|(index, _)| index)
     }
 
-    /// Indices of the storages with no bytes: their requests are complete from the start.
+    /// Indices of the storages with nothing to copy (no bytes, or reused): their requests are
+    /// complete from the start.
     pub fn empty_storages(&self) -> impl Iterator<Item = usize> + '_ {
         self.storages
             .iter()
             .enumerate()
-            .filter(|(_, storage)| storage.nbytes == 0)
+            .filter(|(_, storage)| storage.nbytes == 0 || storage.reused)
             .map(|(index, _)| index)
     }
 
@@ -280,7 +308,10 @@ impl TensorTable {
             )));
         }
         check_disjoint_ranges(
-            self.storages.iter().map(|s| (s.offset, s.nbytes)),
+            self.storages
+                .iter()
+                .filter(|s| !s.reused)
+                .map(|s| (s.offset, s.nbytes)),
             buffer_len,
             "storage",
         )
@@ -293,7 +324,9 @@ impl TensorTable {
         self.storages
             .iter()
             .enumerate()
-            .filter(|(_, storage)| storage.device == Device::Host && storage.nbytes > 0)
+            .filter(|(_, storage)| {
+                storage.device == Device::Host && storage.nbytes > 0 && !storage.reused
+            })
             .map(|(index, storage)| {
                 if storage.address == 0 {
                     return Err(StagerError::invalid(format!(
@@ -318,7 +351,9 @@ impl TensorTable {
             .iter()
             .enumerate()
             .filter_map(|(index, storage)| match storage.device {
-                Device::Cuda(ordinal) if storage.nbytes > 0 => Some((index, ordinal)),
+                Device::Cuda(ordinal) if storage.nbytes > 0 && !storage.reused => {
+                    Some((index, ordinal))
+                }
                 _ => None,
             })
     }
@@ -373,6 +408,23 @@ mod tests {
         assert_eq!(table.empty_storages().collect::<Vec<_>>(), [2]);
         let err = table.host_copies(buffer.as_mut_ptr(), 10).unwrap_err();
         assert!(err.to_string().contains("smaller"), "{err}");
+    }
+
+    #[test]
+    fn reused_storages_take_no_room_and_get_no_copy() {
+        let mut builder = TableBuilder::with_capacity(3);
+        builder.add_storage(1, 0x1000, 1000, Device::Host);
+        builder.add_storage(2, 0x9000, 500, Device::Cuda(0));
+        builder.add_storage(3, 0x3000, 100, Device::Host);
+        let table = builder.finish().unwrap().reusing(&[0, 1]).unwrap();
+        assert_eq!(table.total_nbytes(), 128);
+        assert_eq!(table.storages()[2].offset, 0);
+        let mut buffer = vec![0u8; table.total_nbytes()];
+        let copies = table.host_copies(buffer.as_mut_ptr(), buffer.len()).unwrap();
+        assert_eq!(copies.iter().map(|c| c.request).collect::<Vec<_>>(), [2]);
+        assert_eq!(table.cuda_storages().count(), 0);
+        assert_eq!(table.empty_storages().collect::<Vec<_>>(), [0, 1]);
+        assert!(table.reusing(&[7]).is_err());
     }
 
     #[test]

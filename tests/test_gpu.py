@@ -519,3 +519,18 @@ def test_cuda_plumbing_against_a_stand_in_driver(fake_cuda, script, expected):
     result = subprocess.run([sys.executable, "-c", script, str(fake_cuda)], env=env, capture_output=True, text=True,
                             timeout=240)
     assert result.returncode == 0 and expected in result.stdout, result.stdout + result.stderr
+
+
+@gpu
+def test_skip_unchanged_issues_no_device_copy_for_unchanged_storages():
+    sd = {"frozen": torch.randn(1 << 20, device="cuda"), "adapter": torch.randn(1000, device="cuda")}
+    options = stager.StagingOptions(use_async_staging=False, skip_unchanged=True)
+    with stager.DefaultStager(options) as s:
+        first = s.stage(sd)
+        sd["adapter"].mul_(2.0)
+        second = s.stage(sd)
+        tracker = s._engine.unchanged
+        assert (tracker.copied_nbytes, tracker.reused_nbytes) == (4000, sd["frozen"].numel() * 4)
+        assert second["frozen"].untyped_storage().data_ptr() == first["frozen"].untyped_storage().data_ptr()
+        assert torch.equal(second["adapter"], sd["adapter"].cpu())
+        assert torch.equal(second["frozen"], sd["frozen"].cpu())

@@ -31,6 +31,7 @@ from . import _native, sharing
 __all__ = [
     "BACKGROUND_NICENESS",
     "copy_engine",
+    "empty_buffer",
     "pending_copy",
     "process_pool",
     "register_pending",
@@ -54,6 +55,18 @@ def copy_engine(num_threads: int, background: bool = False) -> _native.CopyEngin
             niceness = BACKGROUND_NICENESS if background else 0
             engine = _engines[(num_threads, background)] = _native.CopyEngine(num_threads, niceness)
         return engine
+
+
+def empty_buffer() -> _native.HostBuffer:
+    """A zero-byte host buffer for stages with nothing to copy (one page, mapped once per process)."""
+    global _empty
+    with _lock:
+        if _empty is None:
+            _empty = _native.HostPool().acquire(0)
+        return _empty
+
+
+_empty: _native.HostBuffer | None = None
 
 
 def process_pool(pinned: bool = False) -> _native.HostPool:
@@ -131,8 +144,9 @@ def pending_copy(tensor: Any) -> tuple[Any, int] | None:
 def _reset_after_fork() -> None:
     """In a forked child: forget the parent's engines (their threads stayed in the parent) and
     pools (their free memory is the parent's), so the child makes its own on first use."""
-    global _lock
+    global _lock, _empty
     _lock = threading.Lock()
+    _empty = None
     _engines.clear()
     _pools.clear()
     _pending.clear()

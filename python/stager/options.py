@@ -47,6 +47,10 @@ class StagingOptions:
         num_threads: copy threads; ``None`` means every core this process may use.
         memory_budget_bytes: upper bound on the host memory the stager's pool holds; a stage
             that cannot fit raises ``StagerError`` before anything is copied. ``None``: unbounded.
+        skip_unchanged: don't copy storages that are unchanged since this stager's previous stage
+            (same storage object, address, size and version counters): their staged tensors
+            share the previous result's bytes, so staged results must be treated as read-only.
+            See :mod:`stager.incremental`.
     """
 
     use_pinned_memory: bool = True
@@ -55,9 +59,11 @@ class StagingOptions:
     use_non_blocking_copy: bool = True
     num_threads: int | None = None
     memory_budget_bytes: int | None = None
+    skip_unchanged: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("use_pinned_memory", "use_shared_memory", "use_async_staging", "use_non_blocking_copy"):
+        for name in ("use_pinned_memory", "use_shared_memory", "use_async_staging", "use_non_blocking_copy",
+                     "skip_unchanged"):
             if not isinstance(getattr(self, name), bool):
                 raise StagerError(f"StagingOptions.{name} must be a bool, got {getattr(self, name)!r}")
         _check_int("num_threads", self.num_threads, 1, _native.MAX_COPY_THREADS)

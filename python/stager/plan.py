@@ -155,16 +155,20 @@ class StatePlan:
         """Tensors that are not plain strided tensors: (None, tensor index, tensor)."""
         return [(None, index, self.leaves[index]) for index in self.table.opaque]
 
-    def materialize(self, buffer: Any, replacements: dict[int, torch.UntypedStorage] | None = None) -> Any:
+    def materialize(self, buffer: Any, replacements: dict[int, torch.UntypedStorage] | None = None,
+                    staged_tensors: list | None = None) -> Any:
         """Builds the staged tree over ``buffer`` (a host buffer of at least ``total_nbytes``).
 
         The tensors alias the buffer: it must hold the copied bytes before anyone reads them.
         Each source storage becomes one CPU storage, so views that shared a storage still do.
         ``replacements`` (storage index → storage of the same size) makes that storage's tensors
-        view the given storage instead (in-place receives).
+        view the given storage instead (in-place receives, reused bytes). ``staged_tensors``, when
+        given, receives the staged tensors in table order.
         """
         with gc_paused():
             staged = self.table.materialize(buffer, replacements)
+            if staged_tensors is not None:
+                staged_tensors.extend(staged)
             for index in self.table.opaque:
                 staged[index] = _stage_opaque(self.leaves[index])
             return self.fill(staged)
@@ -224,8 +228,9 @@ def _empty_like_mapping(mapping: dict) -> dict:
     return clone
 
 
-def plan_state_dict(state_dict: Any) -> StatePlan:
-    """Walks ``state_dict`` once and returns its :class:`StatePlan`."""
+def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePlan:
+    """Walks ``state_dict`` once and returns its :class:`StatePlan`; ``track_versions`` also
+    records each tensor's version counter (incremental staging)."""
     plan = StatePlan()
     tensor_index: dict[int, int] = {}
     memo: dict[int, Any] = {}  # id(container) -> its skeleton; deepcopy memo for other leaves
@@ -286,7 +291,7 @@ def plan_state_dict(state_dict: Any) -> StatePlan:
         try:
             plan.holder[0] = visit(state_dict, plan.holder, 0)
             # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
-            plan.table = _native.describe_tensors(leaves)
+            plan.table = _native.describe_tensors(leaves, track_versions)
         finally:
             # `visit` refers to itself through its closure: break that cycle now, or the skeleton
             # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.

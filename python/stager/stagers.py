@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from . import _native, engine, sharing
 from ._native import StagerError
 from .device import capture_order, start_device_copies
+from .incremental import UnchangedStorages
 from .options import StagingOptions
 from .plan import StatePlan, plan_state_dict
 
@@ -60,6 +61,8 @@ class StagingEngine:
         self._pid = os.getpid()
         if pool is None:
             self._pool = self._new_pool()
+        #: With ``skip_unchanged``: what the previous stage staged (see stager.incremental).
+        self.unchanged = UnchangedStorages() if options.skip_unchanged else None
 
     def _new_pool(self) -> _native.HostPool:
         return _native.HostPool(
@@ -90,7 +93,8 @@ class StagingEngine:
     def start_plan(self, plan: StatePlan, order: dict | None = None) -> StagedCopy:
         """Like :meth:`start`, for a state_dict already planned (the writer plans first)."""
         table = plan.table
-        buffer = self.pool.acquire(plan.total_nbytes)
+        # Nothing to copy (everything reused, or no bytes): no new memory at all.
+        buffer = self.pool.acquire(plan.total_nbytes) if plan.total_nbytes else engine.empty_buffer()
         if buffer.shared_fd is not None:
             sharing.register_buffer(buffer)
         completion = _native.Completion(len(table.storage_nbytes))
@@ -102,8 +106,17 @@ class StagingEngine:
     def stage(self, state_dict: Any, order: dict | None = None, early: StagingFuture | None = None) -> Any:
         """Stages ``state_dict`` and returns the staged copy once every byte has landed. With
         ``early``, the staged dict is offered to it as soon as it is built (copies still running)."""
-        staged = self.start(state_dict, order)
-        result = staged.plan.materialize(staged.buffer)  # overlaps the copies
+        unchanged = self.unchanged
+        if unchanged is None:
+            staged = self.start(state_dict, order)
+            result = staged.plan.materialize(staged.buffer)  # overlaps the copies
+        else:
+            plan = plan_state_dict(state_dict, track_versions=True)
+            reused = unchanged.reuse(plan)
+            staged = self.start_plan(plan, order)
+            tensors: list[Any] = []
+            result = plan.materialize(staged.buffer, reused, tensors)
+            unchanged.remember(plan, tensors)
         if early is not None:
             early.offer_early(result)
         staged.wait()
@@ -114,6 +127,8 @@ class StagingEngine:
 
     def close(self) -> None:
         self.pool.finish_reservations()
+        if self.unchanged is not None:
+            self.unchanged.forget()
         if self._owns_pool:
             self.pool.trim()
 
@@ -277,17 +292,21 @@ class BlockingAsyncStager(AsyncStager):
     PyTorch's cache, a result still in use is never overwritten. ``cache_staged_state_dict=True``
     also page-locks that memory when CUDA is present.
     ``type_check`` is accepted for compatibility; structure and dtypes are always preserved.
+    ``skip_unchanged`` (stager only) copies only what changed since this stager's previous stage,
+    as :class:`StagingOptions` says.
     """
 
     _synchronize_after_execute: bool = False
 
-    def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False) -> None:
+    def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False, *,
+                 skip_unchanged: bool = False) -> None:
         self.cache_staged_state_dict = cache_staged_state_dict
         self.type_check = type_check
         # Pinned only with the cache, like PyTorch: pinning a buffer used once costs more than
         # it saves.
         options = StagingOptions(
-            use_pinned_memory=cache_staged_state_dict, use_shared_memory=False, use_async_staging=False
+            use_pinned_memory=cache_staged_state_dict, use_shared_memory=False, use_async_staging=False,
+            skip_unchanged=skip_unchanged,
         )
         self._engine = StagingEngine(options, pool=engine.process_pool(pinned=cache_staged_state_dict))
 
@@ -312,6 +331,7 @@ def _convert_options(config: Any) -> StagingOptions:
             config.use_non_blocking_copy,
             getattr(config, "num_threads", None),
             getattr(config, "memory_budget_bytes", None),
+            getattr(config, "skip_unchanged", False),
         )
     except AttributeError as err:
         raise StagerError(f"config must be a StagingOptions, got {type(config).__name__}") from err

@@ -110,9 +110,13 @@ pub(crate) struct PyTensorTable {
     shapes: Vec<Py<PyAny>>,
     strides: Vec<Py<PyAny>>,
     safetensors_dtypes: Vec<Option<&'static str>>,
+    /// `tensor._version` when asked for (None: not tracked, or an inference tensor without one).
+    versions: Vec<Option<i64>>,
     // One entry per storage.
     storages: Vec<Option<Py<PyAny>>>,
     devices: Vec<Option<Py<PyAny>>>,
+    /// The storage's identity (`UntypedStorage._cdata`, its StorageImpl); 0 from metadata.
+    keys: Vec<usize>,
 }
 
 impl PyTensorTable {
@@ -132,9 +136,11 @@ impl PyTensorTable {
 }
 
 /// Reads every tensor of `tensors` once and describes their distinct storages, placed in one
-/// buffer. Raises StagerError for tensors without data (meta).
+/// buffer. With `track_versions`, also reads each tensor's version counter (for incremental
+/// staging). Raises StagerError for tensors without data (meta).
 #[pyfunction]
-pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>) -> PyResult<PyTensorTable> {
+#[pyo3(signature = (tensors, track_versions = false))]
+pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>, track_versions: bool) -> PyResult<PyTensorTable> {
     let py = tensors.py();
     let api = torch(py)?;
     let count = tensors.len();
@@ -145,6 +151,8 @@ pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>) -> PyResult<PyTensor
     let mut safetensors_dtypes = Vec::with_capacity(count);
     let mut storages: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
     let mut devices: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
+    let mut keys: Vec<usize> = Vec::with_capacity(count);
+    let mut versions: Vec<Option<i64>> = Vec::with_capacity(count);
     let mut dtype_info: HashMap<usize, DtypeInfo> = HashMap::new();
     for tensor in tensors.iter() {
         let dtype = tensor.getattr(intern!(py, "dtype"))?;
@@ -161,6 +169,7 @@ pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>) -> PyResult<PyTensor
             shapes.push(py.None());
             strides.push(py.None());
             safetensors_dtypes.push(None);
+            versions.push(None);
             continue;
         }
         let is_cpu = tensor.getattr(intern!(py, "is_cpu"))?.is_truthy()?;
@@ -191,6 +200,7 @@ pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>) -> PyResult<PyTensor
                 };
                 devices.push(device_object);
                 storages.push(Some(storage.unbind()));
+                keys.push(key);
                 builder.add_storage(key, address, nbytes, device)
             }
         };
@@ -233,6 +243,16 @@ pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>) -> PyResult<PyTensor
         shapes.push(tensor.getattr(intern!(py, "shape"))?.unbind());
         strides.push(tensor.call_method0(intern!(py, "stride"))?.unbind());
         safetensors_dtypes.push(info.safetensors);
+        versions.push(if track_versions {
+            // Inference tensors have no version counter: reading it raises, and they count as
+            // changed every time.
+            tensor
+                .getattr(intern!(py, "_version"))
+                .and_then(|v| v.extract::<i64>())
+                .ok()
+        } else {
+            None
+        });
     }
     Ok(PyTensorTable {
         table: builder.finish()?,
@@ -240,8 +260,10 @@ pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>) -> PyResult<PyTensor
         shapes,
         strides,
         safetensors_dtypes,
+        versions,
         storages,
         devices,
+        keys,
     })
 }
 
@@ -293,8 +315,39 @@ impl PyTensorTable {
             shapes,
             strides,
             safetensors_dtypes,
+            versions: vec![None; count],
             storages: (0..storage_count).map(|_| None).collect(),
             devices: (0..storage_count).map(|_| None).collect(),
+            keys: vec![0; storage_count],
+        })
+    }
+
+    /// The same table with `storages` (indices) marked reused: their bytes are staged already (an
+    /// earlier result), so they take no room in the buffer, get no copy, and their requests are
+    /// complete from the start; `materialize` must be given them as replacements.
+    fn reusing(&self, py: Python<'_>, storages: Vec<Bound<'_, PyAny>>) -> PyResult<PyTensorTable> {
+        let count = self.table.storages().len();
+        let indices = storages
+            .iter()
+            .map(|i| usize_arg(i, "storage index", 0, count.saturating_sub(1)))
+            .collect::<PyResult<Vec<usize>>>()?;
+        let clone = |objects: &[Py<PyAny>]| objects.iter().map(|o| o.clone_ref(py)).collect();
+        let clone_opt = |objects: &[Option<Py<PyAny>>]| {
+            objects
+                .iter()
+                .map(|o| o.as_ref().map(|o| o.clone_ref(py)))
+                .collect()
+        };
+        Ok(PyTensorTable {
+            table: self.table.reusing(&indices)?,
+            dtypes: clone(&self.dtypes),
+            shapes: clone(&self.shapes),
+            strides: clone(&self.strides),
+            safetensors_dtypes: self.safetensors_dtypes.clone(),
+            versions: self.versions.clone(),
+            storages: clone_opt(&self.storages),
+            devices: clone_opt(&self.devices),
+            keys: self.keys.clone(),
         })
     }
 
@@ -380,6 +433,36 @@ impl PyTensorTable {
     #[getter]
     fn has_device_storages(&self) -> bool {
         self.devices.iter().any(Option::is_some)
+    }
+
+    /// Each storage's identity (its StorageImpl's address while it lives; 0 from metadata).
+    #[getter]
+    fn storage_keys(&self) -> Vec<usize> {
+        self.keys.clone()
+    }
+
+    /// Whether each storage is reused from an earlier result (see `reusing`).
+    #[getter]
+    fn storage_reused(&self) -> Vec<bool> {
+        self.table.storages().iter().map(|s| s.reused).collect()
+    }
+
+    /// For each storage, the version counters of the tensors viewing it in table order, or None
+    /// when one of them has none (not tracked, or an inference tensor).
+    #[getter]
+    fn storage_versions(&self) -> Vec<Option<Vec<i64>>> {
+        let mut out: Vec<Option<Vec<i64>>> = vec![Some(Vec::new()); self.table.storages().len()];
+        for (view, version) in self.table.views().iter().zip(&self.versions) {
+            if view.is_opaque() {
+                continue;
+            }
+            let slot = &mut out[view.storage];
+            match (slot.as_mut(), version) {
+                (Some(list), Some(version)) => list.push(*version),
+                _ => *slot = None,
+            }
+        }
+        out
     }
 
     /// Each tensor's storage index (a huge number for opaque tensors).
@@ -550,7 +633,27 @@ impl PyTensorTable {
     }
 }
 
+/// The crc32c of every byte of a CPU `torch.UntypedStorage` (GIL released while reading).
+#[pyfunction]
+fn storage_crc32c(py: Python<'_>, storage: &Bound<'_, PyAny>) -> PyResult<u32> {
+    let device = storage.getattr(intern!(py, "device"))?;
+    let kind: String = device.getattr(intern!(py, "type"))?.extract()?;
+    if kind != "cpu" {
+        return Err(invalid(format!("storage_crc32c reads host memory only, not {kind}")));
+    }
+    let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+    let address: usize = storage.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    if nbytes == 0 {
+        return Ok(0);
+    }
+    // SAFETY: a live CPU storage (`storage` is held for the whole call) owns `nbytes` readable
+    // bytes at `address`; this only reads them.
+    let bytes = unsafe { std::slice::from_raw_parts(address as *const u8, nbytes) };
+    Ok(py.detach(|| crc32c::crc32c(bytes)))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(storage_crc32c, m)?)?;
     // torch dtype attribute name → safetensors dtype name, for Python's view of the same map.
     m.add("SAFETENSORS_DTYPES", SAFETENSORS_DTYPES.to_vec())?;
     m.add_class::<PyTensorTable>()?;

@@ -1,0 +1,143 @@
+"""Incremental staging: copy only the storages that changed since this stager's previous stage.
+
+PyTorch already says what changed: every in-place write bumps the written tensor's version counter
+(``tensor._version``: optimizer steps, ``copy_``, ``add_`` under ``no_grad``), and assigning
+``.data`` or calling ``set_()`` swaps the storage instead. :class:`UnchangedStorages` remembers,
+per source storage of the previous stage, the storage itself (a weak reference to its StorageImpl:
+"the same object"), its address and size, the version counter of every tensor viewing it, and the
+staged storage that holds its bytes. At the next stage a storage that is the same object at the
+same address with the same size and the same versions is *reused*: it takes no room in the new
+buffer, gets no copy (host or device), and its staged tensors view the previous result's bytes.
+Anything else is copied as usual: a new, moved or resized storage, a bumped version, an inference
+tensor (no version counter).
+
+Staged results of such a stager therefore share the bytes of unchanged storages with earlier
+results: treat them as read-only. The tracker holds the staged storages it may reuse, so those
+bytes stay alive (and their pool memory in use) as long as this stager or any result uses them;
+with nothing changed, a stage allocates nothing.
+
+A write the version counter cannot see (through ``.data`` of a view, through a NumPy array over
+the tensor, by a C extension) is missed. Set ``STAGER_CHECK_UNCHANGED=1`` to compare, for every
+reused host storage, the crc32c of its source bytes now with the bytes staged before; a mismatch
+raises ``StagerError`` naming the storage instead of handing out stale bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from . import _native
+from ._native import StagerError
+from .plan import StatePlan
+
+__all__ = ["CHECK_ENV", "UnchangedStorages"]
+
+#: Environment variable that turns on the debug check of reused storages.
+CHECK_ENV = "STAGER_CHECK_UNCHANGED"
+
+
+class _Record:
+    """What one source storage looked like at the previous stage, and where its bytes went."""
+
+    __slots__ = ("source", "address", "nbytes", "versions", "staged")
+
+    def __init__(self, source: StorageWeakRef, address: int, nbytes: int, versions: list[int],
+                 staged: torch.UntypedStorage) -> None:
+        self.source = source
+        self.address = address
+        self.nbytes = nbytes
+        self.versions = versions
+        self.staged = staged
+
+
+class UnchangedStorages:
+    """One stager's memory of its previous stage (see the module docs).
+
+    Thread Safety:
+        One stage at a time (the stagers serialize their stages).
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[int, _Record] = {}
+        #: Bytes the last stage copied and reused, for benchmarks and tests.
+        self.copied_nbytes = 0
+        self.reused_nbytes = 0
+
+    def reuse(self, plan: StatePlan) -> dict[int, torch.UntypedStorage]:
+        """Storage index → the staged storage already holding its bytes, for every storage of
+        ``plan`` (described with ``track_versions``) that did not change; marks them reused in
+        ``plan.table``."""
+        if not self._previous:
+            self._account(plan, {})
+            return {}
+        table = plan.table
+        reused: dict[int, torch.UntypedStorage] = {}
+        keys, addresses, nbytes = table.storage_keys, table.storage_addresses, table.storage_nbytes
+        for index, versions in enumerate(table.storage_versions):
+            record = self._previous.get(keys[index])
+            if (
+                record is None
+                or versions is None  # an inference tensor, or versions not tracked
+                or record.versions != versions
+                or record.address != addresses[index]
+                or record.nbytes != nbytes[index]
+                or record.source.expired()  # the key's StorageImpl died: a new object
+                or not nbytes[index]
+            ):
+                continue
+            reused[index] = record.staged
+        if reused and os.environ.get(CHECK_ENV, "") not in ("", "0"):
+            _check_unchanged(table, reused)
+        if reused:
+            plan.table = table.reusing(list(reused))
+        self._account(plan, reused)
+        return reused
+
+    def remember(self, plan: StatePlan, staged_tensors: list[Any]) -> None:
+        """Records the storages of ``plan`` and the staged storage of each (from the staged
+        tensors, table order) for the next stage; forgets everything else."""
+        table = plan.table
+        first_tensor: dict[int, int] = {}
+        for tensor_index, storage_index in enumerate(table.tensor_storage):
+            first_tensor.setdefault(storage_index, tensor_index)
+        sources = table.storage_objects
+        previous: dict[int, _Record] = {}
+        for index, (key, address, nbytes, versions) in enumerate(
+            zip(table.storage_keys, table.storage_addresses, table.storage_nbytes, table.storage_versions)
+        ):
+            staged = staged_tensors[first_tensor[index]] if index in first_tensor else None
+            source = sources[index]
+            if versions is None or staged is None or source is None or not nbytes:
+                continue
+            previous[key] = _Record(StorageWeakRef(source), address, nbytes, versions, staged.untyped_storage())
+        self._previous = previous
+
+    def forget(self) -> None:
+        """Drops every record (and the staged bytes they keep alive)."""
+        self._previous = {}
+
+    def _account(self, plan: StatePlan, reused: dict[int, Any]) -> None:
+        nbytes = plan.table.storage_nbytes
+        self.reused_nbytes = sum(nbytes[i] for i in reused)
+        self.copied_nbytes = sum(nbytes) - self.reused_nbytes
+
+
+def _check_unchanged(table: Any, reused: dict[int, torch.UntypedStorage]) -> None:
+    """The debug check: the source bytes of every reused host storage still equal the bytes
+    staged before."""
+    sources, devices = table.storage_objects, table.storage_devices
+    for index, staged in reused.items():
+        if devices[index] is not None:
+            continue  # device storages would need a copy to compare: not checked
+        now, before = _native.storage_crc32c(sources[index]), _native.storage_crc32c(staged)
+        if now != before:
+            raise StagerError(
+                f"skip_unchanged: storage {index} ({table.storage_nbytes[index]} bytes) changed without a "
+                f"version-counter bump (crc32c {before:08x} staged before, {now:08x} now): a write through "
+                "`.data`, a NumPy view or a C extension? Copy such tensors with a fresh storage, or stage "
+                "without skip_unchanged."
+            )
