@@ -420,7 +420,9 @@ mod tests {
         assert_eq!(table.total_nbytes(), 128);
         assert_eq!(table.storages()[2].offset, 0);
         let mut buffer = vec![0u8; table.total_nbytes()];
-        let copies = table.host_copies(buffer.as_mut_ptr(), buffer.len()).unwrap();
+        let copies = table
+            .host_copies(buffer.as_mut_ptr(), buffer.len())
+            .unwrap();
         assert_eq!(copies.iter().map(|c| c.request).collect::<Vec<_>>(), [2]);
         assert_eq!(table.cuda_storages().count(), 0);
         assert_eq!(table.empty_storages().collect::<Vec<_>>(), [0, 1]);

@@ -140,7 +140,10 @@ impl PyTensorTable {
 /// staging). Raises StagerError for tensors without data (meta).
 #[pyfunction]
 #[pyo3(signature = (tensors, track_versions = false))]
-pub(crate) fn describe_tensors(tensors: &Bound<'_, PyList>, track_versions: bool) -> PyResult<PyTensorTable> {
+pub(crate) fn describe_tensors(
+    tensors: &Bound<'_, PyList>,
+    track_versions: bool,
+) -> PyResult<PyTensorTable> {
     let py = tensors.py();
     let api = torch(py)?;
     let count = tensors.len();
@@ -639,7 +642,9 @@ fn storage_crc32c(py: Python<'_>, storage: &Bound<'_, PyAny>) -> PyResult<u32> {
     let device = storage.getattr(intern!(py, "device"))?;
     let kind: String = device.getattr(intern!(py, "type"))?.extract()?;
     if kind != "cpu" {
-        return Err(invalid(format!("storage_crc32c reads host memory only, not {kind}")));
+        return Err(invalid(format!(
+            "storage_crc32c reads host memory only, not {kind}"
+        )));
     }
     let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
     let address: usize = storage.call_method0(intern!(py, "data_ptr"))?.extract()?;
