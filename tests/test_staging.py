@@ -230,7 +230,7 @@ def test_protocol_and_synchronization_flags_match_pytorch():
     ours = [f.name for f in dataclasses.fields(stager.StagingOptions)]
     theirs = [f.name for f in dataclasses.fields(torch_staging.StagingOptions)]
     assert ours[: len(theirs)] == theirs
-    assert ours[len(theirs):] == ["num_threads", "memory_budget_bytes"]
+    assert ours[len(theirs):] == ["num_threads", "memory_budget_bytes", "skip_unchanged"]  # the contract's order
     defaults = stager.StagingOptions()
     for name in theirs:
         assert getattr(defaults, name) == getattr(torch_staging.StagingOptions(), name)

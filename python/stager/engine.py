@@ -82,13 +82,12 @@ def process_pool(pinned: bool = False) -> _native.HostPool:
 
 
 class _Pending:
-    __slots__ = ("buffer", "completion", "offsets", "ends")
+    __slots__ = ("buffer", "completion", "table")
 
-    def __init__(self, buffer: Any, completion: Any, offsets: list[int], nbytes: list[int]) -> None:
+    def __init__(self, buffer: Any, completion: Any, table: Any) -> None:
         self.buffer = weakref.ref(buffer)
         self.completion = completion
-        self.offsets = offsets
-        self.ends = [offset + size for offset, size in zip(offsets, nbytes)]
+        self.table = table
 
 
 _pending_starts: list[int] = []
@@ -99,7 +98,7 @@ def register_pending(buffer: Any, completion: Any, table: Any) -> None:
     """Records that ``buffer`` is being filled with ``table``'s storages, request i of
     ``completion`` completing storage i."""
     start = buffer.address
-    entry = _Pending(buffer, completion, table.storage_offsets, table.storage_nbytes)
+    entry = _Pending(buffer, completion, table)
     with _lock:
         _forget_finished()
         if start not in _pending:
@@ -129,11 +128,8 @@ def pending_copy(tensor: Any) -> tuple[Any, int] | None:
         buffer = entry.buffer()
         if buffer is None or entry.completion.done():
             return None
-        offset = address - buffer.address
-        request = bisect.bisect_right(entry.offsets, offset) - 1
-        if request < 0 or offset >= entry.ends[request]:
-            return None
-        if entry.completion.done(request):
+        request = entry.table.storage_at(address - buffer.address)
+        if request is None or entry.completion.done(request):
             return None
         return entry.completion, request
 

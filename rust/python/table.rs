@@ -227,6 +227,9 @@ pub(crate) fn describe_tensors(
         } else {
             (false, false)
         };
+        let shape = tensor.getattr(intern!(py, "shape"))?;
+        let stride = tensor.call_method0(intern!(py, "stride"))?;
+        let (numel, contiguous) = numel_and_contiguity(&shape, &stride)?;
         builder.add_view(
             index,
             ViewFacts {
@@ -234,17 +237,15 @@ pub(crate) fn describe_tensors(
                 storage_offset: tensor
                     .call_method0(intern!(py, "storage_offset"))?
                     .extract()?,
-                numel: tensor.call_method0(intern!(py, "numel"))?.extract()?,
-                contiguous: tensor
-                    .call_method0(intern!(py, "is_contiguous"))?
-                    .is_truthy()?,
+                numel,
+                contiguous,
                 conj,
                 neg,
             },
         );
         dtypes.push(dtype.unbind());
-        shapes.push(tensor.getattr(intern!(py, "shape"))?.unbind());
-        strides.push(tensor.call_method0(intern!(py, "stride"))?.unbind());
+        shapes.push(shape.unbind());
+        strides.push(stride.unbind());
         safetensors_dtypes.push(info.safetensors);
         versions.push(if track_versions {
             // Inference tensors have no version counter: reading it raises, and they count as
@@ -268,6 +269,37 @@ pub(crate) fn describe_tensors(
         devices,
         keys,
     })
+}
+
+/// A view's element count and whether it is contiguous (row-major, as `Tensor.is_contiguous()`
+/// says: dimensions of size 1 may have any stride, and an empty tensor is contiguous), from its
+/// shape (a `torch.Size`) and strides (a tuple), without two more calls into torch.
+fn numel_and_contiguity(
+    shape: &Bound<'_, PyAny>,
+    stride: &Bound<'_, PyAny>,
+) -> PyResult<(i64, bool)> {
+    let shape = shape.cast::<PyTuple>()?;
+    let stride = stride.cast::<PyTuple>()?;
+    let dims = shape.len();
+    if stride.len() != dims {
+        return Err(invalid(format!(
+            "tensor has {dims} dimensions but {} strides",
+            stride.len()
+        )));
+    }
+    let mut numel: i64 = 1;
+    let mut expected: i64 = 1;
+    let mut contiguous = true;
+    for dim in (0..dims).rev() {
+        let size: i64 = shape.get_item(dim)?.extract()?;
+        let step: i64 = stride.get_item(dim)?.extract()?;
+        if size != 1 && step != expected {
+            contiguous = false;
+        }
+        expected = expected.saturating_mul(size);
+        numel = numel.saturating_mul(size);
+    }
+    Ok((numel, contiguous || numel == 0))
 }
 
 #[pymethods]
@@ -430,6 +462,25 @@ impl PyTensorTable {
                 )
             })
             .collect()
+    }
+
+    /// The index of the non-reused, non-empty storage whose placed bytes contain `offset`
+    /// (a position in the staged buffer), if any.
+    fn storage_at(&self, offset: usize) -> Option<usize> {
+        let storages = self.table.storages();
+        // Offsets never decrease with the index (reused and empty storages take no room).
+        let index = storages
+            .partition_point(|s| s.offset <= offset)
+            .checked_sub(1)?;
+        // Several storages may start at `offset` (empty ones before a full one): find the one
+        // holding it.
+        storages[..=index]
+            .iter()
+            .enumerate()
+            .rev()
+            .take_while(|(_, s)| s.offset == storages[index].offset)
+            .find(|(_, s)| !s.reused && s.nbytes > 0 && offset < s.offset + s.nbytes)
+            .map(|(i, _)| i)
     }
 
     /// Whether any storage lives outside host memory.
