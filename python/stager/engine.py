@@ -32,6 +32,7 @@ __all__ = [
     "BACKGROUND_NICENESS",
     "copy_engine",
     "empty_buffer",
+    "forget_pending",
     "pending_copy",
     "process_pool",
     "register_pending",
@@ -104,6 +105,14 @@ def register_pending(buffer: Any, completion: Any, table: Any) -> None:
         if start not in _pending:
             bisect.insort(_pending_starts, start)
         _pending[start] = entry
+
+
+def forget_pending(buffer: Any) -> None:
+    """Drops ``buffer``'s entry once its copies are done (the entry holds the stage's table, a few
+    hundred bytes per tensor, which a finished stage must not keep alive)."""
+    with _lock:
+        if _pending.pop(buffer.address, None) is not None:
+            _pending_starts.remove(buffer.address)
 
 
 def _forget_finished() -> None:

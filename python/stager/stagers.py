@@ -46,6 +46,7 @@ class StagedCopy:
     def wait(self) -> None:
         """Blocks (without the GIL, interruptibly) until every byte is in the host buffer."""
         self.completion.wait()
+        engine.forget_pending(self.buffer)
 
 
 class StagingEngine:
