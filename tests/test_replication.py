@@ -1,91 +1,44 @@
 """ReplicationStager and PGTransport over real gloo process groups on 127.0.0.1.
 
-Each test starts one process per rank (tests/replication_worker.py), with bounded waits: every
-worker exits by itself, and the test kills leftovers only if one overran its deadline.
+Each test starts one process per rank (tests/replication_worker.py, launched by tests/ranks.py),
+with bounded waits: every worker exits by itself, and the test kills leftovers only if one
+overran its deadline.
 """
 
-import datetime
-import json
 import os
-import socket
-import subprocess
-import sys
+import signal
 import time
+import zipfile
 
 import pytest
-import torch
-
 import stager
+import torch
 from helpers import assert_same_tree
-
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replication_worker.py")
-sys.path.insert(0, os.path.dirname(WORKER))
-from replication_worker import make_state_dict  # noqa: E402
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(world, directory, steps, deadline=90):
-    """Runs ``world`` workers through ``steps`` ([scenario, options] pairs); returns
-    {rank: (returncode, {scenario: result}, output)}."""
-    port = str(_free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs = [
-        subprocess.Popen([sys.executable, WORKER, str(rank), str(world), port, str(directory), json.dumps(steps)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        for rank in range(world)
-    ]
-    end = time.monotonic() + deadline
-    results = {}
-    try:
-        for rank, proc in enumerate(procs):
-            try:
-                output, _ = proc.communicate(timeout=max(1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                output, _ = proc.communicate()
-                pytest.fail(f"rank {rank} did not exit within {deadline}s:\n{output}")
-            found = {}
-            for line in output.splitlines():
-                if line.startswith("RESULT "):
-                    result = json.loads(line[len("RESULT "):])
-                    found[result["scenario"]] = result
-            results[rank] = (proc.returncode, found, output)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
-
-
-def assert_all_ok(results, scenarios, ranks=None):
-    for rank, (rc, found, output) in results.items():
-        if ranks is not None and rank not in ranks:
-            continue
-        assert rc == 0 and all(name in found for name in scenarios), f"rank {rank} failed (rc={rc}):\n{output}"
-
+from ranks import assert_all_ok, collect, run_ranks, start_ranks
+from replication_worker import make_state_dict
 
 BIG = 1_200_000  # a 4.8 MB tensor: sent straight from its storage (bigger than a bucket)
 
 
-def check_replicas(directory, world, topology, results, name):
+def check_replicas(directory, world, topology, results, name, steps=2):
     replicas = stager.find_replicas(directory)
-    assert len(replicas) == world
-    assert [r.mtime for r in replicas] == sorted((r.mtime for r in replicas), reverse=True)
+    newest = [r for r in replicas if not r.previous]
+    assert len(newest) == world
+    assert len(replicas) == world * min(steps, 2)  # the newest and the kept previous generation
+    assert [(r.step, r.mtime) for r in replicas] == sorted(((r.step, r.mtime) for r in replicas), reverse=True)
     for replica in replicas:
         assert replica.format == "stager" and replica.nbytes == os.path.getsize(replica.path)
-        assert replica.path == os.path.join(str(directory), f"rank_{replica.rank}_replica_partner_{replica.partner}.stager")
+        suffix = ".previous" if replica.previous else ""
+        assert replica.path == os.path.join(str(directory),
+                                            f"rank_{replica.rank}_replica_partner_{replica.partner}{suffix}.stager")
+        assert replica.world_size == world and replica.owner == replica.partner
+        assert replica.step == (steps if not replica.previous else steps - 1)
     for rank in range(world):
         result = results[rank][1][name]
         expected_src = (rank + world // 2) % world if topology == "pairs" and world % 2 == 0 else (rank - 1) % world
         assert result["src"] == expected_src
         # every rank's last state can be restored from the replica its partner holds
-        assert_same_tree(stager.recover(directory, rank), make_state_dict(rank, big_numel=BIG, step=1))
+        assert_same_tree(stager.recover(directory, rank), make_state_dict(rank, big_numel=BIG, step=steps - 1))
     assert not [name for name in os.listdir(directory) if name.endswith(".tmp")]
 
 
@@ -95,27 +48,51 @@ def test_two_ranks_exchange_torch_format_and_transport(tmp_path):
         ["exchange", {"steps": 2, "big_numel": BIG}],
         ["exchange", {"subdir": "torch", "persist_format": "torch"}],
         ["transport", {}],
-        ["unsendable", {}],  # last: it leaves unmatched messages behind
+        ["transport_unsendable", {}],
+        ["unsendable", {"victims": [1]}],
+        ["unsendable", {"subdir": "both", "victims": [0, 1]}],
+        ["disagree", {}],
     ]
     results = run_ranks(2, tmp_path, steps)
-    assert_all_ok(results, ["exchange", "torch", "transport", "unsendable"])
+    assert_all_ok(results, ["exchange", "torch", "transport", "transport_unsendable", "unsendable", "both",
+                            "disagree"])
     check_replicas(tmp_path / "exchange", 2, "pairs", results, "exchange")
-    # PyTorch's format: torch.save of the dict, loadable with torch.load
+    # PyTorch's format: torch.save of the dict, loadable with torch.load; the record rides along
     for rank in range(2):
         path = tmp_path / "torch" / f"rank_{rank}_replica_partner_{1 - rank}.pt"
         with open(path, "rb") as f:
             loaded = torch.load(f, weights_only=False)
         assert_same_tree(loaded, make_state_dict(1 - rank))
         assert_same_tree(stager.recover(tmp_path / "torch", 1 - rank), make_state_dict(1 - rank))
-    assert [r.format for r in stager.find_replicas(tmp_path / "torch")] == ["torch", "torch"]
+        with zipfile.ZipFile(path) as archive:
+            assert archive.testzip() is None
+    found = stager.find_replicas(tmp_path / "torch")
+    assert [(r.format, r.step, r.world_size) for r in found] == [("torch", 1, 2), ("torch", 1, 2)]
     assert set(results[1][1]["transport"]["inplace"]) >= {"weight", "big"}
+    # a dict that can't be sent fails at once on every rank, with one message naming every
+    # failing rank and key (both partners failing included), long before the 30 s timeout
+    for name in ("unsendable", "both"):
+        errors = {results[rank][1][name]["error"] for rank in range(2)}
+        assert len(errors) == 1, errors
+        assert all(results[rank][1][name]["elapsed"] < 5 for rank in range(2))
+    assert {results[rank][1]["transport_unsendable"]["kind"] for rank in range(2)} == {"unsendable", "remote"}
+    assert len({results[rank][1]["disagree"]["error"] for rank in range(2)}) == 1
 
 
 @pytest.mark.timeout(150)
-def test_three_ranks_ring(tmp_path):
-    results = run_ranks(3, tmp_path, [["exchange", {"steps": 2, "big_numel": BIG}], ["transport", {}]])
-    assert_all_ok(results, ["exchange", "transport"])
+def test_three_ranks_ring_and_unsendable(tmp_path):
+    steps = [
+        ["exchange", {"steps": 2, "big_numel": BIG}],
+        ["transport", {}],
+        ["unsendable", {"victims": [1]}],
+        ["unsendable", {"subdir": "two", "victims": [0, 2]}],
+    ]
+    results = run_ranks(3, tmp_path, steps)
+    assert_all_ok(results, ["exchange", "transport", "unsendable", "two"])
     check_replicas(tmp_path / "exchange", 3, "pairs", results, "exchange")
+    for name in ("unsendable", "two"):
+        assert len({results[rank][1][name]["error"] for rank in range(3)}) == 1
+        assert all(results[rank][1][name]["elapsed"] < 5 for rank in range(3))
 
 
 @pytest.mark.timeout(150)
@@ -137,20 +114,43 @@ def test_partner_killed_mid_exchange(tmp_path):
     assert results[1][0] != 0  # SIGKILLed in the middle of the exchange
     rc, found, output = results[0]
     assert rc == 0 and "killed" in found, output
-    assert found["killed"]["elapsed"] < timeout + 3, found
-    assert "rank 1" in found["killed"]["error"]
+    assert found["killed"]["elapsed"] < timeout, found
+    assert "rank 1" in found["killed"]["error"] and found["killed"]["kind"] == "connection"
 
 
 @pytest.mark.timeout(90)
 def test_partner_that_never_calls_stage(tmp_path):
-    # Ring of 3: rank 0 sends to the stalled rank 1, rank 2 receives from it; both must fail.
+    # Ring of 3: rank 0 sends to the stalled rank 1, rank 2 receives from it; both must fail,
+    # and every later stage() says at once that the group is broken.
     timeout = 4
     results = run_ranks(3, tmp_path, [["stall", {"timeout": timeout, "big_numel": 3_000_000, "linger": 2}]])
     assert_all_ok(results, ["stall"])
     for rank in (0, 2):
         result = results[rank][1]["stall"]
         assert timeout - 0.5 <= result["elapsed"] < timeout + 3, result
-        assert "rank 1" in result["error"]
+        assert "rank 1" in result["error"] and result["kind"] == "timeout"
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_while_waiting_for_an_absent_partner(tmp_path):
+    timeout = 60
+    procs = start_ranks(2, tmp_path, [["interrupt", {"timeout": timeout, "absent_for": 8}]])
+    lines = []
+    while True:  # rank 0 says when it is about to wait
+        line = procs[0].stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        if line.strip() == "STAGING":
+            break
+    time.sleep(1.0)
+    os.kill(procs[0].pid, signal.SIGINT)
+    results = collect(procs, deadline=60)
+    rc, found, output = results[0]
+    assert rc == 0 and "interrupt" in found, "".join(lines) + output
+    result = found["interrupt"]
+    assert result["waited"] < timeout / 2, result  # the interrupt, not the timeout, ended the wait
+    assert result["leftovers"] == [], result
+    assert result["kind"] == "broken" and "KeyboardInterrupt" in result["message"], result
 
 
 def test_stage_without_process_group_returns_input(tmp_path):
@@ -159,6 +159,9 @@ def test_stage_without_process_group_returns_input(tmp_path):
     assert replicator.stage(sd) is sd
     assert replicator.should_synchronize_after_execute is False
     assert isinstance(replicator, torch.distributed.checkpoint.staging.AsyncStager)
+    assert replicator._get_persisted_path(0, 1) == os.path.join(str(tmp_path), "rank_0_replica_partner_1.stager")
+    torch_format = stager.ReplicationStager(storage_dir=str(tmp_path), persist_format="torch")
+    assert torch_format._get_persisted_path(3, 1).endswith("rank_3_replica_partner_1.pt")
 
 
 def test_find_replicas_and_recover_errors(tmp_path):
@@ -167,9 +170,32 @@ def test_find_replicas_and_recover_errors(tmp_path):
         stager.recover(tmp_path, 3)
     (tmp_path / "rank_0_replica_partner_3.stager").write_bytes(b"garbage")
     (tmp_path / "rank_0_replica_partner_3.stager.123.tmp").write_bytes(b"partial")
-    assert [r.partner for r in stager.find_replicas(tmp_path)] == [3]
+    found = stager.find_replicas(tmp_path)
+    assert [(r.partner, r.step) for r in found] == [(3, None)]
     with pytest.raises(stager.StagerError):
         stager.recover(tmp_path, 3)
+
+
+def test_find_replicas_reads_the_records(tmp_path):
+    for step, previous in ((4, True), (5, False)):
+        suffix = ".previous" if previous else ""
+        stager.save({"w": torch.full((4,), float(step))}, tmp_path / f"rank_1_replica_partner_0{suffix}.stager",
+                    metadata={"stager.replica.owner": "0", "stager.replica.holder": "1",
+                              "stager.replica.world_size": "2", "stager.replica.step": str(step)})
+    found = stager.find_replicas(tmp_path)
+    assert [(r.rank, r.owner, r.step, r.world_size, r.previous) for r in found] == [
+        (1, 0, 5, 2, False), (1, 0, 4, 2, True)]
+    assert torch.equal(stager.recover(tmp_path, 0)["w"], torch.full((4,), 5.0))
+    # a damaged newest copy: recover falls back to the previous generation
+    path = found[0].path
+    _, storages = stager._native.CheckpointFile(path).layout()
+    _, offset, nbytes, _ = storages[0]
+    with open(path, "r+b") as f:
+        f.seek(offset + nbytes // 2)
+        byte = f.read(1)
+        f.seek(offset + nbytes // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert torch.equal(stager.recover(tmp_path, 0)["w"], torch.full((4,), 4.0))
 
 
 def test_bad_arguments():
@@ -179,6 +205,14 @@ def test_bad_arguments():
         stager.ReplicationStager(persist_format="pickle")
     with pytest.raises(stager.StagerError, match="timeout"):
         stager.PGTransport(None, -1, "cpu")
+    with pytest.raises(stager.StagerError, match="replicas"):
+        stager.ReplicationStager(replicas=0)
+    with pytest.raises(stager.StagerError, match="ranks_per_node"):
+        stager.ReplicationStager(ranks_per_node=0)
+    with pytest.raises(stager.StagerError, match="keep_own"):
+        stager.ReplicationStager(keep_own=True, persist_format=None)
+    with pytest.raises(stager.StagerError, match="step"):
+        stager.ReplicationStager().stage({}, step=-1)
 
 
 def test_segments_cover_layout():

@@ -62,7 +62,8 @@ def header_metadata(meta: dict) -> dict[str, str]:
     }
 
 
-def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_pickle: bool = False) -> None:
+def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_pickle: bool = False,
+         metadata: dict[str, str] | None = None) -> None:
     """Writes ``state_dict`` to ``path`` atomically and durably (a crash leaves the previous file
     or the new one, complete), as a safetensors-compatible stager file.
 
@@ -74,14 +75,15 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
     the copying. A dict staged by a stager saves with no further copy.
 
     Non-tensor leaves that are not plain Python values need ``allow_pickle=True`` (and the same
-    flag to load them back). Raises :class:`StagerError` naming ``path`` on any failure.
+    flag to load them back). ``metadata``: extra ``__metadata__`` strings (replication records
+    owner, step and world size there). Raises :class:`StagerError` naming ``path`` on any failure.
     """
     path = os.fspath(path)
     plan = plan_state_dict(state_dict)
     with gc_paused():
         meta = tree.encode(plan, allow_pickle=allow_pickle)
         names = tree.tensor_names(meta, len(plan.table))
-        metadata = header_metadata(meta)
+        metadata = {**(metadata or {}), **header_metadata(meta)}  # reserved keys win
     if stager is None and not plan.device_storages:
         _native.write_file(path, plan.table, names, metadata)
         return

@@ -1,35 +1,76 @@
-"""Replication: each rank's state_dict held, in memory and on disk, by a partner rank.
+"""Replication: each rank's state_dict held, in memory and on disk, by ranks on other nodes.
 
-:class:`ReplicationStager` is a drop-in for PyTorch's ``_ReplicationStager``: ``stage(sd)`` swaps
-``sd`` with a partner over the process group and returns the partner's state_dict (the input itself
-when no process group is initialized). It differs in what PyTorch leaves out:
+:class:`ReplicationStager` is a drop-in for PyTorch's ``_ReplicationStager``: ``stage(sd)`` sends
+``sd`` to this rank's holders over the process group and returns the state_dict it received from
+its first source (the input itself when no process group is initialized). It differs in what
+PyTorch leaves out:
 
-* every world size ≥ 2: ``topology="pairs"`` exchanges with ``(rank + world // 2) % world`` for
-  even sizes; odd sizes (or ``topology="ring"``) send to ``(rank + 1) % n`` and receive from
-  ``(rank - 1) % n``;
-* the exchange is full duplex and bucketed (:class:`stager.transport.PGTransport`);
-* the received replica is persisted as ``rank_{rank}_replica_partner_{partner}.<ext>`` in
-  ``storage_dir`` with stager's durable writer (``persist_format="stager"``: a checksummed,
-  safetensors-compatible ``.stager`` file that :func:`stager.load` reads, see
-  :mod:`stager.files`), each storage written as soon as it has been received, or with ``torch.save`` (``persist_format="torch"``, PyTorch's ``.pt``);
-  either way atomically and durably (temp file ending ``.tmp`` → fsync → rename → directory
-  fsync) before ``stage()`` returns, replacing the previous replica; ``persist_format=None``
-  keeps it in memory only;
-* success is acknowledged end to end: ``stage()`` returns once this rank persisted its source's
-  replica *and* its destination confirmed it persisted this rank's;
-* a partner that dies or stalls raises :class:`~stager.StagerError` naming it within the timeout;
-  the temp file is removed and the previous replica stays intact.
+* **placement** (:mod:`stager.placement`): ``replicas=k`` holders per rank on ``k`` failure domains
+  other than its own (``ranks_per_node``, default torchrun's ``LOCAL_WORLD_SIZE``); with
+  ``replicas=1`` and ``topology="pairs"`` PyTorch's partner ``(rank + world // 2) % world``
+  whenever it lies on another node, the ring ``r → r + 1`` for odd sizes; every world size ≥ 2;
+  an impossible placement raises :class:`~stager.StagerError` before anything is sent;
+* the exchange is full duplex, bucketed and concurrent over all holders and sources
+  (:class:`stager.transport.PGTransport`);
+* every received replica is persisted in ``storage_dir`` (``persist_format="stager"``: a
+  checksummed, safetensors-compatible ``.stager`` file that :func:`stager.load` reads, written as
+  its bytes arrive; ``"torch"``: PyTorch's ``.pt``; None: memory only), and ``keep_own=True``
+  persists this rank's own state_dict there too;
+* every copy records its owner, holder, world size and ``step`` (``.stager``: header metadata;
+  ``.pt``: a ``stager_replica.json`` record in the zip archive, which ``torch.load`` ignores);
+* **generations**: a crash at any instant of ``stage()``, on any rank, leaves a step whose copies
+  every rank can restore (the previous one at worst), see below;
+* a failure on any rank (a leaf that can't be sent, a peer that dies or stalls, a full disk)
+  raises a :class:`~stager.StagerError` on every rank, within the timeout, and leaves no partial
+  file; :meth:`ReplicationStager.restore` turns the copies back into every rank's state.
 
-:func:`find_replicas` lists the replicas in a directory and :func:`recover` loads the newest replica
-of a given rank, so a restarted rank can restore from what its partner persisted.
+**Files** (``h`` the holder, ``o`` the owner, ``ext`` ``stager`` or ``pt``):
+
+* ``rank_{h}_replica_partner_{o}.{ext}``: the newest copy (``o == h`` is the own copy of
+  ``keep_own``);
+* ``rank_{h}_replica_partner_{o}.previous.{ext}``: the kept previous generation;
+* ``rank_{h}_replica_partner_{o}.{ext}.{pid}.pending.tmp`` (and the writers' own temp files
+  under it): a copy being written; never read, removed by the next stage of that rank.
+
+**Order of operations of one stage()**, every rank:
+
+1. plan this rank's state_dict; post the headers to the holders and from the sources (a header
+   says whether its sender can send, and names the key that can't travel);
+2. once every header is through (every peer is taking part), one all-gather agrees on the step
+   (the given ``step``, else one more than the newest step any rank has seen), the settings,
+   and who may fail: any rank's error raises the same StagerError on every rank, before a byte
+   of state_dict is sent;
+3. every metadata message and segment is posted at once; each replica streams into its pending
+   file as it lands (the own copy is written meanwhile); each is fsynced;
+4. a second all-gather: every rank says whether it holds all its copies durably; if any does
+   not, every rank removes its pending files and raises the same error;
+5. publish: per copy, the previous generation to keep is renamed aside (rename, directory fsync),
+   then the pending file over the newest name (rename, directory fsync).
+
+A replica of step ``s`` is therefore removed only when every holder has ``s + 1`` durably
+(step 4), and every holder has published ``s`` before any rank takes part in step 4 of ``s + 1``.
+The generation kept aside at step 5 is the newest step older than the new one that the
+all-gather of step 2 found complete (every owner held by some rank), else the newest older one;
+so a crash inside step 5 on any subset of ranks leaves that step restorable on every rank. At
+most two generations per copy are kept; copies of a newer step than the one being published
+(from an abandoned timeline) are dropped.
+
+In memory, the stager also keeps the replicas of its newest step (for a survivor's
+:meth:`~ReplicationStager.restore` without reading the disk; with ``persist_format=None`` they
+are the only copies, kept until the next step is committed everywhere). ``close()`` drops them.
+
+:func:`find_replicas` lists the copies in a directory and :func:`recover` loads the newest copy of
+a given rank.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 import threading
+import zipfile
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -40,18 +81,33 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import _native, files, tree
 from ._native import StagerError
-from .transport import PGTransport, _as_timedelta
+from .placement import Placement, default_ranks_per_node, place
+from .transport import BROKEN, PGTransport, TransportError, _as_timedelta
 
 __all__ = ["Replica", "ReplicationStager", "find_replicas", "recover"]
 
 #: File extension per ``persist_format``.
 EXTENSIONS = {"stager": ".stager", "torch": ".pt"}
-_NAME = re.compile(r"^rank_(\d+)_replica_partner_(\d+)\.(stager|pt)$")
+#: Inserted before the extension of the kept previous generation.
+PREVIOUS = ".previous"
+_NAME = re.compile(r"^rank_(\d+)_replica_partner_(\d+)(\.previous)?\.(stager|pt)$")
+#: Temp files of replication: ``<copy name>.<pid>.<anything>.tmp``.
+_TEMP = re.compile(r"^rank_(\d+)_replica_partner_\d+(?:\.previous)?\.(?:stager|pt)\.(\d+)\..*\.tmp$")
+
+#: Header metadata keys of a ``.stager`` copy (values are decimal strings).
+META_OWNER = "stager.replica.owner"
+META_HOLDER = "stager.replica.holder"
+META_WORLD = "stager.replica.world_size"
+META_STEP = "stager.replica.step"
+#: The record inside a ``.pt`` copy's zip archive (JSON with the same fields).
+TORCH_RECORD = "stager_replica.json"
 
 
 @dataclass(frozen=True)
 class Replica:
-    """A replica file: ``rank`` holds it, it is the state_dict of ``partner``."""
+    """A copy file: ``rank`` holds it, it is the state_dict of ``partner`` (its ``owner``) at
+    ``step`` in a world of ``world_size`` ranks (None for files that don't record them);
+    ``previous`` marks the kept previous generation."""
 
     rank: int
     partner: int
@@ -59,55 +115,136 @@ class Replica:
     nbytes: int
     mtime: float
     format: str
+    step: int | None = None
+    world_size: int | None = None
+    previous: bool = False
+
+    @property
+    def owner(self) -> int:
+        return self.partner
+
+    @property
+    def holder(self) -> int:
+        return self.rank
 
 
-def replica_path(storage_dir: str, rank: int, partner: int, persist_format: str) -> str:
-    return os.path.join(storage_dir, f"rank_{rank}_replica_partner_{partner}{EXTENSIONS[persist_format]}")
+def replica_path(storage_dir: str, rank: int, partner: int, persist_format: str, previous: bool = False) -> str:
+    """Where ``rank`` keeps its copy of ``partner``'s state_dict (see the module doc)."""
+    suffix = PREVIOUS if previous else ""
+    return os.path.join(storage_dir, f"rank_{rank}_replica_partner_{partner}{suffix}{EXTENSIONS[persist_format]}")
 
 
-def find_replicas(storage_dir: str | os.PathLike) -> list[Replica]:
-    """Every replica file in ``storage_dir``, newest first (temp files are ignored)."""
-    storage_dir = os.fspath(storage_dir)
-    found = []
+def _pending_path(final: str) -> str:
+    return f"{final}.{os.getpid()}.pending.tmp"
+
+
+def _record(owner: int, holder: int, world_size: int, step: int) -> dict[str, int]:
+    return {"owner": owner, "holder": holder, "world_size": world_size, "step": step}
+
+
+def _metadata(record: dict[str, int]) -> dict[str, str]:
+    return {META_OWNER: str(record["owner"]), META_HOLDER: str(record["holder"]),
+            META_WORLD: str(record["world_size"]), META_STEP: str(record["step"])}
+
+
+def read_record(path: str) -> dict[str, int] | None:
+    """The owner/holder/world_size/step a copy file records, None when it records none; raises
+    StagerError when the file can't be opened as its format."""
+    if path.endswith(".pt"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("/" + TORCH_RECORD)]
+                if not names:
+                    return None
+                raw = json.loads(archive.read(names[0]))
+        except (OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+            raise StagerError(f"cannot read the replica record of {path!r}: {err}") from err
+    else:
+        metadata = _native.CheckpointFile(path).metadata
+        if META_STEP not in metadata:
+            return None
+        raw = {"owner": metadata.get(META_OWNER), "holder": metadata.get(META_HOLDER),
+               "world_size": metadata.get(META_WORLD), "step": metadata.get(META_STEP)}
+    try:
+        record = {key: int(raw[key]) for key in ("owner", "holder", "world_size", "step")}
+    except (KeyError, TypeError, ValueError) as err:
+        raise StagerError(f"invalid replica record in {path!r}: {raw!r}") from err
+    if record["step"] < 0 or record["world_size"] < 1 or not 0 <= record["owner"] < record["world_size"]:
+        raise StagerError(f"invalid replica record in {path!r}: {raw!r}")
+    return record
+
+
+def _scan(storage_dir: str) -> list[tuple[Any, re.Match]]:
     try:
         entries = list(os.scandir(storage_dir))
     except FileNotFoundError:
         return []
     except OSError as err:
         raise StagerError(f"cannot list replicas in {storage_dir!r}: {err}") from err
+    found = []
     for entry in entries:
         match = _NAME.match(entry.name)
-        if not match or not entry.is_file():
-            continue
+        if match and entry.is_file():
+            found.append((entry, match))
+    return found
+
+
+def find_replicas(storage_dir: str | os.PathLike) -> list[Replica]:
+    """Every copy file in ``storage_dir``, newest first: by recorded step (files without one
+    last), then modification time. Temp files are ignored; a file whose record can't be read
+    is listed with ``step=None``."""
+    storage_dir = os.fspath(storage_dir)
+    found = []
+    for entry, match in _scan(storage_dir):
         stat = entry.stat()
-        fmt = "stager" if match.group(3) == "stager" else "torch"
-        found.append((stat.st_mtime_ns, entry.name,
-                      Replica(int(match.group(1)), int(match.group(2)), entry.path, stat.st_size,
-                              stat.st_mtime, fmt)))
-    found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-    return [replica for _, _, replica in found]
+        fmt = "stager" if match.group(4) == "stager" else "torch"
+        try:
+            record = read_record(entry.path)
+        except StagerError:
+            record = None
+        step = record["step"] if record else None
+        world = record["world_size"] if record else None
+        replica = Replica(int(match.group(1)), int(match.group(2)), entry.path, stat.st_size, stat.st_mtime, fmt,
+                          step, world, match.group(3) is not None)
+        found.append(((step is not None, step or 0, stat.st_mtime_ns, entry.name), replica))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [replica for _, replica in found]
 
 
 def recover(storage_dir: str | os.PathLike, rank: int) -> Any:
-    """The state_dict of ``rank`` from the newest replica of it in ``storage_dir``."""
+    """The state_dict of ``rank`` from the newest intact copy of it in ``storage_dir`` (an older
+    one when the newest fails its checksums); StagerError when there is none."""
     candidates = [r for r in find_replicas(storage_dir) if r.partner == rank]
     if not candidates:
         raise StagerError(f"no replica of rank {rank} in {os.fspath(storage_dir)!r}")
-    return load_replica(candidates[0].path)
+    failures = []
+    for replica in candidates:
+        try:
+            return load_replica(replica.path)
+        except StagerError as err:
+            failures.append(str(err))
+    raise StagerError(f"no intact replica of rank {rank} in {os.fspath(storage_dir)!r}: " + "; ".join(failures))
 
 
-def load_replica(path: str) -> Any:
-    """Loads one replica file (either format)."""
+def load_replica(path: str, *, verify: bool = True) -> Any:
+    """Loads one copy file (either format), checking its checksums first when ``verify``."""
     if path.endswith(".pt"):
         try:
+            if verify:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    raise StagerError(f"replica {path!r} is damaged: record {bad!r} fails its crc32 checksum")
             with open(path, "rb") as f:  # a file object: never routed to another reader
                 return torch.load(f, map_location="cpu", weights_only=True)
+        except StagerError:
+            raise
         except Exception as err:
             raise StagerError(f"cannot load replica {path!r} with torch.load(weights_only=True): {err}") from err
-    return files.load(path)
+    return files.load(path, verify=verify)
 
 
-# ---- persistence ------------------------------------------------------------------------------
+# ---- persistence (the writers are io's; see stager.files) -------------------------------------------
 
 
 def _fsync_dir(path: str) -> None:
@@ -131,16 +268,17 @@ class _StreamingReplica:
     writer produces ``<final>.<pid>.recv.tmp`` (its own temp file, fsync, rename, directory
     fsync); :meth:`commit` renames that over the final name and fsyncs the directory again.
     :meth:`abort` releases the writer (it finishes writing what is in the buffer) and removes the
-    file, so neither a partial nor a stale replica is left and the previous one stays."""
+    file, so neither a partial nor a stale replica is left and the previous one stays.
+    ``metadata``: extra header strings (the replica record)."""
 
     _ABORT_WAIT_S = 5.0
 
-    def __init__(self, path: str, incoming: Any) -> None:
+    def __init__(self, path: str, incoming: Any, metadata: dict[str, str] | None = None) -> None:
         plan, meta = incoming.plan, incoming.meta
         self.path = path
         self.incoming_path = f"{path}.{os.getpid()}.recv.tmp"
         names = tree.tensor_names(meta, len(plan.table))
-        metadata = files.header_metadata(meta)
+        metadata = {**(metadata or {}), **files.header_metadata(meta)}
         nbytes = plan.table.storage_nbytes
         self.buffer = incoming.buffer  # the writer reads it until it returns
         self.job = _native.Completion(len(nbytes))
@@ -153,7 +291,7 @@ class _StreamingReplica:
         def write() -> None:
             try:
                 _native.write_file(self.incoming_path, plan.table, names, metadata, buffer, self.job)
-            except BaseException as err:  # reported by commit()
+            except BaseException as err:  # noqa: BLE001 - reported by commit()
                 self.error = err
 
         self.thread = threading.Thread(target=write, name="stager-replica-writer", daemon=True)
@@ -224,112 +362,476 @@ def durable_torch_save(state_dict: Any, path: str) -> None:
         raise
 
 
+def _append_torch_record(path: str, record: dict[str, int]) -> None:
+    """Adds the replica record to a ``.pt`` zip archive (torch.load ignores unknown records) and
+    fsyncs it."""
+    try:
+        with open(path, "r+b") as f:
+            with zipfile.ZipFile(f, "a") as archive:
+                prefix = archive.namelist()[0].split("/")[0]
+                archive.writestr(f"{prefix}/{TORCH_RECORD}", json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, zipfile.BadZipFile, IndexError) as err:
+        raise StagerError(f"cannot record the replica metadata in {path!r}: {err}") from err
+
+
+def _write_copy(state_dict: Any, pending: str, persist_format: str, record: dict[str, int]) -> None:
+    """Writes a whole state_dict durably as ``pending`` (the own copy; replicas that arrive over
+    the wire stream through _StreamingReplica instead)."""
+    if persist_format == "stager":
+        files.save(state_dict, pending, metadata=_metadata(record))
+    else:
+        durable_torch_save(state_dict, pending)
+        _append_torch_record(pending, record)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass  # a stale temp file is swept by the next stage
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
 # ---- the stager ---------------------------------------------------------------------------------
+
+
+class _Copy:
+    """One copy this rank writes in a stage: where it goes and what it records."""
+
+    __slots__ = ("final", "owner", "pending", "previous", "record", "state_dict", "writer")
+
+    def __init__(self, storage_dir: str, holder: int, owner: int, persist_format: str, record: dict[str, int]) -> None:
+        self.owner = owner
+        self.final = replica_path(storage_dir, holder, owner, persist_format)
+        self.previous = replica_path(storage_dir, holder, owner, persist_format, previous=True)
+        self.pending = _pending_path(self.final)
+        self.record = record
+        self.writer: _StreamingReplica | None = None
+        self.state_dict: Any = None
 
 
 class ReplicationStager(AsyncStager):
     """Drop-in for ``torch.distributed.checkpoint.staging._ReplicationStager``.
 
-    ``stage(state_dict)`` sends ``state_dict`` to this rank's partner, receives the partner's,
-    persists it (see ``persist_format``) and returns it; without an initialized process group it
-    returns ``state_dict`` itself. The order of operations: plan → post every receive and send
-    (full duplex) → write each received storage to a temp file as it lands → fsync → rename →
-    directory fsync → acknowledge to the source → wait for the destination's acknowledgement → return. So a
-    successful ``stage()`` means both: this rank holds its source's replica durably, and its
-    destination holds this rank's. ``should_synchronize_after_execute`` is False, like PyTorch's.
+    ``stage(state_dict)`` sends ``state_dict`` to this rank's holders, receives the state_dicts
+    it holds, persists them (see ``persist_format``) and returns the one of its first source;
+    without an initialized process group (or with one rank) it returns ``state_dict`` itself. A
+    successful ``stage()`` means every rank holds all its copies of this step durably. The order
+    of operations is in the module doc. ``should_synchronize_after_execute`` is False, like
+    PyTorch's.
 
     Args:
         pg: process group (default: the default group at stage time).
-        timeout: bound on every wait; a partner that doesn't make progress within it raises
-            :class:`~stager.StagerError` naming it.
+        timeout: bound on each call; a peer that doesn't make progress within it raises
+            :class:`~stager.StagerError` naming it where it is known.
         device: device of the wire tensors (CPU for gloo).
-        storage_dir: where replicas are persisted (default: a new temp directory, like PyTorch).
+        storage_dir: where copies are persisted (default: a new temp directory, like PyTorch).
         topology: ``"pairs"`` (PyTorch's partner; a ring for odd world sizes) or ``"ring"``.
         persist_format: ``"stager"`` (``.stager``, :func:`stager.save`'s format, written while
-            the bytes arrive), ``"torch"``
-            (``.pt`` via ``torch.save``) or None (not persisted).
+            the bytes arrive), ``"torch"`` (``.pt`` via ``torch.save``) or None (memory only).
+        replicas: holders per rank, each on another failure domain (:mod:`stager.placement`).
+        ranks_per_node: ranks per failure domain (default: ``LOCAL_WORLD_SIZE``, else 1).
+        keep_own: also persist this rank's own state_dict in ``storage_dir`` (so a node that
+            survives restores its ranks from local disk).
 
     Thread Safety:
-        One ``stage()`` at a time; every rank of the group must call it the same number of times.
+        One ``stage()``/``restore()`` at a time; every rank of the group must call them the same
+        number of times, in the same order.
     """
 
     _synchronize_after_execute: bool = False
 
     def __init__(self, pg: Any = None, timeout: timedelta = timedelta(minutes=30), device: Any = "cpu",
                  storage_dir: str | None = None, *, topology: str = "pairs",
-                 persist_format: str | None = "stager") -> None:
+                 persist_format: str | None = "stager", replicas: int = 1, ranks_per_node: int | None = None,
+                 keep_own: bool = False) -> None:
         if topology not in ("pairs", "ring"):
             raise StagerError(f"topology must be 'pairs' or 'ring', got {topology!r}")
         if persist_format is not None and persist_format not in EXTENSIONS:
             raise StagerError(f"persist_format must be 'stager', 'torch' or None, got {persist_format!r}")
+        if type(replicas) is not int or replicas < 1:
+            raise StagerError(f"replicas must be a positive int, got {replicas!r}")
+        if ranks_per_node is None:
+            ranks_per_node = default_ranks_per_node()
+        if type(ranks_per_node) is not int or ranks_per_node < 1:
+            raise StagerError(f"ranks_per_node must be a positive int or None, got {ranks_per_node!r}")
+        if type(keep_own) is not bool:
+            raise StagerError(f"keep_own must be a bool, got {keep_own!r}")
+        if keep_own and persist_format is None:
+            raise StagerError("keep_own=True persists this rank's own state_dict: it needs a persist_format")
         self._pg = pg
         self._timeout = _as_timedelta(timeout)
         self._device = torch.device(device)
         self._topology = topology
         self._persist_format = persist_format
+        self._replicas = replicas
+        self._ranks_per_node = ranks_per_node
+        self._keep_own = keep_own
         if storage_dir is None:
             storage_dir = tempfile.mkdtemp(prefix="replication_stager_")
         self._storage_dir = os.fspath(storage_dir)
         os.makedirs(self._storage_dir, exist_ok=True)
         self._transport: PGTransport | None = None
+        #: owner → (step, world_size, state_dict): the replicas of the newest committed step.
+        self._memory: dict[int, tuple[int, int, Any]] = {}
+        #: (rank, persist_format) the file index below describes
+        self._index_key: tuple[int, str] | None = None
+        #: owner → {"final": record | None, "previous": record | None}: this rank's copy files.
+        self._index: dict[int, dict[str, dict[str, int] | None]] = {}
+        #: the newest step this stager or its storage_dir has seen (0: none)
+        self._newest_step: int | None = None
 
+    # ---- PyTorch's names ------------------------------------------------------------------------
     @property
     def storage_dir(self) -> str:
         return self._storage_dir
 
-    def peers(self, rank: int, world_size: int) -> tuple[int, int]:
-        """``(destination, source)`` of ``rank``: where its state_dict goes, whose it receives."""
-        if self._topology == "pairs" and world_size % 2 == 0:
-            partner = (rank + world_size // 2) % world_size
-            return partner, partner
-        return (rank + 1) % world_size, (rank - 1) % world_size
+    def _get_persisted_path(self, current_rank: int, partner_rank: int) -> str:
+        """Where ``current_rank`` persists the newest copy of ``partner_rank``'s state_dict."""
+        return replica_path(self._storage_dir, current_rank, partner_rank, self._persist_format or "stager")
 
-    def stage(self, state_dict: Any) -> Any:
-        """Replicates ``state_dict`` to the partner and returns the partner's state_dict."""
-        if not dist.is_initialized():
-            return state_dict
-        pg = self._pg if self._pg is not None else dist.distributed_c10d._get_default_group()
-        rank, world_size = pg.rank(), pg.size()
-        if world_size < 2:
-            return state_dict  # nobody to replicate to
+    # ---- placement ------------------------------------------------------------------------------
+    def placement(self, world_size: int) -> Placement:
+        """Where every rank's copies go in a group of ``world_size`` (StagerError when impossible)."""
+        return place(world_size, self._replicas, self._ranks_per_node, self._topology)
+
+    def peers(self, rank: int, world_size: int) -> tuple[int, int | None]:
+        """``(first holder, first source)`` of ``rank``."""
+        placement = self.placement(world_size)
+        return placement.holders[rank][0], placement.first_source(rank)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _group(self, pg: Any = None) -> Any:
+        if pg is not None:
+            return pg
+        if self._pg is not None:
+            return self._pg
+        return dist.distributed_c10d._get_default_group()
+
+    def _transport_for(self, pg: Any) -> PGTransport:
         if self._transport is None or self._transport._pg is not pg:
             self._transport = PGTransport(pg, self._timeout, self._device)
-        dst, src = self.peers(rank, world_size)
-        fmt = self._persist_format
-        path = replica_path(self._storage_dir, rank, src, fmt) if fmt else None
+        self._transport.check_usable()
+        return self._transport
 
-        transport = self._transport
-        streaming = fmt == "stager"
-        writer: list[_StreamingReplica] = []
+    def _load_index(self, rank: int) -> None:
+        """Reads this rank's copy files (and the newest step of the directory) once per rank."""
+        fmt = self._persist_format
+        if fmt is None:
+            return
+        if self._index_key == (rank, fmt):  # forget files removed behind our back (a few stats)
+            for owner, slots in self._index.items():
+                for name, record in slots.items():
+                    path = replica_path(self._storage_dir, rank, owner, fmt, previous=name == "previous")
+                    if record is not None and not os.path.exists(path):
+                        slots[name] = None
+            return
+        index: dict[int, dict[str, dict[str, int] | None]] = {}
+        newest = self._newest_step or 0
+        for entry, match in _scan(self._storage_dir):
+            try:
+                record = read_record(entry.path)
+            except StagerError:
+                record = None
+            if record is not None:
+                newest = max(newest, record["step"])
+            if int(match.group(1)) != rank or match.group(4) != EXTENSIONS[fmt][1:]:
+                continue
+            slot = index.setdefault(int(match.group(2)), {"final": None, "previous": None})
+            slot["previous" if match.group(3) else "final"] = record
+        self._index, self._index_key, self._newest_step = index, (rank, fmt), newest
+
+    def _held(self, world_size: int) -> dict[str, list[int]]:
+        """owner → steps this rank holds of it (for this world size), for the agreement."""
+        held: dict[str, list[int]] = {}
+        if self._persist_format is None:
+            for owner, (step, world, _) in self._memory.items():
+                if world == world_size:
+                    held[str(owner)] = [step]
+            return held
+        for owner, slots in self._index.items():
+            steps = [r["step"] for r in slots.values() if r is not None and r["world_size"] == world_size]
+            if steps:
+                held[str(owner)] = steps
+        return held
+
+    def _sweep_temps(self, rank: int) -> None:
+        """Removes this rank's replication temp files left by failed stages or dead processes."""
+        me = os.getpid()
+        try:
+            names = os.listdir(self._storage_dir)
+        except OSError:
+            return
+        for name in names:
+            match = _TEMP.match(name)
+            if match and int(match.group(1)) == rank:
+                pid = int(match.group(2))
+                if pid == me or not _pid_alive(pid):
+                    _remove_quietly(os.path.join(self._storage_dir, name))
+
+    # ---- stage ---------------------------------------------------------------------------------------
+    def stage(self, state_dict: Any, *, step: int | None = None) -> Any:
+        """Replicates ``state_dict`` to its holders; returns the state_dict of this rank's first
+        source (``state_dict`` itself without a group, or when this rank holds nobody's).
+        ``step`` labels the copies (default: one more than the newest step seen)."""
+        if step is not None and (type(step) is not int or step < 0):
+            raise StagerError(f"step must be a non-negative int or None, got {step!r}")
+        if not dist.is_initialized():
+            return state_dict
+        pg = self._group()
+        rank, world = pg.rank(), pg.size()
+        if world < 2:
+            self._stage_alone(state_dict, rank, step)
+            return state_dict
+        placement = self.placement(world)  # before anything is sent
+        transport = self._transport_for(pg)
+        fmt = self._persist_format
+        self._load_index(rank)
+        dsts, srcs = placement.holders[rank], placement.sources[rank]
+        deadline = transport.deadline()
+        agreed: dict[str, Any] = {}
+        copies: dict[int, _Copy] = {}
+        own: dict[str, Any] = {}
+
+        def agree(local_error: str | None) -> None:
+            proposal = step if step is not None else (self._newest_step or 0) + 1
+            record = {"error": local_error, "step": proposal, "explicit": step is not None,
+                      "config": [world, self._replicas, self._ranks_per_node, self._topology, fmt, self._keep_own],
+                      "held": self._held(world)}
+            blobs = transport.allgather_bytes(json.dumps(record).encode(), "agreeing on the step to replicate",
+                                              deadline=deadline)
+            agreed.update(_agree(blobs, world))
+            chosen = agreed["step"]
+            if fmt is not None:
+                self._sweep_temps(rank)
+                for src in srcs:
+                    copies[src] = _Copy(self._storage_dir, rank, src, fmt, _record(src, rank, world, chosen))
+                if self._keep_own:
+                    own_copy = copies[rank] = _Copy(self._storage_dir, rank, rank, fmt,
+                                                    _record(rank, rank, world, chosen))
+                    own["thread"] = _start_own_copy(state_dict, own_copy, fmt, own)
+                self._memory.clear()  # the files hold the older generation: don't keep two in memory too
 
         def on_metadata(incoming: Any) -> None:
-            if not incoming.targets:  # (always: no in-place receive here)
-                writer.append(_StreamingReplica(path, incoming))
+            if fmt == "stager":
+                copy = copies[incoming.rank]
+                copy.writer = _StreamingReplica(copy.pending, incoming, _metadata(copy.record))
 
         def on_segment(incoming: Any, index: int) -> None:
-            if writer:
-                writer[0].received(incoming, index)
+            writer = copies[incoming.rank].writer
+            if writer is not None:
+                writer.received(incoming, index)
 
-        def persist(received: Any) -> None:
-            # Runs once every byte has arrived, before the source is told it is safe.
-            if writer:
-                writer.pop().commit()
-            elif fmt == "stager":
-                files.save(received, path)
-            elif fmt == "torch":
-                durable_torch_save(received, path)
-
+        local_error: BaseException | None = None
+        received: dict[int, Any] = {}
         try:
-            return transport.exchange(dst, state_dict, src, confirm=persist,
-                                      on_metadata=on_metadata if streaming else None,
-                                      on_segment=on_segment if streaming else None)
+            received = transport.transfer({dst: state_dict for dst in dsts}, srcs, deadline=deadline,
+                                          before_bulk=agree, on_metadata=on_metadata, on_segment=on_segment)
+        except TransportError as err:
+            if err.fatal or err.kind == BROKEN or not agreed:
+                self._abandon(copies, own)
+                raise
+            local_error = err  # the transfer completed: tell everyone in the vote
         except BaseException:
-            for w in writer:
-                w.abort()
+            self._abandon(copies, own)
             raise
+        if local_error is None:
+            try:
+                self._persist(copies, received, own)
+            except Exception as err:  # noqa: BLE001 - reported in the vote
+                local_error = err
+        try:
+            votes = transport.allgather_bytes(json.dumps({"error": None if local_error is None else str(local_error)})
+                                              .encode(), "confirming every rank holds its copies", deadline=deadline)
+        except BaseException:
+            self._abandon(copies, own)
+            if local_error is not None:
+                raise local_error from None
+            raise
+        failed = _failures(votes)
+        if failed:
+            self._abandon(copies, own)
+            raise StagerError(f"replication of step {agreed['step']} failed, nothing was committed: {failed}") \
+                from local_error
+        chosen = agreed["step"]
+        if fmt is not None:
+            self._publish(copies, chosen, agreed["safe"])
+        self._memory = {src: (chosen, world, received[src]) for src in srcs}
+        self._newest_step = max(self._newest_step or 0, chosen)
+        first = placement.first_source(rank)
+        return received[first] if first is not None else state_dict
 
+    def _stage_alone(self, state_dict: Any, rank: int, step: int | None) -> None:
+        """One rank: nothing to replicate; with keep_own the own copy is still written."""
+        if not self._keep_own:
+            return
+        fmt = self._persist_format
+        self._load_index(rank)
+        self._sweep_temps(rank)
+        chosen = step if step is not None else (self._newest_step or 0) + 1
+        copy = _Copy(self._storage_dir, rank, rank, fmt, _record(rank, rank, 1, chosen))
+        try:
+            _write_copy(state_dict, copy.pending, fmt, copy.record)
+        except BaseException:
+            _remove_quietly(copy.pending)
+            raise
+        held = self._held(1).get(str(rank), [])
+        self._publish({rank: copy}, chosen, max((s for s in held if s < chosen), default=None))
+        self._newest_step = max(self._newest_step or 0, chosen)
+
+    def _persist(self, copies: dict[int, _Copy], received: dict[int, Any], own: dict[str, Any]) -> None:
+        """Makes every copy of this stage durable under its pending name."""
+        errors = []
+        for owner, copy in copies.items():
+            if owner in received:
+                try:
+                    if copy.writer is not None:
+                        writer, copy.writer = copy.writer, None
+                        writer.commit()
+                    else:
+                        _write_copy(received[owner], copy.pending, self._persist_format, copy.record)
+                except Exception as err:  # noqa: BLE001 - all of them are reported
+                    errors.append(err)
+        thread = own.get("thread")
+        if thread is not None:
+            thread.join()
+            if own.get("error") is not None:
+                errors.append(own["error"])
+        if errors:
+            raise errors[0] if len(errors) == 1 else StagerError("; ".join(str(e) for e in errors))
+
+    def _abandon(self, copies: dict[int, _Copy], own: dict[str, Any]) -> None:
+        """A failed stage: no pending file survives; the published copies are untouched."""
+        for copy in copies.values():
+            if copy.writer is not None:
+                copy.writer.abort()
+                copy.writer = None
+        thread = own.get("thread")
+        if thread is not None:
+            thread.join(_StreamingReplica._ABORT_WAIT_S)
+        for copy in copies.values():
+            _remove_quietly(copy.pending)
+
+    def _publish(self, copies: dict[int, _Copy], step: int, safe: int | None) -> None:
+        """Step 5 of the module doc, for every copy of this stage."""
+        directory = os.path.abspath(self._storage_dir)
+        for owner, copy in copies.items():
+            slots = self._index.setdefault(owner, {"final": None, "previous": None})
+            final, previous = slots["final"], slots["previous"]
+            candidates = {name: r for name, r in (("final", final), ("previous", previous))
+                          if r is not None and r["step"] < step}
+            keep = next((name for name, r in candidates.items() if r["step"] == safe), None)
+            if keep is None and candidates:
+                keep = max(candidates, key=lambda name: candidates[name]["step"])
+            try:
+                if keep == "final":
+                    try:
+                        os.rename(copy.final, copy.previous)
+                        _fsync_dir(directory)
+                    except FileNotFoundError:  # removed behind our back: keep what is left
+                        keep = "previous" if "previous" in candidates else None
+                os.rename(copy.pending, copy.final)
+                _fsync_dir(directory)
+                if keep is None and previous is not None:
+                    _remove_quietly(copy.previous)
+            except OSError as err:
+                raise StagerError(f"cannot publish replica {copy.final!r}: {err}") from err
+            slots["previous"] = final if keep == "final" else (previous if keep == "previous" else None)
+            slots["final"] = copy.record
+
+    # ---- restore ------------------------------------------------------------------------------------
+    def restore(self, into: Any = None, *, pg: Any = None) -> Any:
+        """Collective: every rank of the (new) group calls it after a failure; returns this rank's
+        own state_dict of the newest step every rank can restore. See :mod:`stager.recovery`."""
+        from .recovery import restore
+
+        return restore(self, into, pg=pg)
+
+    # ---- AsyncStager --------------------------------------------------------------------------------
     def synchronize_staging(self) -> None:
         """No-op: staging is blocking."""
 
     def close(self) -> None:
-        """Nothing to release; persisted replicas are left for discovery."""
+        """Drops the replicas held in memory; persisted copies are left for discovery."""
+        self._memory = {}
+
+
+def _start_own_copy(state_dict: Any, copy: _Copy, fmt: str, own: dict[str, Any]) -> threading.Thread:
+    def write() -> None:
+        try:
+            _write_copy(state_dict, copy.pending, fmt, copy.record)
+        except BaseException as err:  # noqa: BLE001 - reported in the vote
+            own["error"] = err
+
+    thread = threading.Thread(target=write, name="stager-own-copy", daemon=True)
+    thread.start()
+    return thread
+
+
+def _parse(blobs: list[bytes], what: str) -> list[dict]:
+    records = []
+    for rank, blob in enumerate(blobs):
+        try:
+            record = json.loads(blob)
+        except ValueError as err:
+            raise StagerError(f"rank {rank} sent an invalid {what} record: {err}") from err
+        if not isinstance(record, dict):
+            raise StagerError(f"rank {rank} sent an invalid {what} record")
+        records.append(record)
+    return records
+
+
+def _failures(blobs: list[bytes]) -> str:
+    """'rank i: reason; ...' of the ranks whose vote carries an error ('' when none)."""
+    records = _parse(blobs, "vote")
+    return "; ".join(f"rank {rank}: {record['error']}" for rank, record in enumerate(records) if record.get("error"))
+
+
+def _agree(blobs: list[bytes], world: int) -> dict[str, Any]:
+    """Step 2 of the module doc, the same on every rank: raises the same StagerError everywhere
+    when any rank can't send or the ranks disagree; else ``{"step": s, "safe": c}``."""
+    records = _parse(blobs, "agreement")
+    errors = [f"rank {rank}: {record['error']}" for rank, record in enumerate(records) if record.get("error")]
+    if errors:
+        raise StagerError("replication failed before anything was sent: " + "; ".join(errors))
+    configs = [tuple(record.get("config", ())) for record in records]
+    if len(set(configs)) > 1:
+        fields = "world_size, replicas, ranks_per_node, topology, persist_format, keep_own"
+        listing = "; ".join(f"rank {rank}: {list(config)}" for rank, config in enumerate(configs))
+        raise StagerError(f"the ranks disagree on the replication settings ({fields}): {listing}")
+    explicit = [bool(record.get("explicit")) for record in records]
+    steps = [int(record.get("step", 0)) for record in records]
+    if all(explicit):
+        if len(set(steps)) > 1:
+            raise StagerError("the ranks passed different steps to stage(): "
+                              + ", ".join(f"rank {rank}: {s}" for rank, s in enumerate(steps)))
+        chosen = steps[0]
+    elif any(explicit):
+        given = [rank for rank, flag in enumerate(explicit) if flag]
+        raise StagerError(f"ranks {given} passed step= to stage() and the others did not: pass it on every rank or "
+                          "none")
+    else:
+        chosen = max(steps)
+    held: dict[int, set[int]] = {}
+    for record in records:
+        for owner, owned in (record.get("held") or {}).items():
+            held.setdefault(int(owner), set()).update(int(s) for s in owned)
+    complete = set.intersection(*(held.get(owner, set()) for owner in range(world))) if world else set()
+    older = [s for s in complete if s < chosen]
+    return {"step": chosen, "safe": max(older) if older else None}
+

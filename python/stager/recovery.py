@@ -1,0 +1,292 @@
+"""Recovery: :meth:`ReplicationStager.restore`, the collective that turns the copies that
+replication left (in memory and on disk) back into every rank's own state_dict.
+
+After a failure every rank of the (new) group calls ``restore()``, restarted processes too (a
+fresh :class:`~stager.ReplicationStager` on the old ``storage_dir``; survivors may reuse their
+stager and its in-memory replicas). Nothing is written: the files stay as they are, whatever the
+outcome.
+
+Protocol (every wait bounded by the stager's timeout from the start of the call, one deadline):
+
+1. **Inventory.** Each rank lists what it can serve: the replicas its stager holds in memory,
+   and every copy file in its ``storage_dir`` (any holder's, so node-local directories shared by
+   several ranks work) with the owner, step and world size the file records (header only; no
+   data is read). An all-gather gives every rank every inventory.
+2. **Decide** (:func:`decide`, pure, so every rank reaches the same result from the same
+   inventories): the newest step for which every rank of the group has a copy on some rank,
+   ignoring copies of another world size and copies already found damaged; for each owner, who
+   serves it: the owner itself when it holds a copy (no transfer), else a holder with a copy in
+   memory, else the least loaded holder (ties: the lowest rank). When no step covers every rank,
+   every rank raises the same :class:`~stager.StagerError` naming the ranks that can't be
+   restored and what was found of them, before anything moves.
+3. **Verify.** Each rank reads the copies it serves, checking every checksum (``.stager``: the
+   per-storage crc32c; ``.pt``: the zip records' crc32); in-memory replicas are used as they are.
+   An all-gather of the failures follows; a damaged copy is excluded and step 2 runs again (the
+   same step from another holder, or an older step), as often as copies fail.
+4. **Move.** Each owner receives its state from its server over the group
+   (:meth:`stager.transport.PGTransport.transfer`: every server's sends at once), or takes its
+   own copy. With ``into`` (a state_dict of the same structure, e.g. a freshly built model's),
+   every tensor must have a tensor of the same dtype and shape at its key path; bytes are
+   received straight into the ones that view their storage as the sender's did, and copied into
+   the others: ``into``'s tensors hold the result and keep their storages. A target that
+   doesn't fit is found from the metadata, before any of its bytes are received.
+5. **Confirm.** An all-gather of every rank's outcome: on any failure every rank raises the same
+   StagerError naming the ranks and why.
+
+A timeout or lost peer in steps 1, 3 or 4 breaks the group (see :mod:`stager.transport`); every
+rank raises within the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._native import StagerError
+from .replication import _scan, load_replica, read_record
+from .transport import PGTransport, TransportError
+from .tree import tensors_by_path
+
+__all__ = ["Decision", "decide", "inventory", "restore"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`decide` chose: the step, and for each owner ``(serving rank, copy index)``."""
+
+    step: int
+    servers: tuple[tuple[int, int], ...]
+
+
+def inventory(stager: Any, world_size: int) -> list[dict[str, Any]]:
+    """This rank's copies (see the module doc, step 1). Files whose record can't be read are
+    listed with an ``error`` and no step, so a failed restore can say what was found."""
+    copies: list[dict[str, Any]] = []
+    for owner, (step, world, _) in sorted(stager._memory.items()):
+        copies.append({"owner": owner, "step": step, "world_size": world, "where": "memory"})
+    for entry, _ in sorted(_scan(stager.storage_dir), key=lambda item: item[0].name):
+        try:
+            record = read_record(entry.path)
+        except StagerError as err:
+            copies.append({"where": entry.path, "error": str(err)})
+            continue
+        if record is None:
+            copies.append({"where": entry.path, "error": "it records no owner and step (written by an older stager)"})
+            continue
+        copies.append({"owner": record["owner"], "step": record["step"], "world_size": record["world_size"],
+                       "where": entry.path})
+    return copies
+
+
+def _ranks(ranks: list[int] | set[int]) -> str:
+    ranks = sorted(ranks)
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
+
+
+def decide(world_size: int, inventories: list[list[dict[str, Any]]],
+           damaged: dict[tuple[int, int], str] | None = None) -> Decision:
+    """Step 2 of the module doc. ``inventories[r]`` is rank r's list; ``damaged`` maps
+    ``(rank, copy index)`` to why that copy can't be used. Raises StagerError when no step has a
+    copy of every rank (the same message on every rank)."""
+    damaged = damaged or {}
+    usable: dict[int, dict[int, list[tuple[int, int, dict]]]] = {}  # step → owner → [(rank, index, copy)]
+    other_worlds: set[int] = set()
+    unreadable: list[str] = []
+    for rank, copies in enumerate(inventories):
+        for index, copy in enumerate(copies):
+            if "error" in copy:
+                unreadable.append(f"{copy['where']} on rank {rank}: {copy['error']}")
+                continue
+            if (rank, index) in damaged:
+                continue
+            if copy["world_size"] != world_size:
+                other_worlds.add(copy["world_size"])
+                continue
+            usable.setdefault(copy["step"], {}).setdefault(copy["owner"], []).append((rank, index, copy))
+    everyone = range(world_size)
+    complete = [step for step, owners in usable.items() if all(owner in owners for owner in everyone)]
+    if not complete:
+        raise StagerError(_unrestorable(world_size, usable, damaged, inventories, other_worlds, unreadable))
+    step = max(complete)
+    owners = usable[step]
+    load = [0] * world_size
+    servers: list[tuple[int, int] | None] = [None] * world_size
+    for owner in everyone:  # a rank that holds its own copy serves itself: no transfer
+        local = [c for c in owners[owner] if c[0] == owner]
+        if local:
+            rank, index, _ = min(local, key=lambda c: (c[2]["where"] != "memory", c[1]))
+            servers[owner] = (rank, index)
+    for owner in everyone:
+        if servers[owner] is None:
+            rank, index, _ = min(owners[owner], key=lambda c: (c[2]["where"] != "memory", load[c[0]], c[0], c[1]))
+            servers[owner] = (rank, index)
+            load[rank] += 1
+    return Decision(step, tuple(s for s in servers if s is not None))
+
+
+def _unrestorable(world_size: int, usable: dict, damaged: dict, inventories: list, other_worlds: set[int],
+                  unreadable: list[str]) -> str:
+    """Which ranks can't be restored and what was found of them."""
+    everyone = range(world_size)
+    if usable:  # the step that covers the most ranks (the newest of those) tells who is missing
+        best = max(usable, key=lambda s: (sum(owner in usable[s] for owner in everyone), s))
+        missing = [owner for owner in everyone if owner not in usable[best]]
+        reason = (f"restore(): cannot restore {_ranks(missing)}: no rank of the group holds an intact copy of "
+                  f"{'its' if len(missing) == 1 else 'their'} state at step {best}, the newest step held for the "
+                  f"most ranks")
+    else:
+        missing = list(everyone)
+        reason = f"restore(): cannot restore {_ranks(missing)}: no rank of the group holds an intact copy of any rank's state"
+    found = []
+    for owner in everyone:
+        steps = sorted((s for s, owners in usable.items() if owner in owners), reverse=True)
+        found.append(f"rank {owner}: " + (("steps " if len(steps) > 1 else "step ") + ", ".join(map(str, steps))
+                                          if steps else "none"))
+    details = [reason, "intact copies found per rank: " + "; ".join(found)]
+    if damaged:
+        details.append("damaged copies skipped: " + "; ".join(
+            f"{inventories[rank][index]['where'] if inventories[rank][index]['where'] != 'memory' else 'memory'} "
+            f"on rank {rank}: {why}" for (rank, index), why in sorted(damaged.items())))
+    if other_worlds:
+        details.append(f"copies of a world of {', '.join(map(str, sorted(other_worlds)))} ranks were ignored (this "
+                       f"group has {world_size})")
+    if unreadable:
+        details.append("unreadable files: " + "; ".join(unreadable[:20]))
+    return ". ".join(details)
+
+
+def _load(stager: Any, copy: dict[str, Any]) -> Any:
+    if copy["where"] == "memory":
+        step, _, state_dict = stager._memory[copy["owner"]]
+        if step != copy["step"]:
+            raise StagerError(f"the in-memory replica of rank {copy['owner']} changed during restore()")
+        return state_dict
+    return load_replica(copy["where"], verify=True)
+
+
+def _check_into(state: Any, into: Any) -> None:
+    """Raises StagerError when ``into`` can't take ``state``'s values (before anything changes)."""
+    targets = tensors_by_path(into)
+    for path, value in tensors_by_path(state).items():
+        target = targets.get(path)
+        where = ".".join(str(p) for p in path) or "<root>"
+        if target is None:
+            raise StagerError(f"restore(into=...): key {where} ({value.dtype} {list(value.shape)}) has no tensor in "
+                              "the target state_dict")
+        if target.dtype != value.dtype or target.shape != value.shape:
+            raise StagerError(f"restore(into=...): key {where} is {value.dtype} {list(value.shape)} but the target "
+                              f"holds {target.dtype} {list(target.shape)}")
+
+
+def _restore_into(result: Any, into: Any) -> Any:
+    """Copies every tensor value of ``result`` into the tensor of ``into`` at the same key path
+    (skipping those received in place) and returns ``result`` with ``into``'s tensors in it."""
+    _check_into(result, into)
+    targets = tensors_by_path(into)
+    with torch.no_grad():
+        for path, value in tensors_by_path(result).items():
+            target = targets[path]
+            in_place = (target.device == value.device and target.storage_offset() == value.storage_offset()
+                        and target.stride() == value.stride()
+                        and target.untyped_storage().data_ptr() == value.untyped_storage().data_ptr())
+            if not in_place:
+                target.copy_(value)
+
+    def put(value: Any, path: tuple) -> Any:
+        """``value`` with into's tensors at its tensor leaves (containers of the fresh result are
+        reused; tuples are rebuilt)."""
+        if isinstance(value, torch.Tensor):
+            return targets[path]
+        if isinstance(value, dict):
+            for key in list(value):
+                value[key] = put(value[key], path + (key,))
+        elif isinstance(value, list):
+            for i, child in enumerate(value):
+                value[i] = put(child, path + (i,))
+        elif isinstance(value, tuple):
+            items = [put(child, path + (i,)) for i, child in enumerate(value)]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        return value
+
+    return put(result, ())
+
+
+def _gather(transport: PGTransport | None, payload: Any, what: str, deadline: float) -> list[Any]:
+    if transport is None:
+        return [payload]
+    blobs = transport.allgather_bytes(json.dumps(payload).encode(), what, deadline=deadline)
+    out = []
+    for rank, blob in enumerate(blobs):
+        try:
+            out.append(json.loads(blob))
+        except ValueError as err:
+            raise StagerError(f"restore(): rank {rank} sent an invalid {what} record: {err}") from err
+    return out
+
+
+def restore(stager: Any, into: Any = None, *, pg: Any = None) -> Any:
+    """See the module doc; ``stager`` is the :class:`~stager.ReplicationStager` whose memory and
+    ``storage_dir`` this rank serves from."""
+    started = time.monotonic()
+    deadline = started + stager._timeout.total_seconds()
+    if pg is None and not dist.is_initialized():
+        rank, world, transport = 0, 1, None
+    else:
+        group = stager._group(pg)
+        rank, world = group.rank(), group.size()
+        transport = stager._transport_for(group) if world > 1 else None
+    mine = inventory(stager, world)
+    inventories = _gather(transport, mine, "exchanging what each rank holds for restore()", deadline)
+    damaged: dict[tuple[int, int], str] = {}
+    loaded: dict[int, Any] = {}
+    while True:
+        decision = decide(world, inventories, damaged)
+        failures: list[list[Any]] = []
+        for owner, (server, index) in enumerate(decision.servers):
+            if server == rank and index not in loaded:
+                try:
+                    loaded[index] = _load(stager, mine[index])
+                except StagerError as err:
+                    failures.append([index, str(err)])
+        reports = _gather(transport, failures, "checking the copies chosen for restore()", deadline)
+        fresh = {(r, int(index)): why for r, report in enumerate(reports) for index, why in report}
+        if not fresh:
+            break
+        damaged.update(fresh)
+        for index in [i for i in loaded if (rank, i) in fresh]:
+            del loaded[index]
+
+    own_server, own_index = decision.servers[rank]
+    error: BaseException | None = None
+    result = None
+    try:
+        sends = {owner: loaded[index] for owner, (server, index) in enumerate(decision.servers)
+                 if server == rank and owner != rank}
+        if transport is not None and (sends or own_server != rank):
+            recvs = [own_server] if own_server != rank else []
+            received = transport.transfer(sends, recvs, deadline=deadline, inplace=into, strict_inplace=True)
+            if own_server != rank:
+                result = received[own_server]
+        if own_server == rank:
+            result = loaded[own_index]
+        if into is not None:
+            result = _restore_into(result, into)
+    except TransportError as err:
+        if err.fatal or transport is None:
+            raise
+        error = err
+    except StagerError as err:
+        error = err
+    outcomes = _gather(transport, {"error": None if error is None else str(error)},
+                       "confirming every rank is restored", deadline)
+    failed = [f"rank {r}: {o['error']}" for r, o in enumerate(outcomes) if o.get("error")]
+    if failed:
+        raise StagerError(f"restore() of step {decision.step} failed: " + "; ".join(failed)) from error
+    stager._newest_step = max(stager._newest_step or 0, decision.step)
+    return result
+
