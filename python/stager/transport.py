@@ -100,6 +100,8 @@ class TransportError(StagerError):
         super().__init__(message)
         self.kind = kind
         self.rank = rank
+        self.errno = None  # the attributes every StagerError carries
+        self.cuda_code = None
 
     @property
     def fatal(self) -> bool:
