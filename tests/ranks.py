@@ -9,6 +9,7 @@ removes them, and every process left in them, whatever happens.
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,9 +23,18 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replication_w
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for the rendezvous, below the ephemeral range: the kernel's own pick (port 0) can be
+    handed to another process's outgoing connection before rank 0's store binds it."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000..32000")
 
 
 def start_ranks(world, directory, steps, *, ranks=None, port=None, host="127.0.0.1", prefix=None, env=None):

@@ -115,10 +115,14 @@ def test_damaged_copies_and_in_place_restore(tmp_path):
         ["replicate", {**common, "subdir": "older_step", "name": "older_step", "steps": 2}],
         # survivors: restore from the live stagers' memory, in place
         ["replicate_and_restore", {**common, "subdir": "live", "steps": 2, "inplace": True}],
+        ["replicate_and_restore", {**common, "subdir": "memory", "name": "memory", "steps": 2,
+                                   "persist_format": None}],
     ]
     results = run_ranks(2, tmp_path, first, deadline=120)
-    assert_all_ok(results, ["second_copy", "only_copy", "older_step", "live"])
+    assert_all_ok(results, ["second_copy", "only_copy", "older_step", "live", "memory"])
     assert restored_steps(results, "live") == {0: 2, 1: 2}
+    assert restored_steps(results, "memory") == {0: 2, 1: 2}  # persist_format=None: memory only
+    assert not any(list((tmp_path / "memory" / f"rank{rank}").iterdir()) for rank in range(2))
     # rank 0's own copy (the one restore tries first) is damaged: rank 1's replica is used instead
     flip_byte(tmp_path / "second_copy" / "rank0" / "rank_0_replica_partner_0.stager")
     # rank 0's only copy is damaged

@@ -633,9 +633,9 @@ class ReplicationStager(AsyncStager):
                 copy.writer = _StreamingReplica(copy.pending, incoming, _metadata(copy.record))
 
         def on_segment(incoming: Any, index: int) -> None:
-            writer = copies[incoming.rank].writer
-            if writer is not None:
-                writer.received(incoming, index)
+            copy = copies.get(incoming.rank)  # (none without persistence)
+            if copy is not None and copy.writer is not None:
+                copy.writer.received(incoming, index)
 
         local_error: BaseException | None = None
         received: dict[int, Any] = {}

@@ -1,7 +1,7 @@
 """``stager bench``: stager vs PyTorch's own stagers vs the machine's limits, in one run.
 
 The benchmark is split into sections, one module each (``staging``, ``persistence``,
-``replication``, ``gpu``). Each exposes ``run(ctx: BenchContext) -> list[Row]``; a section whose
+``replication``, ``recovery``, ``gpu``). Each exposes ``run(ctx: BenchContext) -> list[Row]``; a section whose
 module is missing, or that says it can't run here (``SectionSkipped``), is reported and skipped.
 All rows land in one table and one JSON file, with ratios to the limit and to PyTorch.
 """
@@ -20,7 +20,7 @@ from .common import BenchContext, Row, SectionSkipped, format_table, parse_size
 
 __all__ = ["BenchContext", "Row", "SectionSkipped", "add_arguments", "run_from_args"]
 
-SECTIONS = ["staging", "persistence", "replication", "incremental", "gpu"]
+SECTIONS = ["staging", "persistence", "replication", "recovery", "incremental", "gpu"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

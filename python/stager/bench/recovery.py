@@ -1,0 +1,284 @@
+"""``recovery`` section of ``stager bench``: restore() and k-way replication over gloo, 2 and 4 ranks.
+
+Each configuration spawns its ranks (gloo on 127.0.0.1); every timed call starts after a barrier
+on all ranks and its time is the slowest rank's (an all-reduce MAX). Each rank holds the large
+synthetic transformer + Adam dict (``--size``, at most :data:`MAX_BYTES_PER_RANK`); rank r's
+replica is held by its PyTorch partner ``(r + world // 2) % world``, so a restore where every
+rank was restarted is a full swap: each rank serves its partner's state and receives its own.
+
+Rows of ``restore, <n> ranks`` (measured interleaved, round by round, after the wire limit):
+
+* ``limit: gloo exchange of one buffer``: every rank sends one buffer of the dict's bytes to its
+  partner while receiving one (``send`` and ``recv`` posted together);
+* ``stager restore() (restarted: copies on disk)``: fresh ReplicationStagers on the old
+  ``storage_dir``s (inventory, reading and checking the ``.stager`` replica, sending it, receiving
+  this rank's state);
+* ``stager restore() (survivors: replicas in memory)``: the stagers that replicated, restoring from
+  the replicas they hold in memory;
+* ``PyTorch: torch.load replica + PGTransport``: what a PyTorch user does with
+  ``_ReplicationStager``'s ``.pt`` files: ``torch.load`` the partner's replica, then PyTorch's
+  ``PGTransport`` sends it to the partner and receives this rank's (lower rank sends first).
+
+Rows of ``replication, <n> ranks`` (4 ranks, one rank per failure domain, memory only):
+
+* ``limit: gloo exchange of one buffer`` / ``limit: gloo, two buffers each way``: one buffer to
+  and from one peer, or to two peers while receiving from two;
+* ``stager ReplicationStager replicas=1`` and ``replicas=2`` (each rank's state to 1 or 2
+  holders at once); ``replicas=2`` carries its ratio to ``replicas=1`` in ``extra``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .common import BenchContext, Row
+
+SECTION = "recovery"
+
+WIRE = "limit: gloo exchange of one buffer"
+WIRE_TWO = "limit: gloo, two buffers each way"
+DISK = "stager restore() (restarted: copies on disk)"
+MEMORY = "stager restore() (survivors: replicas in memory)"
+TORCH = "PyTorch: torch.load replica + PGTransport"
+ONE = "stager ReplicationStager replicas=1"
+TWO = "stager ReplicationStager replicas=2"
+
+#: Bytes per rank: 4 ranks on one machine each hold the dict's replica, a copy being served and
+#: the one received (and the limits' buffers), about 3x the dict each.
+MAX_BYTES_PER_RANK = 1_000_000_000
+WORLDS = (2, 4)
+
+
+def run(ctx: BenchContext) -> list[Row]:
+    size_bytes = min(ctx.size_bytes, MAX_BYTES_PER_RANK)
+    if size_bytes < ctx.size_bytes:
+        ctx.log(f"  recovery uses {size_bytes / 1e9:.1f} GB per rank (several ranks on one machine)")
+    ctx.drop_workloads()  # the ranks build their own
+    rows: list[Row] = []
+    for world in WORLDS:
+        settings = {"size_bytes": size_bytes, "tiny_count": ctx.tiny_count, "repeats": ctx.repeats,
+                    "threads": ctx.threads, "workdir": os.path.join(ctx.workdir, f"recovery-{world}")}
+        report = _spawn(ctx, world, settings)
+        for workload, data in report.items():
+            rows += _rows(ctx, workload, data)
+        shutil.rmtree(settings["workdir"], ignore_errors=True)
+    return rows
+
+
+def _spawn(ctx: BenchContext, world: int, settings: dict) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    procs = [mp.Process(target=_worker, args=(rank, world, port, settings, results), daemon=True)
+             for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    report: dict[str, Any] | None = None
+    errors: list[str] = []
+    deadline = time.monotonic() + 600 + 90 * ctx.repeats * max(1.0, settings["size_bytes"] / 1e9)
+    try:
+        pending = world
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError("recovery benchmark workers did not finish in time")
+            try:
+                kind, payload = results.get(timeout=min(5.0, remaining))
+            except Exception:  # noqa: BLE001 - queue.Empty: check the workers are alive
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(f"a recovery benchmark worker died (exit codes {[p.exitcode for p in procs]})")
+                continue
+            if kind == "log":
+                ctx.log(payload)
+                continue
+            pending -= 1
+            if kind == "error":
+                errors.append(payload)
+            elif kind == "report":
+                report = payload
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if errors:
+        raise RuntimeError("recovery benchmark failed:\n" + "\n".join(errors))
+    assert report is not None
+    return report
+
+
+def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
+    samples = data["samples"]
+    size = {"nbytes": data["nbytes"], "ntensors": data["ntensors"]}
+    if workload.startswith("restore"):
+        return [
+            ctx.row(SECTION, workload, WIRE, samples[WIRE], **size),
+            ctx.row(SECTION, workload, DISK, samples[DISK], limit=WIRE, baseline=TORCH, **size),
+            ctx.row(SECTION, workload, MEMORY, samples[MEMORY], limit=WIRE, baseline=TORCH, **size),
+            ctx.row(SECTION, workload, TORCH, samples[TORCH], limit=WIRE, **size),
+        ]
+    one, two = statistics.median(samples[ONE]), statistics.median(samples[TWO])
+    ratio = two / one if one > 0 else None
+    return [
+        ctx.row(SECTION, workload, WIRE, samples[WIRE], **size),
+        ctx.row(SECTION, workload, WIRE_TWO, samples[WIRE_TWO], **size),
+        ctx.row(SECTION, workload, ONE, samples[ONE], limit=WIRE, **size),
+        ctx.row(SECTION, workload, TWO, samples[TWO], limit=WIRE_TWO, **size,
+                extra={"time_vs_replicas_1": ratio, "summary": f"{ratio:.2f}x the replicas=1 time" if ratio else ""}),
+    ]
+
+
+# ---- the ranks ---------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, port: int, settings: dict, results: Any) -> None:
+    try:
+        import warnings
+
+        import torch
+        import torch.distributed as dist
+
+        # PyTorch's PGTransport warns about a read-only buffer on every send; once is enough.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
+        try:
+            report = _measure(rank, world, settings, results)
+        finally:
+            dist.destroy_process_group()
+        results.put(("report", report) if rank == 0 else ("done", None))
+    except BaseException:  # noqa: BLE001 - sent to the parent, which fails the section
+        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+
+
+def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint._pg_transport import PGTransport as TorchTransport
+    from torch.distributed.checkpoint.staging import _ReplicationStager
+
+    from ..replication import ReplicationStager
+
+    def log(message: str) -> None:
+        if rank == 0:
+            results.put(("log", message))
+
+    ctx = BenchContext(size_bytes=settings["size_bytes"], tiny_count=settings["tiny_count"],
+                       repeats=settings["repeats"], threads=settings["threads"], workdir=settings["workdir"],
+                       progress=False)
+    pg = dist.distributed_c10d._get_default_group()
+    partner = (rank + world // 2) % world
+    timeout = datetime.timedelta(minutes=10)
+    base = os.path.join(settings["workdir"], f"rank{rank}")
+    stager_dir, torch_dir = os.path.join(base, "stager"), os.path.join(base, "torch")
+
+    def timed(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
+        if setup is not None:
+            setup()
+        gc.collect()
+        dist.barrier()
+        start = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - start
+        del result
+        slowest = torch.tensor([elapsed], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest.item())
+
+    def exchange(send: torch.Tensor, peers_out: list[int], receives: list[tuple[torch.Tensor, int]]) -> None:
+        works = [pg.recv([buffer], src, 91) for buffer, src in receives]
+        works += [pg.send([send], dst, 91) for dst in peers_out]
+        for work in works:
+            work.wait(timeout)
+
+    report: dict[str, Any] = {}
+    sd = ctx.large_state_dict()
+    nbytes, ntensors = ctx.nbytes_of(sd), ctx.count_tensors(sd)
+    log(f"  [{world} ranks] {nbytes / 1e9:.3f} GB in {ntensors} tensors per rank")
+
+    # -- replication, replicas=1 vs replicas=2 (memory only; one rank per failure domain) --------------
+    if world >= 3:
+        workload = f"replication, {world} ranks"
+        samples: dict[str, list[float]] = {WIRE: [], WIRE_TWO: [], ONE: [], TWO: []}
+        send = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
+        receives = [(torch.empty(nbytes, dtype=torch.uint8), (rank - 1) % world),
+                    (torch.empty(nbytes, dtype=torch.uint8), (rank - 2) % world)]
+        one_way = ((rank + world // 2) % world, (rank - world // 2) % world)
+        for _ in range(ctx.repeats):
+            samples[WIRE].append(timed(lambda: exchange(send, [one_way[0]], [(receives[0][0], one_way[1])])))
+            samples[WIRE_TWO].append(timed(lambda: exchange(send, [(rank + 1) % world, (rank + 2) % world],
+                                                            receives)))
+        del send, receives
+        gc.collect()
+        stagers = {ONE: ReplicationStager(pg, timeout, persist_format=None, replicas=1, ranks_per_node=1),
+                   TWO: ReplicationStager(pg, timeout, persist_format=None, replicas=2, ranks_per_node=1)}
+        for name, replicator in stagers.items():  # warm the pool
+            timed(lambda r=replicator: r.stage(sd))
+            replicator.close()
+        for round_ in range(ctx.repeats):
+            for name, replicator in stagers.items():
+                samples[name].append(timed(lambda r=replicator: r.stage(sd), setup=replicator.close))
+            log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
+                + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
+        for replicator in stagers.values():
+            replicator.close()
+        report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
+        del stagers
+        gc.collect()
+
+    # -- restore ------------------------------------------------------------------------------------------
+    workload = f"restore, {world} ranks"
+    samples = {WIRE: [], DISK: [], MEMORY: [], TORCH: []}
+    send = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
+    receive = torch.empty(nbytes, dtype=torch.uint8)
+    for _ in range(ctx.repeats):
+        samples[WIRE].append(timed(lambda: exchange(send, [partner], [(receive, partner)])))
+    del send, receive
+    gc.collect()
+    survivor = ReplicationStager(pg, timeout, storage_dir=stager_dir, persist_format="stager")
+    survivor.stage(sd)  # rank_{rank}_replica_partner_{partner}.stager, and the replica in memory
+    theirs = _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=torch_dir)
+    theirs.stage(sd)  # rank_{rank}_replica_partner_{partner}.pt
+    del sd, theirs
+    ctx.drop_workloads()
+    torch_replica = os.path.join(torch_dir, f"rank_{rank}_replica_partner_{partner}.pt")
+
+    def torch_restore() -> Any:
+        with open(torch_replica, "rb") as f:
+            held = torch.load(f, map_location="cpu", weights_only=True)
+        transport = TorchTransport(pg, timeout, torch.device("cpu"))
+        if rank < partner:
+            transport.send_checkpoint([partner], held)
+            return transport.recv_checkpoint(partner)
+        received = transport.recv_checkpoint(partner)
+        transport.send_checkpoint([partner], held)
+        return received
+
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        (DISK, lambda: ReplicationStager(pg, timeout, storage_dir=stager_dir).restore()),
+        (MEMORY, survivor.restore),
+        (TORCH, torch_restore),
+    ]
+    timed(cases[0][1])  # warm the pools
+    for round_ in range(ctx.repeats):
+        for name, fn in cases:
+            samples[name].append(timed(fn))
+        log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
+            + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
+    report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
+    survivor.close()
+    return report
