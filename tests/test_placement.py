@@ -124,5 +124,10 @@ def test_ranks_per_node_defaults_to_local_world_size(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert default_ranks_per_node() == 4
     assert stager.ReplicationStager()._ranks_per_node == 4
+    # one node holding the whole group: nothing to spread over, PyTorch's pairs (not an error)
+    assert stager.ReplicationStager().placement(4).holders == ((2,), (3,), (0,), (1,))
+    assert stager.ReplicationStager().placement(8).ranks_per_node == 4
+    with pytest.raises(stager.StagerError, match="only 1 domain"):  # unless asked for explicitly
+        stager.ReplicationStager(ranks_per_node=4).placement(4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "garbage")
     assert default_ranks_per_node() == 1

@@ -6,7 +6,8 @@ its first source (the input itself when no process group is initialized). It dif
 PyTorch leaves out:
 
 * **placement** (:mod:`stager.placement`): ``replicas=k`` holders per rank on ``k`` failure domains
-  other than its own (``ranks_per_node``, default torchrun's ``LOCAL_WORLD_SIZE``); with
+  other than its own (``ranks_per_node``, default torchrun's ``LOCAL_WORLD_SIZE``, or 1 rank per
+  domain when that default puts the whole group on one node); with
   ``replicas=1`` and ``topology="pairs"`` PyTorch's partner ``(rank + world // 2) % world``
   whenever it lies on another node, the ring ``r → r + 1`` for odd sizes; every world size ≥ 2;
   an impossible placement raises :class:`~stager.StagerError` before anything is sent;
@@ -445,7 +446,8 @@ class ReplicationStager(AsyncStager):
         persist_format: ``"stager"`` (``.stager``, :func:`stager.save`'s format, written while
             the bytes arrive), ``"torch"`` (``.pt`` via ``torch.save``) or None (memory only).
         replicas: holders per rank, each on another failure domain (:mod:`stager.placement`).
-        ranks_per_node: ranks per failure domain (default: ``LOCAL_WORLD_SIZE``, else 1).
+        ranks_per_node: ranks per failure domain (default: ``LOCAL_WORLD_SIZE``, else 1; a default
+            that puts the whole group on one node means one rank per domain, see :meth:`placement`).
         keep_own: also persist this rank's own state_dict in ``storage_dir`` (so a node that
             survives restores its ranks from local disk).
 
@@ -466,6 +468,7 @@ class ReplicationStager(AsyncStager):
             raise StagerError(f"persist_format must be 'stager', 'torch' or None, got {persist_format!r}")
         if type(replicas) is not int or replicas < 1:
             raise StagerError(f"replicas must be a positive int, got {replicas!r}")
+        self._ranks_per_node_given = ranks_per_node is not None
         if ranks_per_node is None:
             ranks_per_node = default_ranks_per_node()
         if type(ranks_per_node) is not int or ranks_per_node < 1:
@@ -507,8 +510,15 @@ class ReplicationStager(AsyncStager):
 
     # ---- placement ------------------------------------------------------------------------------
     def placement(self, world_size: int) -> Placement:
-        """Where every rank's copies go in a group of ``world_size`` (StagerError when impossible)."""
-        return place(world_size, self._replicas, self._ranks_per_node, self._topology)
+        """Where every rank's copies go in a group of ``world_size`` (StagerError when impossible).
+
+        A default ``ranks_per_node`` (``LOCAL_WORLD_SIZE``) that puts the whole group on one node
+        (a single-node torchrun job) leaves nothing to spread over: every rank is then its own
+        failure domain, like PyTorch's pairs. A ``ranks_per_node`` passed explicitly is held to."""
+        ranks_per_node = self._ranks_per_node
+        if not self._ranks_per_node_given and ranks_per_node >= world_size:
+            ranks_per_node = 1
+        return place(world_size, self._replicas, ranks_per_node, self._topology)
 
     def peers(self, rank: int, world_size: int) -> tuple[int, int | None]:
         """``(first holder, first source)`` of ``rank``."""
@@ -611,7 +621,7 @@ class ReplicationStager(AsyncStager):
         def agree(local_error: str | None) -> None:
             proposal = step if step is not None else (self._newest_step or 0) + 1
             record = {"error": local_error, "step": proposal, "explicit": step is not None,
-                      "config": [world, self._replicas, self._ranks_per_node, self._topology, fmt, self._keep_own],
+                      "config": [world, self._replicas, placement.ranks_per_node, self._topology, fmt, self._keep_own],
                       "held": self._held(world)}
             blobs = transport.allgather_bytes(json.dumps(record).encode(), "agreeing on the step to replicate",
                                               deadline=deadline)
