@@ -17,9 +17,10 @@ import time
 import traceback
 from collections import OrderedDict, namedtuple
 
-import stager
 import torch
 import torch.distributed as dist
+
+import stager
 from helpers import (
     assert_same_tree,  # tests/ is on sys.path: this script runs from there
 )
@@ -260,7 +261,7 @@ def scenario_killed(rank, world, directory, options):
     started = time.monotonic()
     try:
         replicator.stage(make_state_dict(rank, big_numel=options["big_numel"], step=1))
-    except Exception as err:  # noqa: BLE001 - checked below
+    except Exception as err:
         _check_after_failure(rank, world, directory, err, started, victim)
         os._exit(0)  # the group is broken: don't wait on it at exit
     raise AssertionError(f"rank {rank}: stage() succeeded although rank {victim} died")
@@ -278,7 +279,7 @@ def scenario_stall(rank, world, directory, options):
     started = time.monotonic()
     try:
         replicator.stage(make_state_dict(rank, big_numel=options.get("big_numel", 0), step=1))
-    except Exception as err:  # noqa: BLE001 - checked below
+    except Exception as err:
         assert getattr(err, "kind", None) == transport_module.TIMEOUT, repr(err)
         again = time.monotonic()
         try:
@@ -488,7 +489,7 @@ def scenario_replicate_and_restore(rank, world, directory, options):
 if __name__ == "__main__":
     try:
         main()
-    except BaseException:  # noqa: BLE001 - printed, then a failing exit code
+    except BaseException:
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+
 import stager
 from stager.placement import default_ranks_per_node, failure_domain, place
 
@@ -99,7 +100,7 @@ def test_fallback_prefers_the_pytorch_partner():
 
 
 def test_impossible_placements_raise_before_anything():
-    with pytest.raises(stager.StagerError, match="replicas=2.*only 2 domains"):
+    with pytest.raises(stager.StagerError, match=r"replicas=2.*only 2 domains"):
         place(4, 2, 2)
     with pytest.raises(stager.StagerError, match="only 1 domain"):
         place(4, 1, 4)

@@ -10,7 +10,6 @@ import shutil
 import time
 
 import pytest
-import stager
 from ranks import (
     Network,
     assert_all_ok,
@@ -19,6 +18,8 @@ from ranks import (
     run_ranks,
     start_ranks,
 )
+
+import stager
 from stager.recovery import decide
 
 

@@ -11,11 +11,12 @@ import time
 import zipfile
 
 import pytest
-import stager
 import torch
-from helpers import assert_same_tree
 from ranks import assert_all_ok, collect, run_ranks, start_ranks
 from replication_worker import make_state_dict
+
+import stager
+from helpers import assert_same_tree
 
 BIG = 1_200_000  # a 4.8 MB tensor: sent straight from its storage (bigger than a bucket)
 

@@ -31,7 +31,7 @@ That needs at least ``k + 1`` domains; otherwise :func:`place` raises :class:`~s
    ``(r - s_j) % world``. With ``replicas=1`` the topology's shift wins whenever it qualifies:
    even sizes keep PyTorch's pairs exactly whenever no node holds more than half of the ranks
    (which is when every partner lies on another node), and odd sizes keep the ring when every
-   rank is its own domain. Example: 3 nodes × 3 ranks: shift 1 would keep ranks 0→1 on node 0,
+   rank is its own domain. Example: 3 nodes x 3 ranks: shift 1 would keep ranks 0→1 on node 0,
    so the holder of ``r`` is ``r + 3`` (the same slot on the next node).
 
 2. *Fallback* (uneven domains, where no set of shifts qualifies, e.g. 6 ranks on nodes of 4 + 2):

@@ -247,7 +247,7 @@ def restore(stager: Any, into: Any = None, *, pg: Any = None) -> Any:
     while True:
         decision = decide(world, inventories, damaged)
         failures: list[list[Any]] = []
-        for owner, (server, index) in enumerate(decision.servers):
+        for server, index in decision.servers:
             if server == rank and index not in loaded:
                 try:
                     loaded[index] = _load(stager, mine[index])

@@ -292,7 +292,7 @@ class _StreamingReplica:
         def write() -> None:
             try:
                 _native.write_file(self.incoming_path, plan.table, names, metadata, buffer, self.job)
-            except BaseException as err:  # noqa: BLE001 - reported by commit()
+            except BaseException as err:
                 self.error = err
 
         self.thread = threading.Thread(target=write, name="stager-replica-writer", daemon=True)
@@ -663,7 +663,7 @@ class ReplicationStager(AsyncStager):
         if local_error is None:
             try:
                 self._persist(copies, received, own)
-            except Exception as err:  # noqa: BLE001 - reported in the vote
+            except Exception as err:
                 local_error = err
         try:
             votes = transport.allgather_bytes(json.dumps({"error": None if local_error is None else str(local_error)})
@@ -715,7 +715,7 @@ class ReplicationStager(AsyncStager):
                         writer.commit()
                     else:
                         _write_copy(received[owner], copy.pending, self._persist_format, copy.record)
-                except Exception as err:  # noqa: BLE001 - all of them are reported
+                except Exception as err:
                     errors.append(err)
         thread = own.get("thread")
         if thread is not None:
@@ -785,7 +785,7 @@ def _start_own_copy(state_dict: Any, copy: _Copy, fmt: str, own: dict[str, Any])
     def write() -> None:
         try:
             _write_copy(state_dict, copy.pending, fmt, copy.record)
-        except BaseException as err:  # noqa: BLE001 - reported in the vote
+        except BaseException as err:
             own["error"] = err
 
     thread = threading.Thread(target=write, name="stager-own-copy", daemon=True)

@@ -249,7 +249,7 @@ class _Waits:
             try:
                 left = self.deadline + self.GRACE_S - time.monotonic()
                 work.wait(timedelta(seconds=max(left, 0.001)))
-            except BaseException as err:  # noqa: BLE001 - reported to the calling thread
+            except BaseException as err:
                 self._done.put((ident, err))
             else:
                 self._done.put((ident, None))
@@ -316,7 +316,7 @@ class _Outgoing:
             with gc_paused():
                 plan = plan_state_dict(state_dict)
                 meta = json.dumps(encode(plan), separators=(",", ":"), allow_nan=False).encode()
-        except Exception as err:  # noqa: BLE001 - announced in the header: receivers fail at once
+        except Exception as err:
             self.error = self._describe(err, plan, state_dict)
             self.failure = err
             self.header = _header(_STATUS_ERROR, 0, 0, 0, message=self.error)
@@ -852,7 +852,7 @@ class PGTransport:
             return
         try:
             fn(*args)
-        except Exception as err:  # noqa: BLE001 - keep receiving; report at the end
+        except Exception as err:
             incoming.failed = True
             problem = TransportError(LOCAL, f"handling the state_dict from rank {incoming.rank} failed: "
                                      f"{err if isinstance(err, StagerError) else f'{type(err).__name__}: {err}'}",

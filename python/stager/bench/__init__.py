@@ -1,8 +1,9 @@
 """``stager bench``: stager vs PyTorch's own stagers vs the machine's limits, in one run.
 
 The benchmark is split into sections, one module each (``staging``, ``persistence``,
-``replication``, ``recovery``, ``gpu``). Each exposes ``run(ctx: BenchContext) -> list[Row]``; a section whose
-module is missing, or that says it can't run here (``SectionSkipped``), is reported and skipped.
+``replication``, ``recovery``, ``incremental``, ``gpu``). Each exposes
+``run(ctx: BenchContext) -> list[Row]``; a section whose module is missing, or that says it can't
+run here (``SectionSkipped``), is reported and skipped.
 All rows land in one table and one JSON file, with ratios to the limit and to PyTorch.
 """
 

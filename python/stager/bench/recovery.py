@@ -96,9 +96,10 @@ def _spawn(ctx: BenchContext, world: int, settings: dict) -> dict[str, Any]:
                 raise RuntimeError("recovery benchmark workers did not finish in time")
             try:
                 kind, payload = results.get(timeout=min(5.0, remaining))
-            except Exception:  # noqa: BLE001 - queue.Empty: check the workers are alive
+            except Exception:  # queue.Empty: check the workers are alive
                 if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(f"a recovery benchmark worker died (exit codes {[p.exitcode for p in procs]})")
+                    raise RuntimeError(
+                        f"a recovery benchmark worker died (exit codes {[p.exitcode for p in procs]})") from None
                 continue
             if kind == "log":
                 ctx.log(payload)
@@ -161,7 +162,7 @@ def _worker(rank: int, world: int, port: int, settings: dict, results: Any) -> N
         finally:
             dist.destroy_process_group()
         results.put(("report", report) if rank == 0 else ("done", None))
-    except BaseException:  # noqa: BLE001 - sent to the parent, which fails the section
+    except BaseException:
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
 
 
@@ -205,56 +206,48 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
         for work in works:
             work.wait(timeout)
 
-    report: dict[str, Any] = {}
-    sd = ctx.large_state_dict()
-    nbytes, ntensors = ctx.nbytes_of(sd), ctx.count_tensors(sd)
-    log(f"  [{world} ranks] {nbytes / 1e9:.3f} GB in {ntensors} tensors per rank")
-
-    # -- replication, replicas=1 vs replicas=2 (memory only; one rank per failure domain) --------------
-    if world >= 3:
+    def replication(sd: Any, nbytes: int, ntensors: int) -> dict[str, Any]:
+        """replicas=1 vs replicas=2, memory only, one rank per failure domain."""
         workload = f"replication, {world} ranks"
         samples: dict[str, list[float]] = {WIRE: [], WIRE_TWO: [], ONE: [], TWO: []}
         send = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
         receives = [(torch.empty(nbytes, dtype=torch.uint8), (rank - 1) % world),
                     (torch.empty(nbytes, dtype=torch.uint8), (rank - 2) % world)]
-        one_way = ((rank + world // 2) % world, (rank - world // 2) % world)
+        peer = (rank + world // 2) % world
         for _ in range(ctx.repeats):
-            samples[WIRE].append(timed(lambda: exchange(send, [one_way[0]], [(receives[0][0], one_way[1])])))
+            samples[WIRE].append(timed(lambda: exchange(send, [peer], [(receives[0][0], peer)])))
             samples[WIRE_TWO].append(timed(lambda: exchange(send, [(rank + 1) % world, (rank + 2) % world],
                                                             receives)))
-        del send, receives
+        send = receives = None  # free the limits' buffers before the stagers fill theirs
         gc.collect()
         stagers = {ONE: ReplicationStager(pg, timeout, persist_format=None, replicas=1, ranks_per_node=1),
                    TWO: ReplicationStager(pg, timeout, persist_format=None, replicas=2, ranks_per_node=1)}
-        for name, replicator in stagers.items():  # warm the pool
+        for replicator in stagers.values():  # warm the pools
             timed(lambda r=replicator: r.stage(sd))
             replicator.close()
         for round_ in range(ctx.repeats):
             for name, replicator in stagers.items():
+                # each call starts with no replica held (close() drops them), as in the first one
                 samples[name].append(timed(lambda r=replicator: r.stage(sd), setup=replicator.close))
             log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
                 + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
         for replicator in stagers.values():
             replicator.close()
-        report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
-        del stagers
-        gc.collect()
+        return {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
 
-    # -- restore ------------------------------------------------------------------------------------------
-    workload = f"restore, {world} ranks"
-    samples = {WIRE: [], DISK: [], MEMORY: [], TORCH: []}
-    send = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
-    receive = torch.empty(nbytes, dtype=torch.uint8)
-    for _ in range(ctx.repeats):
-        samples[WIRE].append(timed(lambda: exchange(send, [partner], [(receive, partner)])))
-    del send, receive
-    gc.collect()
-    survivor = ReplicationStager(pg, timeout, storage_dir=stager_dir, persist_format="stager")
-    survivor.stage(sd)  # rank_{rank}_replica_partner_{partner}.stager, and the replica in memory
-    theirs = _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=torch_dir)
-    theirs.stage(sd)  # rank_{rank}_replica_partner_{partner}.pt
-    del sd, theirs
-    ctx.drop_workloads()
+    def wire_limit(nbytes: int) -> list[float]:
+        send = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
+        receive = torch.empty(nbytes, dtype=torch.uint8)
+        return [timed(lambda: exchange(send, [partner], [(receive, partner)])) for _ in range(ctx.repeats)]
+
+    def make_replicas(sd: Any) -> Any:
+        """Replicates once with stager (``.stager`` files, replicas in memory) and with PyTorch
+        (``.pt`` files); returns the stager that holds the replicas in memory."""
+        survivor = ReplicationStager(pg, timeout, storage_dir=stager_dir, persist_format="stager")
+        survivor.stage(sd)  # rank_{rank}_replica_partner_{partner}.stager
+        _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=torch_dir).stage(sd)  # ... .pt
+        return survivor
+
     torch_replica = os.path.join(torch_dir, f"rank_{rank}_replica_partner_{partner}.pt")
 
     def torch_restore() -> Any:
@@ -268,6 +261,19 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
         transport.send_checkpoint([partner], held)
         return received
 
+    report: dict[str, Any] = {}
+    sd = ctx.large_state_dict()
+    nbytes, ntensors = ctx.nbytes_of(sd), ctx.count_tensors(sd)
+    log(f"  [{world} ranks] {nbytes / 1e9:.3f} GB in {ntensors} tensors per rank")
+    if world >= 3:
+        report[f"replication, {world} ranks"] = replication(sd, nbytes, ntensors)
+        gc.collect()
+    workload = f"restore, {world} ranks"
+    samples = {WIRE: wire_limit(nbytes), DISK: [], MEMORY: [], TORCH: []}
+    gc.collect()
+    survivor = make_replicas(sd)
+    sd = None  # the replicas are what restore works from
+    ctx.drop_workloads()
     cases: list[tuple[str, Callable[[], Any]]] = [
         (DISK, lambda: ReplicationStager(pg, timeout, storage_dir=stager_dir).restore()),
         (MEMORY, survivor.restore),

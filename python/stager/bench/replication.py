@@ -33,7 +33,8 @@ import socket
 import statistics
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .common import BenchContext, Row, write_and_fsync
 
@@ -84,7 +85,8 @@ def run(ctx: BenchContext) -> list[Row]:
                 kind, payload = results.get(timeout=min(5.0, remaining))
             except Exception:  # queue.Empty: check the workers are alive
                 if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(f"a replication benchmark worker died (exit codes {[p.exitcode for p in procs]})")
+                    raise RuntimeError(
+                        f"a replication benchmark worker died (exit codes {[p.exitcode for p in procs]})") from None
                 continue
             if kind == "log":
                 ctx.log(payload)
@@ -196,9 +198,7 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         return float(slowest.item())
 
-    report: dict[str, Any] = {}
-    for workload in ("large", "tiny"):
-        sd = ctx.large_state_dict() if workload == "large" else ctx.tiny_state_dict()
+    def measure(workload: str, sd: Any) -> dict[str, Any]:
         nbytes, ntensors = ctx.nbytes_of(sd), ctx.count_tensors(sd)
         log(f"  [{workload}] {nbytes / 1e9:.3f} GB in {ntensors} tensors, 2 ranks over gloo")
         send_buf = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
@@ -230,11 +230,13 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
         ]
         samples: dict[str, list[float]] = {name: [] for name, _ in cases}
         # Like the persistence section: no timed call pays for freeing the blocks of the file it
-        # replaces (the previous replica is removed, untimed, before each persisted call).
-        setups = {DISK_LIMIT: remove_limit_file,
+        # replaces (the previous replica is removed, untimed, before each persisted call). The
+        # memory-only stager drops the replica it holds first too (PyTorch's holds none), so no
+        # row holds two replicas at once.
+        setups = {DISK_LIMIT: remove_limit_file, STAGER: ours.close,
                   STAGER_PERSIST: lambda: _clear(stager_dir), TORCH_PERSIST: lambda: _clear(torch_dir)}
         # One untimed round of stager's rows warms its pools (later checkpoints reuse them).
-        timed(lambda: ours.stage(sd))
+        timed(lambda: ours.stage(sd), ours.close)
         timed(lambda: ours_persist.stage(sd))
         for round_ in range(ctx.repeats):
             for name, fn in cases:
@@ -244,7 +246,12 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
             log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
                 + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
         remove_limit_file()
-        report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
-        del send_buf, recv_buf, sd
-        ctx._large = None if workload == "large" else ctx._large
+        ours.close()
+        ours_persist.close()
+        return {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
+
+    report: dict[str, Any] = {}
+    report["large"] = measure("large", ctx.large_state_dict())
+    ctx.drop_workloads()
+    report["tiny"] = measure("tiny", ctx.tiny_state_dict())
     return report
