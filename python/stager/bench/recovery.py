@@ -222,17 +222,19 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
         gc.collect()
         stagers = {ONE: ReplicationStager(pg, timeout, persist_format=None, replicas=1, ranks_per_node=1),
                    TWO: ReplicationStager(pg, timeout, persist_format=None, replicas=2, ranks_per_node=1)}
+        def drop_replicas() -> None:
+            """No stager holds replicas during another's call: each starts from the same pool."""
+            for replicator in stagers.values():
+                replicator.close()
+
         for replicator in stagers.values():  # warm the pools
-            timed(lambda r=replicator: r.stage(sd))
-            replicator.close()
+            timed(lambda r=replicator: r.stage(sd), setup=drop_replicas)
         for round_ in range(ctx.repeats):
             for name, replicator in stagers.items():
-                # each call starts with no replica held (close() drops them), as in the first one
-                samples[name].append(timed(lambda r=replicator: r.stage(sd), setup=replicator.close))
+                samples[name].append(timed(lambda r=replicator: r.stage(sd), setup=drop_replicas))
             log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
                 + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
-        for replicator in stagers.values():
-            replicator.close()
+        drop_replicas()
         return {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
 
     def wire_limit(nbytes: int) -> list[float]:
