@@ -149,6 +149,18 @@ def test_damaged_copies_and_in_place_restore(tmp_path):
     assert len(errors) == 1 and "rank 1: " in (error := errors.pop()) and "model.bias" in error, error
 
 
+@pytest.mark.timeout(120)
+def test_one_rank_keeps_its_own_copies(tmp_path):
+    # A group of one has nobody to replicate to; keep_own still writes generations, restore reads them.
+    common = {"steps": 3, "keep_own": True, "timeout": 10}
+    results = run_ranks(1, tmp_path, [["replicate_and_restore", {**common, "subdir": "alone", "name": "live"}],
+                                      ["restore", {**common, "subdir": "alone", "name": "fresh", "inplace": True}]])
+    assert_all_ok(results, ["live", "fresh"])
+    assert results[0][1]["live"]["step"] == results[0][1]["fresh"]["step"] == 3
+    found = stager.find_replicas(tmp_path / "alone" / "rank0")
+    assert [(r.rank, r.owner, r.step, r.previous) for r in found] == [(0, 0, 3, False), (0, 0, 2, True)]
+
+
 def test_decide_picks_the_newest_complete_step_and_balances():
     def copy(owner, step, where="memory"):
         return {"owner": owner, "step": step, "world_size": 3, "where": where}
