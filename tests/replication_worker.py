@@ -207,6 +207,20 @@ def scenario_transport_unsendable(rank, world, directory, options):
         else:
             raise AssertionError("recv_checkpoint returned although the sender could not send")
         assert_same_tree(transport.recv_checkpoint(0), make_state_dict(0, step=1))
+    if world == 2:  # full duplex: one side can't send; both raise at once, nothing left in flight
+        partner = 1 - rank
+        bad = make_state_dict(rank)
+        if rank == 1:
+            bad["model"]["opaque"] = Opaque()
+        try:
+            transport.exchange(partner, bad, partner)
+        except transport_module.TransportError as err:
+            expected = transport_module.UNSENDABLE if rank == 1 else transport_module.REMOTE
+            assert err.kind == expected and "root.model.opaque" in str(err), str(err)
+        else:
+            raise AssertionError("exchange() went through although rank 1 could not send")
+        assert_same_tree(transport.exchange(partner, make_state_dict(rank, step=2), partner),
+                         make_state_dict(partner, step=2))
     report(rank=rank, kind=kind, elapsed=time.monotonic() - started)
 
 

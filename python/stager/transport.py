@@ -682,9 +682,14 @@ class PGTransport:
 
     def exchange(self, dst_rank: int | None, state_dict: Any, src_rank: int | None, **callbacks: Any) -> Any:
         """Sends ``state_dict`` to ``dst_rank`` while receiving one from ``src_rank`` (either may be
-        None), both in flight at once; returns the received state_dict (or None)."""
+        None), both in flight at once; returns the received state_dict (or None).
+
+        With both given, the headers go both ways before any bytes do: when either side can't
+        send, both raise at once and nothing is left in flight (the peer must call exchange too)."""
         sends = {dst_rank: state_dict} if dst_rank is not None else {}
         inplace = self._state_dict() if self._state_dict is not None and src_rank is not None else None
+        if dst_rank is not None and src_rank is not None:
+            callbacks.setdefault("before_bulk", lambda error: None)
         received = self.transfer(sends, [src_rank] if src_rank is not None else [], inplace=inplace, **callbacks)
         return received.get(src_rank) if src_rank is not None else None
 
