@@ -145,7 +145,7 @@ def worker(conn, path: str, max_rss_mb: int) -> None:
             # The load() backstop turning a validation gap in tree.decode into a StagerError:
             # clean for the user, but a gap worth reporting.
             outcome = "finding: backstop: " + str(err) if "malformed tree metadata" in str(err) else "error"
-        except BaseException:  # noqa: BLE001 - anything else is a finding
+        except BaseException:
             outcome = "finding: " + traceback.format_exc(limit=6)
         conn.send((outcome, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -92,7 +93,7 @@ def _torch_stager() -> Any:
 def _guarded(fn: Callable[[], list[float]]) -> tuple[list[float], str | None]:
     try:
         return fn(), None
-    except Exception as err:  # noqa: BLE001 - a failed baseline must not take the benchmark down
+    except Exception as err:
         return [], f"{type(err).__name__}: {err}"
 
 
@@ -121,12 +122,12 @@ def _transfer_rows(ctx: BenchContext, state_dict: Any, device: torch.device) -> 
 
     add(LIMIT, ctx.measure(f"{LARGE}: {LIMIT}", pinned_copy, setup=sync, warmup=1),
         extra={"how": "tensor.copy_(non_blocking=True) into torch.empty(pin_memory=True), then synchronize"})
-    del pinned
+    pinned = None  # free the pinned copy before the pageable one is made
     pageable = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
     add(PAGEABLE, ctx.measure(f"{LARGE}: {PAGEABLE}", lambda: pageable.copy_(source), setup=sync,
                               repeats=max(1, min(ctx.repeats, 3))),
         limit=LIMIT, extra={"how": "tensor.copy_ into already touched ordinary memory"})
-    del pageable, source
+    pageable = source = None
     torch.cuda.empty_cache()
 
     options = StagingOptions(num_threads=ctx.threads)
@@ -247,7 +248,7 @@ def _stall_rows(ctx: BenchContext, state_dict: Any, device: torch.device) -> lis
         (LOOP_STAGER, lambda: DefaultStager(StagingOptions(num_threads=ctx.threads)), LOOP_TORCH),
         (LOOP_TORCH, _torch_stager, None),
     ):
-        (loops, stages), error = _guarded_pair(lambda: measure_alongside(name, make))
+        (loops, stages), error = _guarded_pair(lambda name=name, make=make: measure_alongside(name, make))
         if error:
             ctx.log(f"  [{STALL}] {name} failed: {error}")
             continue
@@ -264,5 +265,5 @@ def _stall_rows(ctx: BenchContext, state_dict: Any, device: torch.device) -> lis
 def _guarded_pair(fn: Callable[[], tuple[list[float], list[float]]]) -> tuple[tuple[list[float], list[float]], str | None]:
     try:
         return fn(), None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return ([], []), f"{type(err).__name__}: {err}"
