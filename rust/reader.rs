@@ -355,6 +355,143 @@ impl CheckpointFile {
     }
 }
 
+/// One storage to read by [`CheckpointFile::read_storages`], and where its bytes go.
+#[derive(Clone, Copy, Debug)]
+pub struct StorageTarget {
+    /// Index of the storage in the file's layout (`stager.storages` order).
+    pub storage: usize,
+    /// Where its `nbytes` bytes go.
+    pub dst: *mut u8,
+}
+
+// SAFETY: a plain address; `read_storages`' contract makes it writable from any thread.
+unsafe impl Send for StorageTarget {}
+unsafe impl Sync for StorageTarget {}
+
+impl CheckpointFile {
+    /// Reads some of the file's storages, each to its own place (a destination tensor's memory,
+    /// a scratch buffer), with up to [`READ_THREADS`] threads in [`READ_CHUNK`] pieces, folding
+    /// each piece into its storage's crc32c while it is in cache when `verify`.
+    ///
+    /// This is what a reader serving partial read plans needs (dcp's `read_data`): storages it
+    /// does not need are not read, and the ones read whole into their destination need no
+    /// second copy. Returns the indices of the storages whose checksum does not match (empty:
+    /// all intact, or `verify` off), so the caller can name the items they hold.
+    ///
+    /// # Safety
+    /// Every `dst` must point to that storage's `nbytes` writable bytes that nothing else reads
+    /// or writes during the call; the ranges of different targets must not overlap.
+    pub unsafe fn read_storages(
+        &self,
+        targets: &[StorageTarget],
+        verify: bool,
+    ) -> Result<Vec<usize>> {
+        let layout = self.layout()?;
+        let storages = &layout.storages;
+        let mut seen = vec![false; storages.len()];
+        for target in targets {
+            let Some(flag) = seen.get_mut(target.storage) else {
+                return Err(invalid(
+                    &self.path,
+                    format!(
+                        "storage {} asked for, the file has {}",
+                        target.storage,
+                        storages.len()
+                    ),
+                ));
+            };
+            if std::mem::replace(flag, true) {
+                return Err(invalid(
+                    &self.path,
+                    format!("storage {} asked for twice", target.storage),
+                ));
+            }
+            if storages[target.storage].nbytes > 0 && target.dst.is_null() {
+                return Err(invalid(
+                    &self.path,
+                    format!("storage {} has a null target", target.storage),
+                ));
+            }
+        }
+        // Pieces in file order, so the disk sees mostly sequential reads.
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        order.sort_unstable_by_key(|&k| storages[targets[k].storage].offset);
+        let mut pieces: Vec<(usize, usize, usize)> = Vec::new(); // (target, offset, len)
+        for &k in &order {
+            let nbytes = storages[targets[k].storage].nbytes as usize;
+            let mut done = 0;
+            while done < nbytes {
+                let len = (nbytes - done).min(READ_CHUNK);
+                pieces.push((k, done, len));
+                done += len;
+            }
+        }
+        self.advise_sequential();
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
+        let sums: Vec<Mutex<u32>> = pieces.iter().map(|_| Mutex::new(0)).collect();
+        let work = || loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            if index >= pieces.len() || failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let (k, offset, len) = pieces[index];
+            let target = targets[k];
+            let storage = &storages[target.storage];
+            // SAFETY: `offset + len <= nbytes` of this storage, whose bytes at `dst` are ours
+            // to write (function contract); each piece is claimed by one thread through `next`.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(target.dst.add(offset), len) };
+            if let Err(err) = pread_exact(&self.file, bytes, storage.offset + offset as u64) {
+                failed.store(true, Ordering::Relaxed);
+                first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(self.read_error(err));
+                return;
+            }
+            if verify {
+                *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = crc32c::crc32c(bytes);
+            }
+        };
+        let threads = READ_THREADS.min(pieces.len());
+        if threads <= 1 {
+            work();
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 1..threads {
+                    scope.spawn(work);
+                }
+                work();
+            });
+        }
+        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(err);
+        }
+        if !verify {
+            return Ok(Vec::new());
+        }
+        // Pieces of one target are consecutive and in order: combine them.
+        let mut crcs: Vec<u32> = vec![0; targets.len()];
+        for (index, &(k, offset, len)) in pieces.iter().enumerate() {
+            let crc = *sums[index].lock().unwrap_or_else(|p| p.into_inner());
+            crcs[k] = if offset == 0 {
+                crc
+            } else {
+                crc32c::crc32c_combine(crcs[k], crc, len)
+            };
+        }
+        let mut damaged: Vec<usize> = targets
+            .iter()
+            .zip(&crcs)
+            .filter(|(target, &crc)| storages[target.storage].crc32c != crc)
+            .map(|(target, _)| target.storage)
+            .collect();
+        damaged.sort_unstable();
+        Ok(damaged)
+    }
+}
+
 fn invalid(path: &Path, reason: String) -> StagerError {
     StagerError::InvalidFile {
         path: path.to_path_buf(),
@@ -518,5 +655,78 @@ mod tests {
                 "{cut}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn read_storages_reads_a_subset_to_separate_places_and_names_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subset.safetensors");
+        let buffers: Vec<Vec<u8>> = (0..6)
+            .map(|i| {
+                let len = if i == 3 { 2 * READ_CHUNK + 17 } else { 100 + i * 31 };
+                (0..len).map(|j| (j * 3 + i) as u8).collect()
+            })
+            .collect();
+        let specs: Vec<EntrySpec> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| EntrySpec {
+                name: format!("s{i}"),
+                dtype: "U8".into(),
+                shape: vec![b.len() as u64],
+                nbytes: b.len() as u64,
+            })
+            .collect();
+        let sources: Vec<Source> = buffers
+            .iter()
+            .map(|b| Source {
+                ptr: b.as_ptr(),
+                request: None,
+            })
+            .collect();
+        let mut meta = BTreeMap::new();
+        meta.insert(format::KEY_FORMAT.into(), "stager".into());
+        meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
+        meta.insert(format::KEY_TREE.into(), "{}".into());
+        // SAFETY: buffers outlive the call.
+        unsafe { write_file(&path, &specs, &sources, meta, None) }.unwrap();
+        let file = CheckpointFile::open(&path).unwrap();
+        let wanted = [5usize, 1, 3];
+        let mut outs: Vec<Vec<u8>> = wanted.iter().map(|&i| vec![0; buffers[i].len()]).collect();
+        let targets: Vec<StorageTarget> = wanted
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&storage, out)| StorageTarget {
+                storage,
+                dst: out.as_mut_ptr(),
+            })
+            .collect();
+        // SAFETY: every target is its own vector of the storage's length.
+        let damaged = unsafe { file.read_storages(&targets, true) }.unwrap();
+        assert!(damaged.is_empty());
+        for (&i, out) in wanted.iter().zip(&outs) {
+            assert_eq!(out, &buffers[i]);
+        }
+        // SAFETY: rejected before anything is read.
+        let twice = unsafe { file.read_storages(&[targets[0], targets[0]], true) }.unwrap_err();
+        assert!(twice.to_string().contains("twice"), "{twice}");
+        let bad = StorageTarget {
+            storage: 9,
+            dst: outs[0].as_mut_ptr(),
+        };
+        // SAFETY: as above.
+        let missing = unsafe { file.read_storages(&[bad], true) }.unwrap_err();
+        assert!(missing.to_string().contains("storage 9"), "{missing}");
+        // A flipped byte in the middle of the big storage is reported for that storage only.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let big = file.layout().unwrap().storages[3].offset as usize;
+        bytes[big + READ_CHUNK + 5] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let file = CheckpointFile::open(&path).unwrap();
+        // SAFETY: as above.
+        let damaged = unsafe { file.read_storages(&targets, true) }.unwrap();
+        assert_eq!(damaged, vec![3]);
+        // SAFETY: as above.
+        assert!(unsafe { file.read_storages(&targets, false) }.unwrap().is_empty());
     }
 }

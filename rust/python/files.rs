@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::format::storage_entries;
-use crate::reader::CheckpointFile;
+use crate::reader::{CheckpointFile, StorageTarget};
 use crate::table::Device;
 use crate::writer::{write_file as engine_write_file, Source};
 
@@ -205,6 +205,43 @@ impl PyCheckpointFile {
         // the call) and that no tensor reads before load() returns; read_into checks the ranges.
         py.detach(|| unsafe { file.read_into(address as *mut u8, len, &offsets, verify) })?;
         Ok(())
+    }
+
+    /// Reads storage `storages[k]` to address `addresses[k]` for every k (only those storages),
+    /// checking checksums when `verify`; returns the indices of the storages whose crc32c does
+    /// not match. For stager.filesystem's dcp reader, which reads straight into destination
+    /// tensors and scratch pool buffers.
+    ///
+    /// The caller passes, for each storage, the address of that storage's `nbytes` writable bytes
+    /// (a contiguous CPU tensor or a pool buffer it holds for the call), disjoint from the others.
+    #[pyo3(signature = (storages, addresses, verify = true))]
+    fn read_storages(
+        &self,
+        py: Python<'_>,
+        storages: Vec<usize>,
+        addresses: Vec<usize>,
+        verify: bool,
+    ) -> PyResult<Vec<usize>> {
+        if storages.len() != addresses.len() {
+            return Err(invalid(format!(
+                "read_storages needs one address per storage: {} storages, {} addresses",
+                storages.len(),
+                addresses.len()
+            )));
+        }
+        let targets: Vec<StorageTarget> = storages
+            .into_iter()
+            .zip(addresses)
+            .map(|(storage, address)| StorageTarget {
+                storage,
+                dst: address as *mut u8,
+            })
+            .collect();
+        let file = &self.file;
+        // SAFETY: stager.filesystem passes addresses of memory it holds for the call (destination
+        // tensors checked to be contiguous and exactly the storage's size, or pool buffers), one
+        // disjoint range per storage; read_storages checks the indices.
+        Ok(py.detach(|| unsafe { file.read_storages(&targets, verify) })?)
     }
 
     /// Checks every checksum; returns one message per damaged storage.
