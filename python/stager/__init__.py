@@ -8,6 +8,7 @@ GIL, and writes files durably.
 from ._native import StagerError
 from ._native import __version__ as __version__
 from .files import load, save
+from .filesystem import FileSystemReader, FileSystemWriter
 from .options import StagingOptions
 from .replication import Replica, ReplicationStager, find_replicas, recover
 from .stagers import BlockingAsyncStager, DefaultStager
@@ -16,6 +17,8 @@ from .transport import PGTransport
 __all__ = [
     "BlockingAsyncStager",
     "DefaultStager",
+    "FileSystemReader",
+    "FileSystemWriter",
     "PGTransport",
     "Replica",
     "ReplicationStager",
