@@ -168,8 +168,8 @@ def scenario_load(rank, world, directory, dcp_group, options):
 def scenario_hang_in_save(rank, world, directory, dcp_group, options):
     """An async_save of a large state that the test SIGKILLs while it is in flight."""
     path = os.path.join(directory, options["ckpt"])
-    numel = options.get("numel", 64 << 20)
-    state = {"big": torch.full((numel,), float(rank + 1)), "small": torch.ones(3)}
+    numel = options["numel_by_rank"][str(rank)]
+    state = {f"big_{rank}": torch.full((numel,), float(rank + 1)), "small": torch.ones(3)}
     async_stager = make_stager("stager")
     dcp.async_save(state, storage_writer=make_writer("stager", path), async_stager=async_stager,
                    process_group=dcp_group)

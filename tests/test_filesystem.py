@@ -1,0 +1,429 @@
+"""stager.FileSystemWriter / FileSystemReader as dcp's storage layer.
+
+Multi-rank cases start one process per rank (tests/dcp_worker.py: real gloo groups on 127.0.0.1,
+FSDP2 on a CPU mesh, dcp.async_save / dcp.load) with bounded waits; every worker exits by itself and
+the test kills leftovers only when one overran its deadline. Single-process cases call dcp.save /
+dcp.load with ``no_dist=True`` in the test process.
+"""
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+import stager
+from stager import filesystem
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dcp_worker.py")
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(world, directory, steps):
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1")
+    return [
+        subprocess.Popen([sys.executable, WORKER, str(rank), str(world), port, str(directory), json.dumps(steps)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        for rank in range(world)
+    ]
+
+
+def collect(procs, deadline):
+    """{rank: (returncode, {scenario: [results]}, output)}; kills ranks that overran."""
+    end = time.monotonic() + deadline
+    results = {}
+    try:
+        for rank, proc in enumerate(procs):
+            try:
+                output, _ = proc.communicate(timeout=max(1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                output, _ = proc.communicate()
+                pytest.fail(f"rank {rank} did not exit within {deadline}s:\n{output[-5000:]}")
+            found = {}
+            for line in output.splitlines():
+                if line.startswith("RESULT "):
+                    result = json.loads(line[len("RESULT "):])
+                    found.setdefault(result["scenario"], []).append(result)
+            results[rank] = (proc.returncode, found, output)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def run_ranks(world, directory, steps, deadline=120):
+    results = collect(start_ranks(world, directory, steps), deadline)
+    for rank, (rc, found, output) in results.items():
+        done = sum(len(v) for v in found.values())
+        assert rc == 0 and done == len(steps), f"rank {rank} failed (rc={rc}):\n{output[-6000:]}"
+    return results
+
+
+def rank_files(path):
+    return sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+
+
+def committed_files(path):
+    body = filesystem._read_committed(os.path.join(path, ".metadata"))
+    return sorted(body["files"]) if body else []
+
+
+# ---- FSDP2 on several ranks --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_on_two(tmp_path_factory):
+    """A checkpoint of a 2-rank FSDP2 model + Adam state (DTensors) and a plain part, saved with
+    stager's stager and writer on the THREAD checkpointer, and loaded back on 2 ranks."""
+    directory = tmp_path_factory.mktemp("two")
+    run_ranks(2, directory, [["save", {"ckpt": "ckpt", "checkpointer": "THREAD"}], ["load", {"ckpt": "ckpt"}]])
+    return directory
+
+
+def test_fsdp2_two_ranks_thread_checkpointer(saved_on_two):
+    path = saved_on_two / "ckpt"
+    files = rank_files(path)
+    assert [name.split("_")[2] for name in files] == ["0", "1"] or len(files) == 2
+    assert committed_files(path) == files
+    # Rank files are stager files: stager.load and any safetensors reader open them.
+    from safetensors import safe_open
+
+    for name in files:
+        flat = stager.load(path / name)
+        assert any(key.startswith("model.") for key in flat)
+        with safe_open(str(path / name), "pt") as f:
+            assert any(key.startswith("model.") for key in f.keys())
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_fsdp2_resharding_on_load(saved_on_two, world):
+    # Saved on 2 ranks; loaded on 1 (each tensor from two files) and on 4 (sub-ranges of shards).
+    run_ranks(world, saved_on_two, [["load", {"ckpt": "ckpt"}]])
+
+
+def test_fsdp2_three_ranks_process_checkpointer_directory_reused(tmp_path):
+    # Uneven (padded) shards on 3 ranks, the PROCESS checkpointer, and one directory across steps:
+    # each load sees the latest save, and the older rank files are gone after each commit.
+    steps = [
+        ["save", {"ckpt": "ckpt", "checkpointer": "PROCESS", "seed": 1, "steps": 1}],
+        ["load", {"ckpt": "ckpt", "seed": 1, "expect_step": 1}],
+        ["save", {"ckpt": "ckpt", "checkpointer": "PROCESS", "seed": 2, "steps": 2, "stager": "torch"}],
+        ["load", {"ckpt": "ckpt", "seed": 2, "expect_step": 2}],
+    ]
+    run_ranks(3, tmp_path, steps, deadline=180)
+    path = tmp_path / "ckpt"
+    assert len(rank_files(path)) == 3 and committed_files(path) == rank_files(path)
+    assert not [n for n in os.listdir(path) if n.endswith(".tmp")]
+
+
+def _wait_for(predicate, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.005)
+    return None
+
+
+@pytest.mark.parametrize("kill_at", ["temp file", "rank file before commit"])
+def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, kill_at):
+    path = tmp_path / "ckpt"
+    if kill_at == "temp file":
+        sizes = {"0": 24 << 20, "1": 24 << 20}
+    else:  # rank 1 finishes its file at once, rank 0 is still writing: nothing is committed yet
+        sizes = {"0": 48 << 20, "1": 16}
+    steps = [["save", {"ckpt": "ckpt", "plain": False}], ["hang_in_save", {"ckpt": "ckpt", "numel_by_rank": sizes}]]
+    procs = start_ranks(2, tmp_path, steps)
+    try:
+        previous = _wait_for(lambda: committed_files(path), 90)
+        assert previous, "the first save did not commit"
+
+        def in_flight():
+            names = set(os.listdir(path))
+            if kill_at == "temp file":
+                return [n for n in names if n.endswith(".tmp")]
+            return [n for n in names if n.endswith(".safetensors") and n not in previous]
+
+        seen = _wait_for(in_flight, 60)
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+        assert seen, f"never saw a {kill_at} of the second save: {os.listdir(path)}"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert committed_files(path) == previous
+    leftovers = set(os.listdir(path)) - set(previous) - {".metadata"}
+    assert leftovers, "the killed save left nothing to clean up (did it run?)"
+    # The previous checkpoint loads (on 1 rank: every tensor comes from both rank files), and the
+    # next save removes what the killed one left behind.
+    run_ranks(1, tmp_path, [["load", {"ckpt": "ckpt", "plain": False}],
+                            ["save", {"ckpt": "ckpt", "plain": False, "seed": 4}],
+                            ["load", {"ckpt": "ckpt", "plain": False, "seed": 4}]])
+    assert set(os.listdir(path)) == {".metadata", *rank_files(path)} and len(rank_files(path)) == 1
+
+
+# ---- one process (no_dist) -----------------------------------------------------------------------
+
+
+def sample_state(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(64, 32, generator=gen)
+    return {
+        "model": {"weight": base, "row": base[5], "half": torch.randn(7, 3, generator=gen).to(torch.bfloat16),
+                  "ints": torch.arange(11, dtype=torch.int64) + seed, "empty": torch.empty(0, 3),
+                  "strided": torch.randn(6, 8, generator=gen).t()},
+        "extra": {"step": seed, "name": f"run-{seed}", "pair": (1, "x")},
+    }
+
+
+def zeros_like_state(state):
+    def zero(value):
+        if isinstance(value, torch.Tensor):
+            return torch.zeros_like(value)
+        if isinstance(value, dict):
+            return {k: zero(v) for k, v in value.items()}
+        return value
+
+    out = zero(state)
+    out["extra"] = {"step": -1, "name": "", "pair": (0, "")}
+    return out
+
+
+def assert_loaded(target, state):
+    for key, value in state["model"].items():
+        got = target["model"][key]
+        assert got.dtype == value.dtype and torch.equal(got, value), key
+    assert target["extra"] == state["extra"]
+
+
+def save(state, path, **kwargs):
+    dcp.save(state, storage_writer=stager.FileSystemWriter(path, **kwargs), no_dist=True)
+
+
+def load(state, path, **kwargs):
+    target = zeros_like_state(state)
+    dcp.load(target, storage_reader=stager.FileSystemReader(path, **kwargs), no_dist=True)
+    return target
+
+
+def failure(err):
+    """The exception a rank raised inside dcp's CheckpointException."""
+    assert isinstance(err, CheckpointException), err
+    (inner,) = err.failures.values()
+    return inner[0] if isinstance(inner, tuple) else inner  # (exception, traceback summary)
+
+
+def test_round_trip_metadata_is_json_and_directory_reused(tmp_path):
+    path = tmp_path / "ckpt"
+    for step in range(3):
+        state = sample_state(step)
+        save(state, path)
+        assert_loaded(load(state, path), state)
+        assert len(rank_files(path)) == 1, os.listdir(path)
+    assert sorted(os.listdir(path)) == sorted([".metadata", *rank_files(path)])
+    data = (path / ".metadata").read_bytes()
+    body, offset = filesystem._parse_header(data, str(path / ".metadata"))
+    assert json.loads(data[offset:]) == body and body["files"] == rank_files(path)
+    # Only the fixed prefix for PyTorch's reader is a pickle; its one global is stager's refusal.
+    assert data.startswith(filesystem._TORCH_READER_STUB)
+    assert b"_written_by_stager" in filesystem._TORCH_READER_STUB
+
+
+def test_load_never_unpickles_tensor_data(tmp_path, monkeypatch):
+    state = {"w": torch.randn(100, 10), "v": torch.arange(5)[1:4], "b": torch.ones(3, dtype=torch.bfloat16)}
+    dcp.save(state, storage_writer=stager.FileSystemWriter(tmp_path), no_dist=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while loading")
+
+    target = {key: torch.zeros_like(value) for key, value in state.items()}
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    dcp.load(target, storage_reader=stager.FileSystemReader(tmp_path), no_dist=True)
+    for key, value in state.items():
+        assert torch.equal(target[key], value), key
+
+
+def test_async_save_in_one_process_with_both_checkpointers_of_stager(tmp_path):
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    state = sample_state(3)
+    with stager.DefaultStager(stager.StagingOptions(num_threads=1)) as async_stager:
+        response = dcp.async_save(state, storage_writer=stager.FileSystemWriter(tmp_path), async_stager=async_stager,
+                                  async_checkpointer_type=AsyncCheckpointerType.THREAD, no_dist=True)
+        response.upload_completion.result(timeout=60)
+    assert_loaded(load(state, tmp_path), state)
+    # Without async_stager dcp stages with the writer itself (an AsyncStager, like PyTorch's).
+    state = sample_state(4)
+    writer = stager.FileSystemWriter(tmp_path)
+    future = dcp.async_save(state, storage_writer=writer, no_dist=True)
+    getattr(future, "upload_completion", future).result(timeout=60)
+    writer.close()
+    assert_loaded(load(state, tmp_path), state)
+
+
+def _flip_byte_in(path, entry_name):
+    rank_file = stager._native.CheckpointFile(str(path))
+    _, storages = rank_file.layout()
+    _, offset, nbytes, _ = next(s for s in storages if s[0] == entry_name)
+    with open(path, "r+b") as f:
+        f.seek(offset + nbytes // 2)
+        byte = f.read(1)
+        f.seek(offset + nbytes // 2)
+        f.write(bytes([byte[0] ^ 0x20]))
+    return [s[0] for s in storages]
+
+
+@pytest.mark.parametrize("damaged", ["own storage", "shared storage"])
+def test_flipped_byte_names_file_and_item(tmp_path, damaged):
+    state = sample_state(1)
+    save(state, tmp_path)
+    (name,) = rank_files(tmp_path)
+    storages = stager._native.CheckpointFile(str(tmp_path / name)).layout()[1]
+    if damaged == "own storage":
+        _flip_byte_in(tmp_path / name, "model.ints")
+        expected = ["'model.ints'"]
+    else:  # weight and its view row share one stored buffer
+        blobs = [(nbytes, entry) for entry, _, nbytes, _ in storages if entry.startswith("__stager__.storage.")]
+        _flip_byte_in(tmp_path / name, max(blobs)[1])  # the 64 x 32 float32 weight's buffer
+        expected = ["'model.weight'", "'model.row'"]
+    with pytest.raises(CheckpointException) as info:
+        load(state, tmp_path)
+    err = failure(info.value)
+    assert isinstance(err, stager.StagerError)
+    assert name in str(err) and "checksum" in str(err) and all(item in str(err) for item in expected), err
+    # verify=False reads the damaged bytes without complaint (the caller asked for it).
+    load(state, tmp_path, verify=False)
+
+
+def test_truncated_and_missing_rank_file_name_file_and_items(tmp_path):
+    state = sample_state(2)
+    save(state, tmp_path)
+    (name,) = rank_files(tmp_path)
+    full = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(full[: len(full) - 1000])
+    with pytest.raises(CheckpointException) as info:
+        load(state, tmp_path)
+    err = failure(info.value)
+    assert isinstance(err, stager.StagerError)
+    assert name in str(err) and "model." in str(err) and "truncated" in str(err), err
+    os.unlink(tmp_path / name)
+    err = failure(pytest.raises(CheckpointException, load, state, tmp_path).value)
+    assert isinstance(err, stager.StagerError) and name in str(err) and "model." in str(err), err
+
+
+def test_damaged_metadata_is_refused(tmp_path):
+    state = sample_state(0)
+    save(state, tmp_path)
+    meta = tmp_path / ".metadata"
+    data = bytearray(meta.read_bytes())
+    data[-20] ^= 1
+    meta.write_bytes(bytes(data))
+    with pytest.raises(stager.StagerError, match="crc32 mismatch"):
+        stager.FileSystemReader(tmp_path).read_metadata()
+    meta.write_bytes(bytes(data[:-100]))
+    with pytest.raises(stager.StagerError, match="truncated"):
+        stager.FileSystemReader(tmp_path).read_metadata()
+    os.unlink(meta)
+    with pytest.raises(stager.StagerError, match="no checkpoint"):
+        stager.FileSystemReader(tmp_path).read_metadata()
+
+
+def test_hostile_metadata_cannot_point_outside_the_directory(tmp_path):
+    state = {"w": torch.ones(4)}
+    save(state, tmp_path)
+    meta = tmp_path / ".metadata"
+    data = meta.read_bytes()
+    body, offset = filesystem._parse_header(data, str(meta))
+    body["files"] = ["../../etc/passwd"]
+    text = json.dumps(body).encode()
+    import zlib
+
+    line = b"%s 1 %d %08x\n" % (filesystem._MAGIC, len(text), zlib.crc32(text))
+    meta.write_bytes(filesystem._TORCH_READER_STUB + b"\n" + line + text)
+    with pytest.raises(stager.StagerError, match="rank files"):
+        stager.FileSystemReader(tmp_path).read_metadata()
+
+
+def test_checkpoints_of_the_other_implementation_fail_at_once_with_a_clear_error(tmp_path):
+    state = sample_state(0)
+    torch_dir, stager_dir = tmp_path / "torch", tmp_path / "stager"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(torch_dir), no_dist=True)
+    save(state, stager_dir)
+    # PyTorch's checkpoint, stager's reader.
+    with pytest.raises(stager.StagerError, match="written by PyTorch's"):
+        stager.FileSystemReader(torch_dir).read_metadata()
+    with pytest.raises(CheckpointException, match="written by PyTorch's"):
+        load(state, torch_dir)
+    # stager's checkpoint, PyTorch's reader: its unpickling of .metadata raises StagerError.
+    with pytest.raises(stager.StagerError, match="stager.FileSystemReader"):
+        dcp.FileSystemReader(stager_dir).read_metadata()
+    target = zeros_like_state(state)
+    with pytest.raises(CheckpointException, match="stager.FileSystemReader"):
+        dcp.load(target, storage_reader=dcp.FileSystemReader(stager_dir), no_dist=True)
+
+
+def test_overwrite_false_refuses_an_existing_checkpoint(tmp_path):
+    save({"w": torch.ones(2)}, tmp_path)
+    with pytest.raises(CheckpointException, match="overwrite=False"):
+        save({"w": torch.ones(2)}, tmp_path, overwrite=False)
+
+
+def test_unsupported_options_are_refused():
+    with pytest.raises(stager.StagerError, match="one file per rank"):
+        stager.FileSystemWriter("/tmp/x", single_file_per_rank=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_fails_cleanly_and_keeps_the_previous_checkpoint(small_tmpfs):
+    path = small_tmpfs / "ckpt"
+    small = sample_state(5)
+    save(small, path)
+    before = sorted(os.listdir(path))
+    big = {"model": {"weight": torch.randn(2 << 20)}, "extra": {}}  # 8 MB on a 4 MB filesystem
+    with pytest.raises(CheckpointException) as info:
+        save(big, path)
+    err = failure(info.value)
+    assert isinstance(err, stager.StagerError) and "No space left" in str(err) and str(path) in str(err), err
+    assert sorted(os.listdir(path)) == before  # no temp file, no half-written rank file
+    assert_loaded(load(small, path), small)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save(sample_state(6), path)  # the space is usable again
+    assert_loaded(load(sample_state(6), path), sample_state(6))
