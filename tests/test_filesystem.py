@@ -17,12 +17,11 @@ import time
 import warnings
 
 import pytest
+import stager
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-
-import stager
 from stager import filesystem
+from torch.distributed.checkpoint.api import CheckpointException
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dcp_worker.py")
 
@@ -112,7 +111,7 @@ def test_fsdp2_two_ranks_thread_checkpointer(saved_on_two):
         flat = stager.load(path / name)
         assert any(key.startswith("model.") for key in flat)
         with safe_open(str(path / name), "pt") as f:
-            assert any(key.startswith("model.") for key in f.keys())
+            assert any(key.startswith("model.") for key in f)
 
 
 @pytest.mark.parametrize("world", [1, 4])
@@ -358,7 +357,7 @@ def test_hostile_metadata_cannot_point_outside_the_directory(tmp_path):
     save(state, tmp_path)
     meta = tmp_path / ".metadata"
     data = meta.read_bytes()
-    body, offset = filesystem._parse_header(data, str(meta))
+    body, _ = filesystem._parse_header(data, str(meta))
     body["files"] = ["../../etc/passwd"]
     text = json.dumps(body).encode()
     import zlib
@@ -402,7 +401,8 @@ def test_unsupported_options_are_refused():
 def small_tmpfs(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                            text=True, check=False)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {result.stderr.strip()}")
     try:
