@@ -21,7 +21,7 @@ from .common import BenchContext, Row, SectionSkipped, format_table, parse_size
 
 __all__ = ["BenchContext", "Row", "SectionSkipped", "add_arguments", "run_from_args"]
 
-SECTIONS = ["staging", "persistence", "replication", "recovery", "incremental", "gpu"]
+SECTIONS = ["staging", "persistence", "replication", "recovery", "incremental", "gpu", "training"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
