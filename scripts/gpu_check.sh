@@ -14,12 +14,17 @@
 # Everything lands in OUT_DIR: env.txt (machine, GPU, driver, versions), install.log,
 # pytest_gpu.log + pytest_gpu.xml (`pytest -m gpu tests/test_gpu.py`), pytest_cpu_with_cuda.log
 # (the staging tests and the CUDA-absent tests, now with CUDA and pinned pools present),
-# bench_gpu.log + bench_gpu.json (`stager bench --sections gpu`), summary.txt (exit codes).
-# Each step is bounded by `timeout` (60 + 180 + 60 + 210 s): the script ends within 9 minutes at worst.
+# bench_gpu.log + bench_gpu.json (`stager bench --sections gpu`), bench_training_gpu.log +
+# bench_training_gpu.json (`stager bench --sections training` with STAGER_BENCH_TRAINING_DEVICE=cuda:
+# the training-loop KPI with CUDA tensors, NCCL for training and gloo for dcp, one rank per GPU, at
+# most 2), summary.txt (exit codes).
+# Each step is bounded by `timeout` (60 + 180 + 60 + 210 + 150 s): the script ends within 11.5
+# minutes at worst.
 # Copy OUT_DIR to benches/results/<date>-<gpu>/ and commit it (benches/results/README.md).
 #
 # Environment: PYTHON (default python3), BENCH_SIZE (default 2GB; larger takes longer, and whether
-# 4GB fits the bench step's time limit has not been tried), BENCH_REPEATS (default 3).
+# 4GB fits the bench step's time limit has not been tried), BENCH_REPEATS (default 3),
+# TRAINING_BENCH (STAGER_BENCH_TRAINING for the training step, default "steps=6"; rounds: 1).
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -74,6 +79,9 @@ step pytest_cpu_with_cuda 60 "$PY" -m pytest -q -p no:cacheprovider --timeout=60
 cd "$ROOT"
 step bench_gpu 210 "$PY" -m stager.cli bench --sections gpu --size "${BENCH_SIZE:-2GB}" \
     --repeats "${BENCH_REPEATS:-3}" --no-progress --json "$OUT/bench_gpu.json" >"$OUT/bench_gpu.log" 2>&1 || status=1
+STAGER_BENCH_TRAINING_DEVICE=cuda STAGER_BENCH_TRAINING="${TRAINING_BENCH:-steps=6}" \
+    step bench_training_gpu 150 "$PY" -m stager.cli bench --sections training --repeats 1 --no-progress \
+    --json "$OUT/bench_training_gpu.json" >"$OUT/bench_training_gpu.log" 2>&1 || status=1
 
 echo "overall: exit $status" | tee -a "$SUMMARY"
 exit $status

@@ -427,3 +427,18 @@ def test_disk_full_fails_cleanly_and_keeps_the_previous_checkpoint(small_tmpfs):
         warnings.simplefilter("ignore")
         save(sample_state(6), path)  # the space is usable again
     assert_loaded(load(sample_state(6), path), sample_state(6))
+
+
+def test_commit_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
+    save(sample_state(0), tmp_path)
+    old_token = "0000000000000001abcdef01"  # a save that started long ago and never committed
+    leftovers = [f"__0_{old_token}.safetensors", f"__1_{old_token}.safetensors.4242.0.tmp", ".metadata.4242.7.tmp"]
+    foreign = ["notes.txt", "__0_0.distcp", "__0_123.safetensors", ".metadata.backup"]
+    for name in leftovers + foreign:
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, ns=(1, 1))
+    save(sample_state(1), tmp_path)
+    names = set(os.listdir(tmp_path))
+    assert not names & set(leftovers), names
+    assert set(foreign) <= names
+    assert_loaded(load(sample_state(1), tmp_path), sample_state(1))

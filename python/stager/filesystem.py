@@ -89,6 +89,7 @@ FORMAT_VERSION = 1
 _MAGIC = b"stager-dcp-metadata"
 _RANK_FILE = re.compile(r"__(\d{1,9})_([0-9a-f]{16})([0-9a-f]{8})\.safetensors")
 _TEMP_SUFFIX = re.compile(r"\.\d+\.\d+\.tmp")
+_METADATA_TEMP = re.compile(r"(__\d{1,9})?\.metadata\.\d+\.\d+\.tmp")
 #: Header metadata key of a rank file: which save and rank wrote it.
 _RANK_FILE_KEY = "stager.dcp"
 
@@ -673,6 +674,10 @@ class FileSystemWriter(StorageWriter):
                 tensor = data.detach()
             tensors[key] = tensor
             sizes.append(tensor.numel() * tensor.element_size())
+        if not items:  # nothing of this rank's is in the checkpoint (dcp deduplicated it away)
+            future: Future[list[WriteResult]] = Future()
+            future.set_result([])
+            return future
         path = os.path.join(self.path, target.name)
         extra = {_RANK_FILE_KEY: json.dumps({"rank": self.rank, "save_id": self.save_id, "items": len(items)})}
         write_rank_file(path, tensors, extra)
@@ -680,9 +685,9 @@ class FileSystemWriter(StorageWriter):
             WriteResult(index=item.index, size_in_bytes=size, storage_data=_ItemLocation(target.name, key))
             for item, key, size in zip(items, keys, sizes)
         ]
-        future: Future[list[WriteResult]] = Future()
-        future.set_result(results)
-        return future
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commits the checkpoint: ``.metadata`` renamed into place (durably), then rank files no
@@ -714,27 +719,42 @@ class FileSystemWriter(StorageWriter):
         self._remove_unreferenced(set(files_used), started)
 
     def _remove_unreferenced(self, keep: set[str], started_ns: int, own: set[str] = frozenset()) -> None:
-        """Removes rank files (and their temps) of saves older than ``started_ns`` that ``keep``
-        does not list, plus ``own``; with ``use_collectives=False`` only this rank's."""
-        prefix = f"__{self.rank}_" if not self.use_collectives and self.rank is not None else "__"
+        """Removes what no checkpoint needs any more: rank files (and their temps) of saves that
+        started before ``started_ns`` and that ``keep`` does not list, the files named in
+        ``own``, and metadata temps of commits killed before this save. With
+        ``use_collectives=False`` only this rank's."""
+        only_rank = self.rank if not self.use_collectives and self.rank is not None else None
         try:
             names = os.listdir(self.path)
         except OSError:
             return
-        removed = False
+        doomed = []
         for name in names:
-            if not name.startswith(prefix) or name in keep:
+            if name in keep:
                 continue
-            when = _token_time(name)
-            if when is None:
-                continue
-            if when < started_ns or name.split(".safetensors", 1)[0] + ".safetensors" in own:
+            temp = _METADATA_TEMP.fullmatch(name)
+            if temp is not None:
+                if (temp.group(1) or None) != (None if only_rank is None else f"__{only_rank}"):
+                    continue
                 try:
-                    os.unlink(os.path.join(self.path, name))
-                    removed = True
+                    if os.stat(os.path.join(self.path, name)).st_mtime_ns < started_ns:
+                        doomed.append(name)
                 except OSError:
                     pass
-        if removed:
+                continue
+            base = name.split(".safetensors", 1)[0] + ".safetensors"
+            match = _RANK_FILE.fullmatch(base)
+            when = _token_time(name)
+            if match is None or when is None or (only_rank is not None and int(match.group(1)) != only_rank):
+                continue
+            if when < started_ns or base in own:
+                doomed.append(name)
+        for name in doomed:
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except OSError:
+                pass
+        if doomed:
             try:
                 _fsync_dir(self.path)
             except OSError:

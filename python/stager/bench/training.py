@@ -99,6 +99,8 @@ def run(ctx: BenchContext) -> list[Row]:
             raise SectionSkipped("STAGER_BENCH_TRAINING_DEVICE=cuda but CUDA is not available")
         world = min(2, torch.cuda.device_count())
     settings["world"] = world
+    if world < 2:  # one GPU: no partner to replicate to
+        settings["variants"] = [v for v in settings["variants"] if v not in (REPLICATE, REPLICATE_PERSIST)]
     settings["workdir"] = os.path.join(ctx.workdir, "training")
     ctx.drop_workloads()
     with socket.socket() as s:
@@ -386,9 +388,9 @@ class _Loop:
         return os.path.join(self.settings["workdir"], safe)
 
     def checkpoint_nbytes(self, name: str) -> int:
-        if name not in SAVING:
-            return 0
         directory = self.variant_dir(name)
+        if name not in SAVING or not os.path.isdir(directory):
+            return 0
         return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
                    if not f.startswith("."))
 
