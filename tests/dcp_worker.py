@@ -25,7 +25,6 @@ import time
 import traceback
 import warnings
 
-import stager
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -37,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+
+import stager
 
 WIDTH = 48  # not a multiple of 3: shards are uneven (and padded) on 3 ranks
 
@@ -193,7 +194,7 @@ def main():
         for scenario, options in steps:
             try:
                 SCENARIOS[scenario](rank, world, directory, dcp_group, options)
-            except BaseException:  # noqa: BLE001 - reported, then the rank exits non-zero
+            except BaseException:
                 print(f"FAILED {scenario} on rank {rank}:\n{traceback.format_exc()}", flush=True)
                 status = 1
                 break

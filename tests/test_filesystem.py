@@ -17,11 +17,12 @@ import time
 import warnings
 
 import pytest
-import stager
 import torch
 import torch.distributed.checkpoint as dcp
-from stager import filesystem
 from torch.distributed.checkpoint.api import CheckpointException
+
+import stager
+from stager import filesystem
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dcp_worker.py")
 
@@ -331,7 +332,9 @@ def test_truncated_and_missing_rank_file_name_file_and_items(tmp_path):
     assert isinstance(err, stager.StagerError)
     assert name in str(err) and "model." in str(err) and "truncated" in str(err), err
     os.unlink(tmp_path / name)
-    err = failure(pytest.raises(CheckpointException, load, state, tmp_path).value)
+    with pytest.raises(CheckpointException) as info:
+        load(state, tmp_path)
+    err = failure(info.value)
     assert isinstance(err, stager.StagerError) and name in str(err) and "model." in str(err), err
 
 
@@ -379,10 +382,10 @@ def test_checkpoints_of_the_other_implementation_fail_at_once_with_a_clear_error
     with pytest.raises(CheckpointException, match="written by PyTorch's"):
         load(state, torch_dir)
     # stager's checkpoint, PyTorch's reader: its unpickling of .metadata raises StagerError.
-    with pytest.raises(stager.StagerError, match="stager.FileSystemReader"):
+    with pytest.raises(stager.StagerError, match=r"stager\.FileSystemReader"):
         dcp.FileSystemReader(stager_dir).read_metadata()
     target = zeros_like_state(state)
-    with pytest.raises(CheckpointException, match="stager.FileSystemReader"):
+    with pytest.raises(CheckpointException, match=r"stager\.FileSystemReader"):
         dcp.load(target, storage_reader=dcp.FileSystemReader(stager_dir), no_dist=True)
 
 
@@ -442,3 +445,59 @@ def test_commit_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
     assert not names & set(leftovers), names
     assert set(foreign) <= names
     assert_loaded(load(sample_state(1), tmp_path), sample_state(1))
+
+
+@pytest.mark.skipif(not hasattr(stager._native.TensorTable, "storage_at"),
+                    reason="engine.pending_copy needs TensorTable.storage_at (landing on main)")
+def test_writer_waits_for_each_storage_of_a_stage_still_copying(tmp_path):
+    # A stage in flight, made of the engine's own parts: a pool buffer registered as pending with
+    # a completion, the staged tensors built over it before any byte is in. The writer must write
+    # each storage only once its request completes: the file then holds what was copied in, not
+    # the buffer's earlier contents.
+    import threading
+
+    from stager import engine
+    from stager.plan import plan_state_dict
+
+    source = {f"t{i}": torch.full((1 << 16,), float(i + 1)) for i in range(6)}
+    plan = plan_state_dict(source)
+    buffer = engine.process_pool(False).acquire(plan.total_nbytes)
+    completion = stager._native.Completion(len(plan.table.storage_nbytes))
+    engine.register_pending(buffer, completion, plan.table)
+    staged = plan.materialize(buffer)
+    for tensor in staged.values():
+        tensor.fill_(-7.0)  # what a writer that does not wait would store
+    path = str(tmp_path / "rank.safetensors")
+    errors = []
+    writer = threading.Thread(target=lambda: errors.append(filesystem.write_rank_file(path, staged, {})))
+    writer.start()
+    for i, key in enumerate(source):
+        time.sleep(0.02)
+        staged[key].copy_(source[key])
+        completion.mark_complete(i)
+    writer.join(timeout=60)
+    assert not writer.is_alive() and errors and isinstance(errors[0], int), errors
+    loaded = stager.load(path)
+    for key, value in source.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_async_save_with_stager_default_stager_pipelined_and_consistent(tmp_path):
+    # THREAD checkpointer: dcp's upload gets the staged dict early (stager's writer waits per
+    # storage). The checkpoint holds the values at async_save time, not the later training step.
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    state = {"model": {f"w{i}": torch.randn(256, 1024) for i in range(8)}, "extra": {"step": 3}}
+    expected = {k: v.clone() for k, v in state["model"].items()}
+    with stager.DefaultStager(stager.StagingOptions(num_threads=1, use_shared_memory=False)) as async_stager:
+        response = dcp.async_save(state, storage_writer=stager.FileSystemWriter(tmp_path), async_stager=async_stager,
+                                  async_checkpointer_type=AsyncCheckpointerType.THREAD, no_dist=True)
+        response.staging_completion.result(timeout=60)
+        for value in state["model"].values():
+            value.add_(1.0)  # training goes on
+        response.upload_completion.result(timeout=60)
+    target = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}, "extra": {"step": 0}}
+    dcp.load(target, storage_reader=stager.FileSystemReader(tmp_path), no_dist=True)
+    for key, value in expected.items():
+        assert torch.equal(target["model"][key], value), key
+    assert target["extra"]["step"] == 3

@@ -74,10 +74,10 @@ from torch.distributed.checkpoint.storage import (
 )
 from torch.futures import Future
 
-from . import _native, files, tree
+from . import _native, engine, files, tree
 from ._native import StagerError
 from .plan import ALIGNMENT, TensorPlan, gc_paused, plan_state_dict
-from .stagers import BlockingAsyncStager, process_pool
+from .stagers import BlockingAsyncStager
 
 __all__ = ["FileSystemReader", "FileSystemWriter"]
 
@@ -433,16 +433,6 @@ def _read_committed(path: str) -> dict | None:
 # ---- the writer ----------------------------------------------------------------------------------
 
 
-def _pending_copy_lookup() -> Any:
-    """``stager.engine.pending_copy`` where this build has it (copies still running for a
-    tensor of a stage handed out early), else None."""
-    try:
-        from .engine import pending_copy  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return pending_copy
-
-
 def _item_keys(items: list) -> list[str]:
     """One key per write item, unique in the rank file: its fqn, plus ``@offsets`` where a rank
     holds several chunks of one fqn."""
@@ -467,8 +457,9 @@ def _item_keys(items: list) -> list[str]:
 
 def write_rank_file(path: str, tensors: dict[str, torch.Tensor], extra_metadata: dict[str, str]) -> int:
     """Writes the flat dict ``tensors`` as a stager file at ``path`` (atomic, durable) and returns
-    its size. Storages still being filled by a stage handed out early are written as their
-    copies complete; tensors on an accelerator are staged through the process-wide pool."""
+    its size. Storages whose stage copy is still running (a dict a stager handed out early) are
+    each written as soon as their copy completes; tensors on an accelerator are staged through
+    the process-wide pool first, each written as its copy lands."""
     plan = plan_state_dict(tensors)
     keys = list(tensors)
     if plan.opaque:
@@ -479,56 +470,70 @@ def write_rank_file(path: str, tensors: dict[str, torch.Tensor], extra_metadata:
         )
     with gc_paused():
         meta = tree.encode(plan)
-        names, dtypes, shapes = files._entries(plan, meta)
+        names = tree.tensor_names(meta, len(plan.table))
         metadata = files.header_metadata(meta)
         metadata.update(extra_metadata)
-    storages = plan.storages
-    nbytes = [s.nbytes for s in storages]
     if plan.device_storages:
         staged = files._staging_engine().start_plan(plan)
         try:
-            staged.wait_device_copies()
-            requests: list[int | None] = [None] * len(storages)
-            request = 0
-            for index, storage in enumerate(storages):
-                if storage.is_cpu and storage.nbytes:
-                    requests[index] = request
-                    request += 1
-            base = staged.buffer.address
-            return _native.write_file(path, names, dtypes, shapes, nbytes, [base + s.offset for s in storages],
-                                      metadata, staged.job, requests)
+            return _native.write_file(path, plan.table, names, metadata, staged.buffer, staged.completion)
         finally:
-            staged.job.wait()
-    job, requests = _pending_requests(plan)
-    return _native.write_file(path, names, dtypes, shapes, nbytes, [s.address for s in storages], metadata,
-                              job, requests)
+            staged.wait()
+    waits = _PendingCopies(plan)
+    try:
+        return _native.write_file(path, plan.table, names, metadata, completion=waits.completion)
+    finally:
+        waits.close()
 
 
-def _pending_requests(plan: Any) -> tuple[Any, list | None]:
-    """(completion, per-storage request) for storages whose stage copy is still running, so the
-    writer waits for each just before writing it; (None, None) when everything is in place."""
-    pending_copy = _pending_copy_lookup()
-    if pending_copy is None:
-        return None, None
-    first_tensor: dict[int, int] = {}
-    for index, tensor in enumerate(plan.tensors):
-        first_tensor.setdefault(tensor.storage_index, index)
-    completions: dict[int, Any] = {}
-    requests: list[int | None] = [None] * len(plan.storages)
-    for storage_index, tensor_index in first_tensor.items():
-        found = pending_copy(plan.leaves[tensor_index])
-        if found is not None:
-            completion, request = found
-            completions.setdefault(id(completion), completion)
-            requests[storage_index] = (id(completion), request)
-    if not completions:
-        return None, None
-    # The writer follows one completion; storages of any other stage are waited for up front.
-    main_id, main = next(iter(completions.items()))
-    for other_id, other in completions.items():
-        if other_id != main_id:
-            (getattr(other, "wait_all", None) or other.wait)()
-    return main, [r[1] if r is not None and r[0] == main_id else None for r in requests]
+class _PendingCopies:
+    """A completion for the writer, one request per storage of ``plan``, done once that storage's
+    bytes are in place: at once for storages no stage is still filling; for the others when
+    their request of the stage's completion completes (``engine.pending_copy``), relayed by a
+    thread in file order (the order the writer needs them). ``completion`` is None when nothing
+    is pending."""
+
+    def __init__(self, plan: Any) -> None:
+        self.completion = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        first_tensor: dict[int, int] = {}
+        for index, storage in enumerate(plan.table.tensor_storage):
+            first_tensor.setdefault(storage, index)
+        waits = []
+        for storage, tensor in sorted(first_tensor.items()):
+            found = engine.pending_copy(plan.leaves[tensor])
+            if found is not None:
+                waits.append((storage, *found))
+        if not waits:
+            return
+        completion = self.completion = _native.Completion(len(plan.table.storage_nbytes))
+        pending = {storage for storage, _, _ in waits}
+        for storage in range(len(plan.table.storage_nbytes)):
+            if storage not in pending:
+                completion.mark_complete(storage)
+        self._thread = threading.Thread(target=self._relay, args=(completion, waits), daemon=True,
+                                        name="stager-dcp-pending")
+        self._thread.start()
+
+    def _relay(self, completion: Any, waits: list) -> None:
+        try:
+            for storage, stage, request in waits:
+                while not stage.wait(request, 0.1):
+                    if self._stop.is_set() or stage.failure is not None:
+                        completion.fail(stage.failure or "the write was abandoned")
+                        return
+                if stage.failure is not None:
+                    completion.fail(f"staging failed: {stage.failure}")
+                    return
+                completion.mark_complete(storage)
+        except BaseException as err:  # handed to the writer, which raises it
+            completion.fail(f"staging failed: {err}")
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
 
 
 class FileSystemWriter(StorageWriter):
@@ -550,6 +555,10 @@ class FileSystemWriter(StorageWriter):
     """
 
     _synchronize_after_execute: bool = False
+    #: Tells stager's DefaultStager that this writer may be handed a staged dict whose copies are
+    #: still running (it waits for each storage's copy before writing it): dcp's upload then
+    #: plans and starts writing while the stage is still copying.
+    waits_for_pending_copies: bool = True
 
     def __init__(
         self,
@@ -878,7 +887,7 @@ class FileSystemReader(StorageReader):
         # Which stored tensor each item reads, and how often each storage is wanted.
         chosen: list[TensorPlan] = []
         wanted: dict[int, int] = {}
-        for item, key in zip(items, keys):
+        for key in keys:
             index = rank_file.tensor_of.get(key)
             if index is None:
                 raise StagerError(f"{path} does not hold dcp item {key!r} (damaged, or not this checkpoint's file)")
@@ -919,7 +928,7 @@ class FileSystemReader(StorageReader):
             if storage not in direct:
                 scratch_offsets[storage] = total
                 total += -(-storages[storage].nbytes // ALIGNMENT) * ALIGNMENT
-        scratch = process_pool(False).acquire(total) if total else None
+        scratch = engine.process_pool(False).acquire(total) if total else None
         order = list(direct) + list(scratch_offsets)
         addresses = [direct[s] for s in direct] + [scratch.address + scratch_offsets[s] for s in scratch_offsets]
         damaged = rank_file.file.read_storages(order, addresses, self.verify)
@@ -932,7 +941,7 @@ class FileSystemReader(StorageReader):
                 "the file is damaged"
             )
         bases: dict[int, torch.Tensor] = {}
-        for item, key, tensor, dest in zip(items, keys, chosen, targets):
+        for item, tensor, dest in zip(items, chosen, targets):
             storage = tensor.storage_index
             if storage in direct:
                 planner.commit_tensor(item, dest)

@@ -230,7 +230,7 @@ def _worker(rank: int, world: int, port: int, settings: dict, results: Any) -> N
         finally:
             dist.destroy_process_group()
         results.put(("report", report) if rank == 0 else ("done", None))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+    except BaseException:
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
 
 
@@ -312,7 +312,7 @@ class _Loop:
                 error = None
                 try:
                     step_times, block_times, upload_times, nbytes = self.run_variant(name)
-                except Exception as err:  # noqa: BLE001 - e.g. a stager that can't carry DTensors yet
+                except Exception as err:
                     error = f"{type(err).__name__}: {err}"[:500]
                 # Both ranks drop a variant that failed on either, so they stay in step.
                 flag = torch.tensor([0 if error is None else 1])
