@@ -93,8 +93,6 @@ def run(ctx: BenchContext) -> list[Row]:
     settings = settings_from_env(ctx)
     world = 2
     if settings["device"] == "cuda":
-        import torch
-
         if not torch.cuda.is_available():
             raise SectionSkipped("STAGER_BENCH_TRAINING_DEVICE=cuda but CUDA is not available")
         world = min(2, torch.cuda.device_count())
@@ -172,10 +170,12 @@ def _rows(ctx: BenchContext, settings: dict, report: dict[str, Any]) -> list[Row
             "step_median_s": round(statistics.median(samples), 6),
             "step_p95_s": round(_p95(samples), 6),
             "step_mean_s": round(mean, 6),
+            "cpu_s_per_step": round(statistics.median(report["cpu"][name]), 4),
         }
         if name != NONE:
             extra["overhead_mean"] = round(mean / base_mean - 1, 4)
             extra["overhead_median"] = round(statistics.median(samples) / base_median - 1, 4)
+            extra["extra_cpu_s_per_step"] = round(extra["cpu_s_per_step"] - statistics.median(report["cpu"][NONE]), 4)
             blocked = report["blocked"][name]
             extra["blocks_median_s"] = round(statistics.median(blocked), 6)
             extra["blocks_max_s"] = round(max(blocked), 6)
@@ -184,7 +184,8 @@ def _rows(ctx: BenchContext, settings: dict, report: dict[str, Any]) -> list[Row
                 extra["to_upload_done_median_s"] = round(statistics.median(done), 6)
                 if report["checkpoint_bytes"].get(name):
                     extra["upload_gb_per_s"] = round(report["checkpoint_bytes"][name] / statistics.median(done) / 1e9, 3)
-            summary = f"overhead {extra['overhead_mean']:+.1%}, blocks {extra['blocks_median_s'] * 1e3:.1f} ms"
+            summary = (f"overhead {extra['overhead_mean']:+.1%}, blocks {extra['blocks_median_s'] * 1e3:.1f} ms, "
+                       f"{extra['extra_cpu_s_per_step']:+.2f} CPU s/step")
             if done:
                 summary += f", upload done {extra['to_upload_done_median_s']:.2f} s"
             extra["summary"] = summary
@@ -213,7 +214,6 @@ def _worker(rank: int, world: int, port: int, settings: dict, results: Any) -> N
     try:
         import warnings
 
-        import torch
         import torch.distributed as dist
 
         warnings.simplefilter("ignore")
@@ -238,7 +238,6 @@ class _Loop:
     """One rank's training loop and the variants' checkpointing."""
 
     def __init__(self, rank: int, world: int, settings: dict, results: Any) -> None:
-        import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -272,7 +271,6 @@ class _Loop:
             self.results.put(("log", message))
 
     def sync(self) -> None:
-        import torch
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -300,6 +298,7 @@ class _Loop:
         steps: dict[str, list[float]] = {name: [] for name in VARIANTS}
         blocked: dict[str, list[float]] = {name: [] for name in VARIANTS}
         upload: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
         checkpoint_bytes: dict[str, int] = {}
         failed: dict[str, str] = {}
         variants = s["variants"]
@@ -311,7 +310,7 @@ class _Loop:
                 self.log(f"  round {round_index + 1}/{s['rounds']}: {name}")
                 error = None
                 try:
-                    step_times, block_times, upload_times, nbytes = self.run_variant(name)
+                    step_times, block_times, upload_times, nbytes, cpu_per_step = self.run_variant(name)
                 except Exception as err:
                     error = f"{type(err).__name__}: {err}"[:500]
                 # Both ranks drop a variant that failed on either, so they stay in step.
@@ -324,10 +323,12 @@ class _Loop:
                 steps[name] += step_times
                 blocked[name] += block_times
                 upload[name] += upload_times
+                cpu[name].append(cpu_per_step)
                 if nbytes:
                     checkpoint_bytes[name] = nbytes
         report: dict[str, Any] = {"steps": steps, "blocked": blocked, "upload": upload,
-                                  "checkpoint_bytes": checkpoint_bytes, "failed": failed}
+                                  "checkpoint_bytes": checkpoint_bytes, "failed": failed,
+                                  "cpu": cpu}
         self.log("  direct-write limit")
         report["direct_limit"], report["limit_bytes"] = self.direct_write_limit()
         self.log("  cold loads")
@@ -336,8 +337,9 @@ class _Loop:
         return report
 
     # ---- one variant ---------------------------------------------------------------------------
-    def run_variant(self, name: str) -> tuple[list[float], list[float], list[float], int]:
-        import torch
+    def run_variant(self, name: str) -> tuple[list[float], list[float], list[float], int, float]:
+        import resource
+
         import torch.distributed as dist
 
         s = self.settings
@@ -350,7 +352,11 @@ class _Loop:
         total = every + s["steps"]  # the first cycle is untimed (the first save sets everything up)
         gc.collect()
         dist.barrier(group=self.control)
+        cpu_start = 0.0
         for index in range(total):
+            if index == every:
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                cpu_start = usage.ru_utime + usage.ru_stime
             start = time.perf_counter()
             self.train_step()
             if checkpoint is not None and (index + 1) % every == 0:
@@ -373,6 +379,8 @@ class _Loop:
                 step_times.append(elapsed)
         if previous is not None:
             previous.result()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = torch.tensor([usage.ru_utime + usage.ru_stime - cpu_start], dtype=torch.float64)
         uploads = [done_at[0] - began for began, done_at in saves if done_at]
         closer = getattr(checkpoint, "close", None)
         if closer is not None:
@@ -381,7 +389,8 @@ class _Loop:
         # The slower rank's time per step (they wait for each other in FSDP's collectives anyway).
         times = torch.tensor(step_times, dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.control)
-        return times.tolist(), block_times, uploads, nbytes
+        dist.all_reduce(cpu, group=self.control)  # both ranks' CPU seconds (every thread)
+        return times.tolist(), block_times, uploads, nbytes, float(cpu) / max(1, s["steps"])
 
     def variant_dir(self, name: str) -> str:
         safe = "".join(c if c.isalnum() else "_" for c in name)
@@ -431,7 +440,6 @@ class _Loop:
 
     # ---- limits and loads ----------------------------------------------------------------------
     def direct_write_limit(self) -> tuple[list[float], int]:
-        import torch
         import torch.distributed as dist
 
         nbytes = self.checkpoint_nbytes(STAGER_STAGER) // self.world or (64 << 20)
@@ -448,7 +456,6 @@ class _Loop:
         return samples, nbytes * self.world
 
     def cold_loads(self) -> dict[str, list[float]]:
-        import torch
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
