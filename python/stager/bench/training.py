@@ -23,7 +23,9 @@ Rows (workload ``<blocks>x<width> MLP, save every <every> steps``): one per vari
 are the mean step time (what a run's length is made of); ``extra`` holds median and p95 step
 times, the overhead against ``none`` (mean and median), the time ``async_save`` (or ``stage()``)
 blocks the training thread, the time from ``async_save`` to "upload done" (the upload Future) and
-the checkpoint bytes per second over that time. Step times are the slower rank's, per step.
+the checkpoint bytes per second over that time, and the CPU seconds per step of both ranks (all
+their threads: training, staging, upload, writer) with the extra over ``none``, which stays
+meaningful on a machine other jobs keep busy. Step times are the slower rank's, per step.
 Extra rows: ``limit: direct write (both ranks)`` (each rank writes its checkpoint's bytes with
 ``O_DIRECT`` and fsyncs, both at once), and cold ``dcp.load`` of the last checkpoint with each
 reader (page cache of the files dropped before each load).
