@@ -80,6 +80,7 @@ def run_ranks(world, directory, steps, deadline=120):
 
 
 def rank_files(path):
+    filesystem.wait_for_cleanup(path)  # this process's removal of the previous save's files
     return sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
 
 
@@ -242,7 +243,7 @@ def test_round_trip_metadata_is_json_and_directory_reused(tmp_path):
         save(state, path)
         assert_loaded(load(state, path), state)
         assert len(rank_files(path)) == 1, os.listdir(path)
-    assert sorted(os.listdir(path)) == sorted([".metadata", *rank_files(path)])
+    assert sorted([".metadata", *rank_files(path)]) == sorted(os.listdir(path))
     data = (path / ".metadata").read_bytes()
     body, offset = filesystem._parse_header(data, str(path / ".metadata"))
     assert json.loads(data[offset:]) == body and body["files"] == rank_files(path)
@@ -441,6 +442,7 @@ def test_commit_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
         (tmp_path / name).write_bytes(b"x")
         os.utime(tmp_path / name, ns=(1, 1))
     save(sample_state(1), tmp_path)
+    filesystem.wait_for_cleanup(tmp_path)
     names = set(os.listdir(tmp_path))
     assert not names & set(leftovers), names
     assert set(foreign) <= names

@@ -36,6 +36,7 @@ When a state_dict staged by stager reaches ``write_data`` while its copies are s
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import io
 import json
@@ -198,6 +199,36 @@ def _atomic_write(path: str, data: bytes) -> None:
             pass
         raise StagerError(f"writing {path}: {err}") from err
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+_cleanups: dict[str, threading.Thread] = {}
+
+
+def _cleanup_in_background(path: str, remove: Any) -> None:
+    """Runs ``remove`` (the post-commit removal of unreferenced files in ``path``) on a thread;
+    at most one per directory at a time, joined at interpreter exit."""
+    key = os.path.realpath(path)
+    wait_for_cleanup(path)
+    thread = threading.Thread(target=remove, name="stager-dcp-cleanup", daemon=True)
+    with _dir_locks_guard:
+        _cleanups[key] = thread
+    thread.start()
+
+
+def wait_for_cleanup(path: str | os.PathLike, timeout: float | None = None) -> None:
+    """Waits until the removal of files the last commit in ``path`` left unreferenced is done."""
+    with _dir_locks_guard:
+        thread = _cleanups.get(os.path.realpath(path))
+    if thread is not None:
+        thread.join(timeout)
+
+
+@atexit.register
+def _finish_cleanups() -> None:
+    with _dir_locks_guard:
+        threads = list(_cleanups.values())
+    for thread in threads:
+        thread.join(30)
 
 
 # ---- Metadata as JSON ----------------------------------------------------------------------------
@@ -717,6 +748,7 @@ class FileSystemWriter(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         data = _encode_metadata(metadata, files_used, started)
         target = self._metadata_path()
+        wait_for_cleanup(self.path)
         with _dir_lock(self.path):
             committed = _read_committed(target)
             if committed is not None and type(committed.get("started_ns")) is int and committed["started_ns"] > started:
@@ -725,7 +757,9 @@ class FileSystemWriter(StorageWriter):
                     f"a save to {self.path} that started later committed first; this older one was discarded"
                 )
             _atomic_write(target, data)
-        self._remove_unreferenced(set(files_used), started)
+        # Removing the previous checkpoint's files is off the upload's path: unlinking a file of
+        # hundreds of MB costs tens of ms of page-cache work, and nothing waits for it.
+        _cleanup_in_background(self.path, lambda: self._remove_unreferenced(set(files_used), started))
 
     def _remove_unreferenced(self, keep: set[str], started_ns: int, own: set[str] = frozenset()) -> None:
         """Removes what no checkpoint needs any more: rank files (and their temps) of saves that
@@ -763,11 +797,7 @@ class FileSystemWriter(StorageWriter):
                 os.unlink(os.path.join(self.path, name))
             except OSError:
                 pass
-        if doomed:
-            try:
-                _fsync_dir(self.path)
-            except OSError:
-                pass
+        # No directory fsync: a removal lost in a crash leaves a file the next commit removes.
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
