@@ -503,3 +503,15 @@ def test_async_save_with_stager_default_stager_pipelined_and_consistent(tmp_path
     for key, value in expected.items():
         assert torch.equal(target["model"][key], value), key
     assert target["extra"]["step"] == 3
+
+
+def test_reader_serves_partial_converting_and_strided_destinations(tmp_path):
+    gen = torch.Generator().manual_seed(9)
+    state = {"a": torch.randn(64, 32, generator=gen), "b": torch.randn(40, generator=gen), "c": torch.arange(12.0)}
+    save(state, tmp_path)
+    # A subset of the keys, a bf16 destination for fp32 data (converted, as PyTorch's reader does)
+    # and a transposed (non-contiguous) destination: read through scratch, copied into place.
+    target = {"a": torch.zeros(32, 64).t(), "b": torch.zeros(40, dtype=torch.bfloat16)}
+    dcp.load(target, storage_reader=stager.FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(target["a"], state["a"])
+    assert torch.equal(target["b"], state["b"].to(torch.bfloat16))
