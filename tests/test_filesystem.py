@@ -449,8 +449,6 @@ def test_commit_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
     assert_loaded(load(sample_state(1), tmp_path), sample_state(1))
 
 
-@pytest.mark.skipif(not hasattr(stager._native.TensorTable, "storage_at"),
-                    reason="engine.pending_copy needs TensorTable.storage_at (landing on main)")
 def test_writer_waits_for_each_storage_of_a_stage_still_copying(tmp_path):
     # A stage in flight, made of the engine's own parts: a pool buffer registered as pending with
     # a completion, the staged tensors built over it before any byte is in. The writer must write
