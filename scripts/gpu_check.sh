@@ -12,7 +12,7 @@
 #     scripts/gpu_check.sh OUT_DIR
 #
 # Everything lands in OUT_DIR: env.txt (machine, GPU, driver, versions), install.log,
-# pytest_gpu.log + pytest_gpu.xml (`pytest -m gpu tests/test_gpu.py`), pytest_cpu_with_cuda.log
+# pytest_gpu.log + pytest_gpu.xml (`pytest -m gpu tests/test_gpu.py tests/test_filesystem.py`), pytest_cpu_with_cuda.log
 # (the staging tests and the CUDA-absent tests, now with CUDA and pinned pools present),
 # bench_gpu.log + bench_gpu.json (`stager bench --sections gpu`), bench_training_gpu.log +
 # bench_training_gpu.json (`stager bench --sections training` with STAGER_BENCH_TRAINING_DEVICE=cuda:
@@ -73,7 +73,7 @@ status=0
 # Tests run from tests/ so `import stager` is the installed wheel, not python/ in the checkout.
 cd "$ROOT/tests"
 step pytest_gpu 180 "$PY" -m pytest -q -p no:cacheprovider --timeout=150 -m gpu -rs \
-    --junitxml="$OUT/pytest_gpu.xml" test_gpu.py >"$OUT/pytest_gpu.log" 2>&1 || status=1
+    --junitxml="$OUT/pytest_gpu.xml" test_gpu.py test_filesystem.py >"$OUT/pytest_gpu.log" 2>&1 || status=1
 step pytest_cpu_with_cuda 60 "$PY" -m pytest -q -p no:cacheprovider --timeout=60 -m "not gpu" -rs \
     test_gpu.py test_staging.py >"$OUT/pytest_cpu_with_cuda.log" 2>&1 || status=1
 cd "$ROOT"
