@@ -538,3 +538,19 @@ def test_cuda_state_dicts_save_and_load(tmp_path):
         for key, value in expected.items():
             assert target[key].is_cuda and torch.equal(target[key].cpu(), value), (name, key)
         assert target["step"] == 4
+
+
+def test_reader_with_tied_destinations_and_only_empty_scratch(tmp_path):
+    # Two fqns, one tensor (tied weights): both reads target the same memory, which must not be
+    # written by two reads at once. An empty tensor as the only storage not read in place.
+    weight = torch.randn(16, 8)
+    save({"embed": weight, "head": weight.clone(), "none": torch.empty(0)}, tmp_path)
+    tied = torch.zeros(16, 8)
+    target = {"embed": tied, "head": tied, "none": torch.empty(0)}
+    dcp.load(target, storage_reader=stager.FileSystemReader(tmp_path), no_dist=True)
+    assert torch.equal(tied, weight)
+    only = {"w": torch.arange(6.0), "e": torch.empty(0, 2)}
+    save(only, tmp_path / "b")
+    target = {"w": torch.zeros(6), "e": torch.empty(0, 2)}
+    dcp.load(target, storage_reader=stager.FileSystemReader(tmp_path / "b"), no_dist=True)
+    assert torch.equal(target["w"], only["w"])

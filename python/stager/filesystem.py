@@ -19,11 +19,14 @@ A checkpoint directory holds, per save:
   Until it is renamed into place the previous checkpoint is the one the directory holds; a save
   killed at any instant leaves that one loadable and its own rank files unreferenced. After the
   commit, rank files that no checkpoint references (the previous save's, those of killed saves)
-  are removed.
+  are removed, on a background thread: off the upload's path. One save at a time per directory
+  (as with PyTorch's writer); of two overlapping saves the one that started later wins and the
+  other fails with StagerError instead of committing over it.
 
-``.metadata`` starts with a 60-byte pickle that only PyTorch's own reader ever runs: it raises
-``StagerError`` saying the checkpoint was written by stager and which reader loads it; stager's
-reader skips it and reads the JSON after it (see :func:`_encode_metadata`).
+``.metadata`` starts with a fixed 182-byte pickle that only PyTorch's own reader ever runs (it
+unpickles whatever ``.metadata`` holds): its one call, ``stager.filesystem._written_by_stager``,
+raises ``StagerError`` saying the checkpoint was written by stager and which reader loads it.
+stager's reader never unpickles: it finds the JSON after that prefix (see :func:`_encode_metadata`).
 
 The reader serves dcp's read plans, resharding included (sub-boxes of stored tensors): storages a
 read item covers whole go straight from the file into the destination tensor; others are read once
@@ -198,7 +201,10 @@ def _atomic_write(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise StagerError(f"writing {path}: {err}") from err
-    _fsync_dir(os.path.dirname(path) or ".")
+    try:
+        _fsync_dir(os.path.dirname(path) or ".")
+    except OSError as err:
+        raise StagerError(f"fsync of the directory of {path}: {err}") from err
 
 
 _cleanups: dict[str, threading.Thread] = {}
@@ -578,8 +584,9 @@ class FileSystemWriter(StorageWriter):
     Differences from PyTorch's: files are always durable (``sync_files=False`` changes nothing),
     there is always one file per rank (``single_file_per_rank=False`` is refused),
     ``thread_count`` and ``per_thread_copy_ahead`` are accepted and unused (the Rust writer
-    picks its own I/O parallelism), and stream-transform extensions and other serialization
-    formats are refused.
+    picks its own I/O parallelism), ``serialization_format`` takes either of PyTorch's values
+    and changes nothing (rank files are always safetensors-compatible stager files), and
+    stream-transform extensions are refused.
 
     Like PyTorch's, the writer is also an ``AsyncStager``: ``dcp.async_save`` without an
     ``async_stager`` stages with it, through a :class:`stager.BlockingAsyncStager`.
@@ -952,13 +959,14 @@ class FileSystemReader(StorageReader):
             ):
                 direct[storage] = dest.data_ptr()
             targets.append(dest)
+        _drop_overlapping(direct, storages)
         scratch_offsets: dict[int, int] = {}
         total = 0
         for storage in wanted:
             if storage not in direct:
                 scratch_offsets[storage] = total
                 total += -(-storages[storage].nbytes // ALIGNMENT) * ALIGNMENT
-        scratch = engine.process_pool(False).acquire(total) if total else None
+        scratch = engine.process_pool(False).acquire(total) if total else engine.empty_buffer()
         order = list(direct) + list(scratch_offsets)
         addresses = [direct[s] for s in direct] + [scratch.address + scratch_offsets[s] for s in scratch_offsets]
         damaged = rank_file.file.read_storages(order, addresses, self.verify)
@@ -999,6 +1007,21 @@ class FileSystemReader(StorageReader):
         if not isinstance(checkpoint_id, (str, os.PathLike)) or "://" in os.fspath(checkpoint_id):
             return False
         return _read_committed(os.path.join(os.fspath(checkpoint_id), METADATA_NAME)) is not None
+
+
+def _drop_overlapping(direct: dict[int, int], storages: list) -> None:
+    """Moves to scratch the direct targets whose destination memory overlaps another's (tied
+    weights: two dcp items, one tensor), so no two reads ever write the same bytes at once."""
+    spans = sorted((address, address + storages[storage].nbytes, storage) for storage, address in direct.items())
+    clash: set[int] = set()
+    reach, holder = -1, -1  # the furthest end so far and whose it is
+    for start, end, storage in spans:
+        if start < reach:
+            clash.update((storage, holder))
+        if end > reach:
+            reach, holder = end, storage
+    for storage in clash:
+        del direct[storage]
 
 
 def _check_box(path: str, key: str, tensor: TensorPlan, item: ReadItem) -> None:
