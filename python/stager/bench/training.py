@@ -6,7 +6,8 @@ random data, with Adam. Every ``every`` steps the loop checkpoints the model + o
 (``get_state_dict``: DTensors) the way torchtitan does: ``dcp.async_save`` on a gloo group of its
 own (``process_group=``; dcp's collectives on the training group would deadlock against FSDP's),
 after waiting for the previous upload. Variants, run in one process pair in rotating order (round
-r starts with variant r), each for ``steps`` measured steps after one untimed checkpoint cycle:
+r starts with variant r), each for ``steps`` measured steps after two untimed checkpoint
+cycles (the first saves set up threads, files and the host memory staging reuses):
 
 * ``none``: no checkpoint;
 * ``PyTorch stager + PyTorch writer``: ``torch.distributed.checkpoint.staging.DefaultStager``
@@ -351,12 +352,15 @@ class _Loop:
         saves: list[tuple[float, list[float]]] = []  # (call time, [done time]) of measured saves
         block_times: list[float] = []
         step_times: list[float] = []
-        total = every + s["steps"]  # the first cycle is untimed (the first save sets everything up)
+        # Two untimed checkpoint cycles: the first saves set everything up (threads, files, and the
+        # host memory of two staged copies: a stage starts while the previous result is held).
+        warmup = 2 * every
+        total = warmup + s["steps"]
         gc.collect()
         dist.barrier(group=self.control)
         cpu_start = 0.0
         for index in range(total):
-            if index == every:
+            if index == warmup:
                 usage = resource.getrusage(resource.RUSAGE_SELF)
                 cpu_start = usage.ru_utime + usage.ru_stime
             start = time.perf_counter()
@@ -373,11 +377,11 @@ class _Loop:
                     done_at.append(returned)
                 else:
                     previous.add_done_callback(lambda _, done_at=done_at: done_at.append(time.perf_counter()))
-                if index >= every:
+                if index >= warmup:
                     block_times.append(returned - began)
                     saves.append((began, done_at))
             elapsed = time.perf_counter() - start
-            if index >= every:
+            if index >= warmup:
                 step_times.append(elapsed)
         if previous is not None:
             previous.result()
