@@ -366,6 +366,7 @@ pub struct StorageTarget {
 
 // SAFETY: a plain address; `read_storages`' contract makes it writable from any thread.
 unsafe impl Send for StorageTarget {}
+// SAFETY: as above; the reading threads each claim disjoint pieces of the targets.
 unsafe impl Sync for StorageTarget {}
 
 impl CheckpointFile {
@@ -663,7 +664,11 @@ mod tests {
         let path = dir.path().join("subset.safetensors");
         let buffers: Vec<Vec<u8>> = (0..6)
             .map(|i| {
-                let len = if i == 3 { 2 * READ_CHUNK + 17 } else { 100 + i * 31 };
+                let len = if i == 3 {
+                    2 * READ_CHUNK + 17
+                } else {
+                    100 + i * 31
+                };
                 (0..len).map(|j| (j * 3 + i) as u8).collect()
             })
             .collect();
@@ -727,6 +732,8 @@ mod tests {
         let damaged = unsafe { file.read_storages(&targets, true) }.unwrap();
         assert_eq!(damaged, vec![3]);
         // SAFETY: as above.
-        assert!(unsafe { file.read_storages(&targets, false) }.unwrap().is_empty());
+        assert!(unsafe { file.read_storages(&targets, false) }
+            .unwrap()
+            .is_empty());
     }
 }
