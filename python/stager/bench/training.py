@@ -439,9 +439,12 @@ class _Loop:
             return _Saver(async_stager, lambda: writer(directory), self.dcp_group)
         if name in (TORCH_STAGE, STAGER_STAGE):
             return _Stage(torch_stager() if name == TORCH_STAGE else stager_stager())
-        storage_dir = os.path.join(self.settings["workdir"], "replicas") if name == REPLICATE_PERSIST else None
-        # A bounded timeout: a stage that cannot complete fails the variant instead of the run.
-        return _Stage(stager.ReplicationStager(pg=self.replica_groups[name], storage_dir=storage_dir,
+        # Without persisting: memory only (persist_format=None). A bounded timeout: a stage that
+        # cannot complete fails the variant instead of the run.
+        persist = name == REPLICATE_PERSIST
+        return _Stage(stager.ReplicationStager(pg=self.replica_groups[name],
+                                               storage_dir=os.path.join(self.settings["workdir"], "replicas"),
+                                               persist_format="stager" if persist else None,
                                                timeout=datetime.timedelta(seconds=60)))
 
     # ---- limits and loads ----------------------------------------------------------------------
