@@ -15,6 +15,8 @@
 //! - [`copy_engine`]: host copies on worker threads; [`cuda`]: device copies on own streams;
 //! - [`completion`]: "request i is done", shared by every producer and consumer of staged bytes;
 //! - [`format`], [`writer`], [`reader`]: the file format, the durable writer, the validating reader;
+//!   [`commit`]: the one atomic commit every persisted file goes through; [`direct_io`]: how the
+//!   writer and reader reach the device (O_DIRECT, requests in flight, bounce chunks);
 //! - [`limits`]: the machine's copy limits, for the benchmark;
 //! - [`error`]: one error type, converted once at the Python boundary.
 //!
@@ -24,9 +26,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod commit;
 pub mod completion;
 pub mod copy_engine;
 pub mod cuda;
+pub mod direct_io;
 pub mod error;
 pub mod format;
 pub mod layout;

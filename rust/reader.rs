@@ -3,10 +3,24 @@
 //! [`CheckpointFile::open`] reads the 8-byte length and the header only (bounded by
 //! [`crate::format::MAX_HEADER_BYTES`] and by the file's size, so a hostile length cannot make it
 //! allocate), and validates it ([`crate::format::parse_header`]). [`CheckpointFile::read_into`]
-//! then reads each stored buffer with large `pread`s straight into the caller's memory (a pool
-//! buffer, at offsets the Python side chose from the validated tree) and checks its crc32c while
-//! the bytes are still in cache. [`CheckpointFile::verify`] checks every checksum without keeping
-//! the data, for `stager verify`.
+//! then reads the stored buffers straight into the caller's memory (a buffer of the process-wide
+//! host pool, at offsets the Python side chose from the validated tree) and checks each crc32c:
+//!
+//! - **Direct I/O.** A staged buffer and the file's data section have the same layout (storages
+//!   at 64-byte boundaries from a page-aligned start), so the data section is one run read with
+//!   `O_DIRECT` (a second descriptor of the same open file, so a concurrent rename of the path
+//!   cannot swap the file under us) into the page-aligned buffer, in [`IO_CHUNK`] requests,
+//!   [`IO_DEPTH`] in flight; unaligned heads and tails (other layouts) are read through the page
+//!   cache, and the file's last partial block is read whole when the buffer's capacity has room.
+//!   Pieces whose pages are all in the page cache already (a file just written buffered, or read
+//!   by someone else) are copied from it instead (`mincore`), which is faster than the device.
+//!   Filesystems without direct I/O ([`crate::direct_io::probe`]) are read buffered.
+//! - **Fused checksums.** Each piece's thread folds its bytes into their storages' crc32c right
+//!   after they land (while the next requests are in flight); the per-piece checksums are
+//!   combined at the end (`crc32c_combine`).
+//!
+//! [`CheckpointFile::verify`] checks every checksum without keeping the data, for
+//! `stager verify`.
 //!
 //! # Example
 //! ```no_run
@@ -27,14 +41,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::direct_io::{self, AlignedBuf, IoMode, IO_CHUNK, IO_DEPTH};
 use crate::error::{Result, StagerError};
 use crate::format::{self, Header, Layout};
-use crate::writer::retry_interrupted;
-
-/// Bytes per `pread`; each piece's checksum is folded in right after it lands.
-pub const READ_CHUNK: usize = 8 << 20;
-/// Most threads reading one file at once.
-pub const READ_THREADS: usize = 4;
 
 /// Consecutive storages read as one range.
 struct Run {
@@ -84,10 +93,10 @@ impl CheckpointFile {
             ));
         }
         let mut prefix = [0u8; 8];
-        pread_exact(&file, &mut prefix, 0).map_err(|err| StagerError::io("reading", path, err))?;
+        pread_slice(&file, &mut prefix, 0).map_err(|err| StagerError::io("reading", path, err))?;
         let header_len = format::header_len(&prefix, file_len).map_err(|r| invalid(path, r))?;
         let mut json = vec![0u8; header_len as usize];
-        pread_exact(&file, &mut json, 8).map_err(|err| StagerError::io("reading", path, err))?;
+        pread_slice(&file, &mut json, 8).map_err(|err| StagerError::io("reading", path, err))?;
         let header = format::parse_header(&json, file_len).map_err(|r| invalid(path, r))?;
         Ok(CheckpointFile {
             file,
@@ -118,24 +127,26 @@ impl CheckpointFile {
     }
 
     /// Reads storage i's bytes to `dst + offsets[i]` for every storage, checking each crc32c when
-    /// `verify`. Checks that every range lies inside `dst_len` and that no two overlap.
+    /// `verify`; returns how the bytes were read. Checks that every range lies inside `dst_len`
+    /// and that no two overlap.
     ///
     /// Storages laid out in the buffer as in the file (the usual case: both align to 64 bytes)
     /// are read as one run, gaps included, so a file of 20,000 tensors takes a few large reads;
-    /// runs are cut into [`READ_CHUNK`] pieces read by up to [`READ_THREADS`] threads (more reads
-    /// in flight for the disk, page faults of fresh memory in parallel), each piece's checksums
-    /// folded in while it is in cache and combined per storage at the end.
+    /// runs are cut into [`IO_CHUNK`] pieces read by up to [`IO_DEPTH`] threads, directly where
+    /// memory and file line up (see the module docs). The bytes of `[dst + dst_len, dst +
+    /// dst_capacity)` may be overwritten (by the rest of the file's last block).
     ///
     /// # Safety
-    /// `dst` must point to `dst_len` writable bytes that nothing else reads or writes during the
-    /// call.
+    /// `dst` must point to `dst_capacity >= dst_len` writable bytes that nothing else reads or
+    /// writes during the call.
     pub unsafe fn read_into(
         &self,
         dst: *mut u8,
         dst_len: usize,
+        dst_capacity: usize,
         offsets: &[usize],
         verify: bool,
-    ) -> Result<()> {
+    ) -> Result<IoMode> {
         let layout = self.layout()?;
         let storages = &layout.storages;
         if offsets.len() != storages.len() {
@@ -163,6 +174,7 @@ impl CheckpointFile {
                 ));
             }
         }
+        let dst_capacity = dst_capacity.max(dst_len);
         // Runs: consecutive non-empty storages whose target offsets advance exactly like their
         // file offsets. A run is read as one range, the file's padding landing in the buffer's.
         let mut runs: Vec<Run> = Vec::new();
@@ -200,12 +212,27 @@ impl CheckpointFile {
         if spans.windows(2).any(|pair| pair[0].1 > pair[1].0) {
             return Err(invalid(&self.path, "target ranges overlap".into()));
         }
-        // Pieces: runs cut into READ_CHUNK reads, in file order.
+        // How far past its end each run may be overwritten: up to the next run's start (in the
+        // buffer), or the buffer's capacity after the last.
+        let mut room_after = vec![0usize; runs.len()];
+        let mut by_start: Vec<usize> = (0..runs.len()).collect();
+        by_start.sort_unstable_by_key(|&r| runs[r].dst_start);
+        for (rank, &r) in by_start.iter().enumerate() {
+            let end = runs[r].dst_start + runs[r].len;
+            let limit = by_start
+                .get(rank + 1)
+                .map_or(dst_capacity, |&next| runs[next].dst_start);
+            room_after[r] = limit - end;
+        }
+        // Pieces: runs cut into IO_CHUNK reads, in file order; cuts at block boundaries of the
+        // file so that every piece but a run's first and last is a whole-block direct read.
         let mut pieces: Vec<Piece> = Vec::new();
         for (run_index, run) in runs.iter().enumerate() {
             let mut done = 0;
             while done < run.len {
-                let len = (run.len - done).min(READ_CHUNK);
+                let file_at = run.file_start + done as u64;
+                let next_cut = (file_at / IO_CHUNK as u64 + 1) * IO_CHUNK as u64;
+                let len = ((next_cut - file_at) as usize).min(run.len - done);
                 pieces.push(Piece {
                     run: run_index,
                     offset: done,
@@ -214,7 +241,8 @@ impl CheckpointFile {
                 done += len;
             }
         }
-        self.advise_sequential();
+        let source = self.data_source();
+        let direct = AtomicBool::new(source.direct.is_some());
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
@@ -229,13 +257,23 @@ impl CheckpointFile {
             let piece = &pieces[index];
             let run = &runs[piece.run];
             let start = run.dst_start + piece.offset;
-            // SAFETY: `[start, start + len)` lies inside the run's span, which lies inside the
-            // caller's buffer (each storage was checked to fit and a run ends with a storage);
-            // runs are disjoint and each piece is claimed by one thread through `next`.
-            let target =
-                unsafe { std::slice::from_raw_parts_mut((base + start) as *mut u8, piece.len) };
-            if let Err(err) = pread_exact(&self.file, target, run.file_start + piece.offset as u64)
-            {
+            let last_of_run = piece.offset + piece.len == run.len;
+            let room = if last_of_run { room_after[piece.run] } else { 0 };
+            let file_at = run.file_start + piece.offset as u64;
+            // SAFETY: `[start, start + len + room)` lies inside the caller's buffer (each
+            // storage was checked to fit, a run ends with a storage, and `room` stops at the
+            // next run or the capacity); runs are disjoint and each piece is claimed by one
+            // thread through `next`.
+            let read = unsafe {
+                source.read(
+                    (base + start) as *mut u8,
+                    piece.len,
+                    room,
+                    file_at,
+                    &direct,
+                )
+            };
+            if let Err(err) = read {
                 failed.store(true, Ordering::Relaxed);
                 first_error
                     .lock()
@@ -244,6 +282,9 @@ impl CheckpointFile {
                 return;
             }
             if verify {
+                // SAFETY: as above; the bytes were just read by this thread.
+                let target =
+                    unsafe { std::slice::from_raw_parts((base + start) as *const u8, piece.len) };
                 // Fold in the part of each storage of the run this piece holds.
                 let mut parts = Vec::new();
                 for &storage_index in &run.storages {
@@ -259,7 +300,7 @@ impl CheckpointFile {
                 *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = parts;
             }
         };
-        let threads = READ_THREADS.min(pieces.len());
+        let threads = IO_DEPTH.min(pieces.len());
         if threads <= 1 {
             work();
         } else {
@@ -298,28 +339,56 @@ impl CheckpointFile {
                 }
             }
         }
-        Ok(())
+        Ok(if direct.load(Ordering::Relaxed) {
+            source.mode
+        } else {
+            IoMode::Buffered
+        })
     }
 
     /// Checks every storage's crc32c; returns one line per damaged storage (empty: all good).
+    /// Reads the data section in aligned chunks (directly where possible) into one scratch
+    /// buffer.
     pub fn verify(&self) -> Result<Vec<String>> {
         let layout = self.layout()?;
-        self.advise_sequential();
-        let mut scratch = vec![0u8; READ_CHUNK];
+        let source = self.data_source();
+        let direct = AtomicBool::new(source.direct.is_some());
+        let mut scratch = AlignedBuf::take(IO_CHUNK)
+            .map_err(|err| StagerError::io("allocating a read buffer for", &self.path, err))?;
+        let mut crcs = vec![0u32; layout.storages.len()];
+        let (data_start, data_end) = (self.header.data_start, self.file_len);
+        let mut at = data_start;
+        let mut next_storage = 0;
+        while at < data_end {
+            let len = (IO_CHUNK as u64).min(data_end - at) as usize;
+            // SAFETY: the scratch holds IO_CHUNK bytes and is exclusively ours; the room after a
+            // short last piece lies inside it too.
+            unsafe { source.read(scratch.as_ptr(), len, IO_CHUNK - len, at, &direct) }
+                .map_err(|err| self.read_error(err))?;
+            let bytes = scratch.slice_mut(len);
+            let end = at + len as u64;
+            while next_storage < layout.storages.len() {
+                let storage = &layout.storages[next_storage];
+                let s_end = storage.offset + storage.nbytes;
+                let lo = storage.offset.max(at);
+                let hi = s_end.min(end);
+                if lo < hi {
+                    let part = &bytes[(lo - at) as usize..(hi - at) as usize];
+                    crcs[next_storage] = crc32c::crc32c_append(crcs[next_storage], part);
+                }
+                if s_end > end {
+                    break;
+                }
+                next_storage += 1;
+            }
+            at = end;
+        }
+        scratch.recycle();
         let mut problems = Vec::new();
         for (index, storage) in layout.storages.iter().enumerate() {
-            let mut crc = 0u32;
-            let mut done = 0u64;
-            while done < storage.nbytes {
-                let piece = (storage.nbytes - done).min(READ_CHUNK as u64) as usize;
-                pread_exact(&self.file, &mut scratch[..piece], storage.offset + done)
-                    .map_err(|err| self.read_error(err))?;
-                crc = crc32c::crc32c_append(crc, &scratch[..piece]);
-                done += piece as u64;
-            }
-            if crc != storage.crc32c {
+            if crcs[index] != storage.crc32c {
                 problems.push(
-                    self.checksum_error(index, &storage.entry, storage.crc32c, crc)
+                    self.checksum_error(index, &storage.entry, storage.crc32c, crcs[index])
                         .to_string(),
                 );
             }
@@ -327,10 +396,32 @@ impl CheckpointFile {
         Ok(problems)
     }
 
-    fn advise_sequential(&self) {
-        // SAFETY: advice on our own descriptor; failure changes nothing.
-        unsafe {
-            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    /// The descriptors data is read through: this file, and a direct-I/O descriptor of the
+    /// same open file where the filesystem supports it.
+    fn data_source(&self) -> DataSource<'_> {
+        let mode = direct_io::probe(&self.file);
+        let direct = if mode.is_direct() {
+            // /proc/self/fd reopens this very file (not whatever the path names now).
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+                .ok()
+        } else {
+            None
+        };
+        if direct.is_none() {
+            // SAFETY: advice on our own descriptor; failure changes nothing.
+            unsafe {
+                libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+            }
+        }
+        DataSource {
+            buffered: &self.file,
+            direct,
+            mode,
+            file_len: self.file_len,
+            cache: PageCacheView::map(&self.file, self.file_len),
         }
     }
 
@@ -500,20 +591,162 @@ fn invalid(path: &Path, reason: String) -> StagerError {
     }
 }
 
-fn pread_exact(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        let (fd, ptr, len) = (file.as_raw_fd(), buf.as_mut_ptr(), buf.len());
-        // SAFETY: reads into a live, exclusively borrowed slice of `len` bytes.
-        let n = retry_interrupted(|| unsafe {
-            libc::pread(fd, ptr.cast(), len, offset as libc::off_t)
-        })?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+/// Where a read's bytes come from: the buffered descriptor, a direct one, and which pages are
+/// in the page cache.
+struct DataSource<'a> {
+    buffered: &'a File,
+    direct: Option<File>,
+    mode: IoMode,
+    file_len: u64,
+    cache: Option<PageCacheView>,
+}
+
+impl DataSource<'_> {
+    /// Reads `len` bytes at file offset `offset` into `dst`, all of them (a file that ends
+    /// first is an `UnexpectedEof` error). `room` more bytes after `dst + len` may be
+    /// overwritten. Direct where memory and file line up and the pages are not cached already;
+    /// a direct read the filesystem refuses clears `direct` and is redone buffered.
+    ///
+    /// # Safety
+    /// `dst` must point to `len + room` writable bytes nothing else accesses during the call.
+    unsafe fn read(
+        &self,
+        dst: *mut u8,
+        len: usize,
+        room: usize,
+        offset: u64,
+        direct: &AtomicBool,
+    ) -> io::Result<()> {
+        let end = offset + len as u64;
+        if let (Some(file), true) = (&self.direct, direct.load(Ordering::Relaxed)) {
+            let cached = self.cache.as_ref().is_some_and(|c| c.all_resident(offset, end));
+            let (mem_align, offset_align) = self.mode.alignment();
+            let align = offset_align as u64;
+            let lo = offset.div_ceil(align) * align;
+            let mut hi = end / align * align;
+            let lo_addr = (dst as usize).wrapping_add((lo - offset) as usize);
+            // The file's last partial block, read whole when the buffer has room for it.
+            if end == self.file_len && end % align != 0 {
+                let whole = end.div_ceil(align) * align;
+                if (whole - end) as usize <= room {
+                    hi = whole;
+                }
+            }
+            if !cached && hi > lo && lo_addr % mem_align == 0 {
+                // SAFETY: `[lo, hi)` maps to `[lo_addr, lo_addr + (hi - lo))`, inside
+                // `dst .. dst + len + room` (contract).
+                let got = unsafe {
+                    direct_io::pread_full(file, lo_addr as *mut u8, (hi - lo) as usize, lo)
+                };
+                match got {
+                    Ok(n) => {
+                        let wanted = (hi.min(end) - lo) as usize;
+                        if n < wanted {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                        // SAFETY: head and tail lie inside `dst .. dst + len` (contract).
+                        unsafe {
+                            pread_exact(self.buffered, dst, (lo - offset) as usize, offset)?;
+                            let tail = hi.min(end);
+                            pread_exact(
+                                self.buffered,
+                                dst.add((tail - offset) as usize),
+                                (end - tail) as usize,
+                                tail,
+                            )?;
+                        }
+                        return Ok(());
+                    }
+                    Err(err) if direct_io::is_direct_refusal(&err) => {
+                        direct.store(false, Ordering::Relaxed);
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
         }
-        buf = &mut buf[n..];
-        offset += n as u64;
+        // SAFETY: `dst .. dst + len` is writable (contract).
+        unsafe { pread_exact(self.buffered, dst, len, offset) }
+    }
+}
+
+/// A read-only mapping of a file, only to ask the kernel which of its pages are cached
+/// (`mincore`); nothing is ever read through it.
+struct PageCacheView {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is only passed to mincore, never dereferenced; any thread may do that.
+unsafe impl Send for PageCacheView {}
+unsafe impl Sync for PageCacheView {}
+
+impl PageCacheView {
+    fn map(file: &File, len: u64) -> Option<PageCacheView> {
+        let len = usize::try_from(len).ok().filter(|&n| n > 0)?;
+        // SAFETY: a new shared read-only mapping of our file; its pages are never touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then_some(PageCacheView { ptr, len })
+    }
+
+    /// Whether every page of `[begin, end)` is in the page cache.
+    fn all_resident(&self, begin: u64, end: u64) -> bool {
+        let page = crate::pool::page_size() as u64;
+        let first = begin / page * page;
+        let end = end.min(self.len as u64);
+        if end <= first {
+            return false;
+        }
+        let pages = (end - first).div_ceil(page) as usize;
+        let mut residency = vec![0u8; pages];
+        // SAFETY: the range lies inside our mapping (page-aligned start); the vector has one
+        // byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                (self.ptr as usize + first as usize) as *mut libc::c_void,
+                (end - first) as usize,
+                residency.as_mut_ptr(),
+            )
+        };
+        rc == 0 && residency.iter().all(|&r| r & 1 == 1)
+    }
+}
+
+impl Drop for PageCacheView {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Reads exactly `len` bytes at `offset` into `dst`; a file that ends first is `UnexpectedEof`.
+///
+/// # Safety
+/// `dst` must point to `len` writable bytes nothing else accesses during the call.
+unsafe fn pread_exact(file: &File, dst: *mut u8, len: usize, offset: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: forwarded contract.
+    let n = unsafe { direct_io::pread_full(file, dst, len, offset) }?;
+    if n < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`.
+fn pread_slice(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    // SAFETY: a live, exclusively borrowed slice.
+    unsafe { pread_exact(file, buf.as_mut_ptr(), buf.len(), offset) }
 }
 
 #[cfg(test)]
@@ -539,7 +772,7 @@ mod tests {
             request: None,
         };
         // SAFETY: data outlives the call.
-        unsafe { write_file(path, &[spec], &[source], meta, None) }.unwrap();
+        unsafe { write_file(path, &[spec], &[source], meta, None, None) }.unwrap();
     }
 
     #[test]
@@ -562,10 +795,10 @@ mod tests {
         );
         let mut out = vec![0u8; data.len()];
         // SAFETY: `out` is large enough.
-        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), &[0], true) }.unwrap_err();
+        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[0], true) }.unwrap_err();
         assert!(err.to_string().contains("crc32c"), "{err}");
         // SAFETY: as above.
-        unsafe { file.read_into(out.as_mut_ptr(), out.len(), &[0], false) }.unwrap();
+        unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[0], false) }.unwrap();
     }
 
     #[test]
@@ -575,7 +808,7 @@ mod tests {
         let buffers: Vec<Vec<u8>> = (0..50)
             .map(|i| {
                 let len = if i == 20 {
-                    3 * READ_CHUNK + 5
+                    3 * IO_CHUNK + 5
                 } else {
                     i * 13 % 200
                 };
@@ -604,7 +837,7 @@ mod tests {
         meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
         meta.insert(format::KEY_TREE.into(), "{}".into());
         // SAFETY: buffers outlive the call.
-        unsafe { write_file(&path, &specs, &sources, meta, None) }.unwrap();
+        unsafe { write_file(&path, &specs, &sources, meta, None, None) }.unwrap();
         // The buffer layout Python uses: 64-aligned, like the file (one run).
         let mut offsets = Vec::new();
         let mut at = 0usize;
@@ -615,18 +848,18 @@ mod tests {
         let mut out = vec![0u8; at];
         let file = CheckpointFile::open(&path).unwrap();
         // SAFETY: `out` holds every range.
-        unsafe { file.read_into(out.as_mut_ptr(), out.len(), &offsets, true) }.unwrap();
+        unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &offsets, true) }.unwrap();
         for (b, &o) in buffers.iter().zip(&offsets) {
             assert_eq!(&out[o..o + b.len()], &b[..]);
         }
         let mut bytes = std::fs::read(&path).unwrap();
         let big = file.layout().unwrap().storages[20].offset as usize;
-        bytes[big + 2 * READ_CHUNK + 1] ^= 4;
+        bytes[big + 2 * IO_CHUNK + 1] ^= 4;
         std::fs::write(&path, &bytes).unwrap();
         let file = CheckpointFile::open(&path).unwrap();
         // SAFETY: as above.
         let err =
-            unsafe { file.read_into(out.as_mut_ptr(), out.len(), &offsets, true) }.unwrap_err();
+            unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &offsets, true) }.unwrap_err();
         assert!(err.to_string().contains("storage 20"), "{err}");
     }
 
@@ -638,7 +871,7 @@ mod tests {
         let file = CheckpointFile::open(&path).unwrap();
         let mut out = vec![0u8; 3];
         // SAFETY: the call must reject the range before writing.
-        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), &[1], true) }.unwrap_err();
+        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[1], true) }.unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
     }
 

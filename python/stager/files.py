@@ -1,30 +1,41 @@
 """Checkpoint files: ``save`` (atomic, durable, checksummed), ``load`` (validated, no pickle),
-and the ``stager inspect`` / ``stager verify`` commands.
+the replica writers (:class:`_StreamingReplica`, :func:`durable_torch_save`), and the
+``stager inspect`` / ``stager verify`` commands.
 
 A stager file is a ``.safetensors`` file (any safetensors reader opens it) whose ``__metadata__``
 also carries the tree (containers, non-tensor leaves, views sharing storages) and a crc32c per
 stored buffer; the layout is documented in ``docs/FORMAT.md``. Python makes one pass over the
 state_dict (:func:`stager.plan.plan_state_dict`) and encodes the tree (:mod:`stager.tree`); the
-bytes are written and read by the Rust core without the GIL and without a serialization copy.
+bytes are written and read by the Rust core without the GIL and without a serialization copy,
+with direct I/O where the filesystem supports it (``rust/direct_io.rs``).
+
+Every file goes through one atomic commit (``rust/commit.rs``, ``_native.AtomicFile``): a temp
+file ``<name>.<pid>.<n>.stager.tmp`` next to the target → write → fsync → rename over the target
+→ fsync of the directory. A crash leaves the previous file or the new one; the temp files of
+killed writers are swept by the next save or replica written in that directory. Only regular
+files are replaced: a device, FIFO, socket or directory at ``path`` raises :class:`StagerError`;
+a symlink is followed and its target replaced (in the target's directory).
 
 Order of operations in :func:`save`:
 
 1. plan the state_dict (one pass) and encode its tree as JSON;
 2. if every storage is on the CPU and no ``stager`` is given, write straight from the tensors'
-   own memory; otherwise start staging into a host buffer (the given stager's pool and copy
-   engine, or the process-wide pool) and write each storage as soon as its request of the stage's
-   completion has completed;
+   own memory (through aligned bounce chunks: their memory is not page-aligned); otherwise
+   start staging into a host buffer (the given stager's pool and copy engine, or the
+   process-wide pool) and write each storage as soon as its request of the stage's completion
+   has completed, the buffer going to the device as one aligned run;
 3. the Rust writer names the file entries (a storage one tensor covers is stored under that
-   tensor's key path), writes a temp file ``<name>.<pid>.<n>.tmp`` next to ``path``, fsyncs it,
-   renames it over ``path`` and fsyncs the directory. On any error the temp file is removed and
-   the previous file is kept.
+   tensor's key path), fills the temp file and the commit renames it over ``path``. On any
+   error the temp file is removed and the previous file is kept.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -35,7 +46,7 @@ from .options import StagingOptions
 from .plan import StatePlan, gc_paused, plan_state_dict
 from .stagers import StagingEngine
 
-__all__ = ["inspect_command", "load", "save", "verify_command"]
+__all__ = ["durable_torch_save", "inspect_command", "load", "save", "verify_command"]
 
 #: torch dtype → safetensors dtype name: the dtypes whose tensors a file stores under their own key
 #: (the map itself is the Rust writer's, rust/python/table.rs).
@@ -77,6 +88,12 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
     Non-tensor leaves that are not plain Python values need ``allow_pickle=True`` (and the same
     flag to load them back). ``metadata``: extra ``__metadata__`` strings (replication records
     owner, step and world size there). Raises :class:`StagerError` naming ``path`` on any failure.
+
+    ``path`` must be a regular file or not exist: a device file, FIFO, socket or directory there
+    raises :class:`StagerError` naming it and its type, and is left as it is. A symlink is
+    followed, as ``torch.save`` does: its target is replaced atomically (the temp file is made
+    in the target's directory) and the link itself stays. Stale temp files of killed saves in
+    that directory are removed.
     """
     path = os.fspath(path)
     plan = plan_state_dict(state_dict)
@@ -99,6 +116,150 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
         _native.write_file(path, plan.table, names, metadata, staged.buffer, staged.completion)
     finally:
         staged.wait()
+
+
+# ---- replicas -----------------------------------------------------------------------------------
+
+
+class _StreamingReplica:
+    """Writes a received replica with stager's durable writer *while its bytes arrive*.
+
+    The writer (``_native.write_file``, the one behind :func:`save`) writes storage i once
+    request i of a completion completes; here the requests are completed as the segments
+    holding each storage are received (:meth:`received`), so the disk works during the
+    exchange. It writes straight into the commit's temp file (``<final>.<pid>.<n>.stager.tmp``)
+    and fsyncs it, but does not rename it: :meth:`commit`, called once the exchange succeeded,
+    renames it over the final name and fsyncs the directory. :meth:`abort` releases the writer
+    and removes the temp file, so neither a partial nor a stale replica is left and the previous
+    one stays. ``metadata``: extra header strings (the replica record)."""
+
+    _ABORT_WAIT_S = 5.0
+
+    def __init__(self, path: str, incoming: Any, metadata: dict[str, str] | None = None) -> None:
+        plan, meta = incoming.plan, incoming.meta
+        self.path = path
+        names = tree.tensor_names(meta, len(plan.table))
+        metadata = {**(metadata or {}), **header_metadata(meta)}  # reserved keys win
+        nbytes = plan.table.storage_nbytes
+        buffer = incoming.buffer if isinstance(incoming.buffer, _native.HostBuffer) else None
+        self.buffer = incoming.buffer  # the writer reads it until it returns
+        self.job = _native.Completion(len(nbytes))
+        for index, size in enumerate(nbytes):
+            if not size:
+                self.job.mark_complete(index)
+        self.error: BaseException | None = None
+        self.file: Any = None  # the written, uncommitted _native.AtomicFile
+        self._aborted = False
+
+        def write() -> None:
+            try:
+                file = _native.write_file(path, plan.table, names, metadata, buffer, self.job, commit=False)
+            except BaseException as err:  # reported by commit(), in the caller's thread
+                self.error = err
+                return
+            if self._aborted:
+                file.abort()
+            else:
+                self.file = file
+
+        self.thread = threading.Thread(target=write, name="stager-replica-writer", daemon=True)
+        self.thread.start()
+
+    def received(self, incoming: Any, index: int) -> None:
+        """Segment ``index`` has landed: release the storages it completes to the writer."""
+        segment = incoming.segments[index]
+        if segment.direct:
+            storage = incoming.plan.storages[segment.first]
+            if segment.end == storage.offset + storage.nbytes:
+                self.job.mark_complete(segment.first)
+        else:
+            for storage_index in range(segment.first, segment.last):
+                self.job.mark_complete(storage_index)
+
+    def commit(self) -> None:
+        """Waits for the writer, then renames the replica over its final name."""
+        self.thread.join()
+        if self.error is not None:
+            if isinstance(self.error, StagerError):
+                raise self.error
+            raise StagerError(f"cannot persist replica {self.path!r}: {self.error}") from self.error
+        self.file.commit()
+
+    def abort(self) -> None:
+        """Drops the replica being written; the previous one stays. Doesn't wait for the disk."""
+        self._aborted = True
+        self.job.fail("the replica was not received completely")  # the writer stops, removes its temp
+        self.thread.join(self._ABORT_WAIT_S)
+        if not self.thread.is_alive() and self.file is not None:
+            self.file.abort()  # (a writer still running aborts its own file when it returns)
+
+
+class _RecordingWriter:
+    """The file object ``torch.save`` writes into: the commit's temp file, buffered, keeping the
+    first OSError, which torch's zip writer turns into an opaque ``RuntimeError``."""
+
+    def __init__(self, fd: int) -> None:
+        self._file = open(os.dup(fd), "wb", buffering=1 << 20)  # closed by close()
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+
+
+def durable_torch_save(state_dict: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` (PyTorch's ``.pt``) through the atomic commit: into the temp file, fsync,
+    rename over ``path``, fsync of the directory. An OS error while writing (a full disk, a file
+    size limit) raises :class:`StagerError` naming ``path`` and the error (``.errno`` kept);
+    the previous file stays and no temp file is left."""
+    path = os.fspath(path)
+    with _native.AtomicFile(path) as file:  # aborted (temp removed) unless committed
+        sink = _RecordingWriter(file.fileno())
+        try:
+            torch.save(state_dict, sink)
+            sink.flush()
+        except Exception:
+            if sink.error is None:
+                raise
+        finally:
+            sink.close()
+        if sink.error is not None:
+            raise os_error(f"cannot write {path}", sink.error) from sink.error
+        file.commit()
+
+
+def os_error(what: str, err: OSError) -> StagerError:
+    """A StagerError saying ``what`` failed with ``err`` (its errno name included and kept as
+    ``.errno``)."""
+    error = StagerError(f"{what}: {err.strerror or err} [{errno_name(err.errno)}]")
+    error.kind = "io"  # the attributes the Rust errors carry
+    error.errno = err.errno
+    error.cuda_code = None
+    return error
+
+
+def errno_name(code: int | None) -> str:
+    """``ENOSPC`` for 28, etc."""
+    return errno.errorcode.get(code, str(code)) if code is not None else "no errno"
 
 
 # ---- load --------------------------------------------------------------------------------------

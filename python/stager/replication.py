@@ -80,8 +80,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native, files, tree
+from . import _native, files
 from ._native import StagerError
+from .files import _StreamingReplica, durable_torch_save
 from .placement import Placement, default_ranks_per_node, place
 from .transport import BROKEN, PGTransport, TransportError, _as_timedelta
 
@@ -245,7 +246,7 @@ def load_replica(path: str, *, verify: bool = True) -> Any:
     return files.load(path, verify=verify)
 
 
-# ---- persistence (the writers are io's; see stager.files) -------------------------------------------
+# ---- persistence (the writers, _StreamingReplica and durable_torch_save, are in stager.files) ----
 
 
 def _fsync_dir(path: str) -> None:
@@ -254,113 +255,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _temp_path(final: str) -> str:
-    return f"{final}.{os.getpid()}.{threading.get_ident() % 100000}.tmp"
-
-
-class _StreamingReplica:
-    """Writes a received replica with stager's durable writer *while its bytes arrive*.
-
-    The writer (``_native.write_file``, the one behind :func:`stager.save`) writes storage i once
-    request i of a completion completes; here the requests are completed as the segments holding
-    each storage are received, so the disk works during the exchange. The
-    writer produces ``<final>.<pid>.recv.tmp`` (its own temp file, fsync, rename, directory
-    fsync); :meth:`commit` renames that over the final name and fsyncs the directory again.
-    :meth:`abort` releases the writer (it finishes writing what is in the buffer) and removes the
-    file, so neither a partial nor a stale replica is left and the previous one stays.
-    ``metadata``: extra header strings (the replica record)."""
-
-    _ABORT_WAIT_S = 5.0
-
-    def __init__(self, path: str, incoming: Any, metadata: dict[str, str] | None = None) -> None:
-        plan, meta = incoming.plan, incoming.meta
-        self.path = path
-        self.incoming_path = f"{path}.{os.getpid()}.recv.tmp"
-        names = tree.tensor_names(meta, len(plan.table))
-        metadata = {**(metadata or {}), **files.header_metadata(meta)}
-        nbytes = plan.table.storage_nbytes
-        self.buffer = incoming.buffer  # the writer reads it until it returns
-        self.job = _native.Completion(len(nbytes))
-        for index, size in enumerate(nbytes):
-            if not size:
-                self.job.mark_complete(index)
-        self.error: BaseException | None = None
-        buffer = incoming.buffer if isinstance(incoming.buffer, _native.HostBuffer) else None
-
-        def write() -> None:
-            try:
-                _native.write_file(self.incoming_path, plan.table, names, metadata, buffer, self.job)
-            except BaseException as err:
-                self.error = err
-
-        self.thread = threading.Thread(target=write, name="stager-replica-writer", daemon=True)
-        self.thread.start()
-
-    def received(self, incoming: Any, index: int) -> None:
-        """Segment ``index`` has landed: release the storages it completes to the writer."""
-        segment = incoming.segments[index]
-        if segment.direct:
-            storage = incoming.plan.storages[segment.first]
-            if segment.end == storage.offset + storage.nbytes:
-                self.job.mark_complete(segment.first)
-        else:
-            for storage_index in range(segment.first, segment.last):
-                self.job.mark_complete(storage_index)
-
-    def commit(self) -> None:
-        self.thread.join()
-        if self.error is not None:
-            self._remove()
-            if isinstance(self.error, StagerError):
-                raise self.error
-            raise StagerError(f"cannot persist replica {self.path!r}: {self.error}") from self.error
-        try:
-            os.rename(self.incoming_path, self.path)
-            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        except OSError as err:
-            self._remove()
-            raise StagerError(f"cannot persist replica {self.path!r}: {err}") from err
-
-    def abort(self) -> None:
-        self.job.fail("the replica was not received completely")  # the writer stops and cleans up
-        self.thread.join(self._ABORT_WAIT_S)
-        if not self.thread.is_alive():
-            self._remove()
-            return
-
-        def finish() -> None:  # a large remainder: don't make the caller wait for the disk
-            self.thread.join()
-            self._remove()
-
-        threading.Thread(target=finish, name="stager-replica-abort", daemon=True).start()
-
-    def _remove(self) -> None:
-        try:
-            os.unlink(self.incoming_path)
-        except FileNotFoundError:
-            pass
-
-
-def durable_torch_save(state_dict: Any, path: str) -> None:
-    """``torch.save`` into a temp file → fsync → rename → directory fsync (PyTorch's ``.pt``)."""
-    temp = _temp_path(path)
-    try:
-        with open(temp, "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except BaseException as err:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        if isinstance(err, OSError):
-            raise StagerError(f"cannot persist replica {path!r}: {err}") from err
-        raise
 
 
 def _append_torch_record(path: str, record: dict[str, int]) -> None:

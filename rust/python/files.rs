@@ -1,16 +1,20 @@
-//! `write_file` and `CheckpointFile`: the durable writer and the reader (`writer.rs`, `reader.rs`,
-//! `format.rs`) as Python functions and objects.
+//! `write_file`, `AtomicFile` and `CheckpointFile`: the durable writer, the atomic commit and the
+//! reader (`writer.rs`, `commit.rs`, `reader.rs`, `format.rs`) as Python functions and objects.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
+use crate::commit::AtomicFile;
+use crate::direct_io;
 use crate::format::storage_entries;
 use crate::reader::{CheckpointFile, StorageTarget};
 use crate::table::Device;
-use crate::writer::{write_file as engine_write_file, Source};
+use crate::writer::{write_uncommitted, Source, StagedBuffer};
 
 use super::buffer::PyHostBuffer;
 use super::copy::PyCompletion;
@@ -18,15 +22,18 @@ use super::invalid;
 use super::table::PyTensorTable;
 
 /// Writes a stager file of the storages of `table` atomically and durably; returns the file's
-/// size in bytes.
+/// size in bytes, or with `commit=False` the written, fsynced but not yet renamed
+/// :class:`AtomicFile` (the caller commits or aborts it).
 ///
-/// Storage i is read from `buffer` at its offset when `buffer` is given (a staged buffer), else
-/// from the source storage itself (CPU tables only). With `completion`, storage i is written once
+/// Storage i is read from `buffer` at its offset when `buffer` is given (a staged buffer, written
+/// to the device as one run, its padding zeroed), else from the source storage itself (CPU tables
+/// only). With `completion`, storage i is written once
 /// request i has completed, so writing overlaps staging or receiving. `tensor_names[i]` (the
 /// dotted key path of tensor i, or None) names the file entry of a storage a single tensor covers.
 /// The GIL is released while writing; the table and buffer stay alive for the whole call.
 #[pyfunction]
-#[pyo3(signature = (path, table, tensor_names, metadata, buffer = None, completion = None))]
+#[pyo3(signature = (path, table, tensor_names, metadata, buffer = None, completion = None, *, commit = true))]
+#[allow(clippy::too_many_arguments)]
 fn write_file(
     py: Python<'_>,
     path: PathBuf,
@@ -35,7 +42,8 @@ fn write_file(
     metadata: BTreeMap<String, String>,
     buffer: Option<Bound<'_, PyHostBuffer>>,
     completion: Option<Bound<'_, PyCompletion>>,
-) -> PyResult<u64> {
+    commit: bool,
+) -> PyResult<Py<PyAny>> {
     let table_ref = table.get();
     let described = &table_ref.table;
     if tensor_names.len() != described.views().len() {
@@ -63,9 +71,11 @@ fn write_file(
     let specs = storage_entries(described, &tensor_names, |i| {
         table_ref.safetensors_entry(py, i)
     });
+    let mut staged = None;
     let sources: Vec<Source> = match &buffer {
         Some(buffer) => {
             let host = &buffer.get().buffer;
+            staged = Some((host.as_ptr() as usize, host.len()));
             described.check_buffer(host.len())?;
             let base = host.as_ptr() as *const u8;
             described
@@ -99,12 +109,136 @@ fn write_file(
             .collect::<PyResult<_>>()?,
     };
     // SAFETY: every source points into a storage the table holds (CPU, alive for this call) or
-    // into `buffer` at the table's checked offsets (alive for this call); bytes still being
-    // filled are only read after their request of `completion` has completed (write_file waits).
-    let report = py.detach(|| unsafe {
-        engine_write_file(&path, &specs, &sources, metadata, completion.as_ref())
+    // into `buffer` at the table's checked offsets (alive for this call; its bytes between the
+    // storages are the table's padding, nobody's); bytes still being filled are only read after
+    // their request of `completion` has completed (the writer waits).
+    let (file, report) = py.detach(|| unsafe {
+        let staged = staged.map(|(ptr, len)| StagedBuffer {
+            ptr: ptr as *mut u8,
+            len,
+        });
+        write_uncommitted(&path, &specs, &sources, metadata, completion.as_ref(), staged)
     })?;
-    Ok(report.file_bytes)
+    if commit {
+        py.detach(|| file.commit())?;
+        return Ok(report.file_bytes.into_pyobject(py)?.into_any().unbind());
+    }
+    let file = PyAtomicFile {
+        file: Mutex::new(Some(file)),
+        nbytes: report.file_bytes,
+    };
+    Ok(Py::new(py, file)?.into_any())
+}
+
+/// A file written under a temp name in its target's directory and renamed over the target by
+/// :meth:`commit` (fsync, rename, directory fsync); see `rust/commit.rs`.
+///
+/// ``AtomicFile(path)`` resolves ``path`` (symlinks followed; anything but a regular file
+/// refused), sweeps stale stager temp files from that directory and creates a locked temp file:
+/// write it through :meth:`fileno`, then :meth:`commit` or :meth:`abort`. Used as a context
+/// manager, it aborts unless committed.
+#[pyclass(name = "AtomicFile", module = "stager._native", frozen)]
+struct PyAtomicFile {
+    file: Mutex<Option<AtomicFile>>,
+    /// Bytes the writer wrote (0 for files Python writes).
+    nbytes: u64,
+}
+
+impl PyAtomicFile {
+    fn with_open<T>(&self, action: impl FnOnce(&mut AtomicFile) -> T) -> PyResult<T> {
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_mut() {
+            Some(file) => Ok(action(file)),
+            None => Err(invalid(
+                "this AtomicFile was already committed or aborted",
+            )),
+        }
+    }
+
+    fn take(&self) -> Option<AtomicFile> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+#[pymethods]
+impl PyAtomicFile {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<PyAtomicFile> {
+        let file = py.detach(|| AtomicFile::create(&path))?;
+        Ok(PyAtomicFile {
+            file: Mutex::new(Some(file)),
+            nbytes: 0,
+        })
+    }
+
+    /// The temp file's descriptor (owned by this object: don't close it).
+    fn fileno(&self) -> PyResult<i32> {
+        self.with_open(|file| {
+            file.mark_dirty();
+            file.file().as_raw_fd()
+        })
+    }
+
+    /// The file the commit replaces (symlinks resolved).
+    #[getter]
+    fn path(&self) -> PyResult<PathBuf> {
+        self.with_open(|file| file.target().to_path_buf())
+    }
+
+    /// Where the bytes are until the commit.
+    #[getter]
+    fn temp_path(&self) -> PyResult<PathBuf> {
+        self.with_open(|file| file.temp_path().to_path_buf())
+    }
+
+    /// Bytes written by `write_file(commit=False)` (0 otherwise).
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.nbytes
+    }
+
+    /// Whether commit() or abort() has run.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    /// fsync (unless already done), rename over the target, fsync of its directory. On error the
+    /// temp file is removed and the previous file stays.
+    fn commit(&self, py: Python<'_>) -> PyResult<()> {
+        let file = self
+            .take()
+            .ok_or_else(|| invalid("this AtomicFile was already committed or aborted"))?;
+        py.detach(|| file.commit())?;
+        Ok(())
+    }
+
+    /// Removes the temp file (a no-op once committed or aborted).
+    fn abort(&self) {
+        if let Some(file) = self.take() {
+            file.abort();
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Aborts unless committed; never swallows the exception.
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> bool {
+        self.abort();
+        false
+    }
+}
+
+/// ``"direct"`` or ``"buffered"``: how stager reads and writes the regular file ``path`` (the
+/// filesystem's support for direct I/O, or ``STAGER_DIRECT_IO=0``).
+#[pyfunction]
+fn io_mode(path: PathBuf) -> PyResult<&'static str> {
+    let file = std::fs::File::open(&path)
+        .map_err(|err| crate::StagerError::io("opening", path.clone(), err))?;
+    Ok(direct_io::probe(&file).name())
 }
 
 /// `(entry, file offset, nbytes, crc32c)` of each storage of a file.
@@ -182,7 +316,7 @@ impl PyCheckpointFile {
     }
 
     /// Reads storage i into `buffer` at the offset `table` places it, checking checksums when
-    /// `verify`.
+    /// `verify`; returns ``"direct"`` or ``"buffered"`` (how the bytes were read).
     #[pyo3(signature = (buffer, table, verify = true))]
     fn read_into(
         &self,
@@ -190,7 +324,7 @@ impl PyCheckpointFile {
         buffer: Bound<'_, PyHostBuffer>,
         table: Bound<'_, PyTensorTable>,
         verify: bool,
-    ) -> PyResult<()> {
+    ) -> PyResult<&'static str> {
         let offsets: Vec<usize> = table
             .get()
             .table
@@ -199,12 +333,15 @@ impl PyCheckpointFile {
             .map(|s| s.offset)
             .collect();
         let host = &buffer.get().buffer;
-        let (address, len) = (host.as_ptr() as usize, host.len());
+        let (address, len, capacity) = (host.as_ptr() as usize, host.len(), host.capacity());
         let file = &self.file;
         // SAFETY: `buffer` is a fresh pool buffer that Python holds (the Bound keeps it alive for
-        // the call) and that no tensor reads before load() returns; read_into checks the ranges.
-        py.detach(|| unsafe { file.read_into(address as *mut u8, len, &offsets, verify) })?;
-        Ok(())
+        // the call) and that no tensor reads before load() returns (its bytes past `len`, up to
+        // the capacity, are nobody's); read_into checks the ranges.
+        let mode = py.detach(|| unsafe {
+            file.read_into(address as *mut u8, len, capacity, &offsets, verify)
+        })?;
+        Ok(mode.name())
     }
 
     /// Reads storage `storages[k]` to address `addresses[k]` for every k (only those storages),
@@ -253,6 +390,8 @@ impl PyCheckpointFile {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
+    m.add_function(wrap_pyfunction!(io_mode, m)?)?;
+    m.add_class::<PyAtomicFile>()?;
     m.add_class::<PyCheckpointFile>()?;
     Ok(())
 }
