@@ -19,7 +19,7 @@ import torch
 
 import stager
 from stager import _native
-from stager.stagers import process_pool
+from stager.engine import process_pool
 
 from helpers import assert_same_tree
 
