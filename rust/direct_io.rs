@@ -105,10 +105,10 @@ fn is_memory_filesystem(fd: i32) -> bool {
     if unsafe { libc::fstatfs(fd, &mut stat) } != 0 {
         return false;
     }
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-    let kind = stat.f_type as i64;
-    kind == libc::TMPFS_MAGIC as i64 || kind == RAMFS_MAGIC || kind == HUGETLBFS_MAGIC
+    // ramfs has no constant in libc; compared as the kernel's 32-bit magic.
+    const RAMFS_MAGIC: u32 = 0x8584_58f6;
+    let kind = stat.f_type;
+    kind == libc::TMPFS_MAGIC || kind == libc::HUGETLBFS_MAGIC || kind as u32 == RAMFS_MAGIC
 }
 
 /// Chooses direct or buffered I/O for the regular file `file` (see the module docs).

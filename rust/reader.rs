@@ -678,6 +678,7 @@ struct PageCacheView {
 
 // SAFETY: the mapping is only passed to mincore, never dereferenced; any thread may do that.
 unsafe impl Send for PageCacheView {}
+// SAFETY: as above; `all_resident` takes `&self` and only reads the kernel's page-cache state.
 unsafe impl Sync for PageCacheView {}
 
 impl PageCacheView {

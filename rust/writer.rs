@@ -574,7 +574,7 @@ impl Run<'_> {
                 .map_err(|err| self.io_error(err))?;
         } else {
             let write_len = len.div_ceil(self.offset_align) * self.offset_align;
-            if chunk.as_ref().is_none_or(|c| c.capacity() < write_len) {
+            if !matches!(chunk, Some(c) if c.capacity() >= write_len) {
                 if let Some(old) = chunk.take() {
                     old.recycle();
                 }
