@@ -272,6 +272,7 @@ unsafe impl Send for AlignedBuf {}
 /// Free bounce chunks, largest first served; at most [`MAX_FREE_CHUNKS`] kept.
 static FREE_CHUNKS: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
 const MAX_FREE_CHUNKS: usize = 2 * IO_DEPTH;
+const HUGE_PAGE: usize = 2 << 20;
 
 impl AlignedBuf {
     /// A buffer of at least `len` bytes (rounded up to a block) whose contents are unspecified
@@ -297,6 +298,13 @@ impl AlignedBuf {
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
+        }
+        if capacity >= HUGE_PAGE {
+            // Huge pages, as the host pool uses: a direct request from them is a few physically
+            // contiguous segments, not one per 4 KiB page, so the device gets larger requests.
+            // Advice only: failure changes nothing.
+            // SAFETY: advises on the mapping made just above.
+            unsafe { libc::madvise(ptr, capacity, libc::MADV_HUGEPAGE) };
         }
         Ok(AlignedBuf {
             ptr: ptr.cast(),
