@@ -20,14 +20,20 @@
 //! - [`pwrite_all`] / [`pread_full`] are the positional primitives, retrying on `EINTR`.
 //!
 //! # Several requests in flight: a few `pwrite` threads, not `io_uring`
-//! Both were measured on this machine's disk (virtio ext4, 512 MiB, O_DIRECT, 10 interleaved
-//! rounds, `benches/writer.rs` group `device`): writes 2.55 GB/s (1 thread, 8 MiB requests),
-//! 2.40 (4 threads) against 2.41 (`io_uring`, 2 in flight) and 2.38 (4 in flight); reads 1.60
-//! (4 threads) against 1.60 (`io_uring`, 4 in flight); CPU per 512 MiB 0.03–0.04 s either way.
-//! With no difference in throughput or CPU, threads win on what remains: they work where
-//! `io_uring` is disabled (`kernel.io_uring_disabled`, Docker's default seccomp profile), so
-//! there is one code path and no fallback to test, and they need no dependency. The writer and
-//! reader use [`IO_DEPTH`] threads with [`IO_CHUNK`] requests.
+//! Both were measured on this machine's disk (virtio ext4; 512 MiB from a huge-page buffer,
+//! O_DIRECT, 8 MiB requests, 10 interleaved rounds; the same rows are `benches/writer.rs`'s
+//! `device_*`): writes 2.92 GB/s median (2.69–3.54) from 4 threads against 2.84 (2.02–3.62)
+//! with `io_uring` 4 in flight (1 thread: 2.61); reads 3.28 (1.53–3.68) from 4 threads against
+//! 3.00 (2.45–3.59); CPU about 0.01 s per 512 MiB either way. With no difference in throughput
+//! or CPU, threads win on what remains: they work where `io_uring` is disabled
+//! (`kernel.io_uring_disabled`, Docker's default seccomp profile), so there is one code path and
+//! no fallback to test, and they need no dependency. The writer and reader use [`IO_DEPTH`]
+//! threads with [`IO_CHUNK`] requests.
+//!
+//! # Huge pages
+//! The same reads into a 4 KiB-page buffer ran at 1.05 GB/s against 2.5 from the pool's
+//! huge-page buffers: a direct request is split at every physically discontiguous page, so the
+//! device gets small requests. Bounce chunks ([`AlignedBuf`]) are huge-page backed like the pool.
 //!
 //! # Thread Safety
 //! Everything here is `Send + Sync`; [`AlignedBuf`] is owned by one thread at a time.
