@@ -347,48 +347,105 @@ impl CheckpointFile {
     }
 
     /// Checks every storage's crc32c; returns one line per damaged storage (empty: all good).
-    /// Reads the data section in aligned chunks (directly where possible) into one scratch
-    /// buffer.
+    /// Reads the data section in [`IO_CHUNK`] pieces (directly where possible) into one scratch
+    /// buffer per thread, [`IO_DEPTH`] threads, folding each piece into its storages' checksums.
     pub fn verify(&self) -> Result<Vec<String>> {
         let layout = self.layout()?;
+        let storages = &layout.storages;
         let source = self.data_source();
         let direct = AtomicBool::new(source.direct.is_some());
-        let mut scratch = AlignedBuf::take(IO_CHUNK)
-            .map_err(|err| StagerError::io("allocating a read buffer for", &self.path, err))?;
-        let mut crcs = vec![0u32; layout.storages.len()];
+        // Storages by file offset (another writer's file need not keep storage order).
+        let mut by_offset: Vec<usize> = (0..storages.len())
+            .filter(|&i| storages[i].nbytes > 0)
+            .collect();
+        by_offset.sort_unstable_by_key(|&i| storages[i].offset);
         let (data_start, data_end) = (self.header.data_start, self.file_len);
-        let mut at = data_start;
-        let mut next_storage = 0;
-        while at < data_end {
-            let len = (IO_CHUNK as u64).min(data_end - at) as usize;
-            // SAFETY: the scratch holds IO_CHUNK bytes and is exclusively ours; the room after a
-            // short last piece lies inside it too.
-            unsafe { source.read(scratch.as_ptr(), len, IO_CHUNK - len, at, &direct) }
-                .map_err(|err| self.read_error(err))?;
-            let bytes = scratch.slice_mut(len);
-            let end = at + len as u64;
-            while next_storage < layout.storages.len() {
-                let storage = &layout.storages[next_storage];
-                let s_end = storage.offset + storage.nbytes;
-                let lo = storage.offset.max(at);
-                let hi = s_end.min(end);
-                if lo < hi {
-                    let part = &bytes[(lo - at) as usize..(hi - at) as usize];
-                    crcs[next_storage] = crc32c::crc32c_append(crcs[next_storage], part);
+        let pieces = (data_end - data_start).div_ceil(IO_CHUNK as u64) as usize;
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
+        let sums: Vec<Mutex<Vec<(usize, u32, usize)>>> =
+            (0..pieces).map(|_| Mutex::new(Vec::new())).collect();
+        let work = || {
+            let mut scratch = match AlignedBuf::take(IO_CHUNK) {
+                Ok(scratch) => scratch,
+                Err(err) => {
+                    failed.store(true, Ordering::Relaxed);
+                    let err = StagerError::io("allocating a read buffer for", &self.path, err);
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(err);
+                    return;
                 }
-                if s_end > end {
+            };
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= pieces || failed.load(Ordering::Relaxed) {
                     break;
                 }
-                next_storage += 1;
+                let at = data_start + (index * IO_CHUNK) as u64;
+                let len = (IO_CHUNK as u64).min(data_end - at) as usize;
+                // SAFETY: the scratch holds IO_CHUNK bytes and belongs to this thread; the room
+                // after a short last piece lies inside it too.
+                let read =
+                    unsafe { source.read(scratch.as_ptr(), len, IO_CHUNK - len, at, &direct) };
+                if let Err(err) = read {
+                    failed.store(true, Ordering::Relaxed);
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(self.read_error(err));
+                    break;
+                }
+                let bytes = scratch.slice_mut(len);
+                let end = at + len as u64;
+                let first =
+                    by_offset.partition_point(|&i| storages[i].offset + storages[i].nbytes <= at);
+                let mut parts = Vec::new();
+                for &i in &by_offset[first..] {
+                    let storage = &storages[i];
+                    if storage.offset >= end {
+                        break;
+                    }
+                    let lo = storage.offset.max(at);
+                    let hi = (storage.offset + storage.nbytes).min(end);
+                    let part = &bytes[(lo - at) as usize..(hi - at) as usize];
+                    parts.push((i, crc32c::crc32c(part), part.len()));
+                }
+                *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = parts;
             }
-            at = end;
+            scratch.recycle();
+        };
+        let threads = IO_DEPTH.min(pieces);
+        if threads <= 1 {
+            work();
+        } else {
+            std::thread::scope(|scope| {
+                for _ in 1..threads {
+                    scope.spawn(work);
+                }
+                work();
+            });
         }
-        scratch.recycle();
+        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(err);
+        }
+        let mut crcs: Vec<Option<u32>> = vec![None; storages.len()];
+        for parts in sums {
+            for (i, crc, len) in parts.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                crcs[i] = Some(match crcs[i] {
+                    None => crc,
+                    Some(before) => crc32c::crc32c_combine(before, crc, len),
+                });
+            }
+        }
         let mut problems = Vec::new();
-        for (index, storage) in layout.storages.iter().enumerate() {
-            if crcs[index] != storage.crc32c {
+        for (index, storage) in storages.iter().enumerate() {
+            let computed = crcs[index].unwrap_or(0);
+            if computed != storage.crc32c {
                 problems.push(
-                    self.checksum_error(index, &storage.entry, storage.crc32c, crcs[index])
+                    self.checksum_error(index, &storage.entry, storage.crc32c, computed)
                         .to_string(),
                 );
             }
@@ -862,6 +919,94 @@ mod tests {
         let err =
             unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &offsets, true) }.unwrap_err();
         assert!(err.to_string().contains("storage 20"), "{err}");
+    }
+
+    /// A file of `sizes` storages (patterned bytes) in `dir`; returns its path and the bytes.
+    fn write_patterned(dir: &Path, sizes: &[usize]) -> (PathBuf, Vec<Vec<u8>>) {
+        let path = dir.join("p.safetensors");
+        let buffers: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (j * 13 + i * 5 + 1) as u8).collect())
+            .collect();
+        let specs: Vec<EntrySpec> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| EntrySpec {
+                name: format!("s{i}"),
+                dtype: "U8".into(),
+                shape: vec![b.len() as u64],
+                nbytes: b.len() as u64,
+            })
+            .collect();
+        let sources: Vec<Source> = buffers
+            .iter()
+            .map(|b| Source {
+                ptr: b.as_ptr(),
+                request: None,
+            })
+            .collect();
+        let mut meta = BTreeMap::new();
+        meta.insert(format::KEY_FORMAT.into(), "stager".into());
+        meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
+        meta.insert(format::KEY_TREE.into(), "{}".into());
+        // SAFETY: buffers outlive the call.
+        unsafe { write_file(&path, &specs, &sources, meta, None, None) }.unwrap();
+        (path, buffers)
+    }
+
+    #[test]
+    fn direct_reads_with_and_without_room_and_in_other_layouts() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        // The last storage ends mid-block; one spans several requests.
+        let sizes = [100, 2 * IO_CHUNK + 4097, 3, 5000];
+        let (path, buffers) = write_patterned(dir.path(), &sizes);
+        let file = CheckpointFile::open(&path).unwrap();
+        let mirrored: Vec<usize> = {
+            let mut at = 0;
+            sizes
+                .iter()
+                .map(|&n| {
+                    let offset = at;
+                    at += n.div_ceil(64) * 64;
+                    offset
+                })
+                .collect()
+        };
+        let len = mirrored[3] + sizes[3];
+        let check = |out: &AlignedBuf, offsets: &[usize]| {
+            for (b, &o) in buffers.iter().zip(offsets) {
+                // SAFETY: `out` holds every range and nothing writes it meanwhile.
+                let got = unsafe { std::slice::from_raw_parts(out.as_ptr().add(o), b.len()) };
+                assert_eq!(got, &b[..]);
+            }
+        };
+        let out = AlignedBuf::take(len + 8192).unwrap();
+        for capacity in [len, out.capacity()] {
+            // SAFETY: `out` holds `capacity` bytes.
+            let mode = unsafe { file.read_into(out.as_ptr(), len, capacity, &mirrored, true) }
+                .unwrap();
+            assert!(mode.is_direct(), "{mode:?}");
+            check(&out, &mirrored);
+        }
+        // A layout unlike the file's (each storage 1 byte further): heads and tails buffered.
+        let shifted: Vec<usize> = mirrored.iter().enumerate().map(|(i, &o)| o + i + 1).collect();
+        let shifted_len = shifted[3] + sizes[3];
+        // SAFETY: as above.
+        unsafe { file.read_into(out.as_ptr(), shifted_len, out.capacity(), &shifted, true) }
+            .unwrap();
+        check(&out, &shifted);
+        out.recycle();
+        assert!(file.verify().unwrap().is_empty());
+        // A flipped byte in the second request of the big storage: read_into and verify see it.
+        let big = file.layout().unwrap().storages[1].offset as usize;
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[big + IO_CHUNK + 77] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let file = CheckpointFile::open(&path).unwrap();
+        let problems = file.verify().unwrap();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("storage 1"), "{}", problems[0]);
     }
 
     #[test]
