@@ -176,12 +176,16 @@ fn bench_write(c: &mut Criterion) {
     raw("device_direct_1_thread", &mut group, &|f| {
         threads_io(f, &buffer, LARGE, 1, true)
     });
-    raw(&format!("device_direct_{IO_DEPTH}_threads"), &mut group, &|f| {
-        threads_io(f, &buffer, LARGE, IO_DEPTH, true)
-    });
-    raw(&format!("device_direct_io_uring_{IO_DEPTH}_in_flight"), &mut group, &|f| {
-        uring_io(f, &buffer, LARGE, IO_DEPTH, true)
-    });
+    raw(
+        &format!("device_direct_{IO_DEPTH}_threads"),
+        &mut group,
+        &|f| threads_io(f, &buffer, LARGE, IO_DEPTH, true),
+    );
+    raw(
+        &format!("device_direct_io_uring_{IO_DEPTH}_in_flight"),
+        &mut group,
+        &|f| uring_io(f, &buffer, LARGE, IO_DEPTH, true),
+    );
     let _ = std::fs::remove_file(&limit_path);
 
     let sizes = storage_sizes();
@@ -207,7 +211,14 @@ fn bench_write(c: &mut Criterion) {
         b.iter(|| {
             // SAFETY: the buffer outlives the call; its padding is nobody's.
             unsafe {
-                write_file(&path, &all_specs, &staged_sources, metadata(), None, Some(staged))
+                write_file(
+                    &path,
+                    &all_specs,
+                    &staged_sources,
+                    metadata(),
+                    None,
+                    Some(staged),
+                )
             }
             .unwrap()
         })
@@ -280,8 +291,17 @@ fn bench_read(c: &mut Criterion) {
         len: buffer.capacity(),
     };
     // SAFETY: the buffer outlives the call; its padding is nobody's.
-    unsafe { write_file(&path, &specs(&sizes), &sources, metadata(), None, Some(staged)) }
-        .unwrap();
+    unsafe {
+        write_file(
+            &path,
+            &specs(&sizes),
+            &sources,
+            metadata(),
+            None,
+            Some(staged),
+        )
+    }
+    .unwrap();
     let file = CheckpointFile::open(&path).unwrap();
     let layout = file.layout().unwrap();
     let data_start = file.header().data_start;
@@ -302,9 +322,10 @@ fn bench_read(c: &mut Criterion) {
     group.bench_function(format!("device_direct_{IO_DEPTH}_threads"), |b| {
         b.iter(|| threads_io(&direct, &buffer, aligned_len, IO_DEPTH, false))
     });
-    group.bench_function(format!("device_direct_io_uring_{IO_DEPTH}_in_flight"), |b| {
-        b.iter(|| uring_io(&direct, &buffer, aligned_len, IO_DEPTH, false))
-    });
+    group.bench_function(
+        format!("device_direct_io_uring_{IO_DEPTH}_in_flight"),
+        |b| b.iter(|| uring_io(&direct, &buffer, aligned_len, IO_DEPTH, false)),
+    );
     let capacity = buffer.capacity();
     let dst = buffer.slice_mut(capacity).as_mut_ptr();
     group.bench_function("reader_read_into_cold", |b| {

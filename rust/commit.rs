@@ -16,7 +16,10 @@
 //!   of the pattern only if it is a regular file whose lock it can take, so a live writer's temp
 //!   (in this process or any other, even one that reused a dead writer's pid) is never touched,
 //!   and files that merely resemble the pattern but are not regular files are left alone.
-//!   Where the filesystem has no `flock` the sweep falls back to "the pid in the name is gone".
+//!   This process's own live temp files are also known by inode and skipped, so the sweep stays
+//!   right where `flock` is emulated with per-process POSIX locks (NFS) and two threads save into
+//!   one directory. Where the filesystem has no `flock` the sweep falls back to "the pid in the
+//!   name is gone".
 //!   Files of other names are never touched. Temp names of stager 0.1 (`<final>.<pid>.<n>.tmp`,
 //!   `<final>.<pid>.recv.tmp[.<pid>.<n>.tmp]`) are still recognised, for the final name being
 //!   saved only, when their pid is gone.
@@ -53,6 +56,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::error::{Result, StagerError};
 
@@ -64,6 +68,14 @@ const MAX_NAME_IN_TEMP: usize = 200;
 const MAX_SYMLINKS: usize = 40;
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// `(device, inode)` of every temp file this process is writing (created, not yet renamed or
+/// removed).
+static LIVE_TEMPS: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+fn live_temps() -> std::sync::MutexGuard<'static, Vec<(u64, u64)>> {
+    LIVE_TEMPS.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// A file being written under a temp name, committed by renaming it over its final name.
 ///
@@ -78,6 +90,8 @@ pub struct AtomicFile {
     requested: PathBuf,
     /// Whether everything written so far has been fsynced.
     synced: bool,
+    /// `(device, inode)` of the temp file, in [`LIVE_TEMPS`] until it is renamed or removed.
+    identity: (u64, u64),
 }
 
 impl AtomicFile {
@@ -99,7 +113,7 @@ impl AtomicFile {
             Ok(meta) => meta.permissions().mode() & 0o7777,
             Err(_) => 0o644,
         };
-        let (file, temp) = create_locked_temp(&dir, name, mode)
+        let (file, temp, identity) = create_locked_temp(&dir, name, mode)
             .map_err(|err| StagerError::io("creating a temp file to write", path, err))?;
         Ok(AtomicFile {
             file: Some(file),
@@ -107,12 +121,15 @@ impl AtomicFile {
             target,
             requested: path.to_path_buf(),
             synced: false,
+            identity,
         })
     }
 
     /// The open temp file (read-write).
     pub fn file(&self) -> &File {
-        self.file.as_ref().expect("an AtomicFile is open until commit or abort")
+        self.file
+            .as_ref()
+            .expect("an AtomicFile is open until commit or abort")
     }
 
     /// Marks the file as possibly written since the last [`AtomicFile::sync`] (for callers that
@@ -152,11 +169,11 @@ impl AtomicFile {
             self.sync()?;
         }
         check_replaceable(&self.target, &self.requested)?;
-        std::fs::rename(&self.temp, &self.target).map_err(|err| {
-            StagerError::io("renaming the temp file over", &self.requested, err)
-        })?;
+        std::fs::rename(&self.temp, &self.target)
+            .map_err(|err| StagerError::io("renaming the temp file over", &self.requested, err))?;
         // Renamed: the lock may go now (the sweep never looks at final names).
         self.file = None;
+        self.forget();
         File::open(parent_dir(&self.target))
             .and_then(|dir| dir.sync_all())
             .map_err(|err| StagerError::io("fsync of the directory of", &self.requested, err))
@@ -168,9 +185,18 @@ impl AtomicFile {
     }
 
     fn discard(&mut self) {
-        if self.file.take().is_some() {
+        if self.file.is_some() {
             // Unlinked while still locked, so no sweep can race with it.
             let _ = std::fs::remove_file(&self.temp);
+            self.file = None;
+            self.forget();
+        }
+    }
+
+    fn forget(&self) {
+        let mut live = live_temps();
+        if let Some(index) = live.iter().position(|&id| id == self.identity) {
+            live.swap_remove(index);
         }
     }
 }
@@ -272,7 +298,11 @@ fn check_replaceable(target: &Path, requested: &Path) -> Result<()> {
 
 /// `<name>.<pid>.<n>.stager.tmp` in `dir`, created exclusively and `flock`ed before anyone can
 /// mistake it for debris.
-fn create_locked_temp(dir: &Path, name: &OsStr, mode: u32) -> io::Result<(File, PathBuf)> {
+fn create_locked_temp(
+    dir: &Path,
+    name: &OsStr,
+    mode: u32,
+) -> io::Result<(File, PathBuf, (u64, u64))> {
     let short = shorten(name);
     loop {
         let mut temp_name = short.clone();
@@ -307,13 +337,21 @@ fn create_locked_temp(dir: &Path, name: &OsStr, mode: u32) -> io::Result<(File, 
         // A sweep may have removed the file between its creation and our lock: the name must
         // still be this file, else start over with a new one.
         let ours = file.metadata()?;
+        let identity = (ours.dev(), ours.ino());
+        live_temps().push(identity);
         match std::fs::symlink_metadata(&temp) {
-            Ok(meta) if meta.ino() == ours.ino() && meta.dev() == ours.dev() => {}
-            _ => continue,
+            Ok(meta) if (meta.dev(), meta.ino()) == identity => {}
+            _ => {
+                let mut live = live_temps();
+                if let Some(index) = live.iter().position(|&id| id == identity) {
+                    live.swap_remove(index);
+                }
+                continue;
+            }
         }
         // umask may have narrowed the mode; a replaced file's bits carry over exactly.
         let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
-        return Ok((file, temp));
+        return Ok((file, temp, identity));
     }
 }
 
@@ -420,7 +458,7 @@ fn remove_if_stale(path: &Path, pid: i32, legacy: bool) -> bool {
     let Ok(meta) = file.metadata() else {
         return false;
     };
-    if !meta.is_file() {
+    if !meta.is_file() || live_temps().contains(&(meta.dev(), meta.ino())) {
         return false;
     }
     // SAFETY: flock on a descriptor we own; non-blocking.

@@ -258,20 +258,18 @@ impl CheckpointFile {
             let run = &runs[piece.run];
             let start = run.dst_start + piece.offset;
             let last_of_run = piece.offset + piece.len == run.len;
-            let room = if last_of_run { room_after[piece.run] } else { 0 };
+            let room = if last_of_run {
+                room_after[piece.run]
+            } else {
+                0
+            };
             let file_at = run.file_start + piece.offset as u64;
             // SAFETY: `[start, start + len + room)` lies inside the caller's buffer (each
             // storage was checked to fit, a run ends with a storage, and `room` stops at the
             // next run or the capacity); runs are disjoint and each piece is claimed by one
             // thread through `next`.
             let read = unsafe {
-                source.read(
-                    (base + start) as *mut u8,
-                    piece.len,
-                    room,
-                    file_at,
-                    &direct,
-                )
+                source.read((base + start) as *mut u8, piece.len, room, file_at, &direct)
             };
             if let Err(err) = read {
                 failed.store(true, Ordering::Relaxed);
@@ -676,7 +674,10 @@ impl DataSource<'_> {
     ) -> io::Result<()> {
         let end = offset + len as u64;
         if let (Some(file), true) = (&self.direct, direct.load(Ordering::Relaxed)) {
-            let cached = self.cache.as_ref().is_some_and(|c| c.all_resident(offset, end));
+            let cached = self
+                .cache
+                .as_ref()
+                .is_some_and(|c| c.all_resident(offset, end));
             let (mem_align, offset_align) = self.mode.alignment();
             let align = offset_align as u64;
             let lo = offset.div_ceil(align) * align;
@@ -853,7 +854,8 @@ mod tests {
         );
         let mut out = vec![0u8; data.len()];
         // SAFETY: `out` is large enough.
-        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[0], true) }.unwrap_err();
+        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[0], true) }
+            .unwrap_err();
         assert!(err.to_string().contains("crc32c"), "{err}");
         // SAFETY: as above.
         unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[0], false) }.unwrap();
@@ -916,8 +918,8 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let file = CheckpointFile::open(&path).unwrap();
         // SAFETY: as above.
-        let err =
-            unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &offsets, true) }.unwrap_err();
+        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &offsets, true) }
+            .unwrap_err();
         assert!(err.to_string().contains("storage 20"), "{err}");
     }
 
@@ -984,13 +986,17 @@ mod tests {
         let out = AlignedBuf::take(len + 8192).unwrap();
         for capacity in [len, out.capacity()] {
             // SAFETY: `out` holds `capacity` bytes.
-            let mode = unsafe { file.read_into(out.as_ptr(), len, capacity, &mirrored, true) }
-                .unwrap();
+            let mode =
+                unsafe { file.read_into(out.as_ptr(), len, capacity, &mirrored, true) }.unwrap();
             assert!(mode.is_direct(), "{mode:?}");
             check(&out, &mirrored);
         }
         // A layout unlike the file's (each storage 1 byte further): heads and tails buffered.
-        let shifted: Vec<usize> = mirrored.iter().enumerate().map(|(i, &o)| o + i + 1).collect();
+        let shifted: Vec<usize> = mirrored
+            .iter()
+            .enumerate()
+            .map(|(i, &o)| o + i + 1)
+            .collect();
         let shifted_len = shifted[3] + sizes[3];
         // SAFETY: as above.
         unsafe { file.read_into(out.as_ptr(), shifted_len, out.capacity(), &shifted, true) }
@@ -1017,7 +1023,8 @@ mod tests {
         let file = CheckpointFile::open(&path).unwrap();
         let mut out = vec![0u8; 3];
         // SAFETY: the call must reject the range before writing.
-        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[1], true) }.unwrap_err();
+        let err = unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &[1], true) }
+            .unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
     }
 

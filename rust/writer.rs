@@ -288,7 +288,10 @@ pub unsafe fn write_uncommitted(
         .map_err(io_err("writing the header of"))?;
     block.recycle();
     // The last direct request may have run past the end (whole blocks): cut it back.
-    let len = file.metadata().map_err(io_err("reading the size of"))?.len();
+    let len = file
+        .metadata()
+        .map_err(io_err("reading the size of"))?
+        .len();
     if len != file_bytes {
         file.set_len(file_bytes)
             .map_err(io_err("setting the size of"))?;
@@ -336,12 +339,7 @@ struct Op {
 unsafe impl Sync for Op {}
 
 /// Cuts the data section into write requests (see the module docs for the rules).
-fn plan_ops(
-    parts: &[Part],
-    data_len: u64,
-    mode: IoMode,
-    staged: Option<StagedBuffer>,
-) -> Vec<Op> {
+fn plan_ops(parts: &[Part], data_len: u64, mode: IoMode, staged: Option<StagedBuffer>) -> Vec<Op> {
     let (mem_align, _) = mode.alignment();
     let block = BLOCK as u64;
     // Spans: runs of parts whose memory advances exactly like their file offsets, the bytes in
@@ -511,7 +509,11 @@ impl Run<'_> {
         };
         // A thread filling a bounce chunk is not writing: with bounced requests, twice the
         // threads keep IO_DEPTH writes in flight while the others copy.
-        let bounced = self.ops.iter().filter(|op| op.direct_from.is_none()).count();
+        let bounced = self
+            .ops
+            .iter()
+            .filter(|op| op.direct_from.is_none())
+            .count();
         let depth = if bounced > 1 { 2 * IO_DEPTH } else { IO_DEPTH };
         let threads = depth.min(self.ops.len());
         if threads <= 1 {
@@ -586,8 +588,9 @@ impl Run<'_> {
                 if let Some(old) = chunk.take() {
                     old.recycle();
                 }
-                let fresh = AlignedBuf::take(write_len.max(IO_CHUNK))
-                    .map_err(|err| StagerError::io("allocating a bounce buffer for", self.path, err))?;
+                let fresh = AlignedBuf::take(write_len.max(IO_CHUNK)).map_err(|err| {
+                    StagerError::io("allocating a bounce buffer for", self.path, err)
+                })?;
                 *chunk = Some(fresh);
             }
             let buffer = chunk.as_mut().expect("just set");
@@ -640,7 +643,9 @@ impl Run<'_> {
     unsafe fn write_at(&self, ptr: *const u8, len: usize, offset: u64) -> io::Result<()> {
         // SAFETY: forwarded contract.
         match unsafe { direct_io::pwrite_all(self.file, ptr, len, offset) } {
-            Err(err) if self.direct.load(Ordering::Relaxed) && direct_io::is_direct_refusal(&err) => {
+            Err(err)
+                if self.direct.load(Ordering::Relaxed) && direct_io::is_direct_refusal(&err) =>
+            {
                 direct_io::fall_back_to_buffered(self.file)?;
                 self.direct.store(false, Ordering::Relaxed);
                 // SAFETY: as above.
@@ -709,8 +714,7 @@ mod tests {
         }
         let mut out = vec![0u8; at];
         // SAFETY: `out` holds every range.
-        unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &offsets, true) }
-            .unwrap();
+        unsafe { file.read_into(out.as_mut_ptr(), out.len(), out.len(), &offsets, true) }.unwrap();
         for (b, &o) in expected.iter().zip(&offsets) {
             assert_eq!(&out[o..o + b.len()], *b);
         }
@@ -815,7 +819,14 @@ mod tests {
             };
             let report = unsafe {
                 // SAFETY: the buffer outlives the call; its padding is nobody's.
-                write_file(&path, &specs_for(&sizes), &sources, meta(), None, Some(staged))
+                write_file(
+                    &path,
+                    &specs_for(&sizes),
+                    &sources,
+                    meta(),
+                    None,
+                    Some(staged),
+                )
             }
             .unwrap();
             let on_memory_fs = dir.path().starts_with("/dev/shm");
@@ -915,7 +926,14 @@ mod tests {
         };
         // SAFETY: as above.
         unsafe {
-            write_file(&path, &specs_for(&sizes), &sources, meta(), Some(&job), Some(staged))
+            write_file(
+                &path,
+                &specs_for(&sizes),
+                &sources,
+                meta(),
+                Some(&job),
+                Some(staged),
+            )
         }
         .unwrap();
         job.wait_all(None).unwrap();
@@ -948,7 +966,14 @@ mod tests {
         });
         // SAFETY: `data` outlives the call.
         let err = unsafe {
-            write_file(&path, &specs_for(&[IO_CHUNK, 2 * IO_CHUNK]), &sources, meta(), Some(&completion), None)
+            write_file(
+                &path,
+                &specs_for(&[IO_CHUNK, 2 * IO_CHUNK]),
+                &sources,
+                meta(),
+                Some(&completion),
+                None,
+            )
         }
         .unwrap_err();
         partner.join().unwrap();
@@ -972,10 +997,20 @@ mod tests {
         };
         let err = unsafe {
             // SAFETY: refused before anything is read.
-            write_file(&dir.path().join("o"), &specs_for(&[100]), &[source], meta(), None, Some(staged))
+            write_file(
+                &dir.path().join("o"),
+                &specs_for(&[100]),
+                &[source],
+                meta(),
+                None,
+                Some(staged),
+            )
         }
         .unwrap_err();
-        assert!(err.to_string().contains("outside the staged buffer"), "{err}");
+        assert!(
+            err.to_string().contains("outside the staged buffer"),
+            "{err}"
+        );
         assert!(dir_names(dir.path()).is_empty());
     }
 

@@ -117,7 +117,14 @@ fn write_file(
             ptr: ptr as *mut u8,
             len,
         });
-        write_uncommitted(&path, &specs, &sources, metadata, completion.as_ref(), staged)
+        write_uncommitted(
+            &path,
+            &specs,
+            &sources,
+            metadata,
+            completion.as_ref(),
+            staged,
+        )
     })?;
     if commit {
         py.detach(|| file.commit())?;
@@ -149,9 +156,7 @@ impl PyAtomicFile {
         let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_mut() {
             Some(file) => Ok(action(file)),
-            None => Err(invalid(
-                "this AtomicFile was already committed or aborted",
-            )),
+            None => Err(invalid("this AtomicFile was already committed or aborted")),
         }
     }
 
@@ -200,7 +205,10 @@ impl PyAtomicFile {
     /// Whether commit() or abort() has run.
     #[getter]
     fn closed(&self) -> bool {
-        self.file.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
     }
 
     /// fsync (unless already done), rename over the target, fsync of its directory. On error the
