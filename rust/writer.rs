@@ -296,6 +296,10 @@ pub unsafe fn write_uncommitted(
         file.set_len(file_bytes)
             .map_err(io_err("setting the size of"))?;
     }
+    if mode.is_direct() {
+        // Whoever gets the file next (a caller committing it later) sees a plain descriptor.
+        let _ = direct_io::set_direct(file, false);
+    }
     atomic.sync()?;
     Ok((
         atomic,
