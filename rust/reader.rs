@@ -451,6 +451,13 @@ impl CheckpointFile {
         Ok(problems)
     }
 
+    fn advise_sequential(&self) {
+        // SAFETY: advice on our own descriptor; failure changes nothing.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+    }
+
     /// The descriptors data is read through: this file, and a direct-I/O descriptor of the
     /// same open file where the filesystem supports it.
     fn data_source(&self) -> DataSource<'_> {
@@ -466,10 +473,7 @@ impl CheckpointFile {
             None
         };
         if direct.is_none() {
-            // SAFETY: advice on our own descriptor; failure changes nothing.
-            unsafe {
-                libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
-            }
+            self.advise_sequential();
         }
         DataSource {
             buffered: &self.file,
@@ -517,8 +521,9 @@ unsafe impl Sync for StorageTarget {}
 
 impl CheckpointFile {
     /// Reads some of the file's storages, each to its own place (a destination tensor's memory,
-    /// a scratch buffer), with up to [`READ_THREADS`] threads in [`READ_CHUNK`] pieces, folding
-    /// each piece into its storage's crc32c while it is in cache when `verify`.
+    /// a scratch buffer), with up to [`IO_DEPTH`] threads in [`IO_CHUNK`] pieces, folding each
+    /// piece into its storage's crc32c while it is in cache when `verify`. Buffered reads: the
+    /// destinations are arbitrary memory (a tensor's), not aligned for direct I/O.
     ///
     /// This is what a reader serving partial read plans needs (dcp's `read_data`): storages it
     /// does not need are not read, and the ones read whole into their destination need no
@@ -568,7 +573,7 @@ impl CheckpointFile {
             let nbytes = storages[targets[k].storage].nbytes as usize;
             let mut done = 0;
             while done < nbytes {
-                let len = (nbytes - done).min(READ_CHUNK);
+                let len = (nbytes - done).min(IO_CHUNK);
                 pieces.push((k, done, len));
                 done += len;
             }
@@ -589,7 +594,7 @@ impl CheckpointFile {
             // SAFETY: `offset + len <= nbytes` of this storage, whose bytes at `dst` are ours
             // to write (function contract); each piece is claimed by one thread through `next`.
             let bytes = unsafe { std::slice::from_raw_parts_mut(target.dst.add(offset), len) };
-            if let Err(err) = pread_exact(&self.file, bytes, storage.offset + offset as u64) {
+            if let Err(err) = pread_slice(&self.file, bytes, storage.offset + offset as u64) {
                 failed.store(true, Ordering::Relaxed);
                 first_error
                     .lock()
@@ -601,7 +606,7 @@ impl CheckpointFile {
                 *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = crc32c::crc32c(bytes);
             }
         };
-        let threads = READ_THREADS.min(pieces.len());
+        let threads = IO_DEPTH.min(pieces.len());
         if threads <= 1 {
             work();
         } else {
@@ -1051,7 +1056,7 @@ mod tests {
         let buffers: Vec<Vec<u8>> = (0..6)
             .map(|i| {
                 let len = if i == 3 {
-                    2 * READ_CHUNK + 17
+                    2 * IO_CHUNK + 17
                 } else {
                     100 + i * 31
                 };
@@ -1080,7 +1085,7 @@ mod tests {
         meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
         meta.insert(format::KEY_TREE.into(), "{}".into());
         // SAFETY: buffers outlive the call.
-        unsafe { write_file(&path, &specs, &sources, meta, None) }.unwrap();
+        unsafe { write_file(&path, &specs, &sources, meta, None, None) }.unwrap();
         let file = CheckpointFile::open(&path).unwrap();
         let wanted = [5usize, 1, 3];
         let mut outs: Vec<Vec<u8>> = wanted.iter().map(|&i| vec![0; buffers[i].len()]).collect();
@@ -1111,7 +1116,7 @@ mod tests {
         // A flipped byte in the middle of the big storage is reported for that storage only.
         let mut bytes = std::fs::read(&path).unwrap();
         let big = file.layout().unwrap().storages[3].offset as usize;
-        bytes[big + READ_CHUNK + 5] ^= 0x10;
+        bytes[big + IO_CHUNK + 5] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
         let file = CheckpointFile::open(&path).unwrap();
         // SAFETY: as above.
