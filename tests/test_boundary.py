@@ -74,15 +74,18 @@ BATTERY = textwrap.dedent(
     engine = _native.CopyEngine(2)
     target = pool.acquire(4096)
     source = torch.ones(1024, dtype=torch.uint8)
+    src = source.untyped_storage()
     for copies, needle in [
-        ([(0, source.data_ptr(), 4000, 1024)], "does not fit"),
-        ([(0, source.data_ptr(), 0, 1024), (1, source.data_ptr(), 512, 1024)], "overlap"),
-        ([(0, source.data_ptr(), 2**70, 1)], "target offset"),
-        ([(5, source.data_ptr(), 0, 8)], "request 5"),
-        ([(0, 0, 0, 8)], "null"),
-        ([(0, source.data_ptr(), 0, 8), (0, source.data_ptr(), 8, 8)], "two copies"),
+        ([(0, src, 0, 4000, 1024)], "does not fit"),
+        ([(0, src, 0, 0, 1024), (1, src, 0, 512, 1024)], "overlap"),
+        ([(0, src, 0, 2**70, 1)], "target offset"),
+        ([(0, src, 1000, 0, 100)], "of a 1024-byte source storage"),
+        ([(0, src, -1, 0, 8)], "source offset"),
+        ([(5, src, 0, 0, 8)], "request 5"),
+        ([(0, "not a storage", 0, 0, 8)], "torch.UntypedStorage"),
+        ([(0, src, 0, 0, 8), (0, src, 0, 8, 8)], "two copies"),
     ]:
-        refused(lambda: engine.submit(target, _native.Completion(2), copies, source), needle)
+        refused(lambda: engine.submit(target, _native.Completion(2), copies), needle)
 
     # Tables from metadata.
     refused(lambda: _native.TensorTable.from_layout([-1], []), "storage nbytes")

@@ -933,7 +933,7 @@ class FileSystemReader(StorageReader):
             wanted[tensor.storage_index] = wanted.get(tensor.storage_index, 0) + 1
         # Destinations; storages read straight into one of them, the rest into scratch.
         targets: list[torch.Tensor | None] = []
-        direct: dict[int, int] = {}
+        direct: dict[int, torch.Tensor] = {}
         for item, key, tensor in zip(items, keys, chosen):
             if item.type == LoadItemType.BYTE_IO:
                 targets.append(None)
@@ -957,7 +957,7 @@ class FileSystemReader(StorageReader):
                 and not dest.is_neg()
                 and dest.numel() * dest.element_size() == storages[storage].nbytes
             ):
-                direct[storage] = dest.data_ptr()
+                direct[storage] = dest
             targets.append(dest)
         _drop_overlapping(direct, storages)
         scratch_offsets: dict[int, int] = {}
@@ -967,9 +967,9 @@ class FileSystemReader(StorageReader):
                 scratch_offsets[storage] = total
                 total += -(-storages[storage].nbytes // ALIGNMENT) * ALIGNMENT
         scratch = engine.process_pool(False).acquire(total) if total else engine.empty_buffer()
-        order = list(direct) + list(scratch_offsets)
-        addresses = [direct[s] for s in direct] + [scratch.address + scratch_offsets[s] for s in scratch_offsets]
-        damaged = rank_file.file.read_storages(order, addresses, self.verify)
+        reads = [(s, destination) for s, destination in direct.items()]
+        reads += [(s, (scratch, offset)) for s, offset in scratch_offsets.items()]
+        damaged = rank_file.file.read_storages(reads, self.verify)
         if damaged:
             bad = set(damaged)
             names = [key for key, tensor in zip(keys, chosen) if tensor.storage_index in bad]
@@ -1009,10 +1009,11 @@ class FileSystemReader(StorageReader):
         return _read_committed(os.path.join(os.fspath(checkpoint_id), METADATA_NAME)) is not None
 
 
-def _drop_overlapping(direct: dict[int, int], storages: list) -> None:
+def _drop_overlapping(direct: dict[int, torch.Tensor], storages: list) -> None:
     """Moves to scratch the direct targets whose destination memory overlaps another's (tied
     weights: two dcp items, one tensor), so no two reads ever write the same bytes at once."""
-    spans = sorted((address, address + storages[storage].nbytes, storage) for storage, address in direct.items())
+    spans = sorted((dest.data_ptr(), dest.data_ptr() + storages[storage].nbytes, storage)
+                   for storage, dest in direct.items())
     clash: set[int] = set()
     reach, holder = -1, -1  # the furthest end so far and whose it is
     for start, end, storage in spans:

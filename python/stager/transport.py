@@ -342,12 +342,12 @@ class _Outgoing:
             else:
                 pack_at[index] = pack_nbytes
                 self.packed.append(index)
-                pack_nbytes += -(-segment.nbytes // 64) * 64
+                pack_nbytes += -(-segment.nbytes // _native.STORAGE_ALIGNMENT) * _native.STORAGE_ALIGNMENT
         if not self.packed:
             return
         buffer = transport._pool.acquire(pack_nbytes)
         self.keep.append(buffer)
-        copies, owners = [], []
+        copies = []
         device_copies = []
         for index in self.packed:
             segment = segments[index]
@@ -361,13 +361,12 @@ class _Outgoing:
             for storage_index, begin, nbytes, target in parts:
                 storage = storages[storage_index]
                 if storage.is_cpu:
-                    copies.append((len(copies), storage.address + begin, target, nbytes))
-                    owners.append(storage.storage)
+                    copies.append((len(copies), storage.storage, begin, target, nbytes))
                 else:
                     device_copies.append((storage, begin, nbytes, target))
         if copies:
             self.job = _native.Completion(len(copies))
-            transport._copier.submit(buffer, self.job, copies, owners)
+            transport._copier.submit(buffer, self.job, copies)
         for storage, begin, nbytes, target in device_copies:
             dst = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=target)
             dst.copy_(_storage_bytes(storage.storage)[begin:begin + nbytes])

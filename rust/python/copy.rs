@@ -7,6 +7,7 @@
 //! memory a batch reads and writes is kept alive by the batch itself until its last copy is done,
 //! so dropping a `Completion` (or the staged result) mid-copy is safe.
 
+use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::completion::{Completion, Next};
@@ -121,8 +122,10 @@ impl PyCompletion {
     }
 }
 
-/// `(request, source_address, target_offset, nbytes)` of one host copy, as Python passes it.
+/// `(request, source storage, source_offset, target_offset, nbytes)` of one host copy, as Python
+/// passes it.
 type HostCopyArgs<'py> = (
+    Bound<'py, PyAny>,
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
@@ -197,43 +200,73 @@ impl PyCopyEngine {
         Ok(())
     }
 
-    /// Copies `(request, source_address, target_offset, nbytes)` for each entry of `copies` into
-    /// `target`. `owner` must own the memory at every source address (the tensors or storages);
-    /// the batch keeps it and `target` alive until every copy has finished.
+    /// Copies `(request, source, source_offset, target_offset, nbytes)` for each entry of
+    /// `copies` into `target`: `nbytes` bytes of the CPU `torch.UntypedStorage` `source` from
+    /// byte `source_offset`, completing `request` of `completion`. Ranges are checked against the
+    /// source storage and the target buffer, and the batch keeps the sources and the target alive
+    /// until every copy has finished (for the transport's packing of small storages).
     fn submit(
         &self,
         py: Python<'_>,
         target: Bound<'_, PyHostBuffer>,
         completion: Bound<'_, PyCompletion>,
         copies: Vec<HostCopyArgs<'_>>,
-        owner: Py<PyAny>,
     ) -> PyResult<()> {
         let completion = &completion.get().completion;
         let buffer = &target.get().buffer;
         let base = buffer.as_ptr();
         let mut ranges = Vec::with_capacity(copies.len());
         let mut host_copies = Vec::with_capacity(copies.len());
-        for (request, source, offset, nbytes) in &copies {
+        let mut sources: Vec<Py<PyAny>> = Vec::with_capacity(copies.len());
+        for (request, source, source_offset, offset, nbytes) in &copies {
             let request = usize_arg(request, "request", 0, usize::MAX)?;
-            let source = usize_arg(source, "source address", 0, usize::MAX)?;
+            let source_offset = usize_arg(source_offset, "source offset", 0, usize::MAX)?;
             let offset = usize_arg(offset, "target offset", 0, usize::MAX)?;
             let nbytes = usize_arg(nbytes, "nbytes", 0, isize::MAX as usize)?;
+            let (address, available) = cpu_storage_bytes(source)?;
+            if source_offset
+                .checked_add(nbytes)
+                .map_or(true, |end| end > available)
+            {
+                return Err(invalid(format!(
+                    "copy for request {request}: {nbytes} bytes at offset {source_offset} of a {available}-byte source storage"
+                )));
+            }
             ranges.push((offset, nbytes));
             host_copies.push(HostCopy {
                 request,
-                src: source as *const u8,
+                src: (address as *const u8).wrapping_add(source_offset),
                 dst: base.wrapping_add(offset),
                 len: nbytes,
             });
+            sources.push(source.clone().unbind());
         }
         crate::layout::check_disjoint_ranges(ranges, buffer.len(), "copy")?;
-        let owner: crate::copy_engine::MemoryOwner = Box::new((owner, target.unbind()));
-        // SAFETY: every destination range lies inside `target` and no two overlap (checked just
-        // above); the sources are owned by `owner`, which the batch keeps alive with the target
-        // until its last copy has finished.
+        let owner: crate::copy_engine::MemoryOwner = Box::new((sources, target.unbind()));
+        // SAFETY: every source range lies inside its live CPU storage and every destination inside
+        // `target` with no two overlapping (checked just above); the batch owns the storages and
+        // the target until its last copy has finished.
         py.detach(|| unsafe { self.engine.submit(completion, host_copies, Some(owner)) })?;
         Ok(())
     }
+}
+
+/// `(address, nbytes)` of a CPU `torch.UntypedStorage`, or a StagerError saying what it is instead.
+fn cpu_storage_bytes(storage: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    let py = storage.py();
+    let device = storage
+        .getattr(intern!(py, "device"))
+        .and_then(|d| d.getattr(intern!(py, "type")))
+        .and_then(|t| t.extract::<String>())
+        .map_err(|_| invalid("a copy's source must be a torch.UntypedStorage"))?;
+    if device != "cpu" {
+        return Err(invalid(format!(
+            "a copy's source must be in host memory, not {device}"
+        )));
+    }
+    let address: usize = storage.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+    Ok((address, nbytes))
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -352,41 +352,59 @@ impl PyCheckpointFile {
         Ok(mode.name())
     }
 
-    /// Reads storage `storages[k]` to address `addresses[k]` for every k (only those storages),
-    /// checking checksums when `verify`; returns the indices of the storages whose crc32c does
-    /// not match. For stager.filesystem's dcp reader, which reads straight into destination
-    /// tensors and scratch pool buffers.
-    ///
-    /// The caller passes, for each storage, the address of that storage's `nbytes` writable bytes
-    /// (a contiguous CPU tensor or a pool buffer it holds for the call), disjoint from the others.
-    #[pyo3(signature = (storages, addresses, verify = true))]
+    /// Reads only the chosen storages, each into its own target, checking checksums when
+    /// `verify`; returns the indices of the storages whose crc32c does not match. `targets` holds
+    /// `(storage index, target)` pairs, a target being either a contiguous CPU tensor of exactly
+    /// the storage's bytes (read straight into it) or `(HostBuffer, offset)` (a range of a pool
+    /// buffer). Sizes and ranges are checked here, and no two targets may overlap, so no input can
+    /// make the reader write outside the memory it was given. For stager.filesystem's dcp reader.
+    #[pyo3(signature = (targets, verify = true))]
     fn read_storages(
         &self,
         py: Python<'_>,
-        storages: Vec<usize>,
-        addresses: Vec<usize>,
+        targets: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>,
         verify: bool,
     ) -> PyResult<Vec<usize>> {
-        if storages.len() != addresses.len() {
-            return Err(invalid(format!(
-                "read_storages needs one address per storage: {} storages, {} addresses",
-                storages.len(),
-                addresses.len()
-            )));
-        }
-        let targets: Vec<StorageTarget> = storages
-            .into_iter()
-            .zip(addresses)
-            .map(|(storage, address)| StorageTarget {
+        let layout = self.file.layout()?;
+        let count = layout.storages.len();
+        let mut spans = Vec::with_capacity(targets.len());
+        let mut reads = Vec::with_capacity(targets.len());
+        for (index, target) in &targets {
+            let storage = super::usize_arg(index, "storage index", 0, count.saturating_sub(1))?;
+            let nbytes = layout.storages[storage].nbytes as usize;
+            let address = if let Ok((buffer, offset)) =
+                target.extract::<(Bound<'_, PyHostBuffer>, Bound<'_, PyAny>)>()
+            {
+                let host = &buffer.get().buffer;
+                let offset = super::usize_arg(&offset, "buffer offset", 0, usize::MAX)?;
+                if offset
+                    .checked_add(nbytes)
+                    .map_or(true, |end| end > host.len())
+                {
+                    return Err(invalid(format!(
+                        "storage {storage} ({nbytes} bytes) does not fit the {}-byte buffer at offset {offset}",
+                        host.len()
+                    )));
+                }
+                host.as_ptr() as usize + offset
+            } else {
+                super::table::contiguous_cpu_bytes(target, nbytes)
+                    .map_err(|why| invalid(format!("target of storage {storage}: {why}")))?
+            };
+            if nbytes > 0 {
+                spans.push((address, nbytes));
+            }
+            reads.push(StorageTarget {
                 storage,
                 dst: address as *mut u8,
-            })
-            .collect();
+            });
+        }
+        crate::layout::check_disjoint_ranges(spans, usize::MAX, "read target")?;
         let file = &self.file;
-        // SAFETY: stager.filesystem passes addresses of memory it holds for the call (destination
-        // tensors checked to be contiguous and exactly the storage's size, or pool buffers), one
-        // disjoint range per storage; read_storages checks the indices.
-        Ok(py.detach(|| unsafe { file.read_storages(&targets, verify) })?)
+        // SAFETY: every target is `nbytes` writable bytes inside a live pool buffer or a contiguous
+        // CPU tensor of exactly the storage's size (checked above), all held by `targets` for the
+        // call, and no two overlap (checked above).
+        Ok(py.detach(|| unsafe { file.read_storages(&reads, verify) })?)
     }
 
     /// Checks every checksum; returns one message per damaged storage.

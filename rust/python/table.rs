@@ -687,6 +687,40 @@ impl PyTensorTable {
     }
 }
 
+/// The address of `tensor`'s first byte when it is a contiguous CPU tensor whose elements take
+/// exactly `nbytes` bytes (a target a reader may fill in one piece); else why not.
+pub(crate) fn contiguous_cpu_bytes(
+    tensor: &Bound<'_, PyAny>,
+    nbytes: usize,
+) -> Result<usize, String> {
+    let py = tensor.py();
+    let attempt = || -> PyResult<Result<usize, String>> {
+        if !tensor.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+            return Ok(Err("not a CPU tensor".into()));
+        }
+        if !tensor
+            .call_method0(intern!(py, "is_contiguous"))?
+            .is_truthy()?
+        {
+            return Ok(Err("not contiguous".into()));
+        }
+        let numel: usize = tensor.call_method0(intern!(py, "numel"))?.extract()?;
+        let itemsize: usize = tensor
+            .call_method0(intern!(py, "element_size"))?
+            .extract()?;
+        if numel.checked_mul(itemsize) != Some(nbytes) {
+            return Ok(Err(format!(
+                "holds {} bytes, not {nbytes}",
+                numel.saturating_mul(itemsize)
+            )));
+        }
+        Ok(Ok(tensor
+            .call_method0(intern!(py, "data_ptr"))?
+            .extract()?))
+    };
+    attempt().unwrap_or_else(|err| Err(format!("not a tensor ({err})")))
+}
+
 /// The crc32c of every byte of a CPU `torch.UntypedStorage` (GIL released while reading).
 #[pyfunction]
 fn storage_crc32c(py: Python<'_>, storage: &Bound<'_, PyAny>) -> PyResult<u32> {
