@@ -92,8 +92,9 @@ DCP_VERSION = "1.0.0"
 FORMAT_VERSION = 1
 _MAGIC = b"stager-dcp-metadata"
 _RANK_FILE = re.compile(r"__(\d{1,9})_([0-9a-f]{16})([0-9a-f]{8})\.safetensors")
-_TEMP_SUFFIX = re.compile(r"\.\d+\.\d+\.tmp")
-_METADATA_TEMP = re.compile(r"(__\d{1,9})?\.metadata\.\d+\.\d+\.tmp")
+# Temp names of the one atomic commit (rust/commit.rs), and of stager 0.1's writer.
+_TEMP_SUFFIX = re.compile(r"\.\d+\.\d+(\.stager)?\.tmp")
+_METADATA_TEMP = re.compile(r"(__\d{1,9})?\.metadata\.\d+\.\d+(\.stager)?\.tmp")
 #: Header metadata key of a rank file: which save and rank wrote it.
 _RANK_FILE_KEY = "stager.dcp"
 
@@ -174,37 +175,22 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-_temp_counter = 0
-_temp_counter_lock = threading.Lock()
-
-
 def _atomic_write(path: str, data: bytes) -> None:
-    """``path`` becomes ``data`` atomically and durably (temp, fsync, rename, directory fsync);
-    on failure the previous file stays and the temp is removed."""
-    global _temp_counter
-    with _temp_counter_lock:
-        _temp_counter += 1
-        temp = f"{path}.{os.getpid()}.{_temp_counter}.tmp"
+    """``path`` becomes ``data`` atomically and durably through the one atomic commit
+    (``_native.AtomicFile``: temp in the directory, fsync, rename, directory fsync); on failure the
+    previous file stays and the temp is removed."""
+    file = _native.AtomicFile(path)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
+        fd = file.fileno()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        file.commit()
     except OSError as err:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
+        file.abort()
         raise StagerError(f"writing {path}: {err}") from err
-    try:
-        _fsync_dir(os.path.dirname(path) or ".")
-    except OSError as err:
-        raise StagerError(f"fsync of the directory of {path}: {err}") from err
+    finally:
+        file.abort()  # a no-op once committed
 
 
 _cleanups: dict[str, threading.Thread] = {}
