@@ -7,6 +7,7 @@ GIL, and writes files durably.
 
 from ._native import StagerError
 from ._native import __version__ as __version__
+from .dtensor import LocalShard, MeshInfo
 from .files import load, save
 from .filesystem import FileSystemReader, FileSystemWriter
 from .options import StagingOptions
@@ -19,6 +20,8 @@ __all__ = [
     "DefaultStager",
     "FileSystemReader",
     "FileSystemWriter",
+    "LocalShard",
+    "MeshInfo",
     "PGTransport",
     "Replica",
     "ReplicationStager",

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from . import _native, engine, tree
+from . import _native, dtensor, engine, tree
 from ._native import StagerError
 from .options import StagingOptions
 from .plan import StatePlan, gc_paused, plan_state_dict
@@ -297,14 +297,22 @@ def _open(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[Any, dic
     return file, meta, plan, storages
 
 
-def load(path: str | os.PathLike, *, verify: bool = True, allow_pickle: bool = False) -> Any:
+def load(path: str | os.PathLike, *, mesh: Any = None, verify: bool = True, allow_pickle: bool = False) -> Any:
     """Reads a file written by :func:`save` and returns the exact state_dict (containers, strides,
     storage offsets, shared storages, leaf values), its tensors on the CPU.
+
+    DTensors come back as DTensors on ``mesh`` (a ``DeviceMesh``, or a list of them for
+    DTensors saved on several meshes; a submesh is picked by dim names), with the saved
+    placements, shape and stride and the saved local shard; a mesh that does not fit raises
+    StagerError naming the key. Without ``mesh`` each comes back as a :class:`stager.LocalShard`
+    (the local tensor with its placement).
 
     Every malformed input raises :class:`StagerError` saying what is wrong; with ``verify`` every
     buffer's crc32c is checked. Never unpickles unless ``allow_pickle=True``.
     """
     file, _, plan, _ = _open(path, allow_pickle)
+    if mesh is not None:
+        dtensor.bind_meshes(plan, mesh, required=True)
     buffer = engine.process_pool(False).acquire(plan.total_nbytes)
     file.read_into(buffer, plan.table, verify)
     try:
@@ -344,6 +352,11 @@ def inspect_command(path: str) -> int:
             f"  {key}  {str(tensor.dtype).removeprefix('torch.')}  {list(tensor.size)}  {list(tensor.stride)}"
             f"  {tensor.storage_offset}  #{tensor.storage_index}"
         )
+    if plan.dtensors:
+        print()
+        print("DTensors (key  placements  global shape  stride  mesh):")
+        for line in dtensor.describe(plan):
+            print(f"  {line}")
     print()
     print("stored buffers (entry  bytes  crc32c):")
     for index, (entry, _, nbytes, crc) in enumerate(storages):

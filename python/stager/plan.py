@@ -13,12 +13,21 @@
 Everything per byte happens afterwards in Rust (the copy engine, the writer, the transport), driven
 by the table. :meth:`StatePlan.materialize` then builds the staged tensors over the host buffer:
 each source storage gets its own CPU storage, so sharing is kept exactly.
+
+A DTensor contributes its local tensor as a leaf like any other, plus a placement record
+(:mod:`stager.dtensor`); the staged local tensor is wrapped back into a DTensor when the tree is
+filled. Tensors found inside other objects (dataclasses, attributes of custom objects, a tensor's
+own Python attributes) are leaves too: such objects are deep-copied once the staged tensors exist,
+with every tensor inside replaced by its staged copy, so they come out detached and sharing holds.
 """
 
 from __future__ import annotations
 
 import copy
+import copyreg
 import gc
+import types
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +36,8 @@ from typing import Any
 import torch
 
 from . import _native
+from . import dtensor as _dtensor
+from ._native import StagerError
 
 __all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
 
@@ -108,6 +119,16 @@ class StatePlan:
         self.leaves: list[torch.Tensor] = []  # distinct source tensors; tensor index = position
         self.fills: list[tuple[Any, Any, int]] = []  # (parent, key, tensor index)
         self.tuples: list[tuple[Any, Any, list, type]] = []  # (parent, key, items, tuple type), post-order
+        # DTensors: (local tensor index, placement) per distinct DTensor, and their places.
+        self.dtensors: list[tuple[int, Any]] = []
+        self.dtensor_fills: list[tuple[Any, Any, int]] = []
+        #: Decoded plans: the meshes described (``dtensor.MeshInfo``) and the reader's own meshes
+        #: to rebuild DTensors on (``dtensor.bind_meshes``); without them, LocalShards.
+        self.mesh_infos: list[Any] = []
+        self.mesh_binding: Any = None
+        self.dtensor_where: list[str] = []  # decoded plans: each DTensor's first key, for errors
+        #: Objects holding tensors, deep-copied after staging (see :class:`_DeferredCopies`).
+        self.deferred: _DeferredCopies | None = None
         self.table: Any = None
         self._storages: list[StoragePlan] | None = None
         self._tensors: list[TensorPlan] | None = None
@@ -177,14 +198,23 @@ class StatePlan:
         """Puts ``staged[i]`` in tensor i's places, converts tuples, returns the root."""
         for parent, key, index in self.fills:
             parent[key] = staged[index]
+        wrapped: list[Any] = []
+        if self.dtensors:
+            wrapped = _dtensor.wrap_all(staged, self.dtensors, self.mesh_binding, self.dtensor_where)
+            for parent, key, index in self.dtensor_fills:
+                parent[key] = wrapped[index]
+        if self.deferred is not None:
+            self.deferred.run(staged, wrapped)
         for parent, key, items, tuple_type in self.tuples:
             parent[key] = _make_tuple(tuple_type, items)
         root = self.holder[0]
         # The plan is spent: drop references to the sources and the staged tree.
         self.holder = [None]
         self.fills = []
+        self.dtensor_fills = []
         self.tuples = []
         self.leaves = []
+        self.deferred = None
         return root
 
 
@@ -228,24 +258,215 @@ def _empty_like_mapping(mapping: dict) -> dict:
     return clone
 
 
+class _DeferredCopies:
+    """Objects that hold tensors (dataclasses, custom objects, a tensor's own attributes), copied
+    once the staged tensors exist: ``copy.deepcopy`` with a memo that maps every source tensor
+    inside them to its staged copy, so those come out detached and shared like any other leaf,
+    and the objects keep whatever else deepcopy gives them."""
+
+    def __init__(self, root: Any, memo: dict, keep: list) -> None:
+        self.root = root  # only to name a key path in errors
+        self.memo = memo  # the walk's memo: containers already rebuilt, objects already copied
+        self.keep = keep
+        self.seeds: list[tuple[int, bool, int]] = []  # (id(source), is a DTensor, index)
+        self.objects: list[tuple[Any, Any, Any]] = []  # (parent, key, source object)
+        self.attributes: list[tuple[bool, int, Any]] = []  # (is a DTensor, index, source tensor)
+
+    def run(self, staged: list[Any], wrapped: list[Any]) -> None:
+        memo = self.memo
+        for source_id, is_dtensor, index in self.seeds:
+            memo[source_id] = wrapped[index] if is_dtensor else staged[index]
+        for is_dtensor, index, source in self.attributes:
+            target = wrapped[index] if is_dtensor else staged[index]
+            target.__dict__.update(self.copy(_own_attributes(source), source))
+        for parent, key, source in self.objects:
+            parent[key] = self.copy(source, source)
+
+    def copy(self, value: Any, source: Any) -> Any:
+        try:
+            return copy.deepcopy(value, self.memo)
+        except Exception as err:
+            raise _uncopyable(self.root, source, err) from err
+
+
+def _own_attributes(tensor: Any) -> dict | None:
+    """A tensor's Python attributes worth keeping (``t.my_attr = ...``), else None. ``_is_param``
+    marks an nn.Parameter: staged tensors are plain, so it is left behind."""
+    attributes = tensor.__dict__
+    if not attributes or (len(attributes) == 1 and "_is_param" in attributes):
+        return None
+    return {k: v for k, v in attributes.items() if k != "_is_param"}
+
+
+#: Types deepcopy returns as they are: nothing inside them is staged.
+_ATOMIC_TYPES = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType,
+                 types.CodeType, weakref.ref, property)
+_PLAIN_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
+_FLAT_BUFFERS = frozenset({bytearray, memoryview})
+
+
+def _tensors_inside(value: Any) -> dict[int, torch.Tensor]:
+    """Every tensor reachable from ``value`` the way deepcopy reaches it (containers, then each
+    object's ``__reduce_ex__`` arguments and state), by id. An object that cannot be reduced shows
+    nothing; deepcopy then decides what becomes of it."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        cls = type(value)
+        if cls in _IMMUTABLE_LEAVES or issubclass(cls, _ATOMIC_TYPES) or cls in _FLAT_BUFFERS:
+            continue
+        if isinstance(value, torch.Tensor):
+            found[id(value)] = value
+            continue
+        if cls.__module__ == "numpy" and getattr(getattr(value, "dtype", None), "hasobject", True) is False:
+            continue  # a numpy array or scalar of numbers: reducing it would copy its bytes
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if cls in _PLAIN_CONTAINERS:
+            if cls is dict:
+                stack.extend(value.keys())
+                stack.extend(value.values())
+            else:
+                stack.extend(value)
+            continue
+        try:
+            reductor = copyreg.dispatch_table.get(cls)
+            reduced = reductor(value) if reductor is not None else value.__reduce_ex__(4)
+        except Exception:
+            continue
+        if isinstance(reduced, tuple):
+            for part in reduced[1:]:
+                if part is None:
+                    continue
+                if isinstance(part, Iterator):
+                    try:
+                        part = list(part)
+                    except Exception:
+                        continue
+                stack.append(part)
+    return found
+
+
+def key_path(root: Any, target: Any) -> str:
+    """Where ``target`` (by identity) sits in ``root``, as errors name it: ``root.model.w[0]``;
+    objects' attributes count as keys. Only for error messages: a walk of its own."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, "root")]
+    while stack:
+        value, where = stack.pop()
+        if value is target:
+            return where
+        if id(value) in seen or type(value) in _IMMUTABLE_LEAVES:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif not isinstance(value, torch.Tensor) and hasattr(value, "__dict__"):
+            try:
+                stack.extend((v, f"{where}.{k}") for k, v in vars(value).items())
+            except TypeError:
+                pass
+    return "root"
+
+
+def _uncopyable(root: Any, value: Any, err: BaseException) -> StagerError:
+    cls = type(value)
+    return StagerError(
+        f"cannot stage the {cls.__module__}.{cls.__qualname__} at {key_path(root, value)}: "
+        f"copying it failed ({type(err).__name__}: {err})"
+    )
+
+
+def _refuse_sharded_tensor(root: Any, value: Any) -> StagerError:
+    return StagerError(
+        f"cannot stage the ShardedTensor at {key_path(root, value)}: ShardedTensor is not supported "
+        "(use DTensor, e.g. FSDP2 / torch.distributed.tensor)"
+    )
+
+
 def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePlan:
     """Walks ``state_dict`` once and returns its :class:`StatePlan`; ``track_versions`` also
     records each tensor's version counter (incremental staging)."""
     plan = StatePlan()
     tensor_index: dict[int, int] = {}
+    dtensor_index: dict[int, int] = {}
     memo: dict[int, Any] = {}  # id(container) -> its skeleton; deepcopy memo for other leaves
     keep: list[Any] = []  # keeps memo'd sources alive so their ids stay unique during the walk
     leaves = plan.leaves
     fills = plan.fills
+    dtensors = plan.dtensors
+    dtensor_fills = plan.dtensor_fills
     Tensor = torch.Tensor
     immutable = _IMMUTABLE_LEAVES
+    dtensor_type = _dtensor.DTENSOR
+    dtensor_types = (dtensor_type, _dtensor.LocalShard) if dtensor_type is not None else ()
+    sharded_types = (_dtensor.SHARDED_TENSOR,) if _dtensor.SHARDED_TENSOR is not None else ()
 
-    def add_tensor(value: torch.Tensor, parent: Any, key: Any) -> None:
-        """Records one tensor leaf; it is filled in at ``parent[key]`` after the copy."""
+    def deferred() -> _DeferredCopies:
+        if plan.deferred is None:
+            plan.deferred = _DeferredCopies(state_dict, memo, keep)
+        return plan.deferred
+
+    def tensor_slot(value: torch.Tensor) -> int:
+        """The index of tensor ``value`` (a new leaf the first time it is seen)."""
         index = tensor_index.get(id(value))
         if index is None:
             index = tensor_index[id(value)] = len(leaves)
             leaves.append(value)
+            if value.__dict__:
+                keep_attributes(index, value)
+        return index
+
+    def keep_attributes(index: int, value: torch.Tensor) -> None:
+        """A tensor's own Python attributes are copied onto its staged tensor (tensors in them too)."""
+        if _own_attributes(value) is not None:
+            deferred().attributes.append((False, index, value))
+            stage_inside(value.__dict__)
+
+    def dtensor_slot(value: Any) -> int:
+        """The index of DTensor (or LocalShard) ``value``: its local tensor is a leaf."""
+        index = dtensor_index.get(id(value))
+        if index is not None:
+            return index
+        index = dtensor_index[id(value)] = len(dtensors)
+        if type(value) is dtensor_type:
+            local = value._local_tensor
+            local_index = tensor_index.get(id(local))
+            if local_index is None:
+                local_index = tensor_slot(local)
+            dtensors.append((local_index, value._spec))
+            if value.__dict__ and _own_attributes(value) is not None:
+                deferred().attributes.append((True, index, value))
+                stage_inside(value.__dict__)
+        else:
+            dtensors.append((tensor_slot(_dtensor.local_tensor_of(value)), _dtensor.placement_of(value)))
+        return index
+
+    def stage_inside(value: Any) -> bool:
+        """Makes every tensor inside ``value`` a leaf; True if there was one."""
+        inside = _tensors_inside(value)
+        for tensor in inside.values():
+            if isinstance(tensor, dtensor_types):
+                deferred().seeds.append((id(tensor), True, dtensor_slot(tensor)))
+            elif isinstance(tensor, sharded_types):
+                raise _refuse_sharded_tensor(state_dict, tensor)
+            else:
+                deferred().seeds.append((id(tensor), False, tensor_slot(tensor)))
+        return bool(inside)
+
+    def add_tensor(value: torch.Tensor, parent: Any, key: Any) -> None:
+        """Records one tensor leaf; it is filled in at ``parent[key]`` after the copy."""
+        index = tensor_index.get(id(value))
+        if index is None:  # tensor_slot, inlined: this is the hot path
+            index = tensor_index[id(value)] = len(leaves)
+            leaves.append(value)
+            if value.__dict__:
+                keep_attributes(index, value)
         fills.append((parent, key, index))
 
     def visit(value: Any, parent: Any, key: Any) -> Any:
@@ -253,7 +474,12 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
         if cls in immutable:
             return value
         if cls is Tensor or isinstance(value, Tensor):
-            add_tensor(value, parent, key)
+            if isinstance(value, dtensor_types):
+                dtensor_fills.append((parent, key, dtensor_slot(value)))
+            elif isinstance(value, sharded_types):
+                raise _refuse_sharded_tensor(state_dict, value)
+            else:
+                add_tensor(value, parent, key)
             return None
         if isinstance(value, dict):
             seen = memo.get(id(value))
@@ -263,9 +489,26 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
             memo[id(value)] = skeleton
             keep.append(value)
             for k, v in value.items():
-                if type(v) is Tensor:  # the common leaf, without a call to visit
+                if type(v) is Tensor:  # the common leaves, without a call to visit
                     skeleton[k] = None
                     add_tensor(v, skeleton, k)
+                elif type(v) is dtensor_type:  # FSDP2's leaves: dtensor_slot, inlined
+                    skeleton[k] = None
+                    index = dtensor_index.get(id(v))
+                    if index is None:
+                        if v.__dict__:
+                            index = dtensor_slot(v)
+                        else:
+                            local = v._local_tensor
+                            local_index = tensor_index.get(id(local))
+                            if local_index is None:
+                                local_index = tensor_index[id(local)] = len(leaves)
+                                leaves.append(local)
+                                if local.__dict__:
+                                    keep_attributes(local_index, local)
+                            index = dtensor_index[id(v)] = len(dtensors)
+                            dtensors.append((local_index, v._spec))
+                    dtensor_fills.append((skeleton, k, index))
                 else:
                     skeleton[k] = visit(v, skeleton, k)
             return skeleton
@@ -285,7 +528,16 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
                 items.append(visit(v, items, i))
             plan.tuples.append((parent, key, items, cls))
             return items
-        return copy.deepcopy(value, memo)
+        if cls is _dtensor.LocalShard:
+            dtensor_fills.append((parent, key, dtensor_slot(value)))
+            return None
+        if id(value) not in memo and stage_inside(value):
+            deferred().objects.append((parent, key, value))
+            return None
+        try:
+            return copy.deepcopy(value, memo)
+        except Exception as err:
+            raise _uncopyable(state_dict, value, err) from err
 
     with gc_paused():
         try:
@@ -295,5 +547,5 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
         finally:
             # `visit` refers to itself through its closure: break that cycle now, or the skeleton
             # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
-            visit = add_tensor = None  # type: ignore[assignment]
+            visit = add_tensor = tensor_slot = keep_attributes = dtensor_slot = stage_inside = deferred = None  # type: ignore[assignment]
     return plan

@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from . import _native
+from . import _native, dtensor
 from ._native import StagerError
 from .engine import copy_engine, process_pool
 from .options import default_num_threads
@@ -426,6 +426,7 @@ class _Incoming:
         self.raw_meta: torch.Tensor | None = None
         self.plan: StatePlan | None = None
         self.meta: dict | None = None
+        self.sent: list[StatePlan] = []  # what this rank sends in the same call (its own meshes)
         self.segments: list[Segment] = []
         self.targets: dict[int, torch.UntypedStorage] = {}
         self.buffer: Any = bytearray(0)
@@ -478,6 +479,9 @@ class _Incoming:
     def prepare(self) -> list[torch.Tensor]:
         """The tensor each segment is received into (in place where possible, else the pool)."""
         plan = self.plan
+        # DTensors are rebuilt on this rank's own meshes where it has one, else LocalShards.
+        dtensor.bind_meshes(plan, dtensor.receiver_meshes(self.transport.mesh, self.inplace, self.sent),
+                            required=False)
         storages = plan.storages
         targets = {}
         if self.inplace is not None:
@@ -522,7 +526,7 @@ def _inplace_targets(plan: StatePlan, meta: dict, inplace: Any, exact: bool = Fa
     match and the tensor is a plain CPU tensor (like PyTorch: the whole storage is received).
     With ``exact`` the target must also view its storage as the sent tensor does (dtype, shape,
     stride, offset), so the target tensor itself holds the received values afterwards."""
-    leaves = tensors_by_path(inplace)
+    leaves = {path: dtensor.inplace_target(t) for path, t in tensors_by_path(inplace).items()}  # DTensor: its local
     targets: dict[int, torch.UntypedStorage] = {}
     used: set[int] = set()
     for index, path in tensor_paths(meta).items():
@@ -552,7 +556,7 @@ def _inplace_targets(plan: StatePlan, meta: dict, inplace: Any, exact: bool = Fa
 def _first_mismatch(plan: StatePlan, meta: dict, inplace: Any) -> str | None:
     """Why ``inplace`` can't take the values of every tensor of ``plan`` (a tensor of the same
     dtype and shape at each key path), or None when it can."""
-    leaves = tensors_by_path(inplace)
+    leaves = {path: dtensor.inplace_target(t) for path, t in tensors_by_path(inplace).items()}  # DTensor: its local
     for index, path in sorted(tensor_paths(meta).items(), key=lambda item: item[0]):
         tensor_plan = plan.tensors[index]
         wanted = f"{str(tensor_plan.dtype).removeprefix('torch.')} {list(tensor_plan.size)}"
@@ -578,14 +582,19 @@ class PGTransport:
         device: where the wire tensors live; CPU (gloo) is the supported path.
         state_dict: optional callable returning a state_dict whose tensors receive in place
             (matched by key path; a storage of the same byte size receives the bytes directly).
+        mesh: optional DeviceMesh (or list) received DTensors are rebuilt on; the meshes of
+            in-place DTensor targets and of the DTensors this rank sends serve too. A DTensor
+            whose mesh matches none of them is returned as a :class:`~stager.LocalShard`.
 
     Thread Safety:
         Not thread-safe: one call at a time per object.
     """
 
     def __init__(self, pg: Any, timeout: timedelta, device: Any, state_dict: Callable[[], Any] | None = None,
-                 *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 mesh: Any = None) -> None:
         self._pg = pg
+        self.mesh = mesh
         self._timeout = _as_timedelta(timeout)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._state_dict = state_dict
@@ -740,6 +749,8 @@ class PGTransport:
                     outgoing = prepared[id(state_dict)] = _Outgoing(self, state_dict)
                 outgoing_of[dst] = outgoing
             unsendable = next((o for o in prepared.values() if o.error is not None), None)
+            for incoming in incomings.values():
+                incoming.sent = [o.plan for o in prepared.values() if o.plan is not None]
             seqs = {dst: self._next(self._send_seq, dst) for dst in outgoing_of}
             for dst, outgoing in outgoing_of.items():
                 self._post(waits, "send", outgoing.header, dst, seqs[dst], _TAG_HEADER,

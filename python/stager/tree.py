@@ -7,6 +7,9 @@ read from an untrusted file or peer, and returns a ``StatePlan`` whose storages 
 host buffer, ready for the bytes to be read in and :meth:`StatePlan.materialize` to rebuild the
 exact state_dict (containers, strides, offsets, shared storages).
 
+A DTensor is a ``tensor`` node for its local shard with a ``dtensor`` index into the top-level
+``dtensors`` list, which (with ``meshes``) describes its placement (:mod:`stager.dtensor`).
+
 Plain Python values (None, bool, int, float incl. nan/inf, complex, str, bytes, torch dtypes,
 devices and sizes) are stored as JSON. Anything else is pickled only when the writer passes
 ``allow_pickle=True``, and unpickled only when the reader passes ``allow_pickle=True`` too.
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 
 from . import _native
+from . import dtensor as _dtensor
 from ._native import StagerError
 from .plan import StatePlan, TensorPlan, gc_paused
 
@@ -69,14 +73,13 @@ def encode(plan: StatePlan, *, allow_pickle: bool = False) -> dict[str, Any]:
 
 
 def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
-    if plan.opaque:
-        _, _, tensor = plan.opaque[0]
-        raise StagerError(
-            f"cannot persist or send a {type(tensor).__name__} (layout {tensor.layout}, dtype {tensor.dtype}): "
-            "only plain strided tensors are supported"
-        )
     tensor_at = {(id(parent), key): index for parent, key, index in plan.fills}
+    dtensor_at = {(id(parent), key): index for parent, key, index in plan.dtensor_fills}
+    object_at = {(id(parent), key): source for parent, key, source in plan.deferred.objects} if plan.deferred else {}
     tuple_type = {id(items): cls for _, _, items, cls in plan.tuples}
+    tensor_where: dict[int, str] = {}
+    dtensor_where: dict[int, str] = {}
+    dtensor_nodes: list[dict] = []
 
     def leaf(value: Any, where: str) -> dict[str, Any]:
         cls = type(value)
@@ -110,7 +113,19 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
     def node(value: Any, parent: Any, key: Any, where: str) -> dict[str, Any]:
         index = tensor_at.get((id(parent), key))
         if index is not None:
+            tensor_where.setdefault(index, where)
             return {"t": "tensor", "i": index}
+        if dtensor_at:
+            index = dtensor_at.get((id(parent), key))
+            if index is not None:
+                local = plan.dtensors[index][0]
+                dtensor_where.setdefault(index, where)
+                tensor_where.setdefault(local, where)
+                item = {"t": "tensor", "i": local, "dtensor": index}
+                dtensor_nodes.append(item)
+                return item
+        if object_at and (id(parent), key) in object_at:  # an object holding tensors
+            return leaf(object_at[(id(parent), key)], where)
         if isinstance(value, dict):
             kind = "odict" if isinstance(value, OrderedDict) else "dict"
             return {
@@ -127,6 +142,13 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
             return {"t": "tuple", "items": items}
         return leaf(value, where)
 
+    tree = node(plan.holder[0], plan.holder, 0, "root")
+    if plan.opaque:
+        _, index, tensor = plan.opaque[0]
+        raise StagerError(
+            f"cannot persist or send the {type(tensor).__name__} at {tensor_where.get(index, 'root')} "
+            f"(layout {tensor.layout}, dtype {tensor.dtype}): only plain strided tensors and DTensors are supported"
+        )
     tensors = []
     for tensor in plan.tensors:
         entry = {
@@ -141,12 +163,19 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
         if tensor.flags & TensorPlan.NEG:
             entry["neg"] = True
         tensors.append(entry)
-    return {
+    meta = {
         "version": FORMAT_VERSION,
-        "tree": node(plan.holder[0], plan.holder, 0, "root"),
+        "tree": tree,
         "tensors": tensors,
         "storages": [{"nbytes": storage.nbytes} for storage in plan.storages],
     }
+    if plan.dtensors:
+        # Each DTensor node refers to its layout: patch the record numbers into layout numbers.
+        where = [dtensor_where.get(i, "root") for i in range(len(plan.dtensors))]
+        layout_of, meta["dtensors"], meta["meshes"] = _dtensor.encode(plan.dtensors, where)
+        for item in dtensor_nodes:
+            item["dtensor"] = layout_of[item["dtensor"]]
+    return meta
 
 
 # ---- decoding (untrusted input) ----------------------------------------------------------------
@@ -269,6 +298,10 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
     views = [_decode_tensor(spec, i, storage_nbytes) for i, spec in enumerate(tensor_specs)]
     plan.table = _native.TensorTable.from_layout(storage_nbytes, views)
     count = len(tensor_specs)
+    layouts: list = []
+    if "dtensors" in meta or "meshes" in meta:
+        layouts, plan.mesh_infos = _dtensor.decode(meta)
+    dtensor_at: dict[tuple[int, int], int] = {}  # (local tensor, layout) -> DTensor record
     namedtuple_types: dict[tuple, type] = {}
 
     def leaf(item: dict, where: str) -> Any:
@@ -328,6 +361,16 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
         if kind == "tensor":
             index = _int(item.get("i"), f"{where} tensor index")
             _expect(index < count, f"{where} refers to tensor {index} of {count}")
+            if "dtensor" in item:
+                layout = _int(item["dtensor"], f"{where} dtensor layout")
+                _expect(layout < len(layouts), f"{where} refers to dtensor layout {layout} of {len(layouts)}")
+                number = dtensor_at.get((index, layout))
+                if number is None:  # one DTensor per (local tensor, layout), as it was saved
+                    number = dtensor_at[(index, layout)] = len(plan.dtensors)
+                    plan.dtensors.append((index, layouts[layout]))
+                    plan.dtensor_where.append(where)
+                plan.dtensor_fills.append((parent, key, number))
+                return None
             plan.fills.append((parent, key, index))
             return None
         if kind in ("dict", "odict"):

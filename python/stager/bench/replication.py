@@ -21,6 +21,10 @@ Rows per workload (``<workload> exchange`` and ``<workload> exchange+persist``):
 
 Rows of one workload are measured interleaved, round by round. PyTorch on the tiny dict takes
 seconds per call (one message and one wait per tensor), so it runs at most 2 rounds.
+
+DTensor rows (``dtensor large exchange``, ``dtensor tiny exchange``; :func:`_dtensor_exchange`):
+stager's ReplicationStager (no persisting) on DTensors sharded over both ranks, on the same bytes
+as plain tensors (their local shards), and PyTorch's _ReplicationStager on the same DTensors.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def run(ctx: BenchContext) -> list[Row]:
     assert report is not None
     rows: list[Row] = []
     for workload, data in report.items():
-        rows += _rows(ctx, workload, data)
+        rows += _dtensor_rows(ctx, workload, data) if workload.startswith("dtensor") else _rows(ctx, workload, data)
     return rows
 
 
@@ -254,4 +258,81 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
     report["large"] = measure("large", ctx.large_state_dict())
     ctx.drop_workloads()
     report["tiny"] = measure("tiny", ctx.tiny_state_dict())
+    ctx.drop_workloads()
+    report.update(_dtensor_exchange(ctx, pg, timeout, log))
     return report
+
+
+# ---- DTensor exchange (the DTensor leaves' rows, measured by the same two ranks) ----------------------
+
+DTENSOR_STAGER = "stager ReplicationStager DTensor"
+DTENSOR_PLAIN = "stager ReplicationStager plain tensors (same bytes)"
+DTENSOR_TORCH = "PyTorch _ReplicationStager DTensor"
+
+
+def _dtensor_exchange(ctx: BenchContext, pg: Any, timeout: datetime.timedelta, log: Callable[[str], None]) -> dict:
+    """Samples of the DTensor exchange rows: the staging section's DTensor workloads (256 weights
+    of 4 MiB plus biases, capped at the section's bytes per rank; ``--tiny`` small ones), each
+    rank's tensors its ``Shard(0)`` shards on a 2-rank mesh."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.staging import _ReplicationStager
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..replication import ReplicationStager
+    from .staging import _dtensor_workloads, dtensor_state_dict
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    ours = ReplicationStager(pg, timeout, persist_format=None)
+    theirs = _ReplicationStager(pg, timeout, torch.device("cpu"))
+    theirs._persist_state_dict = lambda *args: None
+
+    def timed(fn: Callable[[], Any]) -> float:
+        gc.collect()
+        dist.barrier()
+        start = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - start
+        del result
+        slowest = torch.tensor([elapsed], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        return float(slowest.item())
+
+    def measure(name: str, plain: dict) -> dict[str, Any]:
+        workload = f"{name} exchange"
+        dtensors = dtensor_state_dict(plain, mesh)
+        nbytes = ctx.nbytes_of(plain)
+        log(f"  [{workload}] {nbytes / 1e9:.3f} GB in {len(plain)} DTensors per rank, 2 ranks over gloo")
+        cases = [(DTENSOR_STAGER, lambda: ours.stage(dtensors)), (DTENSOR_PLAIN, lambda: ours.stage(plain)),
+                 (DTENSOR_TORCH, lambda: theirs.stage(dtensors))]
+        samples: dict[str, list[float]] = {case: [] for case, _ in cases}
+        timed(lambda: ours.stage(dtensors))  # warm the pools
+        for round_ in range(ctx.repeats):
+            for case, fn in cases:
+                if case == DTENSOR_TORCH and "tiny" in name and round_ >= _TORCH_TINY_ROUNDS:
+                    continue
+                samples[case].append(timed(fn))
+            log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
+                + ", ".join(f"{case} {values[-1]:.3f}s" for case, values in samples.items() if values))
+        return {workload: {"nbytes": nbytes, "ntensors": len(plain), "samples": samples}}
+
+    report: dict[str, Any] = {}
+    workloads = _dtensor_workloads(ctx)
+    while workloads:  # one at a time: the large one is freed before the tiny one is built
+        name = next(iter(workloads))
+        report.update(measure(name, workloads.pop(name)))
+    return report
+
+
+def _dtensor_rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
+    samples = data["samples"]
+    size = {"nbytes": data["nbytes"], "ntensors": data["ntensors"]}
+    plain = statistics.median(samples[DTENSOR_PLAIN])
+    vs_plain = plain / statistics.median(samples[DTENSOR_STAGER])
+    return [
+        ctx.row(SECTION, workload, DTENSOR_STAGER, samples[DTENSOR_STAGER], baseline=DTENSOR_TORCH, **size,
+                extra={"speed_vs_plain_tensors": round(vs_plain, 3), "target_vs_plain_tensors": 0.85,
+                       "summary": f"{vs_plain:.2f}x the plain-tensor exchange"}),
+        ctx.row(SECTION, workload, DTENSOR_PLAIN, samples[DTENSOR_PLAIN], baseline=DTENSOR_TORCH, **size),
+        ctx.row(SECTION, workload, DTENSOR_TORCH, samples[DTENSOR_TORCH], **size),
+    ]

@@ -1,0 +1,442 @@
+"""One rank of a DTensor test: ``python dtensor_worker.py RANK WORLD PORT DIR SCENARIOS_JSON``.
+
+Joins a gloo group on 127.0.0.1 (once per process: starting torch is the slow part on a busy
+2-core machine), builds real DTensors (``distribute_tensor`` on CPU meshes, FSDP2 models), runs
+each named scenario of SCENARIOS_JSON in order, prints ``RESULT {"scenario": ..., "ok": ...}`` per
+scenario and exits by itself (exit code 0 when every scenario passed). Every collective and
+transfer has a bounded timeout.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import stager
+from stager.plan import plan_state_dict
+
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+@dataclasses.dataclass
+class World:
+    rank: int
+    size: int
+    directory: str
+    mesh: object  # 1-D ("dp",) over every rank
+    mesh2d: object  # 2-D ("rep", "tp") of shape (1, size)
+
+
+def make_state_dict(world):
+    """Every rank builds the same global tensors, each holds its shards: uneven Shard(0) (7 rows),
+    Shard(1), bf16, Replicate, Partial, a DTensor view, the same DTensor twice, a 2-D mesh
+    DTensor and one on its submesh, plus plain leaves."""
+    gen = torch.Generator().manual_seed(7)
+    mesh, mesh2d = world.mesh, world.mesh2d
+    w = distribute_tensor(torch.randn(7, 5, generator=gen), mesh, [Shard(0)])
+    sd = {
+        "model": {
+            "w": w,
+            "w_t": w.t(),  # a view: its local tensor shares w's storage
+            "cols": distribute_tensor(torch.randn(4, 6, generator=gen), mesh, [Shard(1)]),
+            "half": distribute_tensor(torch.randn(6, 3, generator=gen).to(torch.bfloat16), mesh, [Shard(0)]),
+            "rep": distribute_tensor(torch.arange(10.0), mesh, [Replicate()]),
+            "partial": DTensor.from_local(torch.full((3,), float(world.rank)), mesh, [Partial()]),
+            "tp": distribute_tensor(torch.randn(6, 4, generator=gen), mesh2d, [Replicate(), Shard(0)]),
+            "tp_sub": distribute_tensor(torch.randn(5, generator=gen), mesh2d["tp"], [Shard(0)]),
+        },
+        "same": w,
+        "plain": torch.arange(4) + world.rank,
+        "step": 3,
+    }
+    return sd
+
+
+def dtensors_of(tree, path="root"):
+    if isinstance(tree, (DTensor, stager.LocalShard)):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from dtensors_of(value, f"{path}.{key}")
+
+
+def check_dtensor(got, source, where, *, same_mesh=True):
+    """``got`` is a staged/received/loaded copy of DTensor ``source``."""
+    assert type(got) is DTensor, f"{where}: {type(got).__name__}"
+    if same_mesh:
+        assert got.device_mesh is source.device_mesh, f"{where}: another mesh object"
+    else:
+        assert got.device_mesh == source.device_mesh, f"{where}: another mesh"
+    assert got.placements == source.placements, f"{where}: {got.placements} != {source.placements}"
+    assert got.shape == source.shape and got.stride() == source.stride(), where
+    assert got.dtype == source.dtype, where
+    assert not got.requires_grad, where
+    local, expected = got._local_tensor, source._local_tensor
+    assert type(local) is torch.Tensor and local.device.type == "cpu" and not local.requires_grad, where
+    assert local.shape == expected.shape and local.stride() == expected.stride(), where
+    assert local.storage_offset() == expected.storage_offset(), where
+    assert torch.equal(local, expected.detach()), f"{where}: values differ"
+    assert local.untyped_storage().data_ptr() != expected.untyped_storage().data_ptr(), f"{where}: not a copy"
+
+
+def check_state_dict(got, source, *, same_mesh=True):
+    assert set(got) == set(source)
+    for (path, a), (_, b) in zip(dtensors_of(got), dtensors_of(source), strict=True):
+        check_dtensor(a, b, path, same_mesh=same_mesh)
+    model = got["model"]
+    assert model["w_t"]._local_tensor.untyped_storage().data_ptr() == model["w"]._local_tensor.untyped_storage().data_ptr()
+    assert got["same"] is model["w"], "the same DTensor twice must stay one object"
+    assert torch.equal(got["plain"], source["plain"]) and got["step"] == 3
+
+
+def check_local_shards(got, source):
+    """Without a mesh: LocalShards with the writer's placement and this rank's data."""
+    for (path, shard), (_, dt) in zip(dtensors_of(got), dtensors_of(source), strict=True):
+        assert type(shard) is stager.LocalShard, f"{path}: {type(shard).__name__}"
+        assert shard.placements == dt.placements and shard.shape == dt.shape and shard.stride == dt.stride(), path
+        assert torch.equal(shard.tensor, dt._local_tensor), path
+        mesh = dt.device_mesh
+        assert shard.mesh.shape == tuple(mesh.shape), path
+        assert shard.mesh.dim_names == mesh.mesh_dim_names, path
+        assert shard.mesh.ranks == tuple(mesh.mesh.flatten().tolist()), path
+        assert shard.mesh.coordinate == tuple(mesh.get_coordinate()), path
+        assert shard.mesh.device_type == "cpu", path
+
+
+# ---- scenarios -----------------------------------------------------------------------------------
+
+
+def scenario_stage(world):
+    """Staging keeps every DTensor a DTensor, through the engine (no opaque leaf), for each stager."""
+    sd = make_state_dict(world)
+    plan = plan_state_dict(sd)
+    assert plan.opaque == [], "a DTensor took the opaque (per-tensor torch copy) path"
+    assert len(plan.dtensors) == 8, len(plan.dtensors)
+    snapshot = {path: dt._local_tensor.clone() for path, dt in dtensors_of(sd)}
+    for make in (
+        lambda: stager.DefaultStager(stager.StagingOptions(num_threads=2)),
+        lambda: stager.DefaultStager(stager.StagingOptions(False, False, False, False)),
+        lambda: stager.BlockingAsyncStager(cache_staged_state_dict=True),
+    ):
+        with_stager = make()
+        result = with_stager.stage(sd)
+        staged = result.result(timeout=60) if hasattr(result, "result") else result
+        check_state_dict(staged, sd)
+        # The local shards live in one pooled host buffer, laid out by the plan.
+        pointers = sorted(dt._local_tensor.untyped_storage().data_ptr() for _, dt in dtensors_of(staged))
+        assert pointers[-1] - pointers[0] < plan.total_nbytes, "local shards are not in one host buffer"
+        # Training goes on: the staged copy does not see it.
+        with torch.no_grad():
+            for _, dt in dtensors_of(sd):
+                dt._local_tensor.add_(100)
+        for path, dt in dtensors_of(staged):
+            assert torch.equal(dt._local_tensor, snapshot[path]), f"{path} changed with its source"
+        with torch.no_grad():
+            for path, dt in dtensors_of(sd):
+                dt._local_tensor.copy_(snapshot[path])
+        with_stager.close()
+    # Incremental staging: an unchanged local shard shares the previous result's bytes, a changed one is copied.
+    incremental = stager.DefaultStager(stager.StagingOptions(use_async_staging=False, skip_unchanged=True))
+    first = incremental.stage(sd)
+    with torch.no_grad():
+        sd["model"]["cols"]._local_tensor.add_(1)
+    second = incremental.stage(sd)
+    check_state_dict(second, sd)
+    assert second["model"]["rep"]._local_tensor.data_ptr() == first["model"]["rep"]._local_tensor.data_ptr()
+    assert second["model"]["cols"]._local_tensor.data_ptr() != first["model"]["cols"]._local_tensor.data_ptr()
+    incremental.close()
+    # Staged DTensors still compute: a collective over the staged copy gives the source's value.
+    staged = stager.DefaultStager(stager.StagingOptions(use_async_staging=False)).stage(sd)
+    assert torch.equal(staged["model"]["w"].full_tensor(), sd["model"]["w"].full_tensor())
+    return {}
+
+
+def _fsdp_model(world, seed=0):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 8))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=world.mesh)
+    fully_shard(model, mesh=world.mesh)
+    return model
+
+
+def _train_step(model, optim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    model(torch.randn(4, 16, generator=gen)).sum().backward()
+    optim.step()
+    optim.zero_grad()
+
+
+def scenario_fsdp2(world):
+    """A real FSDP2 model and its Adam state: staged, saved and loaded as DTensors."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = _fsdp_model(world)
+    optim = torch.optim.Adam(model.parameters(), lr=0.1)
+    _train_step(model, optim, 1)
+    model_sd, optim_sd = get_state_dict(model, optim)
+    sd = {"model": model_sd, "optim": optim_sd}
+    params = dict(model.named_parameters())
+    assert all(p.requires_grad for p in params.values())
+    # The parameters themselves (requires_grad DTensor Parameters) stage as detached DTensors.
+    sd["params"] = params
+    staged = stager.DefaultStager(stager.StagingOptions(num_threads=2)).stage(sd).result(timeout=60)
+    count = 0
+    for name, source in model_sd.items():
+        check_dtensor(staged["model"][name], source, name)
+        count += 1
+    for name, param in params.items():
+        got = staged["params"][name]
+        check_dtensor(got, param, name)
+        assert not isinstance(got, torch.nn.Parameter), f"{name}: staged copy is still a Parameter"
+    for key, state in optim_sd["state"].items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            check_dtensor(staged["optim"]["state"][key][field], state[field], f"optim.{key}.{field}")
+            count += 1
+    assert count == 12, count
+    path = os.path.join(world.directory, f"fsdp_rank{world.rank}.stager")
+    stager.save(staged, path)
+    loaded = stager.load(path, mesh=world.mesh)
+    for name, param in params.items():
+        check_dtensor(loaded["params"][name], param, f"loaded {name}")
+    return {}
+
+
+def scenario_files(world):
+    """save/load: DTensors with the mesh, LocalShards without; safetensors reads the shards."""
+    sd = make_state_dict(world)
+    path = os.path.join(world.directory, f"rank{world.rank}.stager")
+    stager.save(sd, path)
+    # Given the 1-D and the 2-D mesh, every DTensor comes back on its own (sub)mesh.
+    loaded = stager.load(path, mesh=[world.mesh, world.mesh2d])
+    check_state_dict(loaded, sd, same_mesh=False)
+    assert loaded["model"]["tp_sub"].device_mesh == world.mesh2d["tp"]
+    # Without a mesh: the local shards and their placement.
+    shards = stager.load(path)
+    check_local_shards(shards, sd)
+    rebuilt = shards["model"]["cols"].to_dtensor(world.mesh)
+    check_dtensor(rebuilt, sd["model"]["cols"], "to_dtensor", same_mesh=True)
+    # Saving LocalShards writes the same DTensors again.
+    again = os.path.join(world.directory, f"again{world.rank}.stager")
+    stager.save(shards, again)
+    check_state_dict(stager.load(again, mesh=[world.mesh, world.mesh2d]), sd, same_mesh=False)
+    # A safetensors reader sees each whole-storage local shard under its key.
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as file:
+        keys = set(file.keys())
+        for key in ("model.cols", "model.half", "model.rep", "model.partial"):
+            assert key in keys, (key, keys)
+        assert torch.equal(file.get_tensor("model.half"), sd["model"]["half"]._local_tensor)
+    # Another rank's file on this rank's mesh: its Shard(0) shards are not this rank's.
+    if world.size > 1:
+        dist.barrier()
+        other = os.path.join(world.directory, f"rank{(world.rank + 1) % world.size}.stager")
+        try:
+            stager.load(other, mesh=[world.mesh, world.mesh2d])
+        except stager.StagerError as err:
+            assert "root.model.w" in str(err) and "coordinate" in str(err), str(err)
+        else:
+            raise AssertionError("loading another rank's shards onto this rank's mesh must fail")
+    return {}
+
+
+def scenario_transport(world):
+    """PGTransport: ring exchange of DTensor dicts, rebuilt on the receiver's mesh (the meshes of
+    the DTensors it sent, a given mesh, or in-place targets') with the sender's local shards;
+    LocalShards without a mesh; in-place receive into DTensor targets."""
+    sd = make_state_dict(world)
+    dst, src = (world.rank + 1) % world.size, (world.rank - 1) % world.size
+    transport = stager.PGTransport(dist.group.WORLD, TIMEOUT, "cpu")
+    received = transport.exchange(dst, sd, src)
+    # The partner's DTensors, on the meshes of the DTensors this rank sent (like PyTorch's
+    # PGTransport: the sender's placements and local shard).
+    full_w = torch.randn(7, 5, generator=torch.Generator().manual_seed(7))
+    w = received["model"]["w"]
+    assert type(w) is DTensor and w.device_mesh is world.mesh and w.placements == (Shard(0),)
+    assert w.shape == (7, 5) and torch.equal(w._local_tensor, full_w.chunk(world.size)[src])
+    assert received["same"] is w
+    assert received["model"]["w_t"]._local_tensor.untyped_storage().data_ptr() == w._local_tensor.untyped_storage().data_ptr()
+    assert received["model"]["tp"].device_mesh is world.mesh2d
+    assert received["model"]["tp_sub"].device_mesh is sd["model"]["tp_sub"].device_mesh
+    assert torch.equal(received["model"]["partial"]._local_tensor, torch.full((3,), float(src)))
+    dist.barrier()
+    # Only receiving (nothing sent, no mesh given): LocalShards with the sender's placement.
+    if world.rank == 0:
+        transport.send_checkpoint([1], sd)
+    elif world.rank == 1:
+        shards = transport.recv_checkpoint(0)
+        shard = shards["model"]["w"]
+        assert type(shard) is stager.LocalShard and shard.mesh.coordinate == (0,) and shard.placements == (Shard(0),)
+        assert shard.mesh.dim_names == ("dp",) and shard.mesh.ranks == tuple(range(world.size))
+        assert torch.equal(shard.tensor, full_w.chunk(world.size)[0])
+        assert type(shards["model"]["tp"]) is stager.LocalShard and shards["model"]["tp"].mesh.coordinate == (0, 0)
+        # Sent on with a mesh given, they are DTensors again.
+        with_mesh = stager.PGTransport(dist.group.WORLD, TIMEOUT, "cpu", mesh=[world.mesh, world.mesh2d])
+        with_mesh.send_checkpoint([0], shards)
+    if world.rank == 0:
+        with_mesh = stager.PGTransport(dist.group.WORLD, TIMEOUT, "cpu", mesh=[world.mesh, world.mesh2d])
+        check_state_dict(with_mesh.recv_checkpoint(1), sd, same_mesh=False)
+    dist.barrier()
+    # In place: each rank's own shards come back (held by the next rank) into its DTensor targets.
+    targets = make_state_dict(world)
+    with torch.no_grad():
+        for _, dt in dtensors_of(targets):
+            dt._local_tensor.zero_()
+    inplace = stager.PGTransport(dist.group.WORLD, TIMEOUT, "cpu", state_dict=lambda: targets)
+    got = inplace.exchange(src, received, dst)
+    check_state_dict(got, sd, same_mesh=False)
+    for (path, dt), (_, target) in zip(dtensors_of(got), dtensors_of(targets), strict=True):
+        assert dt.device_mesh is target.device_mesh, path
+        assert dt._local_tensor.untyped_storage().data_ptr() == target._local_tensor.untyped_storage().data_ptr(), path
+        assert torch.equal(target._local_tensor, dt._local_tensor), path
+    dist.barrier()
+    return {}
+
+
+def scenario_replication(world):
+    """ReplicationStager: the partner's DTensor state_dict comes back as DTensors on this rank's
+    mesh, and its persisted replica loads (as the partner's LocalShards)."""
+    if world.size < 2:
+        return {"skipped": "needs 2 ranks"}
+    sd = make_state_dict(world)
+    directory = os.path.join(world.directory, f"replicas{world.rank}")
+    with_stager = stager.ReplicationStager(dist.group.WORLD, TIMEOUT, storage_dir=directory)
+    received = with_stager.stage(sd)
+    partner = (world.rank + world.size // 2) % world.size if world.size % 2 == 0 else (world.rank - 1) % world.size
+    expected = torch.randn(7, 5, generator=torch.Generator().manual_seed(7)).chunk(world.size)[partner]
+    # The partner's DTensors on this rank's mesh, holding the partner's shards.
+    replica = received["model"]["w"]
+    assert type(replica) is DTensor and replica.device_mesh is world.mesh and replica.placements == (Shard(0),)
+    assert torch.equal(replica._local_tensor, expected)
+    assert torch.equal(received["model"]["rep"]._local_tensor, torch.arange(10.0))
+    # The persisted replica records who wrote it: loaded without a mesh, the partner's coordinate.
+    replicas = stager.find_replicas(directory)
+    assert replicas, "no replica persisted"
+    shard = stager.load(replicas[0].path)["model"]["w"]
+    assert type(shard) is stager.LocalShard and shard.mesh.coordinate == (partner,)
+    assert torch.equal(shard.tensor, expected)
+    if world.size > 1:  # and it is not this rank's to load onto its mesh
+        try:
+            stager.load(replicas[0].path, mesh=[world.mesh, world.mesh2d])
+        except stager.StagerError as err:
+            assert "coordinate" in str(err), str(err)
+        else:
+            raise AssertionError("a partner's replica must not load as this rank's DTensors")
+    dist.barrier()
+    return {}
+
+
+def scenario_refusals(world):
+    """A ShardedTensor is refused at once with its key, by staging, saving and the transport
+    (every rank of the exchange raises, all of them sending one)."""
+    from torch.distributed._shard import sharded_tensor
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world.size)])
+    st = sharded_tensor.zeros(spec, 4 * world.size, 2)
+    sd = {"model": {"st": st, "w": torch.ones(3)}}
+    for attempt in (lambda: stager.DefaultStager(stager.StagingOptions(use_async_staging=False)).stage(sd),
+                    lambda: stager.save(sd, os.path.join(world.directory, f"st{world.rank}.stager"))):
+        try:
+            attempt()
+        except stager.StagerError as err:
+            assert "ShardedTensor" in str(err) and "root.model.st" in str(err), str(err)
+        else:
+            raise AssertionError("a ShardedTensor must be refused")
+    if world.size > 1:  # every rank of an exchange fails at once, naming it, also when all send one
+        transport = stager.PGTransport(dist.group.WORLD, datetime.timedelta(seconds=30), "cpu")
+        try:
+            transport.exchange((world.rank + 1) % world.size, sd, (world.rank - 1) % world.size)
+        except stager.StagerError as err:
+            assert "ShardedTensor" in str(err) and "root.model.st" in str(err), str(err)
+        else:
+            raise AssertionError("sending a ShardedTensor must fail")
+    dist.barrier()
+    return {}
+
+
+def _dcp_round_trip(world, kind):
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    group = dist.new_group(backend="gloo", timeout=TIMEOUT)  # dcp's own group, as torchtitan does
+    model = _fsdp_model(world)
+    optim = torch.optim.Adam(model.parameters(), lr=0.1)
+    _train_step(model, optim, 1)
+    model_sd, optim_sd = get_state_dict(model, optim)
+    expected = {name: dt._local_tensor.clone() for name, dt in model_sd.items()}
+    path = os.path.join(world.directory, f"dcp-{kind}")
+    with stager.DefaultStager(stager.StagingOptions(num_threads=2)) as async_stager:
+        response = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path,
+                                  async_stager=async_stager, process_group=group,
+                                  async_checkpointer_type=getattr(AsyncCheckpointerType, kind))
+        response.staging_completion.result(timeout=60)
+        _train_step(model, optim, 2)  # training goes on while the upload runs
+        response.upload_completion.result(timeout=120)
+    fresh = _fsdp_model(world, seed=1)
+    fresh_optim = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    _train_step(fresh, fresh_optim, 3)
+    target_model, target_optim = get_state_dict(fresh, fresh_optim)
+    target = {"model": target_model, "optim": target_optim}
+    dcp.load(target, checkpoint_id=path, process_group=group)
+    set_state_dict(fresh, fresh_optim, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    for name, value in get_state_dict(fresh, fresh_optim)[0].items():
+        assert torch.equal(value._local_tensor, expected[name]), name
+    dist.barrier(group)
+    dist.destroy_process_group(group)
+    return {}
+
+
+def scenario_dcp_thread(world):
+    return _dcp_round_trip(world, "THREAD")
+
+
+def scenario_dcp_process(world):
+    return _dcp_round_trip(world, "PROCESS")
+
+
+SCENARIOS = {name.removeprefix("scenario_"): value for name, value in globals().items() if name.startswith("scenario_")}
+
+
+def main():
+    rank, size, port, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    scenarios = json.loads(sys.argv[5])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=TIMEOUT)
+    failed = False
+    try:
+        world = World(rank, size, directory, init_device_mesh("cpu", (size,), mesh_dim_names=("dp",)),
+                      init_device_mesh("cpu", (1, size), mesh_dim_names=("rep", "tp")))
+        for name in scenarios:
+            try:
+                extra = SCENARIOS[name](world)
+                print("RESULT " + json.dumps({"scenario": name, "ok": True, **extra}), flush=True)
+            except Exception:
+                failed = True
+                print("RESULT " + json.dumps({"scenario": name, "ok": False, "error": traceback.format_exc()}), flush=True)
+                break  # the other ranks may now wait in a collective: stop, they time out and stop too
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
