@@ -20,7 +20,7 @@ import stager
 from helpers import all_dtype_tensors, assert_same_tree, same_storage
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "attacks"))
-import make_attacks  # noqa: E402
+import make_attacks
 
 Point = collections.namedtuple("Point", ["x", "y"])
 
@@ -145,7 +145,7 @@ def test_corrupted_byte_is_detected_naming_the_checksum(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0x01
     path.write_bytes(bytes(raw))
-    with pytest.raises(stager.StagerError, match="crc32c checksum mismatch.*'w'|crc32c checksum mismatch.*\"w\""):
+    with pytest.raises(stager.StagerError, match=r"crc32c checksum mismatch.*'w'|crc32c checksum mismatch.*\"w\""):
         stager.load(path)
     out = stager.load(path, verify=False)  # the caller may still read it on purpose
     assert not torch.equal(out["w"], sd["w"])

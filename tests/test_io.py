@@ -18,10 +18,9 @@ import pytest
 import torch
 
 import stager
+from helpers import assert_same_tree
 from stager import _native
 from stager.engine import process_pool
-
-from helpers import assert_same_tree
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

@@ -14,7 +14,7 @@ import os
 import pickle
 import struct
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import staging as torch_staging
@@ -118,7 +119,7 @@ def _stage(stager: Any, state_dict: Any) -> Any:
 def _close_quietly(stager: Any) -> None:
     try:
         stager.close()
-    except Exception:  # noqa: BLE001 - a failed baseline must not take the benchmark down
+    except Exception:
         pass
 
 
@@ -157,10 +158,10 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
         stager = DefaultStager(_stager_options(ctx, shared))
         _stage(stager, state_dict)  # warm up
         torch_stager = _torch_default_stager(shared)
-        _, error = _guarded(lambda: [_stage(torch_stager, state_dict)])  # warm up (may hit EMFILE)
+        _, error = _guarded(lambda torch_stager=torch_stager: [_stage(torch_stager, state_dict)])  # warm up (may hit EMFILE)
         runs = {
             LIMIT_TOUCHED: lambda: _limit_samples(ctx, source, "touched", None, repeats=1)[0],
-            stager_name: lambda: _timed(lambda: _stage(stager, state_dict)),
+            stager_name: lambda stager=stager: _timed(lambda: _stage(stager, state_dict)),
         }
         if error:
             failures[torch_name] = error
@@ -168,13 +169,13 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
             torch_stager = None  # its Future holds the failed stage's storages (and their files)
             gc.collect()
         else:
-            runs[torch_name] = lambda: _timed(lambda: _stage(torch_stager, state_dict))
+            runs[torch_name] = lambda torch_stager=torch_stager: _timed(lambda: _stage(torch_stager, state_dict))
         samples_by_name, errors = _interleaved(ctx, f"{workload}: repeat calls, {memory} memory", runs)
         failures.update(errors)
         stats = stager.pool_stats()
         _close_quietly(stager)
         _close_quietly(torch_stager)
-        del stager, torch_stager
+        stager = torch_stager = runs = None  # drop them (and their pools) before the next rows
         gc.collect()
         touched_samples += samples_by_name[LIMIT_TOUCHED]
         add(stager_name, samples_by_name[stager_name], limit=touched_limit, baseline=torch_name,
@@ -195,9 +196,10 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
         torch_first = _name("torch", "first call", shared)
         limit_fresh = LIMIT_FRESH[shared]
         samples_by_name, errors = _interleaved(ctx, f"{workload}: first calls, {memory} memory", {
-            limit_fresh: lambda: _limit_samples(ctx, source, memory, None, repeats=1)[0],
-            stager_first: lambda: _first_call_seconds(lambda: DefaultStager(_stager_options(ctx, shared)), state_dict),
-            torch_first: lambda: _first_call_seconds(lambda: _torch_default_stager(shared), state_dict),
+            limit_fresh: lambda memory=memory: _limit_samples(ctx, source, memory, None, repeats=1)[0],
+            stager_first: lambda shared=shared: _first_call_seconds(
+                lambda: DefaultStager(_stager_options(ctx, shared)), state_dict),
+            torch_first: lambda shared=shared: _first_call_seconds(lambda: _torch_default_stager(shared), state_dict),
         })
         failures.update(errors)
         add(limit_fresh, samples_by_name[limit_fresh], extra={"threads": ctx.threads})
@@ -297,7 +299,7 @@ def _first_call_seconds(make: Callable[[], Any], state_dict: Any) -> float:
 def _guarded(fn: Callable[[], list[float]]) -> tuple[list[float], str | None]:
     try:
         return fn(), None
-    except Exception as err:  # noqa: BLE001 - PyTorch baselines may fail here (EMFILE, no CUDA)
+    except Exception as err:
         message = f"{type(err).__name__}: {err}"
     # A failed stage's traceback (kept by PyTorch's stager in its Future) holds every storage made
     # so far in reference cycles: with shared memory, one open file each. Free them now.
@@ -316,7 +318,7 @@ def _interleaved(ctx: BenchContext, label: str, runs: dict[str, Callable[[], flo
                 continue
             try:
                 samples[name].append(fn())
-            except Exception as err:  # noqa: BLE001 - see _guarded
+            except Exception as err:
                 errors[name] = f"{type(err).__name__}: {err}"
                 samples[name] = []
             gc.collect()
@@ -396,7 +398,7 @@ def _async_rows(ctx: BenchContext, state_dict: Any) -> list[Row]:
     torch_stager = _torch_default_stager(shared=False)
     try:
         measured["torch"] = _async_samples(ctx, "large: torch DefaultStager async", torch_stager, state_dict)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         ctx.log(f"  torch DefaultStager async failed: {type(err).__name__}: {err}")
     finally:
         _close_quietly(torch_stager)
