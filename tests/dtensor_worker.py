@@ -340,6 +340,42 @@ def scenario_replication(world):
     return {}
 
 
+def scenario_restore_into(world):
+    """restore(into=...) with DTensor targets: the restored values land in the targets' local
+    shards, whose storages stay, both from a fresh stager on the old storage_dirs (the copies on
+    disk load as LocalShards) and from the stager's own memory."""
+    if world.size < 2:
+        return {"skipped": "needs 2 ranks"}
+
+    def build(fill):
+        gen = torch.Generator().manual_seed(11)
+        values = {"w": torch.randn(8, 4, generator=gen), "rep": torch.arange(6.0),
+                  "half": torch.randn(6, 2, generator=gen).to(torch.bfloat16)}
+        placements = {"w": [Shard(0)], "rep": [Replicate()], "half": [Shard(0)]}
+        return {"model": {k: distribute_tensor(fill(v), world.mesh, placements[k]) for k, v in values.items()},
+                "plain": fill(torch.arange(4.0) + world.rank), "step": 3}
+
+    sd = build(lambda v: v)
+    directory = os.path.join(world.directory, f"restore{world.rank}")
+    first = stager.ReplicationStager(dist.group.WORLD, TIMEOUT, storage_dir=directory, keep_own=True)
+    first.stage(sd, step=1)
+    for source in ("disk", "memory"):
+        into = build(torch.zeros_like)
+        pointers = {k: v._local_tensor.data_ptr() for k, v in into["model"].items()}
+        restorer = (stager.ReplicationStager(dist.group.WORLD, TIMEOUT, storage_dir=directory, keep_own=True)
+                    if source == "disk" else first)
+        out = restorer.restore(into=into)
+        for key, value in sd["model"].items():
+            target = into["model"][key]
+            assert type(target) is DTensor, (source, key, type(target))
+            assert torch.equal(target._local_tensor, value._local_tensor), (source, key)
+            assert target._local_tensor.data_ptr() == pointers[key], (source, key)
+            assert out["model"][key] is target, (source, key, type(out["model"][key]))
+        assert torch.equal(into["plain"], sd["plain"]) and out["step"] == 3, source
+    dist.barrier()
+    return {}
+
+
 def scenario_refusals(world):
     """A ShardedTensor is refused at once with its key, by staging, saving and the transport
     (every rank of the exchange raises, all of them sending one)."""

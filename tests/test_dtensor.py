@@ -77,7 +77,7 @@ def assert_scenarios_pass(results, scenarios):
 # ---- multi-rank: staging, files, transport, replication, dcp ------------------------------------
 
 STAGING_AND_FILES = ["stage", "files", "fsdp2", "refusals"]
-EXCHANGE = ["transport", "replication"]
+EXCHANGE = ["transport", "replication", "restore_into"]
 
 
 @pytest.mark.timeout(300)

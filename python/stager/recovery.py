@@ -46,8 +46,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ._native import StagerError
+from .dtensor import LocalShard
 from .replication import _scan, load_replica, read_record
 from .transport import PGTransport, TransportError
 from .tree import tensors_by_path
@@ -169,15 +171,45 @@ def _load(stager: Any, copy: dict[str, Any]) -> Any:
     return load_replica(copy["where"], verify=True)
 
 
+def _local(value: Any) -> torch.Tensor:
+    """The tensor whose bytes a leaf holds on this rank: a DTensor's (or a LocalShard's) local
+    shard, else the tensor itself. Restoring into a DTensor target writes its local shard."""
+    if isinstance(value, LocalShard):
+        return value.tensor
+    if isinstance(value, DTensor):
+        return value._local_tensor
+    return value
+
+
+def _leaves(state: Any) -> dict[tuple, Any]:
+    """key path → tensor leaf (tensors, DTensors, and the LocalShards a load without a mesh gives)."""
+    out: dict[tuple, Any] = {}
+
+    def walk(value: Any, path: tuple) -> None:
+        if isinstance(value, (torch.Tensor, LocalShard)):
+            out[path] = value
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                walk(child, path + (key,))
+        elif isinstance(value, (list, tuple)):
+            for i, child in enumerate(value):
+                walk(child, path + (i,))
+
+    walk(state, ())
+    return out
+
+
 def _check_into(state: Any, into: Any) -> None:
     """Raises StagerError when ``into`` can't take ``state``'s values (before anything changes)."""
     targets = tensors_by_path(into)
-    for path, value in tensors_by_path(state).items():
+    for path, leaf in _leaves(state).items():
+        value = _local(leaf)
         target = targets.get(path)
         where = ".".join(str(p) for p in path) or "<root>"
         if target is None:
             raise StagerError(f"restore(into=...): key {where} ({value.dtype} {list(value.shape)}) has no tensor in "
                               "the target state_dict")
+        target = _local(target)
         if target.dtype != value.dtype or target.shape != value.shape:
             raise StagerError(f"restore(into=...): key {where} is {value.dtype} {list(value.shape)} but the target "
                               f"holds {target.dtype} {list(target.shape)}")
@@ -189,8 +221,8 @@ def _restore_into(result: Any, into: Any) -> Any:
     _check_into(result, into)
     targets = tensors_by_path(into)
     with torch.no_grad():
-        for path, value in tensors_by_path(result).items():
-            target = targets[path]
+        for path, leaf in _leaves(result).items():
+            target, value = _local(targets[path]), _local(leaf)
             in_place = (target.device == value.device and target.storage_offset() == value.storage_offset()
                         and target.stride() == value.stride()
                         and target.untyped_storage().data_ptr() == value.untyped_storage().data_ptr())
@@ -200,7 +232,7 @@ def _restore_into(result: Any, into: Any) -> Any:
     def put(value: Any, path: tuple) -> Any:
         """``value`` with into's tensors at its tensor leaves (containers of the fresh result are
         reused; tuples are rebuilt)."""
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, LocalShard)):
             return targets[path]
         if isinstance(value, dict):
             for key in list(value):
