@@ -77,8 +77,8 @@ other. The protocol, inside the order of operations above (:class:`_Deltas`):
   the wire. The holder takes the reused storages from its base (no copy: the new replica shares
   their memory with the previous one, so treat received replicas as read-only) and checks their
   sizes (and, with ``STAGER_CHECK_UNCHANGED=1`` on the sender, their crc32c);
-* the sender's tracker and the holders' bases move on only when the step is committed; a failed
-  stage keeps the previous ones.
+* the sender's tracker and the holders' bases move on only when the step is committed; after a
+  failed stage the sender sends everything once (the holders keep their previous bases).
 
 :attr:`ReplicationStager.last_sent` / :attr:`~ReplicationStager.last_received` count the bytes of
 the latest stage() on the wire (:class:`stager.transport.WireBytes`).
@@ -489,7 +489,11 @@ class _Deltas:
         self.begin()
 
     def abandon(self) -> None:
-        """The stage failed: the tracker and the bases stay those of the last committed stage."""
+        """The stage failed: the next one sends everything (whatever made this one fail, e.g. a
+        write the version counter missed, found by the holder's check, is not repeated); the
+        holders keep their bases of the last committed stage."""
+        self.tracker.forget()
+        self.sent = 0
         self.bases.update(self._claimed)
         self.begin()
 
