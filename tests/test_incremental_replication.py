@@ -6,9 +6,11 @@ real files, real restarts: every worker exits by itself within its deadline. Wha
 checked with the stager's wire byte counters (``last_sent`` / ``last_received``).
 """
 
+import json
 import os
 
 import pytest
+import torch
 from incremental_worker import CHANGES, Lora
 from ranks import assert_all_ok, collect, free_port, run_ranks, start_ranks
 
@@ -28,8 +30,10 @@ def flip_byte(path):
         f.write(bytes([byte[0] ^ 0x5A]))
 
 
-@pytest.mark.timeout(180)
-def test_only_changed_storages_travel_and_replicas_stay_complete(tmp_path):
+@pytest.mark.timeout(240)
+def test_only_changed_storages_travel_replicas_stay_complete_and_restore(tmp_path):
+    """Then restore(): the survivors from the replicas they built incrementally in memory, fresh
+    processes from the copy files; both give every rank its exact state of the last step."""
     steps = [
         ["lora", {"steps": 4}],
         ["lora", {"subdir": "torch", "persist_format": "torch", "steps": 3}],
@@ -37,9 +41,13 @@ def test_only_changed_storages_travel_and_replicas_stay_complete(tmp_path):
         ["changes", {}],
         ["mixed", {}],
         ["check", {}],
+        ["steps", {"subdir": "restore", "first": 1, "last": 3, "restore": True}],
     ]
     results = run_ranks(2, tmp_path, steps, deadline=150, worker=WORKER)
-    assert_all_ok(results, ["lora", "torch", "memory", "changes", "mixed", "check"])
+    assert_all_ok(results, ["lora", "torch", "memory", "changes", "mixed", "check", "restore"])
+    fresh = run_ranks(2, tmp_path, [["restore", {"subdir": "restore", "steps": 3}]], deadline=90, worker=WORKER)
+    assert_all_ok(fresh, ["restore"])
+    assert {fresh[rank][1]["restore"]["step"] for rank in range(2)} == {3}
     for rank in range(2):
         lora = results[rank][1]["lora"]
         # the first step sends everything; then only adapters and Adam state: a few % of the dict
@@ -114,18 +122,6 @@ def test_holder_restarted_between_steps(tmp_path):
         assert stager.load(replica.path)
 
 
-@pytest.mark.timeout(180)
-def test_restore_after_incremental_steps(tmp_path):
-    """Survivors restore() from the replicas they built incrementally in memory; fresh processes
-    restore() from the copy files: both give every rank its exact state of the last step."""
-    live = [["steps", {"subdir": "restore", "first": 1, "last": 3, "restore": True}]]
-    assert_all_ok(run_ranks(2, tmp_path, live, deadline=90, worker=WORKER), ["restore"])
-    fresh = [["restore", {"subdir": "restore", "steps": 3}]]
-    results = run_ranks(2, tmp_path, fresh, deadline=90, worker=WORKER)
-    assert_all_ok(results, ["restore"])
-    assert {results[rank][1]["restore"]["step"] for rank in range(2)} == {3}
-
-
 def test_lora_mirror_is_deterministic():
     """The workers check what they receive against their own rebuild of the sender's state."""
     a, b = Lora.after(1, 2), Lora.after(1, 2)
@@ -133,3 +129,56 @@ def test_lora_mirror_is_deterministic():
         assert ka == kb and va.equal(vb)
     changed, _ = Lora.changed(a.state_dict())
     assert 0 < changed < 0.2 * sum(t.numel() * 4 for t in a.base.parameters())
+
+
+def test_sender_tracker_maps_unchanged_storages_to_their_index_in_the_previous_sending():
+    from stager.incremental import UnchangedStorages
+    from stager.plan import plan_state_dict
+
+    base = torch.randn(100)
+    sd = {"frozen": torch.randn(64), "trained": torch.randn(32), "view": base[10:20], "base": base}
+    tracker = UnchangedStorages()
+    tracker.remember(plan_state_dict(sd, track_versions=True))  # no staged tensors: indices
+    assert tracker.storage_count == 3
+    sd = {"new": torch.randn(8), **sd}  # every storage moves one place down
+    sd["trained"].add_(1.0)
+    plan = plan_state_dict(sd, track_versions=True)
+    assert tracker.unchanged(plan) == {1: 0, 3: 2}  # frozen, and base (viewed by view)
+    assert not any(plan.table.storage_reused)  # a pure lookup: the plan is left as it is
+    assert tracker.reused_nbytes == 64 * 4 + 100 * 4
+
+
+def test_delta_message_round_trip_and_hostile_input():
+    from stager.plan import plan_state_dict
+    from stager.transport import Offer, _decode_delta, _delta_layout, _encode_delta, segments_of
+
+    plan = plan_state_dict({f"t{i}": torch.randn(16 + i) for i in range(6)})
+    reuse = {0: 0, 1: 1, 2: 2, 4: 5, 5: 3}
+    table, storages = _delta_layout(plan, reuse)
+    nsegments = len(segments_of(storages, 1 << 20, 1 << 20))
+    raw = _encode_delta(Offer(7, 3, 6, reuse), table, nsegments)
+    assert json.loads(raw)["reuse"] == [[0, 0, 3], [4, 5, 1], [5, 3, 1]]  # runs
+    assert _decode_delta(raw, 6) == (reuse, 6, table.total_nbytes, nsegments, None)
+    assert table.total_nbytes == 128  # only storage 3 takes room: 19 floats, 76 bytes, 64-byte aligned
+
+    def spec(**fields):
+        return json.dumps({"base_storages": 6, "reuse": [[0, 0, 1]], "nbytes": 0, "segments": 0, **fields}).encode()
+
+    hostile = {
+        "not an object": b"[1, 2]",
+        "a negative count": spec(base_storages=-1),
+        "a bool for an int": spec(nbytes=True),
+        "no runs": spec(reuse=[]),
+        "a run too short": spec(reuse=[[0, 0]]),
+        "past the plan": spec(reuse=[[5, 0, 2]]),
+        "past the base": spec(reuse=[[0, 5, 2]]),
+        "an empty run": spec(reuse=[[0, 0, 0]]),
+        "an index twice": spec(reuse=[[0, 0, 1], [0, 1, 1]]),
+        "a base index twice": spec(reuse=[[0, 0, 1], [1, 0, 1]]),
+        "crc32c of another length": spec(crc32c=[1, 2]),
+        "a crc32c out of range": spec(crc32c=[1 << 32]),
+    }
+    for what, raw in hostile.items():
+        with pytest.raises(ValueError):
+            _decode_delta(raw, 6)
+        assert what
