@@ -114,7 +114,7 @@ from .files import _StreamingReplica, durable_torch_save
 from .incremental import CHECK_ENV, UnchangedStorages
 from .placement import Placement, default_ranks_per_node, place
 from .plan import StatePlan, plan_state_dict
-from .transport import BROKEN, Offer, PGTransport, TransportError, WireBytes, _as_timedelta
+from .transport import BROKEN, Offer, PGTransport, ReceivedStorages, TransportError, WireBytes, _as_timedelta
 
 __all__ = ["Replica", "ReplicationStager", "find_replicas", "recover"]
 
@@ -368,13 +368,20 @@ def _storages_of(state_dict: Any) -> list[Any]:
 
 
 class _Base:
-    """A holder's copy of one sending: its id and its storages (index = the sender's)."""
+    """A holder's copy of one sending: its id and its storages (index = the sender's; a
+    :class:`~stager.transport.ReceivedStorages` lists them when first needed)."""
 
-    __slots__ = ("sending", "storages")
+    __slots__ = ("sending", "_storages")
 
-    def __init__(self, sending: int, storages: list[Any]) -> None:
+    def __init__(self, sending: int, storages: list[Any] | ReceivedStorages) -> None:
         self.sending = sending
-        self.storages = storages
+        self._storages = storages
+
+    @property
+    def storages(self) -> list[Any]:
+        if isinstance(self._storages, ReceivedStorages):
+            self._storages = self._storages.list()
+        return self._storages
 
 
 class _Deltas:
@@ -403,6 +410,7 @@ class _Deltas:
         self._announced: dict[int, tuple[int, int]] = {}  # src → (sending, base)
         self._claimed: dict[int, _Base] = {}
         self._accepted: set[int] = set()
+        self._landed: dict[int, _Base] = {}
 
     # ---- the transport's questions (stager.transport.Incremental) ------------------------------
     def plan(self, state_dict: Any) -> tuple[StatePlan, Offer]:
@@ -429,6 +437,9 @@ class _Deltas:
 
     def unusable(self, src: int, reason: str) -> None:
         self._claimed.pop(src, None)  # not kept after this (failing) stage: the next one sends everything
+
+    def landed(self, src: int, sending: int, storages: ReceivedStorages) -> None:
+        self._landed[src] = _Base(sending, storages)
 
     # ---- the stager's steps ---------------------------------------------------------------------
     def sending_of(self, src: int) -> int:
@@ -480,12 +491,11 @@ class _Deltas:
 
     def commit(self, received: dict[int, Any]) -> None:
         """The stage is committed everywhere: the tracker describes this sending, and the copies
-        received in it are the bases of the next stage."""
+        received in it (``received``, src → state_dict) are the bases of the next stage."""
         if self._plan is not None and self._offer is not None:
             self.tracker.remember(self._plan)
             self.sent = self._offer.sending
-        self.bases = {src: _Base(sending, _storages_of(received[src]))
-                      for src, (sending, _) in self._announced.items() if received.get(src) is not None}
+        self.bases = {src: base for src, base in self._landed.items() if received.get(src) is not None}
         self.begin()
 
     def abandon(self) -> None:

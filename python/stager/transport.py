@@ -254,7 +254,9 @@ class Incremental(Protocol):
       delta message is expected and the reused storages are taken from there), or None (a full
       receive). Both answers must follow from the same agreement, or the two ends fall out of
       step. :meth:`unusable` is told when a base did not fit what the sender described (the
-      transfer then fails with :data:`LOCAL`, everything having been received).
+      transfer then fails with :data:`LOCAL`, everything having been received);
+    * receiver, once a state_dict from a source that announced a sending is built:
+      :meth:`landed` with a :class:`ReceivedStorages` of it (what the next transfer's base is).
     """
 
     def plan(self, state_dict: Any) -> tuple[StatePlan, Offer | None]: ...
@@ -266,6 +268,32 @@ class Incremental(Protocol):
     def base(self, src: int, base: int) -> list[torch.UntypedStorage | None] | None: ...
 
     def unusable(self, src: int, reason: str) -> None: ...
+
+    def landed(self, src: int, sending: int, storages: ReceivedStorages) -> None: ...
+
+
+class ReceivedStorages:
+    """The storages of a received state_dict, index = its sender's storage index, listed on first
+    use (a base that is never offered costs nothing). Holds the received tensors, not the
+    state_dict: what its owner later does to the dict's structure doesn't change them."""
+
+    __slots__ = ("_count", "_list", "_tensor_storage", "_tensors")
+
+    def __init__(self, tensors: list[Any], tensor_storage: list[int], count: int) -> None:
+        self._tensors = tensors
+        self._tensor_storage = tensor_storage
+        self._count = count
+        self._list: list[torch.UntypedStorage | None] | None = None
+
+    def list(self) -> list[torch.UntypedStorage | None]:
+        if self._list is None:
+            out: list[torch.UntypedStorage | None] = [None] * self._count
+            for tensor, index in zip(self._tensors, self._tensor_storage):
+                if out[index] is None and tensor is not None:
+                    out[index] = tensor.untyped_storage()
+            self._list = out
+            self._tensors = self._tensor_storage = []
+        return self._list
 
 
 def _delta_layout(plan: StatePlan, reuse: dict[int, int]) -> tuple[Any, list[StoragePlan]]:
@@ -639,6 +667,8 @@ class _Incoming:
         self.replacements: dict[int, torch.UntypedStorage] = {}
         #: Why the base could not be used (the bytes are received all the same).
         self.base_problem: str | None = None
+        #: Of a finished receive from a source that announced a sending: its storages.
+        self.storages: ReceivedStorages | None = None
 
     def read_header(self) -> str | None:
         """Checks the header; returns the peer's error message when it could not send (this
@@ -758,7 +788,10 @@ class _Incoming:
         if self.base_problem is not None:
             self.done = True  # nothing to build: the transfer reports the problem
             return None
-        self.result = plan.materialize(self.buffer, {**self.replacements, **targets} or None)  # GC is off inside
+        tensors: list[Any] | None = [] if self.sending else None
+        self.result = plan.materialize(self.buffer, {**self.replacements, **targets} or None, tensors)  # GC is off inside
+        if tensors is not None:
+            self.storages = ReceivedStorages(tensors, plan.table.tensor_storage, len(plan.table.storage_nbytes))
         self.done = True
         return self.result
 
@@ -1141,13 +1174,19 @@ class PGTransport:
             if on_metadata is not None:
                 self._callback(incoming, problems, on_metadata, incoming)
             if not views:
-                incoming.finish()
+                self._finish(incoming, incremental)
         else:  # a segment landed
             if on_segment is not None:
                 self._callback(incoming, problems, on_segment, incoming, token[3])
             incoming.remaining -= 1
             if incoming.remaining == 0:
-                incoming.finish()
+                self._finish(incoming, incremental)
+
+    @staticmethod
+    def _finish(incoming: _Incoming, incremental: Incremental | None) -> None:
+        incoming.finish()
+        if incremental is not None and incoming.storages is not None:
+            incremental.landed(incoming.rank, incoming.sending, incoming.storages)
 
     @staticmethod
     def _raise(problems: list[TransportError], unsendable: _Outgoing | None,
