@@ -19,8 +19,9 @@ and swap it with ``ReplicationStager(persist_format=None)``, with and without
 ``skip_unchanged``, after the same untimed optimizer step per round, interleaved round by round.
 A timed call starts after a barrier and its time is the slower rank's. Each row notes the bytes
 this rank sent on the wire (``last_sent``: headers, metadata, state bytes and the agreement's
-all-gathers). The stager without ``skip_unchanged`` drops the replica it holds before each call
-(it needs none); the one with it keeps its previous replica: that is what it builds from.
+all-gathers). Both stagers keep the replica of their previous call, as in training (the one with
+``skip_unchanged`` builds from it); two untimed rounds, each after an optimizer step, bring both
+to the steady state where the pool recycles the replica two steps old.
 """
 
 from __future__ import annotations
@@ -239,9 +240,11 @@ def _measure_exchange(rank: int, settings: dict, results: Any) -> dict[str, Any]
         log(f"  [{workload_name}] {size / 1e9:.3f} GB in {ntensors} tensors per rank, 2 ranks over gloo")
         stagers = {EXCHANGE_SKIP: ReplicationStager(pg, timeout, persist_format=None, skip_unchanged=True),
                    EXCHANGE_FULL: ReplicationStager(pg, timeout, persist_format=None)}
-        setups = {EXCHANGE_FULL: stagers[EXCHANGE_FULL].close}
-        for name, replicator in stagers.items():  # warm the pools; the incremental one takes its base
-            timed(lambda r=replicator, s=state: r.stage(s), setups.get(name))
+        for _ in range(2):  # warm the pools (both hold a replica while receiving the next one)
+            workload.step()
+            state = workload.state_dict()
+            for replicator in stagers.values():
+                timed(lambda r=replicator, s=state: r.stage(s))
         samples: dict[str, list[float]] = {name: [] for name in stagers}
         wire: dict[str, list[int]] = {name: [] for name in stagers}
         data: dict[str, list[int]] = {name: [] for name in stagers}
@@ -252,7 +255,7 @@ def _measure_exchange(rank: int, settings: dict, results: Any) -> dict[str, Any]
             for name in order[shift:] + order[:shift]:
                 replicator = stagers[name]
                 state = workload.state_dict()
-                samples[name].append(timed(lambda r=replicator, s=state: r.stage(s), setups.get(name)))
+                samples[name].append(timed(lambda r=replicator, s=state: r.stage(s)))
                 wire[name].append(replicator.last_sent.total)
                 data[name].append(replicator.last_sent.data)
             log(f"  [{workload_name}] round {round_ + 1}/{settings['repeats']}: "
