@@ -8,6 +8,8 @@ checked with the stager's wire byte counters (``last_sent`` / ``last_received``)
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,3 +184,25 @@ def test_delta_message_round_trip_and_hostile_input():
         with pytest.raises(ValueError):
             _decode_delta(raw, 6)
         assert what
+
+
+@pytest.mark.timeout(300)
+def test_bench_section_measures_exchange_rows_with_bytes_on_the_wire(tmp_path):
+    """``stager bench --sections incremental`` at a tiny size: every row is there, and the wire
+    bytes say what the exchange sent (no timing is asserted)."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-c", "import sys; from stager.cli import main; sys.exit(main())", "bench", "--size",
+           "16MB", "--repeats", "1", "--sections", "incremental", "--threads", "2", "--dir", str(tmp_path),
+           "--json", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {(row["workload"], row["name"]): row for row in json.loads(out.read_text())["rows"]}
+    skip, full = "stager ReplicationStager skip_unchanged", "stager ReplicationStager"
+    for workload in ("lora exchange", "full fine-tune exchange"):
+        for name in (skip, full):
+            assert rows[(workload, name)]["seconds_median"] > 0
+        assert rows[(workload, full)]["extra"]["wire_bytes"] >= rows[(workload, full)]["nbytes"]
+    lora = rows[("lora exchange", skip)]
+    assert lora["extra"]["wire_bytes"] < 0.02 * lora["nbytes"], lora  # the adapters and their Adam state
+    everything = rows[("full fine-tune exchange", skip)]
+    assert everything["extra"]["wire_state_bytes"] >= everything["nbytes"]  # everything changed: all of it
