@@ -37,13 +37,15 @@ def free_port():
     raise RuntimeError("no free port in 20000..32000")
 
 
-def start_ranks(world, directory, steps, *, ranks=None, port=None, host="127.0.0.1", prefix=None, env=None):
-    """Starts the workers (all ranks, or ``ranks``) and returns ``{rank: Popen}``."""
+def start_ranks(world, directory, steps, *, ranks=None, port=None, host="127.0.0.1", prefix=None, env=None,
+                worker=WORKER):
+    """Starts the workers (all ranks, or ``ranks``; ``worker``: the script, replication_worker.py
+    by default) and returns ``{rank: Popen}``."""
     port = str(port or free_port())
     base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", STAGER_TEST_HOST=host)
     procs = {}
     for rank in ranks if ranks is not None else range(world):
-        command = [sys.executable, WORKER, str(rank), str(world), port, str(directory), json.dumps(steps)]
+        command = [sys.executable, worker, str(rank), str(world), port, str(directory), json.dumps(steps)]
         if prefix is not None:
             command = prefix(rank) + command
         procs[rank] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -16,6 +16,11 @@ results: treat them as read-only. The tracker holds the staged storages it may r
 bytes stay alive (and their pool memory in use) as long as this stager or any result uses them;
 with nothing changed, a stage allocates nothing.
 
+Replication (``ReplicationStager(skip_unchanged=True)``, :mod:`stager.replication`) uses the same
+tracker on the sending side, recording each storage's *index* in the step it sent instead of a
+staged storage: :meth:`UnchangedStorages.unchanged` then maps every unchanged storage of the next
+step to the index its bytes have in the copy the holder already has, and only the others travel.
+
 A write the version counter cannot see (through ``.data`` of a view, through a NumPy array over
 the tensor, by a C extension) is missed. Set ``STAGER_CHECK_UNCHANGED=1`` to compare, for every
 reused host storage, the crc32c of its source bytes now with the bytes staged before; a mismatch
@@ -41,12 +46,13 @@ CHECK_ENV = "STAGER_CHECK_UNCHANGED"
 
 
 class _Record:
-    """What one source storage looked like at the previous stage, and where its bytes went."""
+    """What one source storage looked like at the previous stage, and where its bytes went: the
+    staged storage holding them (staging) or the storage's index in that stage (replication)."""
 
     __slots__ = ("source", "address", "nbytes", "versions", "staged")
 
     def __init__(self, source: StorageWeakRef, address: int, nbytes: int, versions: list[int],
-                 staged: torch.UntypedStorage) -> None:
+                 staged: Any) -> None:
         self.source = source
         self.address = address
         self.nbytes = nbytes
@@ -63,6 +69,8 @@ class UnchangedStorages:
 
     def __init__(self) -> None:
         self._previous: dict[int, _Record] = {}
+        #: Number of storages of the remembered stage (what a holder's copy of it has).
+        self.storage_count = 0
         #: Bytes the last stage copied and reused, for benchmarks and tests.
         self.copied_nbytes = 0
         self.reused_nbytes = 0
@@ -71,11 +79,23 @@ class UnchangedStorages:
         """Storage index → the staged storage already holding its bytes, for every storage of
         ``plan`` (described with ``track_versions``) that did not change; marks them reused in
         ``plan.table``."""
+        reused = self.unchanged(plan)
+        if reused and os.environ.get(CHECK_ENV, "") not in ("", "0"):
+            _check_unchanged(plan.table, reused)
+        if reused:
+            plan.table = plan.table.reusing(list(reused))
+        return reused
+
+    def unchanged(self, plan: StatePlan) -> dict[int, Any]:
+        """Storage index → what :meth:`remember` recorded for it (the staged storage, or its index
+        in the remembered stage), for every storage of ``plan`` (described with
+        ``track_versions``) that is the same object at the same address with the same size and
+        versions as then. Changes nothing but the byte counters."""
         if not self._previous:
             self._account(plan, {})
             return {}
         table = plan.table
-        reused: dict[int, torch.UntypedStorage] = {}
+        reused: dict[int, Any] = {}
         keys, addresses, nbytes = table.storage_keys, table.storage_addresses, table.storage_nbytes
         for index, versions in enumerate(table.storage_versions):
             record = self._previous.get(keys[index])
@@ -90,35 +110,40 @@ class UnchangedStorages:
             ):
                 continue
             reused[index] = record.staged
-        if reused and os.environ.get(CHECK_ENV, "") not in ("", "0"):
-            _check_unchanged(table, reused)
-        if reused:
-            plan.table = table.reusing(list(reused))
         self._account(plan, reused)
         return reused
 
-    def remember(self, plan: StatePlan, staged_tensors: list[Any]) -> None:
-        """Records the storages of ``plan`` and the staged storage of each (from the staged
-        tensors, table order) for the next stage; forgets everything else."""
+    def remember(self, plan: StatePlan, staged_tensors: list[Any] | None = None) -> None:
+        """Records the storages of ``plan`` for the next stage, and for each where its bytes are
+        now: the staged storage (from ``staged_tensors``, table order) or, without them, its own
+        index in ``plan`` (the index a holder of this stage's copy knows it by); forgets
+        everything else."""
         table = plan.table
         first_tensor: dict[int, int] = {}
-        for tensor_index, storage_index in enumerate(table.tensor_storage):
-            first_tensor.setdefault(storage_index, tensor_index)
+        if staged_tensors is not None:
+            for tensor_index, storage_index in enumerate(table.tensor_storage):
+                first_tensor.setdefault(storage_index, tensor_index)
         sources = table.storage_objects
         previous: dict[int, _Record] = {}
         for index, (key, address, nbytes, versions) in enumerate(
             zip(table.storage_keys, table.storage_addresses, table.storage_nbytes, table.storage_versions)
         ):
-            staged = staged_tensors[first_tensor[index]] if index in first_tensor else None
+            if staged_tensors is None:
+                staged: Any = index
+            else:
+                tensor = staged_tensors[first_tensor[index]] if index in first_tensor else None
+                staged = tensor.untyped_storage() if tensor is not None else None
             source = sources[index]
             if versions is None or staged is None or source is None or not nbytes:
                 continue
-            previous[key] = _Record(StorageWeakRef(source), address, nbytes, versions, staged.untyped_storage())
+            previous[key] = _Record(StorageWeakRef(source), address, nbytes, versions, staged)
         self._previous = previous
+        self.storage_count = len(table.storage_nbytes)
 
     def forget(self) -> None:
         """Drops every record (and the staged bytes they keep alive)."""
         self._previous = {}
+        self.storage_count = 0
 
     def _account(self, plan: StatePlan, reused: dict[int, Any]) -> None:
         nbytes = plan.table.storage_nbytes

@@ -56,6 +56,33 @@ so a crash inside step 5 on any subset of ranks leaves that step restorable on e
 most two generations per copy are kept; copies of a newer step than the one being published
 (from an abandoned timeline) are dropped.
 
+**Incremental** (``skip_unchanged=True``): a holder that already has this owner's previous step
+receives only the storages that changed since (the rule of :mod:`stager.incremental`: same
+storage object, address, size and version counters at the sender), and builds the new step from
+its copy of the previous one plus those bytes; it still persists a complete, self-contained copy
+file through the normal atomic path, which :func:`stager.load` and ``restore()`` read like any
+other. The protocol, inside the order of operations above (:class:`_Deltas`):
+
+* every sending has a random id; the sender's header carries it, and, when some storage is
+  unchanged since its last *committed* sending, that sending's id as the base (nothing else: the
+  reuse map waits for the holder's answer). A holder records the id with its copy (in memory, and
+  in the file: ``stager.replica.sending``);
+* in the step-2 all-gather each holder says, per source that offered a base, whether it holds
+  that very sending: in memory from its previous stage(), else in its copy file (read and every
+  checksum verified first). A holder that restarted with a damaged or missing file, or one that
+  holds another sending, says nothing: its source sends it everything, without an error;
+* to a holder that holds the base, the sender sends the metadata, then a delta message (the
+  reuse map as runs of ``[index, base index, length]``, a few bytes per run), then only the
+  changed storages' bytes, packed as in its reusing table: unchanged storages cost no bytes on
+  the wire. The holder takes the reused storages from its base (no copy: the new replica shares
+  their memory with the previous one, so treat received replicas as read-only) and checks their
+  sizes (and, with ``STAGER_CHECK_UNCHANGED=1`` on the sender, their crc32c);
+* the sender's tracker and the holders' bases move on only when the step is committed; after a
+  failed stage the sender sends everything once (the holders keep their previous bases).
+
+:attr:`ReplicationStager.last_sent` / :attr:`~ReplicationStager.last_received` count the bytes of
+the latest stage() on the wire (:class:`stager.transport.WireBytes`).
+
 In memory, the stager also keeps the replicas of its newest step (for a survivor's
 :meth:`~ReplicationStager.restore` without reading the disk; with ``persist_format=None`` they
 are the only copies, kept until the next step is committed everywhere). ``close()`` drops them.
@@ -69,6 +96,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tempfile
 import threading
 import zipfile
@@ -83,8 +111,10 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from . import _native, files
 from ._native import StagerError
 from .files import _StreamingReplica, durable_torch_save
+from .incremental import CHECK_ENV, UnchangedStorages
 from .placement import Placement, default_ranks_per_node, place
-from .transport import BROKEN, PGTransport, TransportError, _as_timedelta
+from .plan import StatePlan, plan_state_dict
+from .transport import BROKEN, Offer, PGTransport, ReceivedStorages, TransportError, WireBytes, _as_timedelta
 
 __all__ = ["Replica", "ReplicationStager", "find_replicas", "recover"]
 
@@ -101,6 +131,8 @@ META_OWNER = "stager.replica.owner"
 META_HOLDER = "stager.replica.holder"
 META_WORLD = "stager.replica.world_size"
 META_STEP = "stager.replica.step"
+#: The id of the sending a copy came from (incremental replication: see the module doc).
+META_SENDING = "stager.replica.sending"
 #: The record inside a ``.pt`` copy's zip archive (JSON with the same fields).
 TORCH_RECORD = "stager_replica.json"
 
@@ -140,13 +172,37 @@ def _pending_path(final: str) -> str:
     return f"{final}.{os.getpid()}.pending.tmp"
 
 
-def _record(owner: int, holder: int, world_size: int, step: int) -> dict[str, int]:
-    return {"owner": owner, "holder": holder, "world_size": world_size, "step": step}
+def _record(owner: int, holder: int, world_size: int, step: int, sending: int = 0) -> dict[str, int]:
+    record = {"owner": owner, "holder": holder, "world_size": world_size, "step": step}
+    if sending:
+        record["sending"] = sending
+    return record
 
 
 def _metadata(record: dict[str, int]) -> dict[str, str]:
-    return {META_OWNER: str(record["owner"]), META_HOLDER: str(record["holder"]),
-            META_WORLD: str(record["world_size"]), META_STEP: str(record["step"])}
+    metadata = {META_OWNER: str(record["owner"]), META_HOLDER: str(record["holder"]),
+                META_WORLD: str(record["world_size"]), META_STEP: str(record["step"])}
+    if record.get("sending"):
+        metadata[META_SENDING] = str(record["sending"])
+    return metadata
+
+
+def _sending_of(path: str) -> int | None:
+    """The sending id a copy file records (None when it records none); StagerError when the file
+    can't be opened as its format."""
+    if path.endswith(".pt"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("/" + TORCH_RECORD)]
+                raw = json.loads(archive.read(names[0])).get("sending") if names else None
+        except (OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError) as err:
+            raise StagerError(f"cannot read the replica record of {path!r}: {err}") from err
+    else:
+        raw = _native.CheckpointFile(path).metadata.get(META_SENDING)
+    try:
+        return int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def read_record(path: str) -> dict[str, int] | None:
@@ -302,6 +358,162 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# ---- incremental replication -------------------------------------------------------------------------
+
+
+def _storages_of(state_dict: Any) -> list[Any]:
+    """The storages of a received (or loaded) state_dict, in the order of its sender's plan: a
+    fresh result of the same tree has its tensors and storages in the same order."""
+    return plan_state_dict(state_dict).table.storage_objects
+
+
+class _Base:
+    """A holder's copy of one sending: its id and its storages (index = the sender's; a
+    :class:`~stager.transport.ReceivedStorages` lists them when first needed)."""
+
+    __slots__ = ("sending", "_storages")
+
+    def __init__(self, sending: int, storages: list[Any] | ReceivedStorages) -> None:
+        self.sending = sending
+        self._storages = storages
+
+    @property
+    def storages(self) -> list[Any]:
+        if isinstance(self._storages, ReceivedStorages):
+            self._storages = self._storages.list()
+        return self._storages
+
+
+class _Deltas:
+    """``ReplicationStager(skip_unchanged=True)``: the :class:`stager.transport.Incremental`
+    policy of its transfers, and what it keeps between stages.
+
+    As a sender: an :class:`~stager.incremental.UnchangedStorages` tracker of the last committed
+    sending (each storage recorded with its index there) and that sending's id. As a holder: per
+    source, the id and storages of the copy of its last committed sending (:class:`_Base`). The
+    protocol is in the module doc.
+
+    Thread Safety:
+        Used by one stage() at a time (its stager's).
+    """
+
+    def __init__(self) -> None:
+        self.tracker = UnchangedStorages()
+        self.sent = 0  # id of the sending the tracker describes (0: none)
+        self.bases: dict[int, _Base] = {}
+        self.begin()
+
+    def begin(self) -> None:
+        """A new stage: forgets the previous stage's offer, announcements and claims."""
+        self._plan: StatePlan | None = None
+        self._offer: Offer | None = None
+        self._announced: dict[int, tuple[int, int]] = {}  # src → (sending, base)
+        self._claimed: dict[int, _Base] = {}
+        self._accepted: set[int] = set()
+        self._landed: dict[int, _Base] = {}
+
+    # ---- the transport's questions (stager.transport.Incremental) ------------------------------
+    def plan(self, state_dict: Any) -> tuple[StatePlan, Offer]:
+        plan = plan_state_dict(state_dict, track_versions=True)
+        reuse = self.tracker.unchanged(plan) if self.sent else {}
+        check = None
+        if reuse and os.environ.get(CHECK_ENV, "") not in ("", "0"):
+            sources, devices = plan.table.storage_objects, plan.table.storage_devices
+            check = [_native.storage_crc32c(sources[i]) if devices[i] is None else None for i in sorted(reuse)]
+        offer = Offer(secrets.randbits(62) | 1, self.sent if reuse else 0, self.tracker.storage_count,
+                      reuse or None, check)
+        self._plan, self._offer = plan, offer
+        return plan, offer
+
+    def announced(self, src: int, sending: int, base: int) -> None:
+        self._announced[src] = (sending, base)
+
+    def accepts(self, dst: int, base: int) -> bool:
+        return bool(base) and dst in self._accepted
+
+    def base(self, src: int, base: int) -> list[Any] | None:
+        claim = self._claimed.get(src)
+        return claim.storages if claim is not None and claim.sending == base else None
+
+    def unusable(self, src: int, reason: str) -> None:
+        self._claimed.pop(src, None)  # not kept after this (failing) stage: the next one sends everything
+
+    def landed(self, src: int, sending: int, storages: ReceivedStorages) -> None:
+        self._landed[src] = _Base(sending, storages)
+
+    # ---- the stager's steps ---------------------------------------------------------------------
+    def sending_of(self, src: int) -> int:
+        """The id of the sending ``src`` announced in this stage (0: none)."""
+        return self._announced.get(src, (0, 0))[0]
+
+    def claim(self, storage_dir: str, rank: int, persist_format: str | None) -> dict[str, int]:
+        """Before the agreement: ``{src: base}`` for every source whose offered base this holder
+        has intact, in memory or in its copy file (every checksum verified). Bases of no use in
+        this stage are dropped (their memory is free for the full receive)."""
+        claims: dict[str, int] = {}
+        for src, (_, base) in self._announced.items():
+            if not base:
+                continue
+            held = self.bases.get(src)
+            if held is None or held.sending != base:
+                held = self._from_disk(storage_dir, rank, src, base, persist_format)
+            if held is not None:
+                self._claimed[src] = held
+                claims[str(src)] = base
+        self.bases = {}
+        return claims
+
+    @staticmethod
+    def _from_disk(storage_dir: str, rank: int, src: int, base: int, persist_format: str | None) -> _Base | None:
+        """The copy of sending ``base`` in this holder's files of ``src`` (newest or kept previous
+        generation), read with every checksum verified; None when missing, other or damaged."""
+        if persist_format is None:
+            return None
+        for previous in (False, True):
+            path = replica_path(storage_dir, rank, src, persist_format, previous=previous)
+            try:
+                if _sending_of(path) != base:
+                    continue
+                return _Base(base, _storages_of(load_replica(path, verify=True)))
+            except (StagerError, OSError):
+                continue  # missing or damaged: the sender sends everything
+        return None
+
+    def agreed(self, blobs: list[bytes], rank: int) -> None:
+        """After the agreement: the destinations that hold this rank's offered base."""
+        offer = self._offer
+        if offer is None or not offer.base:
+            return
+        for dst, record in enumerate(_parse(blobs, "agreement")):
+            bases = record.get("bases")
+            if isinstance(bases, dict) and bases.get(str(rank)) == offer.base:
+                self._accepted.add(dst)
+
+    def commit(self, received: dict[int, Any]) -> None:
+        """The stage is committed everywhere: the tracker describes this sending, and the copies
+        received in it (``received``, src → state_dict) are the bases of the next stage."""
+        if self._plan is not None and self._offer is not None:
+            self.tracker.remember(self._plan)
+            self.sent = self._offer.sending
+        self.bases = {src: base for src, base in self._landed.items() if received.get(src) is not None}
+        self.begin()
+
+    def abandon(self) -> None:
+        """The stage failed: the next one sends everything (whatever made this one fail, e.g. a
+        write the version counter missed, found by the holder's check, is not repeated); the
+        holders keep their bases of the last committed stage."""
+        self.tracker.forget()
+        self.sent = 0
+        self.bases.update(self._claimed)
+        self.begin()
+
+    def close(self) -> None:
+        self.tracker.forget()
+        self.sent = 0
+        self.bases = {}
+        self.begin()
+
+
 # ---- the stager ---------------------------------------------------------------------------------
 
 
@@ -344,6 +556,10 @@ class ReplicationStager(AsyncStager):
             that puts the whole group on one node means one rank per domain, see :meth:`placement`).
         keep_own: also persist this rank's own state_dict in ``storage_dir`` (so a node that
             survives restores its ranks from local disk).
+        skip_unchanged: send a holder that has this rank's previous step only the storages that
+            changed since (see the module doc); its copy file is still complete. Received replicas
+            then share the bytes of unchanged storages with the previous ones: treat them as
+            read-only.
 
     Thread Safety:
         One ``stage()``/``restore()`` at a time; every rank of the group must call them the same
@@ -355,7 +571,7 @@ class ReplicationStager(AsyncStager):
     def __init__(self, pg: Any = None, timeout: timedelta = timedelta(minutes=30), device: Any = "cpu",
                  storage_dir: str | None = None, *, topology: str = "pairs",
                  persist_format: str | None = "stager", replicas: int = 1, ranks_per_node: int | None = None,
-                 keep_own: bool = False) -> None:
+                 keep_own: bool = False, skip_unchanged: bool = False) -> None:
         if topology not in ("pairs", "ring"):
             raise StagerError(f"topology must be 'pairs' or 'ring', got {topology!r}")
         if persist_format is not None and persist_format not in EXTENSIONS:
@@ -371,6 +587,8 @@ class ReplicationStager(AsyncStager):
             raise StagerError(f"keep_own must be a bool, got {keep_own!r}")
         if keep_own and persist_format is None:
             raise StagerError("keep_own=True persists this rank's own state_dict: it needs a persist_format")
+        if type(skip_unchanged) is not bool:
+            raise StagerError(f"skip_unchanged must be a bool, got {skip_unchanged!r}")
         self._pg = pg
         self._timeout = _as_timedelta(timeout)
         self._device = torch.device(device)
@@ -392,6 +610,11 @@ class ReplicationStager(AsyncStager):
         self._index: dict[int, dict[str, dict[str, int] | None]] = {}
         #: the newest step this stager or its storage_dir has seen (0: none)
         self._newest_step: int | None = None
+        #: skip_unchanged: the sender's tracker and the holder's bases (see _Deltas)
+        self._deltas = _Deltas() if skip_unchanged else None
+        #: Bytes the latest stage() sent and received, by kind.
+        self.last_sent = WireBytes()
+        self.last_received = WireBytes()
 
     # ---- PyTorch's names ------------------------------------------------------------------------
     @property
@@ -504,7 +727,24 @@ class ReplicationStager(AsyncStager):
             return state_dict
         placement = self.placement(world)  # before anything is sent
         transport = self._transport_for(pg)
+        sent, received = transport.sent.copy(), transport.received.copy()
+        deltas = self._deltas
+        if deltas is not None:
+            deltas.begin()
+        try:
+            return self._replicate(state_dict, step, rank, world, placement, transport)
+        except BaseException:
+            if deltas is not None:
+                deltas.abandon()
+            raise
+        finally:
+            self.last_sent, self.last_received = transport.sent - sent, transport.received - received
+
+    def _replicate(self, state_dict: Any, step: int | None, rank: int, world: int, placement: Placement,
+                   transport: PGTransport) -> Any:
+        """stage() in a group of two or more: the order of operations of the module doc."""
         fmt = self._persist_format
+        deltas = self._deltas
         self._load_index(rank)
         dsts, srcs = placement.holders[rank], placement.sources[rank]
         deadline = transport.deadline()
@@ -514,17 +754,21 @@ class ReplicationStager(AsyncStager):
 
         def agree(local_error: str | None) -> None:
             proposal = step if step is not None else (self._newest_step or 0) + 1
+            bases = deltas.claim(self._storage_dir, rank, fmt) if deltas is not None else {}
             record = {"error": local_error, "step": proposal, "explicit": step is not None,
                       "config": [world, self._replicas, placement.ranks_per_node, self._topology, fmt, self._keep_own],
-                      "held": self._held(world)}
+                      "held": self._held(world), "bases": bases}
             blobs = transport.allgather_bytes(json.dumps(record).encode(), "agreeing on the step to replicate",
                                               deadline=deadline)
             agreed.update(_agree(blobs, world))
+            if deltas is not None:
+                deltas.agreed(blobs, rank)
             chosen = agreed["step"]
             if fmt is not None:
                 self._sweep_temps(rank)
                 for src in srcs:
-                    copies[src] = _Copy(self._storage_dir, rank, src, fmt, _record(src, rank, world, chosen))
+                    sending = deltas.sending_of(src) if deltas is not None else 0
+                    copies[src] = _Copy(self._storage_dir, rank, src, fmt, _record(src, rank, world, chosen, sending))
                 if self._keep_own:
                     own_copy = copies[rank] = _Copy(self._storage_dir, rank, rank, fmt,
                                                     _record(rank, rank, world, chosen))
@@ -532,7 +776,9 @@ class ReplicationStager(AsyncStager):
                 self._memory.clear()  # the files hold the older generation: don't keep two in memory too
 
         def on_metadata(incoming: Any) -> None:
-            if fmt == "stager":
+            # An incremental receive holds only the changed storages in its buffer: its copy is
+            # written whole from the received state_dict once it is complete (_persist).
+            if fmt == "stager" and not incoming.replacements:
                 copy = copies[incoming.rank]
                 copy.writer = _StreamingReplica(copy.pending, incoming, _metadata(copy.record))
 
@@ -545,7 +791,8 @@ class ReplicationStager(AsyncStager):
         received: dict[int, Any] = {}
         try:
             received = transport.transfer({dst: state_dict for dst in dsts}, srcs, deadline=deadline,
-                                          before_bulk=agree, on_metadata=on_metadata, on_segment=on_segment)
+                                          before_bulk=agree, on_metadata=on_metadata, on_segment=on_segment,
+                                          incremental=deltas)
         except TransportError as err:
             if err.fatal or err.kind == BROKEN or not agreed:
                 self._abandon(copies, own)
@@ -575,6 +822,8 @@ class ReplicationStager(AsyncStager):
         chosen = agreed["step"]
         if fmt is not None:
             self._publish(copies, chosen, agreed["safe"])
+        if deltas is not None:
+            deltas.commit(received)
         self._memory = {src: (chosen, world, received[src]) for src in srcs}
         self._newest_step = max(self._newest_step or 0, chosen)
         first = placement.first_source(rank)
@@ -671,8 +920,11 @@ class ReplicationStager(AsyncStager):
         """No-op: staging is blocking."""
 
     def close(self) -> None:
-        """Drops the replicas held in memory; persisted copies are left for discovery."""
+        """Drops the replicas held in memory (and, with skip_unchanged, what the next stage would
+        leave out: it sends everything); persisted copies are left for discovery."""
         self._memory = {}
+        if self._deltas is not None:
+            self._deltas.close()
 
 
 def _start_own_copy(state_dict: Any, copy: _Copy, fmt: str, own: dict[str, Any]) -> threading.Thread:

@@ -31,12 +31,19 @@ point-to-point ``send``/``recv``. What it does differently:
   the key that failed; the receivers raise at once and nothing is left unmatched. A receiver whose
   own handling fails (a replica file that can't be written, an in-place target that doesn't fit)
   keeps receiving, so both sides stay in step, and reports the failure at the end.
+* **Incremental** (``transfer(..., incremental=...)``, what ``ReplicationStager(skip_unchanged=True)``
+  uses): a sender whose previous sending the holder still has sends only the storages that changed
+  since, and the holder builds the new state_dict from its copy of the previous one plus those
+  bytes. See :class:`Incremental` for who decides what, and when.
+* **Counted.** :attr:`PGTransport.sent` and :attr:`PGTransport.received` count the bytes of every
+  message by kind (:class:`WireBytes`: headers, metadata, state_dict bytes, all-gathers).
 * **Broken stays broken.** After a timeout, a lost connection or an interrupt, point-to-point
   messages may still be in flight: every later call raises :data:`BROKEN` at once, saying the
   process group must be re-created (instead of repeating the first error).
 
 Order of operations of one transfer (per peer): header (1 KiB: fields + an error message) →
-metadata (JSON) → segments, each on its own tag. Tags carry a per-peer sequence number, so a
+metadata (JSON) [→ delta (JSON) when the holder takes an incremental send] → segments, each on its
+own tag. Tags carry a per-peer sequence number, so a
 failed transfer can never feed stale bytes into the next one. :meth:`PGTransport.allgather_bytes`
 is the same machinery for the small all-gathers replication and restore agree through.
 
@@ -55,7 +62,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -63,12 +70,12 @@ from . import _native, dtensor
 from ._native import StagerError
 from .engine import copy_engine, process_pool
 from .options import default_num_threads
-from .plan import StatePlan, TensorPlan, gc_paused, plan_state_dict
+from .plan import StatePlan, StoragePlan, TensorPlan, gc_paused, plan_state_dict
 from .tree import decode, dotted, encode, tensor_paths, tensors_by_path
 
 __all__ = [
     "BROKEN", "CONNECTION", "LOCAL", "PROTOCOL", "REMOTE", "TIMEOUT", "UNSENDABLE",
-    "PGTransport", "Segment", "TransportError", "segments_of",
+    "Incremental", "Offer", "PGTransport", "Segment", "TransportError", "WireBytes", "segments_of",
 ]
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -111,13 +118,17 @@ class TransportError(StagerError):
 # ---- wire layout -------------------------------------------------------------------------------------
 
 _MAGIC = 0x5354_4752  # "STGR"
-_VERSION = 2
+_VERSION = 3
 _HEADER_BYTES = 1024
-_HEADER_FIELDS = 8  # magic, version, status, meta_len, total_nbytes, bucket_bytes, chunk_bytes, nsegments
-_MESSAGE_AT = 64  # the error message (UTF-8) fills the rest of the header
+# magic, version, status, meta_len, total_nbytes, bucket_bytes, chunk_bytes, nsegments, then for
+# incremental sends: sending (this sending's id), base (the id of the earlier sending a delta is
+# against, 0: none), delta_len (bytes of the delta message)
+_HEADER_FIELDS = 11
+_MESSAGE_AT = 128  # the error message (UTF-8) fills the rest of the header
 _STATUS_OK = 0
 _STATUS_ERROR = 1
 _MAX_META_BYTES = 1 << 30
+_MAX_DELTA_BYTES = 1 << 30
 
 #: Small storages are coalesced into segments of at least this many bytes.
 DEFAULT_BUCKET_BYTES = 4 << 20
@@ -128,7 +139,8 @@ _TAG_SEQ_SHIFT = 24
 _TAG_SEQ_MOD = 64
 _TAG_HEADER = 0
 _TAG_META = 1
-_TAG_FIRST_SEGMENT = 2
+_TAG_DELTA = 2
+_TAG_FIRST_SEGMENT = 3
 
 
 @dataclass(frozen=True)
@@ -182,6 +194,171 @@ def segments_of(storages: list, bucket_bytes: int, chunk_bytes: int) -> list[Seg
             flush(index + 1)
     flush(len(storages))
     return out
+
+
+@dataclass
+class WireBytes:
+    """Bytes of the messages one transport sent (or received), by kind: ``header`` (the fixed
+    1 KiB header per peer and transfer), ``metadata`` (the structure, and the delta of an
+    incremental send), ``data`` (the state_dicts' storage bytes: segments) and ``control`` (this
+    rank's share of the small all-gathers replication and restore agree through). Counted when
+    posted."""
+
+    header: int = 0
+    metadata: int = 0
+    data: int = 0
+    control: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.header + self.metadata + self.data + self.control
+
+    def copy(self) -> WireBytes:
+        return WireBytes(self.header, self.metadata, self.data, self.control)
+
+    def __sub__(self, other: WireBytes) -> WireBytes:
+        return WireBytes(self.header - other.header, self.metadata - other.metadata, self.data - other.data,
+                         self.control - other.control)
+
+
+@dataclass
+class Offer:
+    """What an incremental sender announces for one state_dict.
+
+    ``sending``: a nonzero id of this sending (a holder records it with its copy); ``base``: the
+    id of the earlier sending that ``reuse`` refers to (0: none); ``base_storages``: how many
+    storages that sending had; ``reuse``: storage index in this state_dict's plan → its index in
+    the base, for every storage whose bytes the holder of the base already has (not sent again);
+    ``check``: with the debug check (``STAGER_CHECK_UNCHANGED``), the crc32c of each reused source
+    storage (in increasing order of ``reuse``'s keys; None where not computed), for the holder to
+    compare with its copy."""
+
+    sending: int
+    base: int = 0
+    base_storages: int = 0
+    reuse: dict[int, int] | None = None
+    check: list[int | None] | None = None
+
+
+class Incremental(Protocol):
+    """The policy behind an incremental transfer (``transfer(..., incremental=policy)``, which
+    needs ``before_bulk``); both ends of every pair must use one. The transport asks:
+
+    * sender, while planning: :meth:`plan` → the plan of the state_dict and its :class:`Offer`
+      (the header then carries the sending id, and the base id when some storage is reused);
+    * receiver, as each header lands: :meth:`announced` with the source's sending and base ids;
+    * ``before_bulk`` runs (the policy's agreement: each holder says which bases it holds);
+    * sender: :meth:`accepts` per destination → send only the changed storages (after the
+      metadata, a delta message with the reuse map) or everything;
+    * receiver: :meth:`base` per source → the storages of the base it said it holds (then the
+      delta message is expected and the reused storages are taken from there), or None (a full
+      receive). Both answers must follow from the same agreement, or the two ends fall out of
+      step. :meth:`unusable` is told when a base did not fit what the sender described (the
+      transfer then fails with :data:`LOCAL`, everything having been received);
+    * receiver, once a state_dict from a source that announced a sending is built:
+      :meth:`landed` with a :class:`ReceivedStorages` of it (what the next transfer's base is).
+    """
+
+    def plan(self, state_dict: Any) -> tuple[StatePlan, Offer | None]: ...
+
+    def announced(self, src: int, sending: int, base: int) -> None: ...
+
+    def accepts(self, dst: int, base: int) -> bool: ...
+
+    def base(self, src: int, base: int) -> list[torch.UntypedStorage | None] | None: ...
+
+    def unusable(self, src: int, reason: str) -> None: ...
+
+    def landed(self, src: int, sending: int, storages: ReceivedStorages) -> None: ...
+
+
+class ReceivedStorages:
+    """The storages of a received state_dict, index = its sender's storage index, listed on first
+    use (a base that is never offered costs nothing). Holds the received tensors, not the
+    state_dict: what its owner later does to the dict's structure doesn't change them."""
+
+    __slots__ = ("_count", "_list", "_tensor_storage", "_tensors")
+
+    def __init__(self, tensors: list[Any], tensor_storage: list[int], count: int) -> None:
+        self._tensors = tensors
+        self._tensor_storage = tensor_storage
+        self._count = count
+        self._list: list[torch.UntypedStorage | None] | None = None
+
+    def list(self) -> list[torch.UntypedStorage | None]:
+        if self._list is None:
+            out: list[torch.UntypedStorage | None] = [None] * self._count
+            for tensor, index in zip(self._tensors, self._tensor_storage):
+                if out[index] is None and tensor is not None:
+                    out[index] = tensor.untyped_storage()
+            self._list = out
+            self._tensors = self._tensor_storage = []
+        return self._list
+
+
+def _delta_layout(plan: StatePlan, reuse: dict[int, int]) -> tuple[Any, list[StoragePlan]]:
+    """The wire layout of an incremental send: the plan's table with the reused storages taking
+    no room, and its storages with the reused ones at 0 bytes (no segment carries them)."""
+    table = plan.table.reusing(sorted(reuse))
+    storages = [
+        StoragePlan(obj, address, 0 if index in reuse else nbytes, offset, device, users)
+        for index, (obj, address, nbytes, offset, device, users) in enumerate(zip(
+            table.storage_objects, table.storage_addresses, table.storage_nbytes, table.storage_offsets,
+            table.storage_devices, table.storage_users))
+    ]
+    return table, storages
+
+
+def _encode_delta(offer: Offer, table: Any, nsegments: int) -> bytes:
+    """The delta message: the reuse map as runs ``[first index, first base index, length]``."""
+    runs: list[list[int]] = []
+    for index, base in sorted(offer.reuse.items()):
+        if runs and runs[-1][0] + runs[-1][2] == index and runs[-1][1] + runs[-1][2] == base:
+            runs[-1][2] += 1
+        else:
+            runs.append([index, base, 1])
+    spec: dict[str, Any] = {"base_storages": offer.base_storages, "reuse": runs, "nbytes": table.total_nbytes,
+                            "segments": nsegments}
+    if offer.check is not None:
+        spec["crc32c"] = offer.check
+    return json.dumps(spec, separators=(",", ":")).encode()
+
+
+def _decode_delta(raw: bytes, count: int) -> tuple[dict[int, int], int, int, int, list[int | None] | None]:
+    """Validates a delta message for a plan of ``count`` storages; returns (reuse map,
+    base_storages, nbytes, segments, crc32c list). Raises ValueError saying what is wrong."""
+    spec = json.loads(raw)
+    if not isinstance(spec, dict):
+        raise ValueError("not an object")
+
+    def integer(value: Any, what: str) -> int:
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{what} must be a non-negative int, got {value!r}")
+        return value
+
+    base_storages = integer(spec.get("base_storages"), "base_storages")
+    nbytes, nsegments = integer(spec.get("nbytes"), "nbytes"), integer(spec.get("segments"), "segments")
+    runs = spec.get("reuse")
+    if not isinstance(runs, list) or not runs:
+        raise ValueError("reuse must be a non-empty list")
+    reuse: dict[int, int] = {}
+    bases: set[int] = set()
+    for run in runs:
+        if not isinstance(run, list) or len(run) != 3:
+            raise ValueError(f"a reuse run must be [index, base index, length], got {run!r}")
+        first, base, length = (integer(v, "a reuse run field") for v in run)
+        if not length or first + length > count or base + length > base_storages:
+            raise ValueError(f"reuse run {run!r} is out of range ({count} storages, {base_storages} in the base)")
+        for k in range(length):
+            if first + k in reuse or base + k in bases:
+                raise ValueError(f"reuse run {run!r} names a storage twice")
+            reuse[first + k] = base + k
+            bases.add(base + k)
+    check = spec.get("crc32c")
+    if check is not None and (not isinstance(check, list) or len(check) != len(reuse)
+                              or any(c is not None and (type(c) is not int or not 0 <= c < 1 << 32) for c in check)):
+        raise ValueError("crc32c must be one crc (or null) per reused storage")
+    return reuse, base_storages, nbytes, nsegments, check
 
 
 def _as_timedelta(timeout: Any) -> timedelta:
@@ -297,40 +474,18 @@ def _path_of(tree: Any, target: Any, path: str = "root", depth: int = 0) -> str 
     return None
 
 
-class _Outgoing:
-    """Everything one send of a state_dict needs: header, metadata, segments and their sources.
+class _Payload:
+    """The bytes of one wire layout of a state_dict: its segments and the tensor each is sent from.
 
-    Planned and packed once, however many destinations it goes to."""
+    Direct segments of CPU storages go from the storage itself; everything else is packed (copy
+    engine for CPU storages, torch copies for device ones) into a pool buffer, started at once."""
 
-    def __init__(self, transport: PGTransport, state_dict: Any) -> None:
-        self.error: str | None = None
-        self.failure: BaseException | None = None
+    def __init__(self, transport: PGTransport, storages: list[StoragePlan], segments: list[Segment]) -> None:
+        self.segments = segments
         self.keep: list[Any] = []
-        self.segments: list[Segment] = []
         self.packed: list[int] = []
-        self.sources: list[torch.Tensor | None] = []
+        self.sources: list[torch.Tensor | None] = [None] * len(segments)
         self.job: Any = None
-        self.meta: torch.Tensor | None = None
-        plan = None
-        try:
-            with gc_paused():
-                plan = plan_state_dict(state_dict)
-                meta = json.dumps(encode(plan), separators=(",", ":"), allow_nan=False).encode()
-        except Exception as err:
-            self.error = self._describe(err, plan, state_dict)
-            self.failure = err
-            self.header = _header(_STATUS_ERROR, 0, 0, 0, message=self.error)
-            self.plan = None
-            return
-        self.plan = plan
-        bucket, chunk = transport.bucket_bytes, transport.chunk_bytes
-        self.segments = segments = segments_of(plan.storages, bucket, chunk)
-        self.header = _header(_STATUS_OK, len(meta), plan.total_nbytes, len(segments), bucket, chunk)
-        self.meta = torch.frombuffer(bytearray(meta), dtype=torch.uint8) if meta else None
-        # Sources: direct segments of CPU storages go from the storage itself; everything else is
-        # packed (copy engine for CPU storages, torch copies for device ones) into a pool buffer.
-        storages = plan.storages
-        self.sources = [None] * len(segments)
         pack_nbytes = 0
         pack_at: dict[int, int] = {}
         for index, segment in enumerate(segments):
@@ -371,6 +526,69 @@ class _Outgoing:
             dst = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=target)
             dst.copy_(_storage_bytes(storage.storage)[begin:begin + nbytes])
 
+    def wait_packed(self) -> None:
+        if self.job is not None:
+            self.job.wait()
+            self.job = None
+
+
+class _Outgoing:
+    """Everything one send of a state_dict needs: header, metadata, segments and their sources.
+
+    Planned once, however many destinations it goes to. With an incremental :class:`Offer` that
+    reuses storages there are two payloads: the delta (packed at once: most holders take it) and
+    the full one (packed only when some destination declines the delta)."""
+
+    def __init__(self, transport: PGTransport, state_dict: Any, incremental: Incremental | None = None) -> None:
+        self.error: str | None = None
+        self.failure: BaseException | None = None
+        self.transport = transport
+        self.offer: Offer | None = None
+        self.delta: _Payload | None = None
+        self.delta_meta: torch.Tensor | None = None
+        self._full: _Payload | None = None
+        self.meta: torch.Tensor | None = None
+        plan = None
+        try:
+            with gc_paused():
+                if incremental is not None:
+                    plan, self.offer = incremental.plan(state_dict)
+                else:
+                    plan = plan_state_dict(state_dict)
+                meta = json.dumps(encode(plan), separators=(",", ":"), allow_nan=False).encode()
+        except Exception as err:
+            self.error = self._describe(err, plan, state_dict)
+            self.failure = err
+            self.header = _header(_STATUS_ERROR, 0, 0, 0, message=self.error)
+            self.plan = None
+            return
+        self.plan = plan
+        bucket, chunk = transport.bucket_bytes, transport.chunk_bytes
+        self.segments = segments_of(plan.storages, bucket, chunk)
+        offer = self.offer
+        sending = offer.sending if offer is not None else 0
+        base = delta_len = 0
+        if offer is not None and offer.reuse and offer.base:
+            table, storages = _delta_layout(plan, offer.reuse)
+            delta_segments = segments_of(storages, bucket, chunk)
+            raw = _encode_delta(offer, table, len(delta_segments))
+            self.delta_meta = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            self.delta = _Payload(transport, storages, delta_segments)
+            base, delta_len = offer.base, len(raw)
+        self.header = _header(_STATUS_OK, len(meta), plan.total_nbytes, len(self.segments), bucket, chunk,
+                              sending=sending, base=base, delta_len=delta_len)
+        self.meta = torch.frombuffer(bytearray(meta), dtype=torch.uint8) if meta else None
+        if self.delta is None:
+            self._full = _Payload(transport, plan.storages, self.segments)
+
+    def payload(self, delta: bool) -> _Payload:
+        """The delta payload, or the full one (packed on first use)."""
+        if delta and self.delta is not None:
+            return self.delta
+        if self._full is None:
+            self._full = _Payload(self.transport, self.plan.storages, self.segments)
+        return self._full
+
     @staticmethod
     def _describe(err: Exception, plan: StatePlan | None, state_dict: Any) -> str:
         text = f"{type(err).__name__}: {err}" if not isinstance(err, StagerError) else str(err)
@@ -380,16 +598,12 @@ class _Outgoing:
                 text = f"{text} (at {where})"
         return text
 
-    def wait_packed(self) -> None:
-        if self.job is not None:
-            self.job.wait()
-            self.job = None
-
 
 def _header(status: int, meta_len: int, total: int, nsegments: int, bucket: int = 0, chunk: int = 0,
-            *, message: str = "") -> torch.Tensor:
+            *, sending: int = 0, base: int = 0, delta_len: int = 0, message: str = "") -> torch.Tensor:
     header = torch.zeros(_HEADER_BYTES, dtype=torch.uint8)
-    fields = torch.tensor([_MAGIC, _VERSION, status, meta_len, total, bucket, chunk, nsegments], dtype=torch.int64)
+    fields = torch.tensor([_MAGIC, _VERSION, status, meta_len, total, bucket, chunk, nsegments, sending, base,
+                           delta_len], dtype=torch.int64)
     header[:_HEADER_FIELDS * 8] = fields.view(torch.uint8)
     text = message.encode("utf-8", errors="replace")[:_HEADER_BYTES - _MESSAGE_AT]
     if text:
@@ -413,7 +627,12 @@ class _Incoming:
     storage size match. With ``strict`` (restore) every tensor must find one of the same dtype and
     shape, else nothing is received in place and :attr:`mismatch` says which key did not fit; and
     a storage is received in place only into a target that views it exactly as the sender's
-    tensor does (the caller copies the others' values in afterwards)."""
+    tensor does (the caller copies the others' values in afterwards).
+
+    An incremental receive (:attr:`base_storages` set before the metadata is posted) also takes
+    the delta message, switches to the delta layout (:meth:`apply_delta`) and builds the result
+    with the reused storages taken from the base (:attr:`replacements`); in-place targets are
+    not used then."""
 
     def __init__(self, transport: PGTransport, rank: int, seq: int, inplace: Any = None,
                  strict: bool = False) -> None:
@@ -437,11 +656,26 @@ class _Incoming:
         self.done = False
         self.failed = False  # a callback failed: no more callbacks for this source
         self._announced = (0, 0, 0, 0)
+        #: From the header: the id of this sending, of the base a delta is against, the delta's length.
+        self.sending = 0
+        self.base = 0
+        self.delta_len = 0
+        #: The base storages this rank holds for an incremental receive (None: a full receive).
+        self.base_storages: list[torch.UntypedStorage | None] | None = None
+        self.raw_delta: torch.Tensor | None = None
+        self.parts = 1  # metadata messages still to land before the segments can be posted
+        #: storage index → the base storage holding its bytes (incremental receives).
+        self.replacements: dict[int, torch.UntypedStorage] = {}
+        #: Why the base could not be used (the bytes are received all the same).
+        self.base_problem: str | None = None
+        #: Of a finished receive from a source that announced a sending: its storages.
+        self.storages: ReceivedStorages | None = None
 
     def read_header(self) -> str | None:
         """Checks the header; returns the peer's error message when it could not send (this
         transfer is then over), else None and the metadata receive is to be posted."""
-        (magic, version, status, meta_len, total, bucket, chunk, nsegments), message = _read_header(self.header)
+        fields, message = _read_header(self.header)
+        magic, version, status, meta_len, total, bucket, chunk, nsegments = fields[:8]
         if magic != _MAGIC or version != _VERSION:
             raise TransportError(PROTOCOL, f"rank {self.rank} sent an unknown checkpoint header (magic {magic:#x}, "
                                  f"version {version}; this stager speaks version {_VERSION}): mismatched stager "
@@ -452,9 +686,48 @@ class _Incoming:
         if not 0 < meta_len <= _MAX_META_BYTES:
             raise TransportError(PROTOCOL, f"rank {self.rank} sent a header with an invalid metadata length "
                                  f"{meta_len}", self.rank)
+        sending, base, delta_len = fields[8:11]
+        if sending < 0 or base < 0 or not 0 <= delta_len <= _MAX_DELTA_BYTES or (base != 0) != (delta_len != 0):
+            raise TransportError(PROTOCOL, f"rank {self.rank} sent a header with invalid incremental fields "
+                                 f"(sending {sending}, base {base}, delta length {delta_len})", self.rank)
+        self.sending, self.base, self.delta_len = sending, base, delta_len
         self._announced = (total, bucket, chunk, nsegments)
         self.raw_meta = torch.empty(meta_len, dtype=torch.uint8)
         return None
+
+    def expect_delta(self, base_storages: list[torch.UntypedStorage | None]) -> None:
+        """This rank holds the base the source announced: take the delta message too."""
+        self.base_storages = base_storages
+        self.raw_delta = torch.empty(self.delta_len, dtype=torch.uint8)
+        self.parts = 2
+
+    def apply_delta(self) -> None:
+        """Switches to the delta layout the sender announced (only the changed storages travel,
+        packed as in its reusing table) and maps the reused storages to the base's. A delta
+        that contradicts the metadata raises :data:`PROTOCOL` (the two ends would fall out of
+        step); a base that does not fit it sets :attr:`base_problem` (reported as :data:`LOCAL`)."""
+        plan = self.plan
+        nbytes = plan.table.storage_nbytes
+        raw = self.raw_delta.numpy().tobytes()
+        self.raw_delta = None
+        try:
+            reuse, base_count, total, nsegments, check = _decode_delta(raw, len(nbytes))
+        except (ValueError, RecursionError) as err:
+            raise TransportError(PROTOCOL, f"rank {self.rank} sent an invalid delta: {err}", self.rank) from err
+        _, bucket, chunk, _ = self._announced
+        table, storages = _delta_layout(plan, reuse)
+        segments = segments_of(storages, bucket, chunk)
+        if table.total_nbytes != total or len(segments) != nsegments:
+            raise TransportError(PROTOCOL, f"rank {self.rank} sent an inconsistent delta ({total} bytes in "
+                                 f"{nsegments} segments announced, its reuse map gives {table.total_nbytes} in "
+                                 f"{len(segments)})", self.rank)
+        plan.table = table
+        plan._storages = None  # described by the new table from here on
+        self.segments = segments
+        self.base_problem = _base_problem(self.base_storages, reuse, base_count, nbytes, check)
+        if self.base_problem is None:
+            self.replacements = {index: self.base_storages[base] for index, base in reuse.items()}
+        self.base_storages = None
 
     def read_metadata(self) -> None:
         total, bucket, chunk, nsegments = self._announced
@@ -484,7 +757,7 @@ class _Incoming:
                             required=False)
         storages = plan.storages
         targets = {}
-        if self.inplace is not None:
+        if self.inplace is not None and not self.replacements:
             if self.strict:
                 self.mismatch = _first_mismatch(plan, self.meta, self.inplace)
             if self.mismatch is None:
@@ -516,9 +789,37 @@ class _Incoming:
                 if index not in direct and storage.nbytes:
                     src = torch.frombuffer(self.buffer, dtype=torch.uint8, count=storage.nbytes, offset=storage.offset)
                     _storage_bytes(target).copy_(src)
-        self.result = plan.materialize(self.buffer, targets or None)  # GC is off inside
+        if self.base_problem is not None:
+            self.done = True  # nothing to build: the transfer reports the problem
+            return None
+        tensors: list[Any] | None = [] if self.sending else None
+        self.result = plan.materialize(self.buffer, {**self.replacements, **targets} or None, tensors)  # GC is off inside
+        if tensors is not None:
+            self.storages = ReceivedStorages(tensors, plan.table.tensor_storage, len(plan.table.storage_nbytes))
         self.done = True
         return self.result
+
+
+def _base_problem(base: list[torch.UntypedStorage | None], reuse: dict[int, int], base_count: int,
+                  nbytes: list[int], check: list[int | None] | None) -> str | None:
+    """Why the storages ``base`` can't stand in for the reused ones (None when they can)."""
+    if len(base) != base_count:
+        return f"the previous step held here has {len(base)} storages, the sender's {base_count}"
+    for index, position in reuse.items():
+        storage = base[position]
+        if storage is None or storage.nbytes() != nbytes[index]:
+            held = "none" if storage is None else f"{storage.nbytes()} bytes"
+            return (f"storage {index} ({nbytes[index]} bytes) is storage {position} of the previous step, which holds "
+                    f"{held} here")
+    if check is not None:
+        for (index, position), crc in zip(sorted(reuse.items()), check):
+            held = _native.storage_crc32c(base[position])
+            if crc is not None and crc != held:
+                return (f"storage {index} ({nbytes[index]} bytes) was not sent as unchanged, but its bytes differ from "
+                        f"the previous step's (crc32c {held:08x} held here, {crc:08x} at the sender): it changed "
+                        "without a version-counter bump (a write through `.data`, a NumPy view or a C extension?), or "
+                        "the replica held here was modified")
+    return None
 
 
 def _inplace_targets(plan: StatePlan, meta: dict, inplace: Any, exact: bool = False) -> dict[int, torch.UntypedStorage]:
@@ -607,6 +908,9 @@ class PGTransport:
         self._send_seq: dict[int, int] = {}
         self._recv_seq: dict[int, int] = {}
         self._broken: TransportError | None = None
+        #: Bytes of the messages posted so far, by kind (see :class:`WireBytes`).
+        self.sent = WireBytes()
+        self.received = WireBytes()
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -676,6 +980,14 @@ class PGTransport:
         except Exception as err:  # gloo raises at once when the connection is already gone
             raise self._connection_error(token, err) from err
         waits.add((op, peer), work, token)
+        counter = self.sent if op == "send" else self.received
+        nbytes = tensor.numel() * tensor.element_size()
+        if index == _TAG_HEADER:
+            counter.header += nbytes
+        elif index in (_TAG_META, _TAG_DELTA):
+            counter.metadata += nbytes
+        else:
+            counter.data += nbytes
 
     # ---- PyTorch's interface -------------------------------------------------------------------
     def send_checkpoint(self, dst_ranks: list[int], state_dict: Any) -> None:
@@ -706,7 +1018,8 @@ class PGTransport:
                  inplace: Any = None, strict_inplace: bool = False,
                  before_bulk: Callable[[str | None], None] | None = None,
                  on_metadata: Callable[[_Incoming], Any] | None = None,
-                 on_segment: Callable[[_Incoming, int], None] | None = None) -> dict[int, Any]:
+                 on_segment: Callable[[_Incoming, int], None] | None = None,
+                 incremental: Incremental | None = None) -> dict[int, Any]:
         """Sends ``sends[dst]`` to each ``dst`` while receiving one state_dict from each rank of
         ``recvs``, everything in flight at once; returns ``{src: received state_dict}``.
 
@@ -725,11 +1038,17 @@ class PGTransport:
         of that source, the bytes are still received (both sides stay in step), and the call
         raises it (kind :data:`LOCAL`) at the end.
 
+        ``incremental`` (with ``before_bulk``, where its agreement happens): the policy that
+        decides which destinations get only the changed storages and which sources send only
+        theirs (see :class:`Incremental`).
+
         Raises :class:`TransportError`: :data:`UNSENDABLE` (after telling the destinations),
         :data:`REMOTE` (a source told us it can't send), :data:`LOCAL`, or a fatal kind
         (:data:`TIMEOUT`, :data:`CONNECTION`, :data:`PROTOCOL`), after which the transport
         is broken. ``KeyboardInterrupt`` passes at once and breaks it too."""
         self.check_usable()
+        if incremental is not None and before_bulk is None:
+            raise StagerError("an incremental transfer needs before_bulk: the holders say there which bases they hold")
         started = time.monotonic()
         waits = _Waits(deadline if deadline is not None else self.deadline())
         problems: list[TransportError] = []  # non-fatal: reported once everything is in
@@ -746,7 +1065,7 @@ class PGTransport:
             for dst, state_dict in sends.items():
                 outgoing = prepared.get(id(state_dict))
                 if outgoing is None:
-                    outgoing = prepared[id(state_dict)] = _Outgoing(self, state_dict)
+                    outgoing = prepared[id(state_dict)] = _Outgoing(self, state_dict, incremental)
                 outgoing_of[dst] = outgoing
             unsendable = next((o for o in prepared.values() if o.error is not None), None)
             for incoming in incomings.values():
@@ -757,17 +1076,21 @@ class PGTransport:
                            ("sent", dst, f"sending the checkpoint header to rank {dst}"))
             if before_bulk is not None:
                 while waits.pending:  # every header out and in
-                    self._handle(waits, incomings, problems, post_meta=False)
+                    self._handle(waits, incomings, problems, post_meta=False, incremental=incremental)
                 before_bulk(unsendable.error if unsendable is not None else None)
                 if problems or unsendable is not None:  # (before_bulk normally raised already)
                     self._raise(problems, unsendable, incomings)
-                for incoming in incomings.values():
+                for src, incoming in incomings.items():
                     if not incoming.done:
+                        if incremental is not None and incoming.base:
+                            base = incremental.base(src, incoming.base)
+                            if base is not None:
+                                incoming.expect_delta(base)
                         self._post_meta(waits, incoming)
-            self._post_bulk(waits, outgoing_of, seqs)
+            self._post_bulk(waits, outgoing_of, seqs, incremental)
             while waits.pending:
                 self._handle(waits, incomings, problems, post_meta=True, on_metadata=on_metadata,
-                             on_segment=on_segment)
+                             on_segment=on_segment, incremental=incremental)
         except _DeadlinePassed:
             raise self._break(self._timeout_error(waits.oldest(), started)) from None
         except TransportError as err:
@@ -786,29 +1109,42 @@ class PGTransport:
         rank = incoming.rank
         self._post(waits, "recv", incoming.raw_meta, rank, incoming.seq, _TAG_META,
                    ("meta", rank, f"receiving checkpoint metadata from rank {rank}"))
+        if incoming.raw_delta is not None:
+            self._post(waits, "recv", incoming.raw_delta, rank, incoming.seq, _TAG_DELTA,
+                       ("delta", rank, f"receiving the incremental checkpoint delta from rank {rank}"))
 
-    def _post_bulk(self, waits: _Waits, outgoing_of: dict[int, _Outgoing], seqs: dict[int, int]) -> None:
-        """Metadata and segments to every destination (direct segments first: no copy to wait for)."""
+    def _post_bulk(self, waits: _Waits, outgoing_of: dict[int, _Outgoing], seqs: dict[int, int],
+                   incremental: Incremental | None = None) -> None:
+        """Metadata and segments to every destination (direct segments first: no copy to wait
+        for); the delta and only the changed storages to those that hold the base."""
+        payloads: dict[int, _Payload] = {}
         for dst, outgoing in outgoing_of.items():
             if outgoing.error is not None:
                 continue
+            delta = (outgoing.delta is not None and incremental is not None
+                     and incremental.accepts(dst, outgoing.offer.base))
+            payload = payloads[dst] = outgoing.payload(delta)
             what = ("sent", dst, f"sending checkpoint bytes to rank {dst}")
             self._post(waits, "send", outgoing.meta, dst, seqs[dst], _TAG_META,
                        ("sent", dst, f"sending checkpoint metadata to rank {dst}"))
-            packed = set(outgoing.packed)
-            for index, source in enumerate(outgoing.sources):
+            if delta:
+                self._post(waits, "send", outgoing.delta_meta, dst, seqs[dst], _TAG_DELTA,
+                           ("sent", dst, f"sending the incremental checkpoint delta to rank {dst}"))
+            packed = set(payload.packed)
+            for index, source in enumerate(payload.sources):
                 if index not in packed:
                     self._post(waits, "send", source, dst, seqs[dst], _TAG_FIRST_SEGMENT + index, what)
-        for dst, outgoing in outgoing_of.items():
-            if outgoing.error is None and outgoing.packed:
-                outgoing.wait_packed()
+        for dst, payload in payloads.items():
+            if payload.packed:
+                payload.wait_packed()
                 what = ("sent", dst, f"sending checkpoint bytes to rank {dst}")
-                for index in outgoing.packed:
-                    self._post(waits, "send", outgoing.sources[index], dst, seqs[dst], _TAG_FIRST_SEGMENT + index,
+                for index in payload.packed:
+                    self._post(waits, "send", payload.sources[index], dst, seqs[dst], _TAG_FIRST_SEGMENT + index,
                                what)
 
     def _handle(self, waits: _Waits, incomings: dict[int, _Incoming], problems: list[TransportError], *,
-                post_meta: bool, on_metadata: Callable | None = None, on_segment: Callable | None = None) -> None:
+                post_meta: bool, on_metadata: Callable | None = None, on_segment: Callable | None = None,
+                incremental: Incremental | None = None) -> None:
         """Takes the next completion and moves its transfer on."""
         token, err = waits.next()
         if err is not None:
@@ -821,10 +1157,25 @@ class PGTransport:
             message = incoming.read_header()
             if message is not None:
                 problems.append(TransportError(REMOTE, f"rank {rank} could not send its state_dict: {message}", rank))
-            elif post_meta:
-                self._post_meta(waits, incoming)
-        elif kind == "meta":
-            incoming.read_metadata()
+            else:
+                if incremental is not None and incoming.sending:
+                    incremental.announced(rank, incoming.sending, incoming.base)
+                if post_meta:
+                    self._post_meta(waits, incoming)
+        elif kind in ("meta", "delta"):
+            if kind == "meta":
+                incoming.read_metadata()
+            incoming.parts -= 1
+            if incoming.parts:
+                return  # the other half (metadata or delta) is still on its way
+            if incoming.raw_delta is not None:
+                incoming.apply_delta()
+                if incoming.base_problem is not None:
+                    problems.append(TransportError(LOCAL, f"the state_dict from rank {rank} cannot be built from the "
+                                                   f"previous step held here: {incoming.base_problem}", rank))
+                    incoming.failed = True  # no callbacks: there will be no state_dict to persist
+                    if incremental is not None:
+                        incremental.unusable(rank, incoming.base_problem)
             views = incoming.prepare()
             for index, view in enumerate(views):
                 segment = incoming.segments[index]
@@ -834,13 +1185,19 @@ class PGTransport:
             if on_metadata is not None:
                 self._callback(incoming, problems, on_metadata, incoming)
             if not views:
-                incoming.finish()
+                self._finish(incoming, incremental)
         else:  # a segment landed
             if on_segment is not None:
                 self._callback(incoming, problems, on_segment, incoming, token[3])
             incoming.remaining -= 1
             if incoming.remaining == 0:
-                incoming.finish()
+                self._finish(incoming, incremental)
+
+    @staticmethod
+    def _finish(incoming: _Incoming, incremental: Incremental | None) -> None:
+        incoming.finish()
+        if incremental is not None and incoming.storages is not None:
+            incremental.landed(incoming.rank, incoming.sending, incoming.storages)
 
     @staticmethod
     def _raise(problems: list[TransportError], unsendable: _Outgoing | None,
@@ -889,6 +1246,8 @@ class PGTransport:
                              what)
             counts = [int(t.item()) for t in lengths]
             longest = max(counts)
+            self.sent.control += 8 + longest
+            self.received.control += size * (8 + longest)
             if not longest:
                 return [b""] * size
             mine = torch.zeros(longest, dtype=torch.uint8)

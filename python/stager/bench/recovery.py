@@ -75,13 +75,17 @@ def run(ctx: BenchContext) -> list[Row]:
     return rows
 
 
-def _spawn(ctx: BenchContext, world: int, settings: dict) -> dict[str, Any]:
+def _spawn(ctx: BenchContext, world: int, settings: dict, target: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Runs ``target(rank, world, port, settings, results)`` (default: this section's worker) on
+    ``world`` spawned ranks; returns rank 0's report once every rank is done. Ranks put
+    ``("log", text)``, then ``("report", dict)`` (rank 0) or ``("done", None)`` on ``results``,
+    ``("error", text)`` on failure; ``settings["size_bytes"]`` sizes the deadline."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp = multiprocessing.get_context("spawn")
     results = mp.Queue()
-    procs = [mp.Process(target=_worker, args=(rank, world, port, settings, results), daemon=True)
+    procs = [mp.Process(target=target or _worker, args=(rank, world, port, settings, results), daemon=True)
              for rank in range(world)]
     for proc in procs:
         proc.start()
