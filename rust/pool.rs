@@ -206,6 +206,10 @@ pub fn page_size() -> usize {
     }
 }
 
+/// A free buffer up to this many bytes larger than a request is always good enough for it (see
+/// `HostPool::would_waste`).
+const WASTE_SLACK: usize = 4 << 20;
+
 /// Most threads [`HostPool::reserve`] pre-faults with (more would only contend for the same pages).
 pub const MAX_PREFAULT_THREADS: usize = 64;
 
@@ -288,6 +292,8 @@ impl HostPool {
             .enumerate()
             .filter(|(_, slab)| slab.capacity >= nbytes.max(1))
             .min_by_key(|(_, slab)| slab.capacity)
+            .map(|(index, slab)| (index, slab.capacity))
+            .filter(|&(_, fit)| !self.would_waste(&state, fit, capacity))
             .map(|(index, _)| index);
         if let Some(index) = best_fit {
             let slab = state.free.swap_remove(index);
@@ -316,7 +322,10 @@ impl HostPool {
         self.finish_reservations_if_forked();
         let mut state = self.lock();
         let inherited = self.forget_inherited(&mut state);
-        if state.free.iter().any(|slab| slab.capacity >= nbytes) {
+        let fits = |slab: &Slab| {
+            slab.capacity >= nbytes && !self.would_waste(&state, slab.capacity, capacity)
+        };
+        if state.free.iter().any(fits) {
             drop(state);
             drop(inherited);
             return Ok(());
@@ -425,6 +434,23 @@ impl HostPool {
     fn finish_reservations_if_forked(&self) {
         if forked_from(self.shared.creator) {
             let _ = self.finish_reservations();
+        }
+    }
+
+    /// Whether handing a free buffer of `fit` bytes to a request of `capacity` would waste it:
+    /// most of it unused, while a buffer of the right size can be mapped without giving anything
+    /// back (the budget has room). A small receive must not take the large buffer the next full
+    /// stage needs, or that stage faults in fresh memory.
+    fn would_waste(&self, state: &PoolState, fit: usize, capacity: usize) -> bool {
+        let generous = capacity
+            .saturating_mul(2)
+            .max(capacity.saturating_add(WASTE_SLACK));
+        if fit <= generous {
+            return false;
+        }
+        match self.shared.options.budget_bytes {
+            None => true,
+            Some(budget) => state.stats.allocated_bytes.saturating_add(capacity) <= budget,
         }
     }
 
@@ -594,6 +620,33 @@ mod tests {
         drop(big);
         drop(small);
         assert_eq!(pool.acquire(1 << 20).unwrap().as_ptr(), small_address);
+    }
+
+    #[test]
+    fn a_small_request_does_not_take_a_much_larger_free_buffer() {
+        let pool = HostPool::new(PoolOptions::default());
+        let big = pool.acquire(64 << 20).unwrap();
+        let big_address = big.as_ptr();
+        drop(big);
+        let small = pool.acquire(1 << 20).unwrap();
+        assert_ne!(
+            small.as_ptr(),
+            big_address,
+            "the 64 MiB buffer stays for the next large request"
+        );
+        let again = pool.acquire(64 << 20).unwrap();
+        assert_eq!(again.as_ptr(), big_address);
+        // Close enough in size (or no budget left for a new one): reused.
+        drop(again);
+        assert_eq!(pool.acquire(40 << 20).unwrap().as_ptr(), big_address);
+        let tight = HostPool::new(PoolOptions {
+            budget_bytes: Some(64 << 20),
+            ..Default::default()
+        });
+        let big = tight.acquire(64 << 20).unwrap();
+        let big_address = big.as_ptr();
+        drop(big);
+        assert_eq!(tight.acquire(1 << 20).unwrap().as_ptr(), big_address);
     }
 
     #[test]
