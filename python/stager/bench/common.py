@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import platform
+import queue
 import re
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -307,3 +310,58 @@ def format_table(rows: list[Row]) -> str:
         if index == 0:
             out.append("  ".join("-" * width for width in widths))
     return "\n".join(out)
+
+
+def run_ranks(ctx: BenchContext, world: int, target: Callable[..., None], settings: dict, *, what: str,
+              deadline_s: float, daemon: bool = True) -> dict[str, Any]:
+    """Runs ``target(rank, world, port, settings, results)`` on ``world`` spawned processes (a
+    gloo group on 127.0.0.1:``port``) and returns rank 0's report once every rank is done.
+
+    Ranks put ``("log", text)`` (shown as they come), then ``("report", dict)`` (rank 0) or
+    ``("done", None)``, or ``("error", text)`` on failure, on ``results``. A rank that dies, or
+    ranks that take longer than ``deadline_s``, end the section with an error naming ``what``;
+    every rank is joined (killed if it hangs) before this returns. ``daemon=False`` for ranks that
+    start processes of their own (dcp's PROCESS checkpointer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    procs = [mp.Process(target=target, args=(rank, world, port, settings, results), daemon=daemon)
+             for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    report: dict[str, Any] | None = None
+    errors: list[str] = []
+    deadline = time.monotonic() + deadline_s
+    try:
+        pending = world
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError(f"{what} benchmark workers did not finish in time")
+            try:
+                kind, payload = results.get(timeout=min(5.0, remaining))
+            except queue.Empty:  # check the workers are alive
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError(
+                        f"a {what} benchmark worker died (exit codes {[p.exitcode for p in procs]})") from None
+                continue
+            if kind == "log":
+                ctx.log(payload)
+                continue
+            pending -= 1
+            if kind == "error":
+                errors.append(payload)
+            elif kind == "report":
+                report = payload
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if errors:
+        raise RuntimeError(f"{what} benchmark failed:\n" + "\n".join(errors))
+    assert report is not None, f"{what}: rank 0 sent no report"
+    return report

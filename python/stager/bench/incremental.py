@@ -38,7 +38,7 @@ from torch.distributed.checkpoint import staging as torch_staging
 
 from ..options import StagingOptions
 from ..stagers import DefaultStager
-from .common import BenchContext, Row
+from .common import BenchContext, Row, run_ranks
 
 SECTION = "incremental"
 
@@ -166,14 +166,13 @@ def run(ctx: BenchContext) -> list[Row]:
 
 
 def _exchange_rows(ctx: BenchContext) -> list[Row]:
-    from .recovery import _spawn
-
     size_bytes = min(ctx.size_bytes, 2 * MAX_EXCHANGE_BYTES_PER_RANK)
     settings = {"size_bytes": size_bytes, "repeats": ctx.repeats, "threads": ctx.threads,
                 "workloads": [(f"{name} exchange", min(nbytes, MAX_EXCHANGE_BYTES_PER_RANK), width, full)
                               for name, nbytes, width, full in _workloads(size_bytes)]}
     ctx.drop_workloads()
-    report = _spawn(ctx, 2, settings, target=_exchange_worker)
+    report = run_ranks(ctx, 2, _exchange_worker, settings, what="incremental exchange",
+                       deadline_s=600 + 60 * ctx.repeats * max(1.0, size_bytes / 1e9))
     rows: list[Row] = []
     for workload, data in report.items():
         size = {"nbytes": data["nbytes"], "ntensors": data["ntensors"]}

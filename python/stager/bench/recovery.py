@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import datetime
 import gc
-import multiprocessing
 import os
 import shutil
-import socket
 import statistics
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .common import BenchContext, Row
+from .common import BenchContext, Row, run_ranks
 
 SECTION = "recovery"
 
@@ -75,54 +73,10 @@ def run(ctx: BenchContext) -> list[Row]:
     return rows
 
 
-def _spawn(ctx: BenchContext, world: int, settings: dict, target: Callable[..., None] | None = None) -> dict[str, Any]:
-    """Runs ``target(rank, world, port, settings, results)`` (default: this section's worker) on
-    ``world`` spawned ranks; returns rank 0's report once every rank is done. Ranks put
-    ``("log", text)``, then ``("report", dict)`` (rank 0) or ``("done", None)`` on ``results``,
-    ``("error", text)`` on failure; ``settings["size_bytes"]`` sizes the deadline."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp = multiprocessing.get_context("spawn")
-    results = mp.Queue()
-    procs = [mp.Process(target=target or _worker, args=(rank, world, port, settings, results), daemon=True)
-             for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    report: dict[str, Any] | None = None
-    errors: list[str] = []
-    deadline = time.monotonic() + 600 + 90 * ctx.repeats * max(1.0, settings["size_bytes"] / 1e9)
-    try:
-        pending = world
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError("recovery benchmark workers did not finish in time")
-            try:
-                kind, payload = results.get(timeout=min(5.0, remaining))
-            except Exception:  # queue.Empty: check the workers are alive
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(
-                        f"a recovery benchmark worker died (exit codes {[p.exitcode for p in procs]})") from None
-                continue
-            if kind == "log":
-                ctx.log(payload)
-                continue
-            pending -= 1
-            if kind == "error":
-                errors.append(payload)
-            elif kind == "report":
-                report = payload
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    if errors:
-        raise RuntimeError("recovery benchmark failed:\n" + "\n".join(errors))
-    assert report is not None
-    return report
+def _spawn(ctx: BenchContext, world: int, settings: dict) -> dict[str, Any]:
+    """This section's worker on ``world`` ranks (see ``common.run_ranks``)."""
+    return run_ranks(ctx, world, _worker, settings, what="recovery",
+                     deadline_s=600 + 90 * ctx.repeats * max(1.0, settings["size_bytes"] / 1e9))
 
 
 def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:

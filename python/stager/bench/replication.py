@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import datetime
 import gc
-import multiprocessing
 import os
-import socket
 import statistics
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .common import BenchContext, Row, write_and_fsync
+from .common import BenchContext, Row, run_ranks, write_and_fsync
 
 SECTION = "replication"
 
@@ -68,47 +66,8 @@ def run(ctx: BenchContext) -> list[Row]:
     ctx.drop_workloads()  # the ranks build their own; free this process's copy for them
     settings = {"size_bytes": size_bytes, "tiny_count": ctx.tiny_count, "repeats": ctx.repeats,
                 "threads": ctx.threads, "workdir": ctx.workdir}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp = multiprocessing.get_context("spawn")
-    results = mp.Queue()
-    procs = [mp.Process(target=_worker, args=(rank, port, settings, results), daemon=True) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    report: dict[str, Any] | None = None
-    errors: list[str] = []
-    deadline = time.monotonic() + 600 + 60 * ctx.repeats * max(1.0, ctx.size_bytes / 1e9)
-    try:
-        pending = 2
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError("replication benchmark workers did not finish in time")
-            try:
-                kind, payload = results.get(timeout=min(5.0, remaining))
-            except Exception:  # queue.Empty: check the workers are alive
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(
-                        f"a replication benchmark worker died (exit codes {[p.exitcode for p in procs]})") from None
-                continue
-            if kind == "log":
-                ctx.log(payload)
-                continue
-            pending -= 1
-            if kind == "error":
-                errors.append(payload)
-            elif kind == "report":
-                report = payload
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    if errors:
-        raise RuntimeError("replication benchmark failed:\n" + "\n".join(errors))
-    assert report is not None
+    report = run_ranks(ctx, 2, _worker, settings, what="replication",
+                       deadline_s=600 + 60 * ctx.repeats * max(1.0, ctx.size_bytes / 1e9))
     rows: list[Row] = []
     for workload, data in report.items():
         rows += _dtensor_rows(ctx, workload, data) if workload.startswith("dtensor") else _rows(ctx, workload, data)
@@ -143,7 +102,7 @@ def _clear(directory: str) -> None:
             os.unlink(os.path.join(directory, name))
 
 
-def _worker(rank: int, port: int, settings: dict, results: Any) -> None:
+def _worker(rank: int, world: int, port: int, settings: dict, results: Any) -> None:
     try:
         import warnings
 

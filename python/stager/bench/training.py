@@ -42,11 +42,8 @@ from __future__ import annotations
 import datetime
 import gc
 import math
-import multiprocessing
 import os
-import queue
 import shutil
-import socket
 import statistics
 import time
 import traceback
@@ -54,7 +51,7 @@ from typing import Any
 
 import torch
 
-from .common import BenchContext, Row, SectionSkipped
+from .common import BenchContext, Row, SectionSkipped, run_ranks
 
 SECTION = "training"
 
@@ -104,50 +101,14 @@ def run(ctx: BenchContext) -> list[Row]:
         settings["variants"] = [v for v in settings["variants"] if v not in (REPLICATE, REPLICATE_PERSIST)]
     settings["workdir"] = os.path.join(ctx.workdir, "training")
     ctx.drop_workloads()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp = multiprocessing.get_context("spawn")
-    results = mp.Queue()
-    procs = [mp.Process(target=_worker, args=(rank, world, port, settings, results), daemon=False)
-             for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    report: dict[str, Any] | None = None
-    errors: list[str] = []
     # Generous: a step of the default workload takes about 0.5 s on 2 busy cores.
-    deadline = time.monotonic() + 600 + 10 * settings["rounds"] * len(settings["variants"]) * (
+    deadline_s = 600 + 10 * settings["rounds"] * len(settings["variants"]) * (
         settings["steps"] + settings["every"]) * max(1.0, settings["width"] * settings["blocks"] / 8192)
     try:
-        pending = world
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError("training benchmark workers did not finish in time")
-            try:
-                kind, payload = results.get(timeout=min(5.0, remaining))
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    raise RuntimeError(f"a training benchmark worker died (exit codes {[p.exitcode for p in procs]})") from None
-                continue
-            if kind == "log":
-                ctx.log(payload)
-                continue
-            pending -= 1
-            if kind == "error":
-                errors.append(payload)
-            elif kind == "report":
-                report = payload
+        # Not daemonic: the ranks start dcp's PROCESS checkpointer, which needs children of its own.
+        report = run_ranks(ctx, world, _worker, settings, what="training", deadline_s=deadline_s, daemon=False)
     finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
         shutil.rmtree(settings["workdir"], ignore_errors=True)
-    if errors:
-        raise RuntimeError("training benchmark failed:\n" + "\n".join(errors))
-    assert report is not None
     return _rows(ctx, settings, report)
 
 
