@@ -187,6 +187,21 @@ pub fn set_direct(file: &File, direct: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs `work` on `threads` threads, the calling one included, and returns once every one has
+/// returned (each claims its own requests from a shared cursor).
+pub fn run_on_threads(threads: usize, work: impl Fn() + Sync) {
+    if threads <= 1 {
+        work();
+        return;
+    }
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(&work);
+        }
+        work();
+    });
+}
+
 /// Whether `err` is how a filesystem refuses a direct transfer it does not support.
 pub fn is_direct_refusal(err: &io::Error) -> bool {
     err.raw_os_error() == Some(libc::EINVAL)

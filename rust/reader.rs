@@ -299,16 +299,7 @@ impl CheckpointFile {
             }
         };
         let threads = IO_DEPTH.min(pieces.len());
-        if threads <= 1 {
-            work();
-        } else {
-            std::thread::scope(|scope| {
-                for _ in 1..threads {
-                    scope.spawn(work);
-                }
-                work();
-            });
-        }
+        crate::direct_io::run_on_threads(threads, work);
         if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(err);
         }
@@ -416,16 +407,7 @@ impl CheckpointFile {
             scratch.recycle();
         };
         let threads = IO_DEPTH.min(pieces);
-        if threads <= 1 {
-            work();
-        } else {
-            std::thread::scope(|scope| {
-                for _ in 1..threads {
-                    scope.spawn(work);
-                }
-                work();
-            });
-        }
+        crate::direct_io::run_on_threads(threads, work);
         if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(err);
         }
@@ -607,16 +589,7 @@ impl CheckpointFile {
             }
         };
         let threads = IO_DEPTH.min(pieces.len());
-        if threads <= 1 {
-            work();
-        } else {
-            std::thread::scope(|scope| {
-                for _ in 1..threads {
-                    scope.spawn(work);
-                }
-                work();
-            });
-        }
+        crate::direct_io::run_on_threads(threads, work);
         if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(err);
         }

@@ -520,16 +520,7 @@ impl Run<'_> {
             .count();
         let depth = if bounced > 1 { 2 * IO_DEPTH } else { IO_DEPTH };
         let threads = depth.min(self.ops.len());
-        if threads <= 1 {
-            work();
-        } else {
-            std::thread::scope(|scope| {
-                for _ in 1..threads {
-                    scope.spawn(work);
-                }
-                work();
-            });
-        }
+        crate::direct_io::run_on_threads(threads, work);
         if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(err);
         }

@@ -61,6 +61,16 @@ def _staging_engine() -> StagingEngine:
                          pool=engine.process_pool(False))
 
 
+def fsync_directory(path: str) -> None:
+    """Makes the directory entries of ``path`` (a directory) durable: after a rename or unlink
+    that must survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # ---- save --------------------------------------------------------------------------------------
 
 

@@ -167,13 +167,6 @@ def _dir_lock(path: str) -> threading.Lock:
         return _dir_locks.setdefault(key, threading.Lock())
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _atomic_write(path: str, data: bytes) -> None:
     """``path`` becomes ``data`` atomically and durably through the one atomic commit

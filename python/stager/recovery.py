@@ -183,20 +183,7 @@ def _local(value: Any) -> torch.Tensor:
 
 def _leaves(state: Any) -> dict[tuple, Any]:
     """key path → tensor leaf (tensors, DTensors, and the LocalShards a load without a mesh gives)."""
-    out: dict[tuple, Any] = {}
-
-    def walk(value: Any, path: tuple) -> None:
-        if isinstance(value, (torch.Tensor, LocalShard)):
-            out[path] = value
-        elif isinstance(value, dict):
-            for key, child in value.items():
-                walk(child, path + (key,))
-        elif isinstance(value, (list, tuple)):
-            for i, child in enumerate(value):
-                walk(child, path + (i,))
-
-    walk(state, ())
-    return out
+    return tensors_by_path(state, (torch.Tensor, LocalShard))
 
 
 def _check_into(state: Any, into: Any) -> None:

@@ -305,13 +305,6 @@ def load_replica(path: str, *, verify: bool = True) -> Any:
 # ---- persistence (the writers, _StreamingReplica and durable_torch_save, are in stager.files) ----
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _append_torch_record(path: str, record: dict[str, int]) -> None:
     """Adds the replica record to a ``.pt`` zip archive (torch.load ignores unknown records) and
@@ -895,11 +888,11 @@ class ReplicationStager(AsyncStager):
                 if keep == "final":
                     try:
                         os.rename(copy.final, copy.previous)
-                        _fsync_dir(directory)
+                        files.fsync_directory(directory)
                     except FileNotFoundError:  # removed behind our back: keep what is left
                         keep = "previous" if "previous" in candidates else None
                 os.rename(copy.pending, copy.final)
-                _fsync_dir(directory)
+                files.fsync_directory(directory)
                 if keep is None and previous is not None:
                     _remove_quietly(copy.previous)
             except OSError as err:

@@ -483,12 +483,13 @@ def leaf_values(meta: dict) -> list[tuple[str, Any]]:
     return out
 
 
-def tensors_by_path(state_dict: Any) -> dict[tuple, torch.Tensor]:
-    """key path → tensor, for every tensor leaf of a live state_dict (dicts, lists, tuples)."""
-    out: dict[tuple, torch.Tensor] = {}
+def tensors_by_path(state_dict: Any, leaf_types: tuple[type, ...] = (torch.Tensor,)) -> dict[tuple, Any]:
+    """key path → tensor, for every tensor leaf (an instance of ``leaf_types``) of a live
+    state_dict (dicts, lists, tuples)."""
+    out: dict[tuple, Any] = {}
 
     def walk(value: Any, path: tuple) -> None:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, leaf_types):
             out[path] = value
         elif isinstance(value, dict):
             for key, child in value.items():

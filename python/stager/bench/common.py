@@ -365,3 +365,22 @@ def run_ranks(ctx: BenchContext, world: int, target: Callable[..., None], settin
         raise RuntimeError(f"{what} benchmark failed:\n" + "\n".join(errors))
     assert report is not None, f"{what}: rank 0 sent no report"
     return report
+
+
+def timed_on_all_ranks(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
+    """Seconds of ``fn()`` on the slowest rank of the default process group: ``setup()``
+    (untimed), a barrier so every rank starts together, the call, then the maximum over ranks.
+    The result of ``fn`` is dropped before the reduction."""
+    import torch.distributed as dist
+
+    if setup is not None:
+        setup()
+    gc.collect()
+    dist.barrier()
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    del result
+    slowest = torch.tensor([elapsed], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest.item())

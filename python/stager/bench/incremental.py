@@ -38,7 +38,7 @@ from torch.distributed.checkpoint import staging as torch_staging
 
 from ..options import StagingOptions
 from ..stagers import DefaultStager
-from .common import BenchContext, Row, run_ranks
+from .common import BenchContext, Row, run_ranks, timed_on_all_ranks
 
 SECTION = "incremental"
 
@@ -219,18 +219,7 @@ def _measure_exchange(rank: int, settings: dict, results: Any) -> dict[str, Any]
     pg = dist.distributed_c10d._get_default_group()
     timeout = datetime.timedelta(minutes=10)
 
-    def timed(fn: Any, setup: Any = None) -> float:
-        if setup is not None:
-            setup()
-        gc.collect()
-        dist.barrier()
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-        del result
-        slowest = torch.tensor([elapsed], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return float(slowest.item())
+    timed = timed_on_all_ranks
 
     def measure(workload_name: str, workload: _Workload) -> dict[str, Any]:
         state = workload.state_dict()

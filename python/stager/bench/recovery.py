@@ -34,12 +34,11 @@ import gc
 import os
 import shutil
 import statistics
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .common import BenchContext, Row, run_ranks
+from .common import BenchContext, Row, run_ranks, timed_on_all_ranks
 
 SECTION = "recovery"
 
@@ -145,18 +144,7 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     base = os.path.join(settings["workdir"], f"rank{rank}")
     stager_dir, torch_dir = os.path.join(base, "stager"), os.path.join(base, "torch")
 
-    def timed(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
-        if setup is not None:
-            setup()
-        gc.collect()
-        dist.barrier()
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-        del result
-        slowest = torch.tensor([elapsed], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return float(slowest.item())
+    timed = timed_on_all_ranks
 
     def exchange(send: torch.Tensor, peers_out: list[int], receives: list[tuple[torch.Tensor, int]]) -> None:
         works = [pg.recv([buffer], src, 91) for buffer, src in receives]

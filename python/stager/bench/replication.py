@@ -30,15 +30,13 @@ as plain tensors (their local shards), and PyTorch's _ReplicationStager on the s
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 import statistics
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .common import BenchContext, Row, run_ranks, write_and_fsync
+from .common import BenchContext, Row, run_ranks, timed_on_all_ranks, write_and_fsync
 
 SECTION = "replication"
 
@@ -148,18 +146,7 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
     theirs._persist_state_dict = lambda *args: None  # the same exchange without the file
     theirs_persist = _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=torch_dir)
 
-    def timed(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
-        if setup is not None:
-            setup()
-        gc.collect()
-        dist.barrier()
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-        del result
-        slowest = torch.tensor([elapsed], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return float(slowest.item())
+    timed = timed_on_all_ranks
 
     def measure(workload: str, sd: Any) -> dict[str, Any]:
         nbytes, ntensors = ctx.nbytes_of(sd), ctx.count_tensors(sd)
@@ -246,16 +233,7 @@ def _dtensor_exchange(ctx: BenchContext, pg: Any, timeout: datetime.timedelta, l
     theirs = _ReplicationStager(pg, timeout, torch.device("cpu"))
     theirs._persist_state_dict = lambda *args: None
 
-    def timed(fn: Callable[[], Any]) -> float:
-        gc.collect()
-        dist.barrier()
-        start = time.perf_counter()
-        result = fn()
-        elapsed = time.perf_counter() - start
-        del result
-        slowest = torch.tensor([elapsed], dtype=torch.float64)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return float(slowest.item())
+    timed = timed_on_all_ranks
 
     def measure(name: str, plain: dict) -> dict[str, Any]:
         workload = f"{name} exchange"
