@@ -44,8 +44,17 @@ pub use crate::layout::{
 };
 use crate::table::TensorTable;
 
-/// Upper bound on the JSON header (the same bound safetensors uses).
+/// The largest JSON header safetensors readers accept (their bound). stager writes larger ones
+/// (a million tensors need more), and `stager inspect` says such a file is stager-only.
 pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+/// The largest JSON header stager writes or reads. A hostile length is bounded by the file's size
+/// as well, so reading one allocates no more than the file holds.
+pub const MAX_STAGER_HEADER_BYTES: u64 = 2 << 30;
+
+/// Whether safetensors readers accept a header of `header_len` bytes.
+pub fn safetensors_readable(header_len: u64) -> bool {
+    header_len <= MAX_HEADER_BYTES
+}
 /// Alignment of every stored buffer inside the data section ([`layout::STORAGE_ALIGNMENT`]).
 pub const STORAGE_ALIGNMENT: u64 = layout::STORAGE_ALIGNMENT as u64;
 /// The data section starts at a multiple of this in the file ([`layout::DATA_ALIGNMENT`]).
@@ -262,9 +271,9 @@ pub fn build_header(
     let unpadded = 8 + json.len() as u64;
     let total = unpadded.div_ceil(DATA_ALIGNMENT) * DATA_ALIGNMENT;
     let header_len = total - 8;
-    if header_len > MAX_HEADER_BYTES {
+    if header_len > MAX_STAGER_HEADER_BYTES {
         return Err(format!(
-            "the header would take {header_len} bytes, more than the {MAX_HEADER_BYTES} readers accept"
+            "the header would take {header_len} bytes, more than the {MAX_STAGER_HEADER_BYTES} stager writes (too many tensors or too long key names for one file)"
         ));
     }
     let mut out = Vec::with_capacity(total as usize);
@@ -313,9 +322,9 @@ pub fn header_len(prefix: &[u8; 8], file_len: u64) -> Result<u64, String> {
         return Err("this is a pickle (a torch.save or pickle file?), not a safetensors/stager file; stager never unpickles it".into());
     }
     let n = u64::from_le_bytes(*prefix);
-    if n > MAX_HEADER_BYTES {
+    if n > MAX_STAGER_HEADER_BYTES {
         return Err(format!(
-            "header length {n} is absurd (limit {MAX_HEADER_BYTES}); not a safetensors file or a damaged one"
+            "header length {n} is absurd (limit {MAX_STAGER_HEADER_BYTES}); not a safetensors file or a damaged one"
         ));
     }
     if n < 2 {
@@ -644,6 +653,20 @@ mod tests {
         }
         let deep = "[".repeat(100_000);
         assert!(parse_header(format!("{{\"a\":{deep}").as_bytes(), 1 << 20).is_err());
+    }
+
+    #[test]
+    fn headers_over_the_safetensors_limit_are_read_when_the_file_holds_them() {
+        let big = MAX_HEADER_BYTES + 4096;
+        assert!(!safetensors_readable(big));
+        assert_eq!(header_len(&big.to_le_bytes(), big + 8).unwrap(), big);
+        assert!(header_len(&big.to_le_bytes(), big)
+            .unwrap_err()
+            .contains("truncated"));
+        let over = MAX_STAGER_HEADER_BYTES + 1;
+        assert!(header_len(&over.to_le_bytes(), u64::MAX)
+            .unwrap_err()
+            .contains("absurd"));
     }
 
     #[test]

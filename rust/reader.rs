@@ -1,7 +1,7 @@
 //! Reader: opens a stager file, validates its header, reads its buffers into host memory.
 //!
 //! [`CheckpointFile::open`] reads the 8-byte length and the header only (bounded by
-//! [`crate::format::MAX_HEADER_BYTES`] and by the file's size, so a hostile length cannot make it
+//! [`crate::format::MAX_STAGER_HEADER_BYTES`] and by the file's size, so a hostile length cannot make it
 //! allocate), and validates it ([`crate::format::parse_header`]). [`CheckpointFile::read_into`]
 //! then reads the stored buffers straight into the caller's memory (a buffer of the process-wide
 //! host pool, at offsets the Python side chose from the validated tree) and checks each crc32c:

@@ -112,6 +112,15 @@ def test_tiny_workload_counts_every_tensor(report):
     assert rows["stager DefaultStager private repeat"]["ntensors"] == 500
 
 
+def test_tiny_result_memory_rows_report_rss_per_tensor(report):
+    # Issue 15.8: the resident memory a staged result of tiny tensors costs, stager's and PyTorch's.
+    rows = rows_of(report, "tiny result memory")
+    for name in ("stager DefaultStager result", "torch DefaultStager result"):
+        assert rows[name]["ntensors"] == 20_000
+        assert all(v > 0 for v in rows[name]["extra"]["rss_bytes_per_tensor"]), rows[name]
+        assert "B/tensor" in rows[name]["extra"]["summary"]
+
+
 @pytest.mark.parametrize("target", ["touched", "private", "shared"])
 def test_copy_limit_binding_returns_one_time_per_sample(target):
     seconds = native.copy_limit_seconds(1 << 20, 2, target, 3)

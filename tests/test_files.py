@@ -325,3 +325,102 @@ def test_temp_files_of_a_killed_save_are_cleaned_by_the_next_save(tmp_path):
     stager.save({"w": torch.ones(3)}, path)
     assert not stale.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.stager"]
+
+
+def _tree_of(path) -> tuple[dict, dict, bytes]:
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    return header, json.loads(header["__metadata__"]["stager.tree"]), raw[8 + n :]
+
+
+def test_header_over_the_safetensors_limit_is_written_read_and_flagged(tmp_path, capsys):
+    # Issue 15.8: a dict whose header is over safetensors' 100 MB limit used to be refused by save.
+    # Long keys get there with few tensors: each name is stored three times (entry, tree, storages).
+    prefix = "k" * 2500
+    sd = {f"{prefix}.{i}": torch.full((2,), float(i)) for i in range(16_000)}
+    path = tmp_path / "big-header.safetensors"
+    stager.save(sd, path)
+    header_nbytes = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_nbytes > stager._native.SAFETENSORS_MAX_HEADER_BYTES
+    assert_same_tree(stager.load(path), sd)
+    result = _cli(capsys, "inspect", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "safetensors readers will refuse this file" in result.stdout
+    import safetensors
+
+    with pytest.raises(Exception, match=r"(?i)header"):
+        safetensors.safe_open(str(path), framework="pt")
+    result = _cli(capsys, "verify", str(path))
+    assert result.returncode == 0, result.stderr
+    # A file under the limit says nothing of the kind.
+    small = tmp_path / "small.safetensors"
+    stager.save({"w": torch.ones(3)}, small)
+    assert "refuse" not in _cli(capsys, "inspect", str(small)).stdout
+
+
+def test_header_per_tensor_is_compact(tmp_path):
+    # Issue 15.8: the header of many tiny tensors was ~361 bytes per tensor (349 MB for a million);
+    # version 2 of the tree writes bare keys, bare tensor places and array records.
+    sd = {f"block{i // 8}.param{i % 8}": torch.randn(4 + i % 29) for i in range(5000)}
+    path = tmp_path / "tiny.safetensors"
+    stager.save(sd, path)
+    header_nbytes = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_nbytes / len(sd) < 260, header_nbytes / len(sd)
+    _, meta, _ = _tree_of(path)
+    assert meta["version"] == 2 and meta["tree"]["items"][0] == ["block0.param0", 0]
+
+
+def test_version_1_tree_still_loads(tmp_path):
+    # Files written before the compact tree (version 1: every node an object) load unchanged.
+    import json
+    import struct
+
+    base = torch.randn(64, dtype=torch.complex64)
+    sd = {
+        "w": torch.randn(4, 3).t(),
+        "views": [base[2:10], base[::4].conj()],
+        7: torch.zeros(2, 1, 3)[:, :, 1:],
+        "neg": torch._neg_view(torch.ones(3)),
+        "step": 3,
+    }
+    path = tmp_path / "v2.safetensors"
+    stager.save(sd, path)
+    header, meta, data = _tree_of(path)
+
+    def v1(node):
+        if type(node) is int:
+            return {"t": "tensor", "i": node}
+        if isinstance(node, dict) and "items" in node:
+            items = node["items"]
+            if node["t"] in ("dict", "odict"):
+                items = [[{"t": "str", "v": k} if type(k) is str else k, v1(v)] for k, v in items]
+            else:
+                items = [v1(v) for v in items]
+            return {**node, "items": items}
+        return node
+
+    def record(entry):
+        dtype, shape, stride, offset, storage, *flags = entry
+        out = {"dtype": dtype, "shape": shape, "stride": stride or torch.empty(shape).stride(),
+               "offset": offset, "storage": storage}
+        if flags and flags[0] & 1:
+            out["conj"] = True
+        if flags and flags[0] & 2:
+            out["neg"] = True
+        return out
+
+    old = {"version": 1, "tree": v1(meta["tree"]), "tensors": [record(t) for t in meta["tensors"]],
+           "storages": [{"nbytes": n} for n in meta["storages"]]}
+    assert old["tree"] != meta["tree"]
+    header["__metadata__"]["stager.tree"] = json.dumps(old)
+    body = json.dumps(header).encode()
+    body += b" " * (-(8 + len(body)) % 4096)  # keep the data section where the entries say
+    old_path = tmp_path / "v1.safetensors"
+    old_path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    loaded = stager.load(old_path)
+    assert_same_tree(loaded, sd)
+    assert loaded["w"].stride() == sd["w"].stride() and loaded["views"][1].is_conj()

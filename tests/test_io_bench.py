@@ -42,6 +42,14 @@ def test_limits_are_direct_reads_and_writes_with_dd_as_reference(rows):
         assert rows[("large load (cold cache)", "dd iflag=direct")]["limit"] == read_limit["name"]
 
 
+def test_tiny_save_reports_header_and_file_bytes_per_tensor(rows):
+    # Issue 15.8: header bytes per tensor are what bound a file of a million tensors.
+    row = rows[("tiny save", "stager.save")]
+    assert 0 < row["extra"]["header_bytes"] < row["extra"]["file_bytes"]
+    assert "header" in row["extra"]["summary"] and "B/tensor" in row["extra"]["summary"]
+    assert rows[("tiny save", "torch.save+fsync+rename+dir fsync")]["extra"]["file_bytes"] > 0
+
+
 def test_every_row_reports_its_spread(rows):
     for (workload, name), row in rows.items():
         if name == "max(stage, write)":

@@ -25,6 +25,10 @@ KEY_CRC: str
 FORMAT_NAME: str
 FORMAT_VERSION: str
 RESERVED_PREFIX: str
+#: The largest JSON header safetensors readers accept; stager writes and reads larger ones.
+SAFETENSORS_MAX_HEADER_BYTES: int
+#: The largest JSON header stager writes or reads.
+MAX_STAGER_HEADER_BYTES: int
 #: (torch dtype attribute name, safetensors dtype name)
 SAFETENSORS_DTYPES: list[tuple[str, str]]
 #: Most copy threads an engine may start.

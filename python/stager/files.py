@@ -78,7 +78,7 @@ def header_metadata(meta: dict) -> dict[str, str]:
     """The ``__metadata__`` strings of a stager file holding the tree ``meta`` (tree.encode)."""
     return {
         _native.KEY_FORMAT: _native.FORMAT_NAME,
-        _native.KEY_VERSION: str(tree.FORMAT_VERSION),
+        _native.KEY_VERSION: _native.FORMAT_VERSION,  # the file layout; the tree JSON has its own version
         _native.KEY_TREE: json.dumps(meta, separators=(",", ":"), allow_nan=False),
     }
 
@@ -354,6 +354,13 @@ def inspect_command(path: str) -> int:
     paths = {index: tree.dotted(key_path) for index, key_path in tree.tensor_paths(meta).items()}
     print(f"{path}: stager file, format version {meta['version']}, {_size(file.file_size)}")
     print(f"  {len(plan.tensors)} tensors in {len(storages)} stored buffers, {_size(file.data_nbytes)} of data")
+    header_nbytes = file.data_start - 8
+    print(f"  header: {header_nbytes} bytes ({header_nbytes / max(len(plan.tensors), 1):.0f} per tensor)")
+    if header_nbytes > _native.SAFETENSORS_MAX_HEADER_BYTES:
+        print(
+            f"  note: the header is over the {_native.SAFETENSORS_MAX_HEADER_BYTES} bytes safetensors readers accept: "
+            "safetensors readers will refuse this file; stager.load reads it"
+        )
     print()
     print("tensors (key  dtype  shape  stride  offset  storage):")
     for index, tensor in enumerate(plan.tensors):

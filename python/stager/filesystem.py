@@ -810,10 +810,7 @@ class _OpenRankFile:
         if type(root) is not dict or root.get("t") not in ("dict", "odict"):
             raise StagerError(f"{path} is a stager file but not a dcp rank file (its root is not a dict)")
         self.path = path
-        self.tensor_of: dict[str, int] = {}
-        for key_node, value_node in root["items"]:
-            if key_node.get("t") == "str" and value_node.get("t") == "tensor":
-                self.tensor_of[key_node["v"]] = value_node["i"]
+        self.tensor_of: dict[str, int] = dict(tree.dict_tensor_items(root))
         self.tensors = self.plan.tensors
 
 

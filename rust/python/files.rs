@@ -419,5 +419,13 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(io_mode, m)?)?;
     m.add_class::<PyAtomicFile>()?;
     m.add_class::<PyCheckpointFile>()?;
+    m.add(
+        "SAFETENSORS_MAX_HEADER_BYTES",
+        crate::format::MAX_HEADER_BYTES,
+    )?;
+    m.add(
+        "MAX_STAGER_HEADER_BYTES",
+        crate::format::MAX_STAGER_HEADER_BYTES,
+    )?;
     Ok(())
 }

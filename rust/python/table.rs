@@ -219,14 +219,10 @@ pub(crate) fn describe_tensors(
                 info
             }
         };
-        let (conj, neg) = if info.is_complex {
-            (
-                tensor.call_method0(intern!(py, "is_conj"))?.is_truthy()?,
-                tensor.call_method0(intern!(py, "is_neg"))?.is_truthy()?,
-            )
-        } else {
-            (false, false)
-        };
+        // Only complex tensors carry the conjugate bit, but any tensor may carry the negative bit
+        // (`torch._neg_view` of a real tensor): skipping it staged such a view un-negated.
+        let conj = info.is_complex && tensor.call_method0(intern!(py, "is_conj"))?.is_truthy()?;
+        let neg = tensor.call_method0(intern!(py, "is_neg"))?.is_truthy()?;
         let shape = tensor.getattr(intern!(py, "shape"))?;
         let stride = tensor.call_method0(intern!(py, "stride"))?;
         let (numel, contiguous) = numel_and_contiguity(&shape, &stride)?;

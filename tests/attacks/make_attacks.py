@@ -49,6 +49,14 @@ def _edit_header(edit: Callable[[dict], None]) -> Callable[[bytes], bytes]:
     return apply
 
 
+# Where each field sits in a version-2 tensor record (python/stager/tree.py).
+_FIELD = {"dtype": 0, "shape": 1, "stride": 2, "offset": 3, "storage": 4}
+
+
+def _set_tensor(tree: dict, index: int, field: str, value) -> None:
+    tree["tensors"][index][_FIELD[field]] = value
+
+
 def _edit_tree(edit: Callable[[dict], None]) -> Callable[[bytes], bytes]:
     def apply(header: dict) -> None:
         tree = json.loads(header["__metadata__"]["stager.tree"])
@@ -126,20 +134,25 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         "deeper",
     ),
     "tree_wrong_version": (_edit_tree(lambda t: t.__setitem__("version", 7)), "unsupported version"),
-    "tree_view_past_storage": (_edit_tree(lambda t: t["tensors"][0].__setitem__("offset", 10**9)), "reaches past"),
-    "tree_huge_shape": (_edit_tree(lambda t: t["tensors"][0].__setitem__("shape", [2**62] * len(t["tensors"][0]["shape"]))), "reaches past"),
-    "tree_negative_stride": (_edit_tree(lambda t: t["tensors"][0].__setitem__("stride", [-1] * len(t["tensors"][0]["stride"]))), "stride"),
-    "tree_bad_dtype": (_edit_tree(lambda t: t["tensors"][0].__setitem__("dtype", "object")), "unknown dtype"),
-    "tree_storage_out_of_range": (_edit_tree(lambda t: t["tensors"][0].__setitem__("storage", 10**6)), "refers to storage"),
+    "tree_view_past_storage": (_edit_tree(lambda t: _set_tensor(t, 0, "offset", 10**9)), "reaches past"),
+    "tree_huge_shape": (_edit_tree(lambda t: _set_tensor(t, 0, "shape", [2**62] * len(t["tensors"][0][_FIELD["shape"]]))), "reaches past"),
+    "tree_negative_stride": (_edit_tree(lambda t: _set_tensor(t, 0, "stride", [-1] * len(t["tensors"][0][_FIELD["shape"]]))), "stride"),
+    "tree_bad_dtype": (_edit_tree(lambda t: _set_tensor(t, 0, "dtype", "object")), "unknown dtype"),
+    "tree_storage_out_of_range": (_edit_tree(lambda t: _set_tensor(t, 0, "storage", 10**6)), "refers to storage"),
+    "tree_tensor_record_short": (_edit_tree(lambda t: t["tensors"][0].pop()), "must be [dtype"),
+    "tree_tensor_bad_flags": (_edit_tree(lambda t: t["tensors"][0].append(99)), "bad flags"),
+    "tree_conj_not_complex": (_edit_tree(lambda t: t["tensors"][0].append(1)), "not complex"),
+    "tree_tensor_place_negative": (_edit_tree(lambda t: t.__setitem__("tree", -1)), "refers to tensor"),
     "tree_tensor_out_of_range": (_edit_tree(lambda t: t.__setitem__("tree", {"t": "tensor", "i": 10**6})), "refers to tensor"),
-    "tree_absurd_storage_size": (_edit_tree(lambda t: t["storages"][0].__setitem__("nbytes", 10**15)), "bytes"),
-    "tree_storage_size_mismatch": (_edit_tree(lambda t: t["storages"][2].__setitem__("nbytes", t["storages"][2]["nbytes"] - 8)), "holds"),
+    "tree_absurd_storage_size": (_edit_tree(lambda t: t["storages"].__setitem__(0, 10**15)), "bytes"),
+    "tree_storage_size_mismatch": (_edit_tree(lambda t: t["storages"].__setitem__(2, t["storages"][2] - 8)), "holds"),
+    "tree_storage_size_negative": (_edit_tree(lambda t: t["storages"].__setitem__(0, -8)), "byte count"),
     "tree_missing_storage": (_edit_tree(lambda t: t["storages"].pop()), "storage"),
     "tree_key_not_object": (  # found by scripts/fuzz_header.py
         _edit_tree(lambda t: t.__setitem__("tree", {"t": "dict", "items": [[7, {"t": "none"}]]})),
         "value must be an object",
     ),
-    "tree_dtype_not_string": (_edit_tree(lambda t: t["tensors"][0].__setitem__("dtype", ["float32"])), "unknown dtype"),  # fuzz
+    "tree_dtype_not_string": (_edit_tree(lambda t: _set_tensor(t, 0, "dtype", ["float32"])), "unknown dtype"),  # fuzz
     "tree_unknown_node": (_edit_tree(lambda t: t.__setitem__("tree", {"t": "exec", "v": "import os"})), "unknown node type"),
     "tree_pickle_leaf": (
         _edit_tree(lambda t: t.__setitem__("tree", {"t": "pickle", "v": __import__("base64").b64encode(pickle.dumps(Exploit())).decode()})),

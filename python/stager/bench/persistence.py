@@ -216,7 +216,7 @@ def _spread(samples: list[float]) -> float:
 def add_spread_notes(rows: list[Row], limit_names: set[str]) -> None:
     """Puts min / median / max and the spread (next to its limit's) into each row's note."""
     for row in rows:
-        if not row.samples or "summary" in row.extra:
+        if not row.samples or ("summary" in row.extra and "sizes" not in row.extra):
             continue
         limit = next((r for r in rows if r.workload == row.workload and r.name == row.limit), None)
         spread = _spread(row.samples)
@@ -237,7 +237,8 @@ def add_spread_notes(rows: list[Row], limit_names: set[str]) -> None:
             note += f" vs limit {limit_spread:.0%}"
             if spread <= limit_spread * 1.25 + 0.02:
                 note += ": no wider than the disk's own noise"
-        row.extra["summary"] = note
+        # Rows that also measure sizes (bytes per tensor) keep them in front.
+        row.extra["summary"] = f"{row.extra['sizes']}; {note}" if "sizes" in row.extra else note
         row.extra.setdefault("spread", round(spread, 4))
 
 
@@ -411,9 +412,23 @@ def _tiny_rows(ctx: BenchContext) -> list[Row]:
         (TORCH_SAVE, torch_save, lambda: _remove(torch_path)),
     ]
     samples = _interleaved(ctx, "tiny save", save_cases)
+    files.save(sd, stager_path)
+    durable_torch_save(sd, torch_path)
+    with open(stager_path, "rb") as f:
+        header_nbytes = int.from_bytes(f.read(8), "little")
+    # What each file costs per tensor: stager's JSON header (the part a million tensors strain),
+    # and each whole file.
+    sizes = {"stager.save": os.path.getsize(stager_path), TORCH_SAVE: os.path.getsize(torch_path)}
+    per_tensor = max(ntensors, 1)
+    extras = {
+        "stager.save": {"header_bytes": header_nbytes, "file_bytes": sizes["stager.save"],
+                        "sizes": f"header {header_nbytes / per_tensor:.0f} B/tensor, "
+                                 f"file {sizes['stager.save'] / per_tensor:.0f} B/tensor"},
+        TORCH_SAVE: {"file_bytes": sizes[TORCH_SAVE], "sizes": f"file {sizes[TORCH_SAVE] / per_tensor:.0f} B/tensor"},
+    }
     rows = [
         ctx.row(SECTION, "tiny save", name, samples[name], nbytes=nbytes, ntensors=ntensors,
-                baseline=None if name == TORCH_SAVE else TORCH_SAVE)
+                baseline=None if name == TORCH_SAVE else TORCH_SAVE, extra=extras[name])
         for name, _, _ in save_cases
     ]
     load_cases: list[Case] = [

@@ -17,7 +17,10 @@ Rows per workload:
 * PyTorch's ``DefaultStager`` with the same options as far as a machine without CUDA allows, and
   both ``BlockingAsyncStager``s (no cache, a new stager per call: PyTorch's allocates with the C
   allocator, which recycles freed memory; stager's recycles through its process-wide pool);
-* for ``tiny``: ``torch._foreach_copy_`` into preallocated tensors, PyTorch's per-tensor floor in C++.
+* for ``tiny``: ``torch._foreach_copy_`` into preallocated tensors, PyTorch's per-tensor floor in C++;
+  and what a staged result of ``--tiny`` small tensors costs in resident memory per tensor, each
+  stager in a fresh process (``tiny result memory``, at least 20,000 tensors: RSS after the stage
+  minus before, over the tensor count, with the source dict already built).
 
 And for the large workload with async staging: how long ``stage()`` takes to return its Future,
 and how fast a pure-Python loop in the caller's thread runs while the stage is in flight, relative
@@ -86,6 +89,7 @@ def run(ctx: BenchContext) -> list[Row]:
         rows += _workload(ctx, "large", large)
         rows += _async_rows(ctx, large)
         rows += _workload(ctx, "tiny", ctx.tiny_state_dict())
+        rows += _result_memory_rows(ctx)
         rows += _dtensor_rows(ctx)
         return rows
     finally:
@@ -121,6 +125,67 @@ def _close_quietly(stager: Any) -> None:
         stager.close()
     except Exception:
         pass
+
+
+# ---- resident memory of a staged result of tiny tensors -------------------------------------------
+_RESULT_MEMORY_SCRIPT = """
+import gc, json, sys, time, warnings
+import torch
+count, who = int(sys.argv[1]), sys.argv[2]
+gen = torch.Generator().manual_seed(0)
+sd = {f"block{i // 8}.param{i % 8}": torch.randn(4 + i % 29, generator=gen) for i in range(count)}
+if who == "stager":
+    import stager
+    s = stager.DefaultStager(stager.StagingOptions(False, False, False, False))
+else:
+    from torch.distributed.checkpoint import staging
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = staging.DefaultStager(staging.StagingOptions(False, False, False, False))
+def rss():
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+warm = {k: sd[k] for k in list(sd)[:64]}
+s.stage(warm)  # first-call setup (threads, pool) is not the result's cost
+del warm
+before = rss()
+start = time.perf_counter()
+result = s.stage(sd)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "rss_bytes": rss() - before, "count": count}))
+"""
+
+
+def _result_memory_rows(ctx: BenchContext) -> list[Row]:
+    import json
+    import subprocess
+    import sys
+
+    workload = "tiny result memory"
+    count = max(ctx.tiny_count, 20_000)  # fewer would be a handful of pages: noise
+    rows: list[Row] = []
+    measured: dict[str, list[dict]] = {"stager": [], "torch": []}
+    for _ in range(max(1, min(ctx.repeats, 3))):
+        for who in measured:
+            out = subprocess.run([sys.executable, "-c", _RESULT_MEMORY_SCRIPT, str(count), who],
+                                 capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                ctx.log(f"  [{workload}] {who} failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            measured[who].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    names = {"stager": "stager DefaultStager result", "torch": "torch DefaultStager result"}
+    for who, runs in measured.items():
+        if not runs:
+            continue
+        per_tensor = [run["rss_bytes"] / count for run in runs]
+        rows.append(ctx.row(
+            SECTION, workload, names[who], [run["seconds"] for run in runs], ntensors=count,
+            baseline=None if who == "torch" else names["torch"],
+            extra={"rss_bytes_per_tensor": [round(v) for v in per_tensor],
+                   "summary": f"RSS {statistics.median(per_tensor):.0f} B/tensor "
+                              f"({min(per_tensor):.0f}-{max(per_tensor):.0f})"}))
+    return rows
 
 
 # ---- one workload -----------------------------------------------------------------------------------
