@@ -352,7 +352,7 @@ def inspect_command(path: str) -> int:
         print(f"stager inspect: {err}", file=sys.stderr)
         return 1
     paths = {index: tree.dotted(key_path) for index, key_path in tree.tensor_paths(meta).items()}
-    print(f"{path}: stager file, tree version {meta["version"]}, {_size(file.file_size)}")
+    print(f"{path}: stager file, tree version {meta['version']}, {_size(file.file_size)}")
     print(f"  {len(plan.tensors)} tensors in {len(storages)} stored buffers, {_size(file.data_nbytes)} of data")
     header_nbytes = file.data_start - 8
     print(f"  header: {header_nbytes} bytes ({header_nbytes / max(len(plan.tensors), 1):.0f} per tensor)")
