@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import stager
 from helpers import assert_same_tree  # tests/ is on sys.path: this script runs from there
-from stager import replication as replication_module
+from stager import replica_files
 
 #: Storages of the coalesced wire layout are 64-byte aligned: a changed storage costs at most this
 #: much padding on the wire.
@@ -187,7 +187,7 @@ def _stager(directory, options, **extra):
 
 
 def _copy_path(directory, rank, src, fmt, previous=False):
-    return replication_module.replica_path(directory, rank, src, fmt, previous=previous)
+    return replica_files.replica_path(directory, rank, src, fmt, previous=previous)
 
 
 def _load(path):
@@ -204,11 +204,11 @@ def _check_files(directory, rank, src, fmt, step, expected, expected_previous):
     path = _copy_path(directory, rank, src, fmt)
     if fmt == "stager":
         assert stager._native.CheckpointFile(path).verify() == [], path
-    assert replication_module.read_record(path)["step"] == step
+    assert replica_files.read_record(path)["step"] == step
     assert_same_tree(_load(path), expected)
     if expected_previous is not None:
         previous = _copy_path(directory, rank, src, fmt, previous=True)
-        assert replication_module.read_record(previous)["step"] == step - 1
+        assert replica_files.read_record(previous)["step"] == step - 1
         assert_same_tree(_load(previous), expected_previous)
 
 
@@ -339,7 +339,7 @@ def scenario_check(rank, world, directory, options):
     else:
         raise AssertionError("a write the version counter missed went through unnoticed")
     path = _copy_path(directory, rank, partner, "stager")
-    assert replication_module.read_record(path)["step"] == 2  # the previous step stays committed
+    assert replica_files.read_record(path)["step"] == 2  # the previous step stays committed
     received = replicator.stage(me.state_dict(), step=4)
     assert_same_tree(received, mirror.state_dict())
     assert replicator.last_sent.data >= nbytes_of(me.state_dict())  # a failed stage: everything again

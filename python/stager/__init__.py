@@ -11,7 +11,8 @@ from .dtensor import LocalShard, MeshInfo
 from .files import load, save
 from .filesystem import FileSystemReader, FileSystemWriter
 from .options import StagingOptions
-from .replication import Replica, ReplicationStager, find_replicas, recover
+from .replica_files import Replica, find_replicas, recover
+from .replication import ReplicationStager
 from .stagers import BlockingAsyncStager, DefaultStager
 from .transport import PGTransport
 

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor
 
 from ._native import StagerError
 from .dtensor import LocalShard
-from .replication import _scan, load_replica, read_record
+from .replica_files import _scan, load_replica, read_record
 from .transport import PGTransport, TransportError
 from .tree import tensors_by_path
 
