@@ -54,11 +54,14 @@ Thread Safety:
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import math
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -873,6 +876,23 @@ def _first_mismatch(plan: StatePlan, meta: dict, inplace: Any) -> str | None:
 # ---- the transport --------------------------------------------------------------------------------------
 
 
+#: Every live transport, so that :func:`_release_groups_at_exit` can drop their groups in time.
+_LIVE_TRANSPORTS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _release_groups_at_exit() -> None:
+    """Drops the process groups that transports (and the stagers holding them) still reference,
+    while the interpreter is fully alive. Otherwise the last reference to a gloo group goes at
+    interpreter finalization, after ``destroy_process_group()``: its worker threads then free the
+    tensors of their last works (stager's tensors view Python-owned host buffers, whose release
+    needs the GIL) while the interpreter is torn down, and the process aborts with "terminate called
+    without an active exception" after a successful run."""
+    for transport in list(_LIVE_TRANSPORTS):
+        transport._pg = None
+    gc.collect()
+
+
 class PGTransport:
     """Drop-in for ``torch.distributed.checkpoint._pg_transport.PGTransport``.
 
@@ -895,6 +915,7 @@ class PGTransport:
                  *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  mesh: Any = None) -> None:
         self._pg = pg
+        _LIVE_TRANSPORTS.add(self)
         self.mesh = mesh
         self._timeout = _as_timedelta(timeout)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
@@ -928,6 +949,8 @@ class PGTransport:
 
     def check_usable(self) -> None:
         """Raises :data:`BROKEN` when an earlier failure left the group unusable."""
+        if self._pg is None:
+            raise StagerError("this transport was released at interpreter exit")
         if self._broken is not None:
             raise TransportError(
                 BROKEN,
