@@ -103,7 +103,9 @@ def test_async_rows_report_future_latency_and_caller_loop_speed(report):
         future = rows[f"{who} DefaultStager async: stage() returns Future"]
         assert future["extra"]["ms"] > 0
         loop = rows[f"{who} DefaultStager async: stage with caller's Python loop running"]
-        assert loop["extra"]["caller_loop_speed_vs_alone"] > 0
+        # A small stage can finish before the loop's first chunk: 0 % is a real reading then.
+        assert 0 <= loop["extra"]["caller_loop_speed_vs_alone"] <= 1.5
+        assert 0 <= loop["extra"]["caller_seconds_lost"] <= loop["seconds_median"] * 1.01
         assert loop["extra"]["loop_alone_iterations_per_s"] > 0
 
 

@@ -435,6 +435,7 @@ def test_disk_full_fails_cleanly_and_keeps_the_previous_checkpoint(small_tmpfs):
 
 def test_commit_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
     save(sample_state(0), tmp_path)
+    filesystem.wait_for_cleanup(tmp_path)  # its own sweep runs in the background: let it end first
     old_token = "0000000000000001abcdef01"  # a save that started long ago and never committed
     leftovers = [f"__0_{old_token}.safetensors", f"__1_{old_token}.safetensors.4242.0.tmp", ".metadata.4242.7.tmp"]
     foreign = ["notes.txt", "__0_0.distcp", "__0_123.safetensors", ".metadata.backup"]
