@@ -793,11 +793,40 @@ mod tests {
     use crate::writer::{write_file, Source};
     use std::collections::BTreeMap;
 
-    fn write_sample(path: &Path, data: &[u8]) {
+    /// The metadata a stager file needs (an empty tree), for files of raw buffers.
+    fn stager_meta() -> BTreeMap<String, String> {
         let mut meta = BTreeMap::new();
         meta.insert(format::KEY_FORMAT.into(), "stager".into());
         meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
         meta.insert(format::KEY_TREE.into(), "{}".into());
+        meta
+    }
+
+    /// Writes `buffers` as the `U8` entries `s0`, `s1`... of a stager file at `path`.
+    fn write_buffers(path: &Path, buffers: &[Vec<u8>]) {
+        let specs: Vec<EntrySpec> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| EntrySpec {
+                name: format!("s{i}"),
+                dtype: "U8".into(),
+                shape: vec![b.len() as u64],
+                nbytes: b.len() as u64,
+            })
+            .collect();
+        let sources: Vec<Source> = buffers
+            .iter()
+            .map(|b| Source {
+                ptr: b.as_ptr(),
+                request: None,
+            })
+            .collect();
+        // SAFETY: buffers outlive the call.
+        unsafe { write_file(path, &specs, &sources, stager_meta(), None, None) }.unwrap();
+    }
+
+    fn write_sample(path: &Path, data: &[u8]) {
+        let meta = stager_meta();
         let spec = EntrySpec {
             name: "w".into(),
             dtype: "U8".into(),
@@ -853,29 +882,7 @@ mod tests {
                 (0..len).map(|j| (j * 7 + i) as u8).collect()
             })
             .collect();
-        let specs: Vec<EntrySpec> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| EntrySpec {
-                name: format!("s{i}"),
-                dtype: "U8".into(),
-                shape: vec![b.len() as u64],
-                nbytes: b.len() as u64,
-            })
-            .collect();
-        let sources: Vec<Source> = buffers
-            .iter()
-            .map(|b| Source {
-                ptr: b.as_ptr(),
-                request: None,
-            })
-            .collect();
-        let mut meta = BTreeMap::new();
-        meta.insert(format::KEY_FORMAT.into(), "stager".into());
-        meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
-        meta.insert(format::KEY_TREE.into(), "{}".into());
-        // SAFETY: buffers outlive the call.
-        unsafe { write_file(&path, &specs, &sources, meta, None, None) }.unwrap();
+        write_buffers(&path, &buffers);
         // The buffer layout Python uses: 64-aligned, like the file (one run).
         let mut offsets = Vec::new();
         let mut at = 0usize;
@@ -909,29 +916,7 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| (0..n).map(|j| (j * 13 + i * 5 + 1) as u8).collect())
             .collect();
-        let specs: Vec<EntrySpec> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| EntrySpec {
-                name: format!("s{i}"),
-                dtype: "U8".into(),
-                shape: vec![b.len() as u64],
-                nbytes: b.len() as u64,
-            })
-            .collect();
-        let sources: Vec<Source> = buffers
-            .iter()
-            .map(|b| Source {
-                ptr: b.as_ptr(),
-                request: None,
-            })
-            .collect();
-        let mut meta = BTreeMap::new();
-        meta.insert(format::KEY_FORMAT.into(), "stager".into());
-        meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
-        meta.insert(format::KEY_TREE.into(), "{}".into());
-        // SAFETY: buffers outlive the call.
-        unsafe { write_file(&path, &specs, &sources, meta, None, None) }.unwrap();
+        write_buffers(&path, &buffers);
         (path, buffers)
     }
 
@@ -1036,29 +1021,7 @@ mod tests {
                 (0..len).map(|j| (j * 3 + i) as u8).collect()
             })
             .collect();
-        let specs: Vec<EntrySpec> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| EntrySpec {
-                name: format!("s{i}"),
-                dtype: "U8".into(),
-                shape: vec![b.len() as u64],
-                nbytes: b.len() as u64,
-            })
-            .collect();
-        let sources: Vec<Source> = buffers
-            .iter()
-            .map(|b| Source {
-                ptr: b.as_ptr(),
-                request: None,
-            })
-            .collect();
-        let mut meta = BTreeMap::new();
-        meta.insert(format::KEY_FORMAT.into(), "stager".into());
-        meta.insert(format::KEY_VERSION.into(), format::VERSION.into());
-        meta.insert(format::KEY_TREE.into(), "{}".into());
-        // SAFETY: buffers outlive the call.
-        unsafe { write_file(&path, &specs, &sources, meta, None, None) }.unwrap();
+        write_buffers(&path, &buffers);
         let file = CheckpointFile::open(&path).unwrap();
         let wanted = [5usize, 1, 3];
         let mut outs: Vec<Vec<u8>> = wanted.iter().map(|&i| vec![0; buffers[i].len()]).collect();

@@ -1,8 +1,10 @@
-"""Assertions shared by the test modules: what "a staged dict equals the input" means."""
+"""Assertions and file helpers shared by the test modules: what "a staged dict equals the input" means, and damaging a stored buffer."""
 
 from collections.abc import Mapping
 
 import torch
+
+from stager import _native
 
 
 def assert_same_tree(staged, source, path="root"):
@@ -60,3 +62,14 @@ def all_dtype_tensors():
             raw = raw % 2
         out[str(dtype)] = raw.view(dtype).reshape(2, 3)
     return out
+
+
+def flip_byte(path):
+    """Flips one byte in the middle of the largest stored buffer of a .stager file."""
+    _, storages = _native.CheckpointFile(str(path)).layout()
+    _, offset, nbytes, _ = max(storages, key=lambda s: s[2])
+    with open(path, "r+b") as f:
+        f.seek(offset + nbytes // 2)
+        byte = f.read(1)
+        f.seek(offset + nbytes // 2)
+        f.write(bytes([byte[0] ^ 0x5A]))

@@ -9,13 +9,10 @@ tensors-inside-objects cases (issue 15, item 5) run in this process.
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 
 import pytest
+import ranks
 import torch
 
 import stager
@@ -25,43 +22,9 @@ from stager.plan import plan_state_dict
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dtensor_worker.py")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world, directory, scenarios, deadline=240):
     """Runs ``world`` workers through ``scenarios``; returns {rank: (returncode, {name: result}, output)}."""
-    port = str(_free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs = [
-        subprocess.Popen([sys.executable, WORKER, str(rank), str(world), port, str(directory), json.dumps(scenarios)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        for rank in range(world)
-    ]
-    end = time.monotonic() + deadline
-    results = {}
-    try:
-        for rank, proc in enumerate(procs):
-            try:
-                output, _ = proc.communicate(timeout=max(1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                output, _ = proc.communicate()
-                pytest.fail(f"rank {rank} did not exit within {deadline}s:\n{output[-5000:]}")
-            found = {}
-            for line in output.splitlines():
-                if line.startswith("RESULT "):
-                    result = json.loads(line[len("RESULT "):])
-                    found[result["scenario"]] = result
-            results[rank] = (proc.returncode, found, output)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+    return ranks.run_ranks(world, directory, scenarios, deadline, worker=WORKER)
 
 
 def assert_scenarios_pass(results, scenarios):

@@ -10,13 +10,12 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
-import sys
 import time
 import warnings
 
 import pytest
+import ranks
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -29,52 +28,15 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dcp_worker.py
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ranks(world, directory, steps):
-    port = str(_free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1")
-    return [
-        subprocess.Popen([sys.executable, WORKER, str(rank), str(world), port, str(directory), json.dumps(steps)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        for rank in range(world)
-    ]
-
-
-def collect(procs, deadline):
-    """{rank: (returncode, {scenario: [results]}, output)}; kills ranks that overran."""
-    end = time.monotonic() + deadline
-    results = {}
-    try:
-        for rank, proc in enumerate(procs):
-            try:
-                output, _ = proc.communicate(timeout=max(1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                output, _ = proc.communicate()
-                pytest.fail(f"rank {rank} did not exit within {deadline}s:\n{output[-5000:]}")
-            found = {}
-            for line in output.splitlines():
-                if line.startswith("RESULT "):
-                    result = json.loads(line[len("RESULT "):])
-                    found.setdefault(result["scenario"], []).append(result)
-            results[rank] = (proc.returncode, found, output)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+    """``{rank: Popen}`` of dcp_worker.py processes (:func:`ranks.start_ranks`)."""
+    return ranks.start_ranks(world, directory, steps, worker=WORKER, env=lambda rank: {"MASTER_ADDR": "127.0.0.1"})
 
 
 def run_ranks(world, directory, steps, deadline=120):
-    results = collect(start_ranks(world, directory, steps), deadline)
-    for rank, (rc, found, output) in results.items():
-        done = sum(len(v) for v in found.values())
+    results = ranks.collect(start_ranks(world, directory, steps), deadline)
+    for rank, (rc, _, output) in results.items():
+        done = sum(line.startswith("RESULT ") for line in output.splitlines())  # a scenario may repeat
         assert rc == 0 and done == len(steps), f"rank {rank} failed (rc={rc}):\n{output[-6000:]}"
     return results
 
@@ -167,11 +129,11 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, kill_at):
             return [n for n in names if n.endswith(".safetensors") and n not in previous]
 
         seen = _wait_for(in_flight, 60)
-        for proc in procs:
+        for proc in procs.values():
             proc.send_signal(signal.SIGKILL)
         assert seen, f"never saw a {kill_at} of the second save: {os.listdir(path)}"
     finally:
-        for proc in procs:
+        for proc in procs.values():
             proc.kill()
             proc.wait()
     assert committed_files(path) == previous

@@ -17,19 +17,9 @@ from incremental_worker import CHANGES, Lora
 from ranks import assert_all_ok, collect, free_port, run_ranks, start_ranks
 
 import stager
+from helpers import flip_byte
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "incremental_worker.py")
-
-
-def flip_byte(path):
-    """Flips one byte in the middle of the largest stored buffer of a .stager file."""
-    _, storages = stager._native.CheckpointFile(str(path)).layout()
-    _, offset, nbytes, _ = max(storages, key=lambda s: s[2])
-    with open(path, "r+b") as f:
-        f.seek(offset + nbytes // 2)
-        byte = f.read(1)
-        f.seek(offset + nbytes // 2)
-        f.write(bytes([byte[0] ^ 0x5A]))
 
 
 @pytest.mark.timeout(240)

@@ -20,23 +20,13 @@ from ranks import (
 )
 
 import stager
+from helpers import flip_byte
 from stager.recovery import decide
 
 
 def wipe(directory, ranks):
     for rank in ranks:
         shutil.rmtree(directory / f"rank{rank}", ignore_errors=True)
-
-
-def flip_byte(path):
-    """Flips one byte in the middle of the largest stored buffer of a .stager file."""
-    _, storages = stager._native.CheckpointFile(str(path)).layout()
-    _, offset, nbytes, _ = max(storages, key=lambda s: s[2])
-    with open(path, "r+b") as f:
-        f.seek(offset + nbytes // 2)
-        byte = f.read(1)
-        f.seek(offset + nbytes // 2)
-        f.write(bytes([byte[0] ^ 0x5A]))
 
 
 def restored_steps(results, name):
