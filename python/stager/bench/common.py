@@ -128,8 +128,7 @@ class BenchContext:
     def tiny_state_dict(self) -> dict:
         """``tiny_count`` small tensors (biases, norms, step counters): the per-tensor cost."""
         if self._tiny is None:
-            gen = torch.Generator().manual_seed(1)
-            self._tiny = {f"block{i // 8}.param{i % 8}": torch.randn(4 + i % 29, generator=gen) for i in range(self.tiny_count)}
+            self._tiny = tiny_state_dict(self.tiny_count)
         return self._tiny
 
     @staticmethod
@@ -248,6 +247,13 @@ def _bench_tmp_root() -> str | None:
         if candidate and os.access(candidate, os.W_OK):
             return candidate
     return None
+
+
+def tiny_state_dict(count: int, seed: int = 1) -> dict:
+    """``count`` small tensors of 4 to 32 floats under ``block<i>.param<j>`` keys: the bench's
+    per-tensor workload (biases, norms, step counters)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {f"block{i // 8}.param{i % 8}": torch.randn(4 + i % 29, generator=gen) for i in range(count)}
 
 
 def synthetic_transformer_state_dict(total_bytes: int, *, hidden: int = 1024, vocab: int = 32_000) -> dict:

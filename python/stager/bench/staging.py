@@ -52,7 +52,7 @@ from torch.distributed.checkpoint import staging as torch_staging
 from .. import _native
 from ..options import StagingOptions
 from ..stagers import BlockingAsyncStager, DefaultStager
-from .common import BenchContext, Row
+from .common import BenchContext, Row, tiny_state_dict
 
 SECTION = "staging"
 
@@ -132,8 +132,8 @@ _RESULT_MEMORY_SCRIPT = """
 import gc, json, sys, time, warnings
 import torch
 count, who = int(sys.argv[1]), sys.argv[2]
-gen = torch.Generator().manual_seed(0)
-sd = {f"block{i // 8}.param{i % 8}": torch.randn(4 + i % 29, generator=gen) for i in range(count)}
+from stager.bench.common import tiny_state_dict
+sd = tiny_state_dict(count)
 if who == "stager":
     import stager
     s = stager.DefaultStager(stager.StagingOptions(False, False, False, False))
@@ -539,7 +539,7 @@ def _dtensor_workloads(ctx: BenchContext) -> dict[str, dict]:
     for layer in range(weights):
         large[f"layers.{layer}.weight"] = torch.empty(1024, 1024).normal_(generator=gen)
         large[f"layers.{layer}.bias"] = torch.empty(1024).normal_(generator=gen)
-    tiny = {f"block{i // 8}.param{i % 8}": torch.randn(4 + i % 29, generator=gen) for i in range(ctx.tiny_count)}
+    tiny = tiny_state_dict(ctx.tiny_count, seed=3)  # tensors of their own, not the plain tiny rows
     return {"dtensor large": large, "dtensor tiny": tiny}
 
 
