@@ -53,14 +53,20 @@ def start_ranks(world, directory, steps, *, ranks=None, port=None, host="127.0.0
     return procs
 
 
+def results_in(output):
+    """Every ``RESULT {...}`` a worker printed, in order. Only the JSON object after the marker is
+    read: a child process sharing the worker's stdout (dcp's PROCESS checkpointer) may write into
+    the same line, before or after it."""
+    decoder = json.JSONDecoder()
+    for line in output.splitlines():
+        at = line.find("RESULT {")
+        if at >= 0:
+            yield decoder.raw_decode(line, at + len("RESULT "))[0]
+
+
 def parse_results(output):
     """{scenario: result} from a worker's ``RESULT`` lines."""
-    found = {}
-    for line in output.splitlines():
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            found[result["scenario"]] = result
-    return found
+    return {result["scenario"]: result for result in results_in(output)}
 
 
 def collect(procs, deadline=90):
@@ -99,8 +105,7 @@ def kill_when_done(procs, scenarios, deadline=90):
             if not line:
                 break
             lines.append(line)
-            if line.startswith("RESULT "):
-                seen.add(json.loads(line[len("RESULT "):])["scenario"])
+            seen.update(result["scenario"] for result in results_in(line))
         outputs[rank] = "".join(lines)
     for proc in procs.values():
         if proc.poll() is None:

@@ -36,7 +36,7 @@ def start_ranks(world, directory, steps):
 def run_ranks(world, directory, steps, deadline=120):
     results = ranks.collect(start_ranks(world, directory, steps), deadline)
     for rank, (rc, _, output) in results.items():
-        done = sum(line.startswith("RESULT ") for line in output.splitlines())  # a scenario may repeat
+        done = len(list(ranks.results_in(output)))  # a scenario may repeat
         assert rc == 0 and done == len(steps), f"rank {rank} failed (rc={rc}):\n{output[-6000:]}"
     return results
 
