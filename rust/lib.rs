@@ -17,6 +17,7 @@
 //! - [`format`], [`writer`], [`reader`]: the file format, the durable writer, the validating reader;
 //!   [`commit`]: the one atomic commit every persisted file goes through; [`direct_io`]: how the
 //!   writer and reader reach the device (O_DIRECT, requests in flight, bounce chunks);
+//! - [`torch_record`]: `torch.save` records, the items of dcp's own data files;
 //! - [`limits`]: the machine's copy limits, for the benchmark;
 //! - [`error`]: one error type, converted once at the Python boundary.
 //!
@@ -38,6 +39,7 @@ pub mod limits;
 pub mod pool;
 pub mod reader;
 pub mod table;
+pub mod torch_record;
 pub mod writer;
 
 #[cfg(feature = "python")]

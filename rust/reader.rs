@@ -443,27 +443,7 @@ impl CheckpointFile {
     /// The descriptors data is read through: this file, and a direct-I/O descriptor of the
     /// same open file where the filesystem supports it.
     fn data_source(&self) -> DataSource<'_> {
-        let mode = direct_io::probe(&self.file);
-        let direct = if mode.is_direct() {
-            // /proc/self/fd reopens this very file (not whatever the path names now).
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
-                .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-                .ok()
-        } else {
-            None
-        };
-        if direct.is_none() {
-            self.advise_sequential();
-        }
-        DataSource {
-            buffered: &self.file,
-            direct,
-            mode,
-            file_len: self.file_len,
-            cache: PageCacheView::map(&self.file, self.file_len),
-        }
+        open_data_source(&self.file, self.file_len)
     }
 
     fn read_error(&self, err: io::Error) -> StagerError {
@@ -702,6 +682,245 @@ impl DataSource<'_> {
         }
         // SAFETY: `dst .. dst + len` is writable (contract).
         unsafe { pread_exact(self.buffered, dst, len, offset) }
+    }
+}
+
+/// The descriptors data of `file` is read through: `file`, and a direct-I/O descriptor of the
+/// same open file where the filesystem supports it.
+fn open_data_source(file: &File, file_len: u64) -> DataSource<'_> {
+    let mode = direct_io::probe(file);
+    let direct = if mode.is_direct() {
+        // /proc/self/fd reopens this very file (not whatever the path names now).
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok()
+    } else {
+        None
+    };
+    if direct.is_none() {
+        // SAFETY: advice on our own descriptor; failure changes nothing.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+    }
+    DataSource {
+        buffered: file,
+        direct,
+        mode,
+        file_len,
+        cache: PageCacheView::map(file, file_len),
+    }
+}
+
+/// Opens `path` for reading without blocking (a FIFO must not wait for a writer) and refuses
+/// anything that is not a regular file, naming what it is.
+pub fn open_regular(path: &Path) -> Result<(File, u64)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|err| StagerError::io("opening", path, err))?;
+    let meta = file
+        .metadata()
+        .map_err(|err| StagerError::io("reading the size of", path, err))?;
+    if !meta.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let kind = meta.file_type();
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(invalid(path, format!("{what}, not a regular file")));
+    }
+    Ok((file, meta.len()))
+}
+
+/// A data file of dcp's own format: consecutive `torch.save` records (tensor items) and raw
+/// bytes (bytes items), as dcp's `FileSystemWriter` and [`crate::writer::write_records_uncommitted`]
+/// write them.
+///
+/// # Thread Safety
+/// `Send + Sync`; reads use `pread`.
+pub struct RecordFile {
+    file: File,
+    path: PathBuf,
+    file_len: u64,
+}
+
+/// One byte range of a [`RecordFile`] to read, where its bytes go and the crc32 they must have.
+#[derive(Clone, Copy, Debug)]
+pub struct RangeTarget {
+    /// File offset of the first byte.
+    pub offset: u64,
+    /// Bytes to read.
+    pub len: u64,
+    /// Where they go.
+    pub dst: *mut u8,
+    /// The crc32 (zlib's) of the range, checked when given.
+    pub crc32: Option<u32>,
+}
+
+// SAFETY: a plain address; `read_ranges`' contract makes it writable from any thread.
+unsafe impl Send for RangeTarget {}
+// SAFETY: as above; each piece of a target is written by one thread.
+unsafe impl Sync for RangeTarget {}
+
+impl RecordFile {
+    /// Opens `path` (a regular file: see [`open_regular`]).
+    pub fn open(path: &Path) -> Result<RecordFile> {
+        let (file, file_len) = open_regular(path)?;
+        Ok(RecordFile {
+            file,
+            path: path.to_path_buf(),
+            file_len,
+        })
+    }
+
+    /// The file's size.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_bounds(&self, offset: u64, len: u64) -> Result<()> {
+        if offset
+            .checked_add(len)
+            .map_or(true, |end| end > self.file_len)
+        {
+            return Err(invalid(
+                &self.path,
+                format!(
+                    "the file holds {} bytes but an item lies at [{offset}, {}): the file is shorter than the metadata says (truncated?)",
+                    self.file_len,
+                    offset.saturating_add(len)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Parses the `torch.save` record at `[offset, offset + len)`.
+    pub fn parse_record(&self, offset: u64, len: u64) -> Result<crate::torch_record::ParsedRecord> {
+        self.check_bounds(offset, len)?;
+        crate::torch_record::parse_record(&self.file, offset, len).map_err(|reason| {
+            invalid(
+                &self.path,
+                format!("the torch.save record at {offset}: {reason}"),
+            )
+        })
+    }
+
+    /// Reads every target with up to [`IO_DEPTH`] threads in [`IO_CHUNK`] pieces (direct I/O
+    /// where memory and file line up and the pages are not cached), checking crc32s; returns the
+    /// indices of the targets whose bytes do not match their crc32.
+    ///
+    /// # Safety
+    /// Every `dst` must point to `len` writable bytes nothing else accesses during the call, and
+    /// the targets' destinations must not overlap.
+    pub unsafe fn read_ranges(&self, targets: &[RangeTarget]) -> Result<Vec<usize>> {
+        for target in targets {
+            self.check_bounds(target.offset, target.len)?;
+            if target.len > 0 && target.dst.is_null() {
+                return Err(invalid(&self.path, "a read into a null address".into()));
+            }
+        }
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        order.sort_unstable_by_key(|&k| targets[k].offset);
+        let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+        for &k in &order {
+            let total = targets[k].len as usize;
+            let mut done = 0;
+            while done < total {
+                let len = (total - done).min(IO_CHUNK);
+                pieces.push((k, done, len));
+                done += len;
+            }
+        }
+        let source = open_data_source(&self.file, self.file_len);
+        let direct = AtomicBool::new(true);
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
+        let sums: Vec<Mutex<Option<crc32fast::Hasher>>> =
+            pieces.iter().map(|_| Mutex::new(None)).collect();
+        let work = || loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            if index >= pieces.len() || failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let (k, offset, len) = pieces[index];
+            let target = targets[k];
+            // SAFETY: `offset + len <= target.len`, whose bytes at `dst` are ours to write
+            // (function contract); each piece is claimed by one thread through `next`.
+            let result = unsafe {
+                source.read(
+                    target.dst.add(offset),
+                    len,
+                    0,
+                    target.offset + offset as u64,
+                    &direct,
+                )
+            };
+            if let Err(err) = result {
+                failed.store(true, Ordering::Relaxed);
+                let err = if err.kind() == io::ErrorKind::UnexpectedEof {
+                    invalid(
+                        &self.path,
+                        "the file ended early (truncated while reading?)".into(),
+                    )
+                } else {
+                    StagerError::io("reading", &self.path, err)
+                };
+                first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(err);
+                return;
+            }
+            if target.crc32.is_some() {
+                let mut hasher = crc32fast::Hasher::new();
+                // SAFETY: the bytes just read, ours until the call returns.
+                hasher.update(unsafe { std::slice::from_raw_parts(target.dst.add(offset), len) });
+                *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(hasher);
+            }
+        };
+        crate::direct_io::run_on_threads(IO_DEPTH.min(pieces.len()), work);
+        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(err);
+        }
+        let mut totals: Vec<crc32fast::Hasher> =
+            targets.iter().map(|_| crc32fast::Hasher::new()).collect();
+        for (index, &(k, _, _)) in pieces.iter().enumerate() {
+            if let Some(piece) = sums[index].lock().unwrap_or_else(|p| p.into_inner()).take() {
+                totals[k].combine(&piece);
+            }
+        }
+        Ok(targets
+            .iter()
+            .zip(totals)
+            .enumerate()
+            .filter(|(_, (target, total))| {
+                target
+                    .crc32
+                    .is_some_and(|crc| crc != total.clone().finalize())
+            })
+            .map(|(k, _)| k)
+            .collect())
     }
 }
 

@@ -69,13 +69,14 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::commit::AtomicFile;
 use crate::completion::Completion;
 use crate::direct_io::{self, AlignedBuf, IoMode, BLOCK, IO_CHUNK, IO_DEPTH};
 use crate::error::{Result, StagerError};
 use crate::format::{self, EntrySpec};
+use crate::torch_record::RecordFraming;
 
 /// Where the bytes of one stored buffer are.
 #[derive(Clone, Copy, Debug)]
@@ -237,6 +238,7 @@ pub unsafe fn write_uncommitted(
                 len: (entry.end - entry.begin) as usize,
                 ptr: sources[storage].ptr,
                 request: sources[storage].request,
+                suffix_of: None,
             });
         }
         storage += 1;
@@ -262,6 +264,7 @@ pub unsafe fn write_uncommitted(
         completion,
         direct: AtomicBool::new(mode.is_direct()),
         offset_align: mode.alignment().1,
+        records: None,
     };
     let crc_parts = run.execute()?;
     if !run.direct.load(Ordering::Relaxed) {
@@ -311,6 +314,233 @@ pub unsafe fn write_uncommitted(
     ))
 }
 
+/// One item of a file of `torch.save` records ([`write_records_uncommitted`]).
+#[derive(Clone, Debug)]
+pub struct RecordItem {
+    /// Where the item's bytes are: a tensor's whole storage, or a bytes item's bytes.
+    pub source: Source,
+    /// How many bytes.
+    pub nbytes: u64,
+    /// The record's `data.pkl` ([`torch_record::tensor_pickle`]) for a tensor item; `None` for a
+    /// bytes item, stored as it is (what dcp's writer does with `BYTE_IO` items).
+    pub pickle: Option<Vec<u8>>,
+}
+
+/// What [`write_records_uncommitted`] wrote.
+#[derive(Clone, Debug)]
+pub struct RecordsReport {
+    /// Bytes of the file.
+    pub file_bytes: u64,
+    /// Per item: `(offset, length)` of its record (or bytes) in the file.
+    pub ranges: Vec<(u64, u64)>,
+    /// Per item: the crc32 (zlib's) of its storage bytes (of a bytes item: of its bytes).
+    pub crc32: Vec<u32>,
+    /// Per item: the file offset of its storage bytes.
+    pub data_offsets: Vec<u64>,
+    /// How the data went to the file.
+    pub mode: IoMode,
+}
+
+/// Source sizes from which a record places its storage for `O_DIRECT` from memory (smaller
+/// ones are bounced anyway; padding them costs file bytes for nothing).
+const DIRECT_PLACEMENT_MIN: u64 = 64 << 10;
+
+/// The records of one file: framings, the part holding each item's data, lazily computed
+/// checksums and suffixes.
+struct Records<'a> {
+    items: &'a [RecordItem],
+    framings: Vec<Option<RecordFraming>>,
+    crcs: Vec<OnceLock<u32>>,
+    suffixes: Vec<OnceLock<Vec<u8>>>,
+}
+
+impl Records<'_> {
+    /// The crc32 of item `item`'s bytes, computed once (after its bytes are in place).
+    fn crc(&self, run: &Run<'_>, item: usize) -> Result<u32> {
+        if let Some(crc) = self.crcs[item].get() {
+            return Ok(*crc);
+        }
+        let source = self.items[item].source;
+        if let (Some(request), Some(completion)) = (source.request, run.completion) {
+            if !completion.is_done(request) {
+                completion.wait(request, None)?;
+            }
+        }
+        let n = self.items[item].nbytes as usize;
+        let crc = if n == 0 {
+            0
+        } else {
+            // SAFETY: the item's source holds `nbytes` readable bytes, complete now
+            // (write_records_uncommitted's contract).
+            crc32fast::hash(unsafe { std::slice::from_raw_parts(source.ptr, n) })
+        };
+        Ok(*self.crcs[item].get_or_init(|| crc))
+    }
+
+    fn suffix(&self, run: &Run<'_>, item: usize) -> Result<&[u8]> {
+        if let Some(bytes) = self.suffixes[item].get() {
+            return Ok(bytes);
+        }
+        let crc = self.crc(run, item)?;
+        let framing = self.framings[item].as_ref().expect("a tensor record");
+        Ok(self.suffixes[item].get_or_init(|| framing.suffix(crc)))
+    }
+}
+
+/// Writes a file of consecutive `torch.save` records (tensor items) and raw bytes (bytes
+/// items), the layout of a data file of dcp's `FileSystemWriter`, up to and including the
+/// `fsync` of its temp file; the caller commits the returned [`AtomicFile`]. Storage bytes go
+/// from their sources with the writer's requests (`O_DIRECT` from memory where the record
+/// places them at the source's residue, bounced elsewhere); each record's checksum and suffix
+/// are made once its storage is in place (`completion`), so writing overlaps staging.
+///
+/// # Safety
+/// As [`write_file`] for `items[i].source` and `items[i].nbytes`.
+pub unsafe fn write_records_uncommitted(
+    path: &Path,
+    items: &[RecordItem],
+    serialization_id: &str,
+    completion: Option<&Completion>,
+) -> Result<(AtomicFile, RecordsReport)> {
+    let invalid = |reason: String| StagerError::InvalidFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut framings = Vec::with_capacity(items.len());
+    let mut parts = Vec::new();
+    let mut ranges = Vec::with_capacity(items.len());
+    let mut data_offsets = Vec::with_capacity(items.len());
+    let mut cursor = 0u64;
+    for (index, item) in items.iter().enumerate() {
+        if item.nbytes > 0 && item.source.ptr.is_null() {
+            return Err(invalid(format!("item {index} has a null address")));
+        }
+        if let Some(request) = item.source.request {
+            if completion.map_or(true, |c| request >= c.len()) {
+                return Err(invalid(format!(
+                    "item {index} waits for request {request} of a completion that lacks it"
+                )));
+            }
+        }
+        let start = cursor;
+        let framing = match &item.pickle {
+            Some(pickle) => {
+                let address = item.source.ptr as u64;
+                let residue = (item.nbytes >= DIRECT_PLACEMENT_MIN && address % 64 == 0)
+                    .then_some(address % BLOCK as u64);
+                Some(
+                    RecordFraming::new(pickle, item.nbytes, start, residue, serialization_id)
+                        .map_err(invalid)?,
+                )
+            }
+            None => None,
+        };
+        if let Some(framing) = &framing {
+            cursor += framing.prefix().len() as u64;
+        }
+        data_offsets.push(cursor);
+        cursor += item.nbytes;
+        if let Some(framing) = &framing {
+            cursor += framing.suffix_len();
+        }
+        ranges.push((start, cursor - start));
+        framings.push(framing);
+    }
+    // Parts in file order: prefix, storage, suffix per record; bytes for a bytes item.
+    for (index, (item, framing)) in items.iter().zip(&framings).enumerate() {
+        let (start, _) = ranges[index];
+        if let Some(framing) = framing {
+            parts.push(Part {
+                storage: index,
+                begin: start,
+                len: framing.prefix().len(),
+                ptr: framing.prefix().as_ptr(),
+                request: None,
+                suffix_of: None,
+            });
+        }
+        if item.nbytes > 0 {
+            parts.push(Part {
+                storage: index,
+                begin: data_offsets[index],
+                len: item.nbytes as usize,
+                ptr: item.source.ptr,
+                request: item.source.request,
+                suffix_of: None,
+            });
+        }
+        if let Some(framing) = framing {
+            parts.push(Part {
+                storage: index,
+                begin: data_offsets[index] + item.nbytes,
+                len: framing.suffix_len() as usize,
+                ptr: std::ptr::null(),
+                request: None,
+                suffix_of: Some(index),
+            });
+        }
+    }
+    let records = Records {
+        items,
+        framings,
+        crcs: (0..items.len()).map(|_| OnceLock::new()).collect(),
+        suffixes: (0..items.len()).map(|_| OnceLock::new()).collect(),
+    };
+    let file_bytes = cursor;
+    let mut atomic = AtomicFile::create(path)?;
+    let io_err = |action: &'static str| {
+        move |source: io::Error| StagerError::io(action, path.to_path_buf(), source)
+    };
+    let file = atomic.file();
+    reserve_space(file, file_bytes).map_err(io_err("reserving space for"))?;
+    let mut mode = direct_io::probe(file);
+    if mode.is_direct() && direct_io::set_direct(file, true).is_err() {
+        mode = IoMode::Buffered;
+    }
+    let ops = plan_ops(&parts, file_bytes, mode, None);
+    let run = Run {
+        file,
+        path,
+        data_start: 0,
+        parts: &parts,
+        ops: &ops,
+        completion,
+        direct: AtomicBool::new(mode.is_direct()),
+        offset_align: mode.alignment().1,
+        records: Some(&records),
+    };
+    run.execute()?;
+    if !run.direct.load(Ordering::Relaxed) {
+        mode = IoMode::Buffered;
+    }
+    let mut crc32 = Vec::with_capacity(items.len());
+    for index in 0..items.len() {
+        crc32.push(records.crc(&run, index)?);
+    }
+    let len = file
+        .metadata()
+        .map_err(io_err("reading the size of"))?
+        .len();
+    if len != file_bytes {
+        file.set_len(file_bytes)
+            .map_err(io_err("setting the size of"))?;
+    }
+    if mode.is_direct() {
+        let _ = direct_io::set_direct(file, false);
+    }
+    atomic.sync()?;
+    Ok((
+        atomic,
+        RecordsReport {
+            file_bytes,
+            ranges,
+            crc32,
+            data_offsets,
+            mode,
+        },
+    ))
+}
+
 /// One non-empty storage's bytes: data-section offset, length and source.
 struct Part {
     storage: usize,
@@ -318,6 +548,9 @@ struct Part {
     len: usize,
     ptr: *const u8,
     request: Option<usize>,
+    /// A record's suffix (bytes rendered once record `item`'s storage checksum is known),
+    /// not memory: `ptr` is null.
+    suffix_of: Option<usize>,
 }
 
 impl Part {
@@ -351,8 +584,12 @@ fn plan_ops(parts: &[Part], data_len: u64, mode: IoMode, staged: Option<StagedBu
     let mut direct_ranges: Vec<(u64, u64, *const u8)> = Vec::new();
     let mut first = 0;
     while first < parts.len() {
+        if parts[first].suffix_of.is_some() {
+            first += 1;
+            continue;
+        }
         let mut last = first;
-        while last + 1 < parts.len() {
+        while last + 1 < parts.len() && parts[last + 1].suffix_of.is_none() {
             let (a, b) = (&parts[last], &parts[last + 1]);
             let file_step = b.begin - a.begin;
             let linear = (b.ptr as usize).wrapping_sub(a.ptr as usize) as u64 == file_step;
@@ -474,6 +711,8 @@ struct Run<'a> {
     /// Whether the file is still in `O_DIRECT` mode (cleared by a fallback).
     direct: AtomicBool,
     offset_align: usize,
+    /// A file of `torch.save` records (no crc32c fused; suffixes rendered from crc32s).
+    records: Option<&'a Records<'a>>,
 }
 
 /// Bytes copied into a bounce chunk before their checksum is taken (fits in L2).
@@ -558,6 +797,9 @@ impl Run<'_> {
         if let Some(ptr) = op.direct_from {
             for part in parts {
                 self.wait_for(part)?;
+                if self.records.is_some() {
+                    continue;
+                }
                 let (offset, n) = Self::overlap(part, op.begin, op.end);
                 // SAFETY: inside the part's source (write_file's contract), complete now.
                 let bytes = unsafe { std::slice::from_raw_parts(part.ptr.add(offset), n) };
@@ -595,9 +837,20 @@ impl Run<'_> {
                 let (offset, n) = Self::overlap(part, op.begin, op.end);
                 let at = (part.begin + offset as u64 - op.begin) as usize;
                 bytes[filled..at].fill(0);
+                if let (Some(item), Some(records)) = (part.suffix_of, self.records) {
+                    let suffix = records.suffix(self, item)?;
+                    bytes[at..at + n].copy_from_slice(&suffix[offset..offset + n]);
+                    filled = at + n;
+                    continue;
+                }
                 self.wait_for(part)?;
                 // SAFETY: inside the part's source (write_file's contract), complete now.
                 let source = unsafe { std::slice::from_raw_parts(part.ptr.add(offset), n) };
+                if self.records.is_some() {
+                    bytes[at..at + n].copy_from_slice(source);
+                    filled = at + n;
+                    continue;
+                }
                 let mut crc = 0;
                 for (dst, src) in bytes[at..at + n]
                     .chunks_mut(FUSE_PIECE)
@@ -850,6 +1103,7 @@ mod tests {
                 len: n,
                 ptr: buffer.as_ptr().wrapping_add(o),
                 request: None,
+                suffix_of: None,
             })
             .collect();
         let data_len = parts.last().unwrap().end();
@@ -1059,5 +1313,63 @@ mod tests {
         .unwrap();
         file.commit().unwrap();
         read_back(&path, &[&data]);
+    }
+
+    #[test]
+    fn records_file_round_trips_through_its_records() {
+        for dir in [
+            tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(),
+            tempfile::tempdir_in("/dev/shm").unwrap(),
+        ] {
+            let path = dir.path().join("__0_0.distcp");
+            let sizes = [3usize, 1 << 20, 0, IO_CHUNK + 4097, 100];
+            let (buffer, offsets) = staged_buffer(&sizes);
+            let base = buffer.as_ptr();
+            let items: Vec<RecordItem> = offsets
+                .iter()
+                .zip(&sizes)
+                .enumerate()
+                .map(|(i, (&o, &n))| RecordItem {
+                    source: Source {
+                        ptr: base.wrapping_add(o),
+                        request: None,
+                    },
+                    nbytes: n as u64,
+                    pickle: (i != 4).then(|| {
+                        crate::torch_record::tensor_pickle(
+                            "ByteStorage",
+                            n as u64,
+                            0,
+                            &[n as u64],
+                            &[1],
+                            None,
+                        )
+                    }),
+                })
+                .collect();
+            // SAFETY: the buffer outlives the call.
+            let (file, report) =
+                unsafe { write_records_uncommitted(&path, &items, "1", None) }.unwrap();
+            file.commit().unwrap();
+            let raw = std::fs::read(&path).unwrap();
+            assert_eq!(raw.len() as u64, report.file_bytes);
+            let opened = File::open(&path).unwrap();
+            for (i, ((&o, &n), &(at, len))) in
+                offsets.iter().zip(&sizes).zip(&report.ranges).enumerate()
+            {
+                // SAFETY: the buffer is alive.
+                let expected = unsafe { std::slice::from_raw_parts(base.add(o), n) };
+                if i == 4 {
+                    assert_eq!(&raw[at as usize..(at + len) as usize], expected);
+                    continue;
+                }
+                let parsed = crate::torch_record::parse_record(&opened, at, len).unwrap();
+                let entry = &parsed.storages[0];
+                assert_eq!(entry.offset, report.data_offsets[i]);
+                assert_eq!(entry.crc32, crc32fast::hash(expected));
+                assert_eq!(&raw[entry.offset as usize..][..n], expected);
+            }
+            buffer.recycle();
+        }
     }
 }

@@ -6,7 +6,7 @@ the test kills leftovers only when one overran its deadline. Single-process case
 dcp.load with ``no_dist=True`` in the test process.
 """
 
-import json
+import io
 import os
 import pickle
 import signal
@@ -43,12 +43,12 @@ def run_ranks(world, directory, steps, deadline=120):
 
 def rank_files(path):
     filesystem.wait_for_cleanup(path)  # this process's removal of the previous save's files
-    return sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    return sorted(n for n in os.listdir(path) if n.endswith(".distcp"))
 
 
 def committed_files(path):
-    body = filesystem._read_committed(os.path.join(path, ".metadata"))
-    return sorted(body["files"]) if body else []
+    committed = filesystem._committed_save(os.path.join(path, ".metadata"))
+    return sorted(committed[1]) if committed else []
 
 
 # ---- FSDP2 on several ranks --------------------------------------------------------------------
@@ -68,14 +68,13 @@ def test_fsdp2_two_ranks_thread_checkpointer(saved_on_two):
     files = rank_files(path)
     assert [name.split("_")[2] for name in files] == ["0", "1"] or len(files) == 2
     assert committed_files(path) == files
-    # Rank files are stager files: stager.load and any safetensors reader open them.
-    from safetensors import safe_open
+    # dcp's own format: PyTorch's reader (through dcp_to_torch_save) reads the DTensor shards of
+    # both ranks' files without stager.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    for name in files:
-        flat = stager.load(path / name)
-        assert any(key.startswith("model.") for key in flat)
-        with safe_open(str(path / name), "pt") as f:
-            assert any(key.startswith("model.") for key in f.keys())  # safe_open is not iterable
+    dcp_to_torch_save(path, saved_on_two / "full.pt")
+    full = torch.load(saved_on_two / "full.pt", weights_only=True)
+    assert any(key.startswith("model") for key in full), list(full)
 
 
 @pytest.mark.parametrize("world", [1, 4])
@@ -126,7 +125,7 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path, kill_at):
             names = set(os.listdir(path))
             if kill_at == "temp file":
                 return [n for n in names if n.endswith(".tmp")]
-            return [n for n in names if n.endswith(".safetensors") and n not in previous]
+            return [n for n in names if n.endswith(".distcp") and n not in previous]
 
         seen = _wait_for(in_flight, 60)
         for proc in procs.values():
@@ -198,7 +197,9 @@ def failure(err):
     return inner[0] if isinstance(inner, tuple) else inner  # (exception, traceback summary)
 
 
-def test_round_trip_metadata_is_json_and_directory_reused(tmp_path):
+def test_round_trip_metadata_is_dcps_own_and_directory_reused(tmp_path):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
     path = tmp_path / "ckpt"
     for step in range(3):
         state = sample_state(step)
@@ -206,12 +207,11 @@ def test_round_trip_metadata_is_json_and_directory_reused(tmp_path):
         assert_loaded(load(state, path), state)
         assert len(rank_files(path)) == 1, os.listdir(path)
     assert sorted([".metadata", *rank_files(path)]) == sorted(os.listdir(path))
-    data = (path / ".metadata").read_bytes()
-    body, offset = filesystem._parse_header(data, str(path / ".metadata"))
-    assert json.loads(data[offset:]) == body and body["files"] == rank_files(path)
-    # Only the fixed prefix for PyTorch's reader is a pickle; its one global is stager's refusal.
-    assert data.startswith(filesystem._TORCH_READER_STUB)
-    assert b"_written_by_stager" in filesystem._TORCH_READER_STUB
+    # .metadata is dcp's pickled Metadata, as PyTorch's writer makes it: its reader opens it.
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    assert metadata.version == "1.0.0"
+    assert {type(info) for info in metadata.storage_data.values()} == {_StorageInfo}
+    assert {info.relative_path for info in metadata.storage_data.values()} == set(rank_files(path))
 
 
 def test_load_never_unpickles_tensor_data(tmp_path, monkeypatch):
@@ -249,36 +249,30 @@ def test_async_save_in_one_process_with_both_checkpointers_of_stager(tmp_path):
     assert_loaded(load(state, tmp_path), state)
 
 
-def _flip_byte_in(path, entry_name):
-    rank_file = stager._native.CheckpointFile(str(path))
-    _, storages = rank_file.layout()
-    _, offset, nbytes, _ = next(s for s in storages if s[0] == entry_name)
-    with open(path, "r+b") as f:
+def _flip_byte_of_item(directory, fqn):
+    """Flips a byte in the middle of dcp item ``fqn``'s tensor bytes; returns its file's name."""
+    metadata = stager.FileSystemReader(directory).read_metadata()
+    (info,) = [info for index, info in metadata.storage_data.items() if index.fqn == fqn]
+    _, storages = stager._native.RecordFile(str(directory / info.relative_path)).parse_record(info.offset, info.length)
+    ((_, offset, nbytes, _),) = storages
+    with open(directory / info.relative_path, "r+b") as f:
         f.seek(offset + nbytes // 2)
         byte = f.read(1)
         f.seek(offset + nbytes // 2)
         f.write(bytes([byte[0] ^ 0x20]))
-    return [s[0] for s in storages]
+    return info.relative_path
 
 
-@pytest.mark.parametrize("damaged", ["own storage", "shared storage"])
+@pytest.mark.parametrize("damaged", ["model.ints", "model.row"])
 def test_flipped_byte_names_file_and_item(tmp_path, damaged):
     state = sample_state(1)
     save(state, tmp_path)
-    (name,) = rank_files(tmp_path)
-    storages = stager._native.CheckpointFile(str(tmp_path / name)).layout()[1]
-    if damaged == "own storage":
-        _flip_byte_in(tmp_path / name, "model.ints")
-        expected = ["'model.ints'"]
-    else:  # weight and its view row share one stored buffer
-        blobs = [(nbytes, entry) for entry, _, nbytes, _ in storages if entry.startswith("__stager__.storage.")]
-        _flip_byte_in(tmp_path / name, max(blobs)[1])  # the 64 x 32 float32 weight's buffer
-        expected = ["'model.weight'", "'model.row'"]
+    name = _flip_byte_of_item(tmp_path, damaged)
     with pytest.raises(CheckpointException) as info:
         load(state, tmp_path)
     err = failure(info.value)
     assert isinstance(err, stager.StagerError)
-    assert name in str(err) and "checksum" in str(err) and all(item in str(err) for item in expected), err
+    assert name in str(err) and "checksum" in str(err) and repr(damaged) in str(err), err
     # verify=False reads the damaged bytes without complaint (the caller asked for it).
     load(state, tmp_path, verify=False)
 
@@ -293,7 +287,7 @@ def test_truncated_and_missing_rank_file_name_file_and_items(tmp_path):
         load(state, tmp_path)
     err = failure(info.value)
     assert isinstance(err, stager.StagerError)
-    assert name in str(err) and "model." in str(err) and "truncated" in str(err), err
+    assert name in str(err) and ("'extra." in str(err) or "'model." in str(err)) and "truncated" in str(err), err
     os.unlink(tmp_path / name)
     with pytest.raises(CheckpointException) as info:
         load(state, tmp_path)
@@ -305,13 +299,12 @@ def test_damaged_metadata_is_refused(tmp_path):
     state = sample_state(0)
     save(state, tmp_path)
     meta = tmp_path / ".metadata"
-    data = bytearray(meta.read_bytes())
-    data[-20] ^= 1
-    meta.write_bytes(bytes(data))
-    with pytest.raises(stager.StagerError, match="crc32 mismatch"):
+    data = meta.read_bytes()
+    meta.write_bytes(data[:-100])
+    with pytest.raises(stager.StagerError, match="not a readable dcp metadata pickle"):
         stager.FileSystemReader(tmp_path).read_metadata()
-    meta.write_bytes(bytes(data[:-100]))
-    with pytest.raises(stager.StagerError, match="truncated"):
+    meta.write_bytes(b"not a pickle at all")
+    with pytest.raises(stager.StagerError, match=r"\.metadata"):
         stager.FileSystemReader(tmp_path).read_metadata()
     os.unlink(meta)
     with pytest.raises(stager.StagerError, match="no checkpoint"):
@@ -319,37 +312,27 @@ def test_damaged_metadata_is_refused(tmp_path):
 
 
 def test_hostile_metadata_cannot_point_outside_the_directory(tmp_path):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
     state = {"w": torch.ones(4)}
     save(state, tmp_path)
-    meta = tmp_path / ".metadata"
-    data = meta.read_bytes()
-    body, _ = filesystem._parse_header(data, str(meta))
-    body["files"] = ["../../etc/passwd"]
-    text = json.dumps(body).encode()
-    import zlib
-
-    line = b"%s 1 %d %08x\n" % (filesystem._MAGIC, len(text), zlib.crc32(text))
-    meta.write_bytes(filesystem._TORCH_READER_STUB + b"\n" + line + text)
-    with pytest.raises(stager.StagerError, match="rank files"):
+    metadata = dcp.FileSystemReader(tmp_path).read_metadata()
+    for index in metadata.storage_data:
+        metadata.storage_data[index] = _StorageInfo("../../etc/passwd", 0, 10)
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(stager.StagerError, match="invalid location"):
         stager.FileSystemReader(tmp_path).read_metadata()
 
 
-def test_checkpoints_of_the_other_implementation_fail_at_once_with_a_clear_error(tmp_path):
+def test_checkpoints_of_either_writer_load_with_either_reader(tmp_path):
     state = sample_state(0)
     torch_dir, stager_dir = tmp_path / "torch", tmp_path / "stager"
     dcp.save(state, storage_writer=dcp.FileSystemWriter(torch_dir), no_dist=True)
     save(state, stager_dir)
-    # PyTorch's checkpoint, stager's reader.
-    with pytest.raises(stager.StagerError, match="written by PyTorch's"):
-        stager.FileSystemReader(torch_dir).read_metadata()
-    with pytest.raises(CheckpointException, match="written by PyTorch's"):
-        load(state, torch_dir)
-    # stager's checkpoint, PyTorch's reader: its unpickling of .metadata raises StagerError.
-    with pytest.raises(stager.StagerError, match=r"stager\.FileSystemReader"):
-        dcp.FileSystemReader(stager_dir).read_metadata()
-    target = zeros_like_state(state)
-    with pytest.raises(CheckpointException, match=r"stager\.FileSystemReader"):
-        dcp.load(target, storage_reader=dcp.FileSystemReader(stager_dir), no_dist=True)
+    assert_loaded(load(state, torch_dir), state)  # PyTorch's checkpoint, stager's reader
+    target = zeros_like_state(state)  # stager's checkpoint, PyTorch's reader
+    dcp.load(target, storage_reader=dcp.FileSystemReader(stager_dir), no_dist=True)
+    assert_loaded(target, state)
 
 
 def test_overwrite_false_refuses_an_existing_checkpoint(tmp_path):
@@ -399,7 +382,8 @@ def test_commit_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
     save(sample_state(0), tmp_path)
     filesystem.wait_for_cleanup(tmp_path)  # its own sweep runs in the background: let it end first
     old_token = "0000000000000001abcdef01"  # a save that started long ago and never committed
-    leftovers = [f"__0_{old_token}.safetensors", f"__1_{old_token}.safetensors.4242.0.tmp", ".metadata.4242.7.tmp"]
+    leftovers = [f"__0_{old_token}.safetensors", f"__1_{old_token}.safetensors.4242.0.tmp", ".metadata.4242.7.tmp",
+                 f"__2_{old_token}.distcp", f"__3_{old_token}.distcp.4242.1.stager.tmp"]
     foreign = ["notes.txt", "__0_0.distcp", "__0_123.safetensors", ".metadata.backup"]
     for name in leftovers + foreign:
         (tmp_path / name).write_bytes(b"x")
@@ -430,19 +414,21 @@ def test_writer_waits_for_each_storage_of_a_stage_still_copying(tmp_path):
     staged = plan.materialize(buffer)
     for tensor in staged.values():
         tensor.fill_(-7.0)  # what a writer that does not wait would store
-    path = str(tmp_path / "rank.safetensors")
-    errors = []
-    writer = threading.Thread(target=lambda: errors.append(filesystem.write_rank_file(path, staged, {})))
+    path = str(tmp_path / "__0_0000000000000001abcdef01.distcp")
+    results = []
+    writer = threading.Thread(target=lambda: results.append(filesystem.write_data_file(path, list(staged.items()))))
     writer.start()
     for i, key in enumerate(source):
         time.sleep(0.02)
         staged[key].copy_(source[key])
         completion.mark_complete(i)
     writer.join(timeout=60)
-    assert not writer.is_alive() and errors and isinstance(errors[0], int), errors
-    loaded = stager.load(path)
-    for key, value in source.items():
-        assert torch.equal(loaded[key], value), key
+    assert not writer.is_alive() and results, results
+    # Each record is what torch.load reads (PyTorch's reader does exactly this per item).
+    data = open(path, "rb").read()
+    for (offset, length), (key, value) in zip(results[0], source.items()):
+        loaded = torch.load(io.BytesIO(data[offset:offset + length]), weights_only=True)
+        assert torch.equal(loaded, value), key
 
 
 def test_async_save_with_stager_default_stager_pipelined_and_consistent(tmp_path):

@@ -40,19 +40,27 @@ When a state_dict staged by stager reaches ``write_data`` while its copies are s
 from __future__ import annotations
 
 import atexit
+import collections
+import contextlib
 import dataclasses
+import fcntl
 import io
+import itertools
 import json
+import math
 import os
+import pathlib
 import pickle
 import re
 import secrets
+import stat
 import threading
 import time
 import zlib
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -91,7 +99,9 @@ DCP_VERSION = "1.0.0"
 #: Version of the JSON this module writes into ``.metadata``.
 FORMAT_VERSION = 1
 _MAGIC = b"stager-dcp-metadata"
-_RANK_FILE = re.compile(r"__(\d{1,9})_([0-9a-f]{16})([0-9a-f]{8})\.safetensors")
+_RANK_FILE = re.compile(r"__(\d{1,9})_([0-9a-f]{16})([0-9a-f]{8})\.(?:distcp|safetensors)")
+#: Data files of this writer (dcp's suffix); ``.safetensors`` ones are stager 0.1's.
+DATA_SUFFIX = ".distcp"
 # Temp names of the one atomic commit (rust/commit.rs), and of stager 0.1's writer.
 _TEMP_SUFFIX = re.compile(r"\.\d+\.\d+(\.stager)?\.tmp")
 _METADATA_TEMP = re.compile(r"(__\d{1,9})?\.metadata\.\d+\.\d+(\.stager)?\.tmp")
@@ -141,17 +151,20 @@ def _new_token() -> tuple[str, int]:
 
 
 def _rank_file_name(rank: int, token: str) -> str:
-    return f"__{rank}_{token}.safetensors"
+    return f"__{rank}_{token}{DATA_SUFFIX}"
+
+
+def _rank_file_base(name: str) -> tuple[re.Match | None, str]:
+    """The rank-file pattern's match on ``name`` (a rank file or a temp of one) and the rest."""
+    match = _RANK_FILE.match(name)
+    return match, ("" if match is None else name[match.end():])
 
 
 def _token_time(name: str) -> int | None:
     """The start time (ns) of the save that wrote rank file (or temp of) ``name``; None if the
     name is not one of ours."""
-    match = _RANK_FILE.fullmatch(name.split(".safetensors", 1)[0] + ".safetensors")
-    if match is None:
-        return None
-    rest = name[match.end():]
-    if rest and not _TEMP_SUFFIX.fullmatch(rest):
+    match, rest = _rank_file_base(name)
+    if match is None or (rest and not _TEMP_SUFFIX.fullmatch(rest)):
         return None
     return int(match.group(2), 16)
 
@@ -352,7 +365,7 @@ def _decode_metadata(data: bytes, path: str) -> tuple[Metadata, dict]:
     body, _ = _parse_header(data, path)
     try:
         files_used = body.get("files")
-        _check(type(files_used) is list and all(type(f) is str and _token_time(f) is not None and "." in f
+        _check(type(files_used) is list and all(type(f) is str and _token_time(f) is not None and f.endswith(".safetensors")
                                                   and not _TEMP_SUFFIX.search(f) for f in files_used),
                "'files' must list rank files")
         state: dict[str, Any] = {}
@@ -444,6 +457,322 @@ def _read_committed(path: str) -> dict | None:
         return _parse_header(data, path)[0]
     except (OSError, StagerError):
         return None
+
+
+# ---- dcp's own format: pickled Metadata, torch.save records -------------------------------------
+
+#: ``(module, name)`` pairs a dcp ``.metadata`` pickle may reference: dcp's metadata classes and
+#: the torch types they hold. Anything else is refused before it is looked up, so a hostile
+#: pickle never runs code.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name): name
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+}
+_METADATA_OTHERS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+}
+_LAYOUTS_BY_NAME = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
+
+
+def _torch_attribute(name: str, kind: type) -> Any:
+    value = getattr(torch, name, None) if not name.startswith("_") else None
+    return value if isinstance(value, kind) else None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles dcp's ``Metadata`` and nothing else (see :data:`_METADATA_CLASSES`)."""
+
+    def __init__(self, data: bytes, path: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            from torch.distributed.checkpoint import metadata as dcp_metadata
+            return getattr(dcp_metadata, name)
+        found = _METADATA_OTHERS.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch":
+            dtype = _torch_attribute(name, torch.dtype)
+            if dtype is not None:
+                return dtype
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout_by_name
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused(f"persistent id {pid!r}")
+
+
+class _Refused(Exception):
+    """A pickle referenced something outside the allowlist."""
+
+
+def _layout_by_name(name: Any) -> torch.layout:
+    layout = _LAYOUTS_BY_NAME.get(name) if isinstance(name, str) else None
+    if layout is None:
+        raise _Refused(f"layout {name!r}")
+    return layout
+
+
+def _version_tuple(version: str) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return None
+
+
+def _safe_name(name: Any) -> bool:
+    """A data file's relative path must be a plain name inside the checkpoint directory."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\0" not in name and name != METADATA_NAME)
+
+
+def _load_dcp_metadata(data: bytes, path: str) -> Metadata:
+    """dcp's pickled ``Metadata`` through :class:`_MetadataUnpickler`, validated."""
+    try:
+        with gc_paused():
+            metadata = _MetadataUnpickler(data, path).load()
+    except _Refused as refused:
+        raise StagerError(
+            f"{path}: refused to unpickle: it references {refused}, which is not one of dcp's "
+            "metadata classes (a hostile or damaged file, or one from a newer dcp version); "
+            "nothing in it was run"
+        ) from None
+    except Exception as err:  # truncated, damaged: pickle raises many kinds
+        raise StagerError(f"{path}: not a readable dcp metadata pickle ({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata):
+        raise StagerError(f"{path}: holds a {type(metadata).__name__}, not dcp's Metadata")
+    version = getattr(metadata, "version", None)
+    if version is not None:
+        parsed = _version_tuple(version) if isinstance(version, str) else None
+        if parsed is None or parsed > _version_tuple(DCP_VERSION):
+            raise StagerError(
+                f"{path}: written by dcp metadata version {version!r}, newer than the {DCP_VERSION} this "
+                "stager reads; load it with the PyTorch that wrote it"
+            )
+    state = getattr(metadata, "state_dict_metadata", None)
+    storage = getattr(metadata, "storage_data", None)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, (TensorStorageMetadata, BytesStorageMetadata)) for k, v in state.items()
+    ):
+        raise StagerError(f"{path}: damaged dcp metadata (state_dict_metadata)")
+    if not isinstance(storage, dict):
+        raise StagerError(f"{path}: damaged dcp metadata (storage_data)")
+    for index, info in storage.items():
+        fqn = getattr(index, "fqn", None)
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise StagerError(f"{path}: damaged dcp metadata (storage_data entry {fqn!r})")
+        if not _safe_name(info.relative_path) or type(info.offset) is not int or type(info.length) is not int \
+                or info.offset < 0 or info.length < 0:
+            raise StagerError(f"{path}: dcp item {fqn!r} names an invalid location {info!r}")
+        if getattr(info, "transform_descriptors", None):
+            raise StagerError(
+                f"{path}: dcp item {fqn!r} was written through stream transforms "
+                f"{info.transform_descriptors!r}; stager.FileSystemReader reads plain torch.save items only"
+            )
+    return metadata
+
+
+def _read_regular(path: str) -> bytes:
+    """The bytes of ``path``, opened without blocking (a FIFO must not hang us) and only if it is
+    a regular file (a symlink to one is followed, as for data files). FileNotFoundError passes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise StagerError(f"{path} is {_file_kind(mode)}, not a regular file: refused")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _is_stager_json(data: bytes) -> bool:
+    return data.find(b"\n" + _MAGIC + b" ", 0, 4096) >= 0
+
+
+def _committed_save(path: str) -> tuple[int | None, set[str]] | None:
+    """The committed checkpoint at ``path`` (a ``.metadata``): (start time of its save when
+    stager wrote it, the files it names); None when there is none or it cannot be read."""
+    try:
+        data = _read_regular(path)
+    except (OSError, StagerError):
+        return None
+    try:
+        if _is_stager_json(data):
+            body = _parse_header(data, path)[0]
+            started = body.get("started_ns")
+            return (started if type(started) is int else None), set(body.get("files") or [])
+        metadata = _load_dcp_metadata(data, path)
+    except StagerError:
+        return None
+    files = {info.relative_path for info in metadata.storage_data.values()}
+    times = [t for t in map(_token_time, files) if t is not None]
+    return (min(times) if times else None), files
+
+
+class _DirectoryLock:
+    """``flock`` on the checkpoint directory itself: commits and cleanups of every process
+    saving into one directory take turns (no lock file is left behind)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> _DirectoryLock:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if self.fd >= 0:
+                os.close(self.fd)
+            raise StagerError(f"cannot lock the checkpoint directory {self.path}: {err}") from err
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+_metadata_temps = itertools.count()
+
+
+def _commit_metadata(path: str, data: bytes) -> None:
+    """``path`` (a ``.metadata``) becomes ``data`` atomically and durably: temp file, fsync,
+    rename, directory fsync. The rename replaces what the name holds, a symlink included (the
+    file a link points to is never written); anything else that is not a regular file is
+    refused."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise StagerError(f"{path} is {_file_kind(mode)}, not a regular file: refusing to replace it")
+    temp = f"{path}.{os.getpid()}.{next(_metadata_temps)}.stager.tmp"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise StagerError(f"writing {path}: {err}") from err
+
+
+def _storage_type(dtype: torch.dtype) -> tuple[str, str | None]:
+    """What ``torch.save`` names a storage of ``dtype``: a legacy typed storage, or
+    ``UntypedStorage`` plus the dtype (``_rebuild_tensor_v3``)."""
+    name = _LEGACY_STORAGE_TYPES.get(dtype)
+    if name is not None:
+        return name, None
+    return "UntypedStorage", str(dtype).removeprefix("torch.")
+
+
+_LEGACY_STORAGE_TYPES: dict[torch.dtype, str] = dict(torch.storage._dtype_to_storage_type_map())
+
+
+class _RecordStorage:
+    """A ``torch.save`` record's storage as its pickle names it."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _RecordTensor:
+    """A ``torch.save`` record's tensor as its pickle describes it (nothing rebuilt)."""
+
+    def __init__(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype) -> None:
+        self.storage, self.offset, self.size, self.stride, self.dtype = storage, offset, size, stride, dtype
+
+
+class _StorageTypeName(str):
+    """A storage class named by a record's pickle (a marker: no storage class is looked up)."""
+
+
+def _record_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+               hooks: Any = None, metadata: Any = None) -> _RecordTensor:
+    if not isinstance(storage, _RecordStorage):
+        raise _Refused("a rebuild call without a storage")
+    return _RecordTensor(storage, offset, size, stride, storage.dtype)
+
+
+def _record_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
+               dtype: Any, metadata: Any = None) -> _RecordTensor:
+    if not isinstance(storage, _RecordStorage) or not isinstance(dtype, torch.dtype):
+        raise _Refused("a rebuild call without a storage or dtype")
+    return _RecordTensor(storage, offset, size, stride, dtype)
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """Reads a ``torch.save`` record's ``data.pkl`` of a plain tensor: admits only the rebuild
+    calls, storage type names, dtypes and ``OrderedDict``; returns a :class:`_RecordTensor`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _record_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _record_v3
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _StorageTypeName("UntypedStorage")
+        if module == "torch" and name in _LEGACY_STORAGE_NAMES:
+            return _StorageTypeName(name)
+        if module == "torch":
+            dtype = _torch_attribute(name, torch.dtype)
+            if dtype is not None:
+                return dtype
+        raise _Refused(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageTypeName) and isinstance(pid[2], str) and type(pid[4]) is int
+                and pid[4] >= 0):
+            raise _Refused(f"persistent id {pid!r}")
+        dtype = torch.uint8 if pid[1] == "UntypedStorage" else _LEGACY_STORAGE_NAMES[pid[1]]
+        return _RecordStorage(pid[2], dtype, pid[4])
+
+
+_LEGACY_STORAGE_NAMES: dict[str, torch.dtype] = {name: dtype for dtype, name in _LEGACY_STORAGE_TYPES.items()}
+
+
+def _ints_tuple(value: Any) -> tuple[int, ...] | None:
+    if isinstance(value, (tuple, torch.Size)) and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
 
 
 # ---- the writer ----------------------------------------------------------------------------------
@@ -543,6 +872,104 @@ class _PendingCopies:
                     completion.fail(f"staging failed: {stage.failure}")
                     return
                 completion.mark_complete(storage)
+        except BaseException as err:  # handed to the writer, which raises it
+            completion.fail(f"staging failed: {err}")
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def write_data_file(path: str, items: list[tuple[str, Any]]) -> list[tuple[int, int]]:
+    """Writes a data file of dcp's format at ``path`` (atomic, durable; one Rust call) and returns
+    each item's ``(offset, length)``: for each ``(fqn, value)``, a tensor becomes a ``torch.save``
+    record whose storage bytes go straight from the tensor's memory (a view or a non-contiguous
+    tensor: from a compact copy, as PyTorch's writer stores it), anything else (dcp's serialised
+    ``BytesIO``) is stored as its bytes. A tensor whose stage copy is still running (a dict
+    stager handed out early) is written once its copy has completed."""
+    entries: list[tuple[torch.Tensor, int, int | None, tuple | None]] = []
+    pending: list[tuple[int, Any, int]] = []
+    for number, (fqn, data) in enumerate(items):
+        if not isinstance(data, torch.Tensor):
+            raw = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
+            tensor = torch.frombuffer(raw, dtype=torch.uint8) if raw.nbytes else torch.empty(0, dtype=torch.uint8)
+            entries.append((tensor, raw.nbytes, None, None))
+            continue
+        tensor = _record_source(data.detach(), fqn, path)
+        found = engine.pending_copy(tensor)
+        if found is not None:
+            pending.append((number, *found))
+        nbytes = tensor.numel() * tensor.element_size()
+        storage_type, v3_dtype = _storage_type(tensor.dtype)
+        spec = (storage_type, nbytes if v3_dtype else tensor.numel(), 0, list(tensor.shape),
+                list(tensor.stride()), v3_dtype)
+        raw = tensor.reshape(-1).view(torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        entries.append((raw, nbytes, number if found is not None else None, spec))
+    waits = _ItemCopies(len(items), pending)
+    try:
+        _, ranges, _, _ = _native.write_records(
+            path, entries, _serialization_id(os.path.basename(path)), waits.completion
+        )
+    finally:
+        waits.close()
+    return ranges
+
+
+def _record_source(tensor: torch.Tensor, fqn: str, path: str) -> torch.Tensor:
+    """The tensor whose bytes a record stores: ``tensor`` itself when it is a plain contiguous
+    CPU tensor (its bytes go straight from its memory), else a contiguous CPU copy (what
+    PyTorch's writer stores too: it clones views)."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        raise StagerError(f"cannot write dcp item {fqn!r} to {path}: a tensor of layout {tensor.layout} "
+                          "is not a plain strided tensor")
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    if tensor.is_conj() or tensor.is_neg() or not tensor.is_contiguous():
+        found = engine.pending_copy(tensor)
+        if found is not None:  # a staged copy still landing: wait before reading it here
+            stage, request = found
+            while not stage.wait(request, 0.1):
+                if stage.failure is not None:
+                    raise StagerError(f"staging failed: {stage.failure}")
+        tensor = tensor.resolve_conj().resolve_neg().contiguous()
+    return tensor
+
+
+def _serialization_id(name: str) -> str:
+    """The 40 decimal digits of a record's ``.data/serialization_id`` (from the save's token)."""
+    match = _RANK_FILE.match(name)
+    number = int(match.group(2) + match.group(3), 16) if match else 0
+    return f"{number % 10**40:040d}"
+
+
+class _ItemCopies:
+    """A completion for ``write_records`` with one request per item, done once the item's bytes
+    are in place; only ``pending`` items ``(item, stage completion, request)`` are waited for,
+    relayed in file order by a thread. ``completion`` is None when nothing is pending."""
+
+    def __init__(self, count: int, pending: list[tuple[int, Any, int]]) -> None:
+        self.completion = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        if not pending:
+            return
+        self.completion = _native.Completion(count)
+        self._thread = threading.Thread(target=self._relay, args=(self.completion, pending), daemon=True,
+                                        name="stager-dcp-pending")
+        self._thread.start()
+
+    def _relay(self, completion: Any, pending: list[tuple[int, Any, int]]) -> None:
+        try:
+            for item, stage, request in pending:
+                while not stage.wait(request, 0.1):
+                    if self._stop.is_set() or stage.failure is not None:
+                        completion.fail(stage.failure or "the write was abandoned")
+                        return
+                if stage.failure is not None:
+                    completion.fail(f"staging failed: {stage.failure}")
+                    return
+                completion.mark_complete(item)
         except BaseException as err:  # handed to the writer, which raises it
             completion.fail(f"staging failed: {err}")
 
@@ -679,73 +1106,72 @@ class FileSystemWriter(StorageWriter):
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Writes this rank's items into its rank file (one Rust call); the returned Future is
-        already complete."""
+        """Writes this rank's items into its data file (one Rust call): a ``torch.save`` record
+        per tensor item, the bytes of each bytes item, as PyTorch's writer lays them out. The
+        returned Future is already complete."""
         target: _RankFile = plan.storage_data
         if not isinstance(target, _RankFile):
             raise StagerError("stager.FileSystemWriter.write_data got a plan that its prepare_global_plan did not make")
         items = plan.items
-        keys = _item_keys(items)
-        tensors: dict[str, torch.Tensor] = {}
-        sizes: list[int] = []
-        byte_type = WriteItemType.BYTE_IO
-        for item, key in zip(items, keys):
-            data = planner.resolve_data(item)
-            if item.type == byte_type:
-                raw = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
-                tensor = torch.frombuffer(raw, dtype=torch.uint8) if raw.nbytes else torch.empty(0, dtype=torch.uint8)
-            else:
-                if not isinstance(data, torch.Tensor):
-                    raise StagerError(f"dcp item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor")
-                tensor = data.detach()
-            tensors[key] = tensor
-            sizes.append(tensor.numel() * tensor.element_size())
         if not items:  # nothing of this rank's is in the checkpoint (dcp deduplicated it away)
             future: Future[list[WriteResult]] = Future()
             future.set_result([])
             return future
         path = os.path.join(self.path, target.name)
-        extra = {_RANK_FILE_KEY: json.dumps({"rank": self.rank, "save_id": self.save_id, "items": len(items)})}
-        write_rank_file(path, tensors, extra)
+        byte_type = WriteItemType.BYTE_IO
+        values = []
+        for item in items:
+            data = planner.resolve_data(item)
+            if item.type != byte_type and not isinstance(data, torch.Tensor):
+                raise StagerError(f"dcp item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor")
+            values.append((item.index.fqn, data))
+        ranges = write_data_file(path, values)
         results = [
-            WriteResult(index=item.index, size_in_bytes=size, storage_data=_ItemLocation(target.name, key))
-            for item, key, size in zip(items, keys, sizes)
+            WriteResult(index=item.index, size_in_bytes=length,
+                        storage_data=_StorageInfo(target.name, offset, length))
+            for item, (offset, length) in zip(items, ranges)
         ]
         done: Future[list[WriteResult]] = Future()
         done.set_result(results)
         return done
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Commits the checkpoint: ``.metadata`` renamed into place (durably), then rank files no
-        checkpoint references any more are removed."""
+        """Commits the checkpoint: ``.metadata`` (dcp's pickled Metadata) renamed into place
+        durably, then data files no committed checkpoint names are removed. Both under a lock on
+        the directory that every process saving there takes, so two saves into one directory
+        never commit a ``.metadata`` naming a file the other removed."""
         storage_data = {}
-        files_used: list[str] = []
-        seen: set[str] = set()
         for rank_results in results:
             for result in rank_results:
-                location = result.storage_data
-                storage_data[result.index] = location
-                if location.relative_path not in seen:
-                    seen.add(location.relative_path)
-                    files_used.append(location.relative_path)
+                storage_data[result.index] = result.storage_data
+        files_used = sorted({location.relative_path for location in storage_data.values()})
         started = min((t for t in map(_token_time, files_used) if t is not None), default=time.time_ns())
         metadata.version = DCP_VERSION
         metadata.storage_data = storage_data
         metadata.storage_meta = self.storage_meta()
-        data = _encode_metadata(metadata, files_used, started)
+        with gc_paused():
+            data = pickle.dumps(metadata)
         target = self._metadata_path()
         wait_for_cleanup(self.path)
-        with _dir_lock(self.path):
-            committed = _read_committed(target)
-            if committed is not None and type(committed.get("started_ns")) is int and committed["started_ns"] > started:
-                self._remove_unreferenced(set(committed.get("files") or []), started, own=set(files_used))
+        with _dir_lock(self.path), _DirectoryLock(self.path):
+            committed = _committed_save(target)
+            if committed is not None and committed[0] is not None and committed[0] > started:
+                self._remove_unreferenced(committed[1], started, own=set(files_used))
                 raise StagerError(
                     f"a save to {self.path} that started later committed first; this older one was discarded"
                 )
-            _atomic_write(target, data)
+            _commit_metadata(target, data)
         # Removing the previous checkpoint's files is off the upload's path: unlinking a file of
         # hundreds of MB costs tens of ms of page-cache work, and nothing waits for it.
-        _cleanup_in_background(self.path, lambda: self._remove_unreferenced(set(files_used), started))
+        _cleanup_in_background(self.path, lambda: self._remove_after_commit(target, set(files_used), started))
+
+    def _remove_after_commit(self, target: str, files_used: set[str], started_ns: int) -> None:
+        """The post-commit cleanup, under the directory lock: keeps what the checkpoint committed
+        *now* names (another process may have committed since) besides this save's files."""
+        with _dir_lock(self.path), _DirectoryLock(self.path):
+            committed = _committed_save(target)
+            keep = set(files_used) | (committed[1] if committed is not None else set())
+            self._remove_unreferenced(keep, started_ns)
 
     def _remove_unreferenced(self, keep: set[str], started_ns: int, own: set[str] = frozenset()) -> None:
         """Removes what no checkpoint needs any more: rank files (and their temps) of saves that
@@ -771,8 +1197,8 @@ class FileSystemWriter(StorageWriter):
                 except OSError:
                     pass
                 continue
-            base = name.split(".safetensors", 1)[0] + ".safetensors"
-            match = _RANK_FILE.fullmatch(base)
+            match, _ = _rank_file_base(name)
+            base = match.group(0) if match is not None else name
             when = _token_time(name)
             if match is None or when is None or (only_rank is not None and int(match.group(1)) != only_rank):
                 continue
@@ -852,15 +1278,17 @@ class FileSystemReader(StorageReader):
         name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
         path = os.path.join(self.path, name)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_regular(path)
         except FileNotFoundError:
             raise StagerError(
                 f"no checkpoint in {self.path}: {name} is missing (a save that never committed leaves none)"
             ) from None
         except OSError as err:
             raise StagerError(f"reading {path}: {err}") from err
-        metadata, _ = _decode_metadata(data, path)
+        if _is_stager_json(data):  # stager 0.1's format
+            metadata, _ = _decode_metadata(data, path)
+        else:
+            metadata = _load_dcp_metadata(data, path)
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -868,6 +1296,7 @@ class FileSystemReader(StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.storage_data = metadata.storage_data
+        self.state_dict_metadata = metadata.state_dict_metadata
         self.rank = kwargs.get("rank")
         if self.storage_data is None:
             raise StagerError("the checkpoint's metadata has no storage_data")
@@ -880,16 +1309,186 @@ class FileSystemReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
+        kinds: dict[str, type] = {}
         for item in plan.items:
             location = self.storage_data.get(item.storage_index)
-            if not isinstance(location, _ItemLocation):
+            if not isinstance(location, (_ItemLocation, _StorageInfo)):
                 raise StagerError(f"the checkpoint in {self.path} has no storage for item {item.storage_index.fqn!r}")
             per_file.setdefault(location.relative_path, []).append(item)
+            kinds[location.relative_path] = type(location)
         for name, items in per_file.items():
-            self._read_file(name, items, planner)
+            if kinds[name] is _StorageInfo:
+                self._read_records(name, items, planner)
+            else:
+                self._read_file(name, items, planner)
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+    def _read_records(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
+        """Serves ``items`` from a data file of dcp's format: records parsed without running
+        their pickles, storages read straight into the destination where one read item covers
+        one whole contiguous tensor, else once into scratch and copied out; every storage's
+        crc32 checked (``verify``)."""
+        path = os.path.join(self.path, name)
+        fqns = [item.storage_index.fqn for item in items]
+        try:
+            file = _native.RecordFile(path)
+        except StagerError as err:
+            raise StagerError(f"cannot read dcp item(s) {_describe(fqns)} from {path}: {err}") from None
+        reads: list[tuple[int, int, torch.Tensor, int | None]] = []
+        read_items: list[list[str]] = []
+        after: list[Any] = []  # what to do once the bytes are in
+        records: dict[int, tuple[_RecordTensor, int, int, int | None]] = {}
+        scratch: dict[int, torch.Tensor] = {}
+        direct_spans: list[tuple[int, int, int]] = []  # (start, end, index into `after`)
+        for item in items:
+            info: _StorageInfo = self.storage_data[item.storage_index]
+            fqn = item.storage_index.fqn
+            if item.type == LoadItemType.BYTE_IO:
+                buffer = torch.empty(info.length, dtype=torch.uint8)
+                reads.append((info.offset, info.length, buffer, None))
+                read_items.append([fqn])
+                after.append(("bytes", item, buffer))
+                continue
+            record = records.get(info.offset)
+            if record is None:
+                record = records[info.offset] = self._parse_record(file, path, item, info)
+            tensor, data_at, nbytes, crc = record
+            dest = planner.resolve_tensor(item).detach()
+            lengths = tuple(item.lengths)
+            offsets = tuple(item.storage_offsets)
+            if tuple(dest.shape) != lengths:
+                raise StagerError(f"dcp item {fqn!r}: destination of shape {tuple(dest.shape)} for a read of {lengths}")
+            if len(offsets) != len(tensor.size) or any(
+                o < 0 or n < 0 or o + n > s for o, n, s in zip(offsets, lengths, tensor.size)
+            ):
+                raise StagerError(
+                    f"{path}: dcp item {fqn!r} asks for [{offsets} + {lengths}] of a stored tensor of shape {tensor.size}"
+                )
+            whole = (
+                tensor.offset == 0
+                and lengths == tensor.size
+                and tensor.stride == _contiguous_strides(tensor.size)
+                and math.prod(tensor.size) * tensor.dtype.itemsize == nbytes
+                and dest.device.type == "cpu"
+                and dest.dtype == tensor.dtype
+                and dest.is_contiguous()
+                and not dest.is_conj()
+                and not dest.is_neg()
+            )
+            if whole and nbytes:
+                start = dest.data_ptr()
+                direct_spans.append((start, start + nbytes, len(after)))
+            after.append(("tensor", item, dest, info.offset, whole))
+        # Destinations that overlap (tied weights) go through scratch like the rest.
+        direct_spans.sort()
+        clash: set[int] = set()
+        reach, holder = -1, -1
+        for start, end, index in direct_spans:
+            if start < reach:
+                clash.update((index, holder))
+            if end > reach:
+                reach, holder = end, index
+        for index, action in enumerate(after):
+            if action[0] != "tensor":
+                continue
+            _, item, dest, record_at, whole = action
+            tensor, data_at, nbytes, crc = records[record_at]
+            if whole and index not in clash:
+                if nbytes:
+                    reads.append((data_at, nbytes, dest.reshape(-1).view(torch.uint8), crc))
+                    read_items.append([item.storage_index.fqn])
+                after[index] = ("done", item, dest)
+                continue
+            if record_at not in scratch:
+                scratch[record_at] = torch.empty(nbytes, dtype=torch.uint8)
+                reads.append((data_at, nbytes, scratch[record_at], crc))
+                read_items.append([])
+            read_items_index = next(i for i, r in enumerate(reads) if r[2] is scratch[record_at])
+            read_items[read_items_index].append(item.storage_index.fqn)
+        size = file.file_size
+        for (offset, length, _, _), names in zip(reads, read_items):
+            if offset + length > size:
+                raise StagerError(
+                    f"{path}: dcp item(s) {_describe(names)} lie at [{offset}, {offset + length}) but the file holds "
+                    f"{size} bytes: the data file is shorter than the metadata says (truncated?)"
+                )
+        try:
+            damaged = file.read_ranges(reads)
+        except StagerError as err:
+            names = [name for group in read_items for name in group]
+            raise StagerError(f"cannot read dcp item(s) {_describe(names)} from {path}: {err}") from None
+        if damaged:
+            names = [fqn for index in damaged for fqn in read_items[index]]
+            raise StagerError(f"{path}: crc32 checksum mismatch in dcp item(s) {_describe(names)}; the file is damaged")
+        for action in after:
+            kind, item = action[0], action[1]
+            if kind == "bytes":
+                planner.load_bytes(item, io.BytesIO(action[2].numpy().tobytes()))
+            elif kind == "done":
+                planner.commit_tensor(item, action[2])
+            else:
+                dest, record_at = action[2], action[3]
+                tensor = records[record_at][0]
+                base = scratch[record_at]
+                source = torch.empty(0, dtype=tensor.dtype).set_(
+                    base.untyped_storage(), tensor.offset, tensor.size, tensor.stride
+                )
+                for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
+                    source = source.narrow(dim, start, length)
+                dest.copy_(source)
+                planner.commit_tensor(item, dest)
+
+    def _parse_record(self, file: Any, path: str, item: ReadItem, info: _StorageInfo) -> tuple:
+        """``(tensor, data offset, storage bytes, crc32 to check or None)`` of the record of
+        ``item``, checked against itself and the checkpoint's metadata."""
+        fqn = item.storage_index.fqn
+        try:
+            pickle_bytes, storages = file.parse_record(info.offset, info.length)
+        except StagerError as err:
+            hint = ""
+            if path.endswith(".safetensors"):
+                hint = (" (a stager 0.1 rank file named by dcp's pickled .metadata: the directory mixes files "
+                        "of two checkpoint formats)")
+            raise StagerError(f"cannot read dcp item {fqn!r} from {path}: {err}{hint}") from None
+        try:
+            tensor = _RecordUnpickler(io.BytesIO(pickle_bytes)).load()
+        except _Refused as refused:
+            raise StagerError(
+                f"{path}: the torch.save record of dcp item {fqn!r} references {refused}, which a plain tensor's "
+                "record never does; refused (nothing in it was run)"
+            ) from None
+        except Exception as err:
+            raise StagerError(f"{path}: the torch.save record of dcp item {fqn!r} has a damaged data.pkl ({err})") from None
+        size, stride = (_ints_tuple(getattr(tensor, "size", None)), _ints_tuple(getattr(tensor, "stride", None)))
+        if not isinstance(tensor, _RecordTensor) or size is None or stride is None or len(size) != len(stride) \
+                or type(tensor.offset) is not int or tensor.offset < 0 or any(v < 0 for v in size + stride):
+            raise StagerError(f"{path}: the torch.save record of dcp item {fqn!r} does not hold a plain tensor")
+        tensor.size, tensor.stride = size, stride
+        found = [entry for entry in storages if entry[0] == tensor.storage.key]
+        if len(found) != 1:
+            raise StagerError(f"{path}: the torch.save record of dcp item {fqn!r} lacks its storage {tensor.storage.key!r}")
+        _, data_at, nbytes, crc = found[0]
+        itemsize = tensor.dtype.itemsize
+        storage_bytes = tensor.storage.numel * tensor.storage.dtype.itemsize
+        if storage_bytes != nbytes:
+            raise StagerError(
+                f"{path}: dcp item {fqn!r}: the record's storage holds {nbytes} bytes but its pickle says {storage_bytes}"
+            )
+        extent = 0 if 0 in size else (tensor.offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1) * itemsize
+        if extent > nbytes:
+            raise StagerError(f"{path}: dcp item {fqn!r}: the record's tensor reaches past its {nbytes}-byte storage")
+        meta = getattr(self, "state_dict_metadata", {}).get(fqn)
+        if isinstance(meta, TensorStorageMetadata):
+            chunk = _chunk_of(meta, item.storage_index)
+            if meta.properties.dtype != tensor.dtype or (chunk is not None and tuple(chunk.sizes) != size):
+                raise StagerError(
+                    f"{path}: dcp item {fqn!r}: the record holds a {tensor.dtype} tensor of shape {size}, the "
+                    f"metadata says {meta.properties.dtype} of shape "
+                    f"{tuple(chunk.sizes) if chunk is not None else '?'}: the storage size disagrees with the metadata"
+                )
+        return tensor, data_at, nbytes, (crc if self.verify and crc else None)
 
     def _read_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         path = os.path.join(self.path, name)
@@ -982,7 +1581,25 @@ class FileSystemReader(StorageReader):
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         if not isinstance(checkpoint_id, (str, os.PathLike)) or "://" in os.fspath(checkpoint_id):
             return False
-        return _read_committed(os.path.join(os.fspath(checkpoint_id), METADATA_NAME)) is not None
+        return os.path.isfile(os.path.join(os.fspath(checkpoint_id), METADATA_NAME))
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _chunk_of(meta: TensorStorageMetadata, index: MetadataIndex) -> ChunkStorageMetadata | None:
+    """The chunk of ``meta`` that ``index`` names (by its offset)."""
+    if index.offset is None:
+        return meta.chunks[0] if len(meta.chunks) == 1 else None
+    for chunk in meta.chunks:
+        if tuple(chunk.offsets) == tuple(index.offset):
+            return chunk
+    return None
 
 
 def _drop_overlapping(direct: dict[int, torch.Tensor], storages: list) -> None:

@@ -7,14 +7,17 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use crate::commit::AtomicFile;
 use crate::direct_io;
 use crate::format::storage_entries;
-use crate::reader::{CheckpointFile, StorageTarget};
+use crate::reader::{CheckpointFile, RangeTarget, RecordFile, StorageTarget};
 use crate::table::Device;
-use crate::writer::{write_uncommitted, Source, StagedBuffer};
+use crate::torch_record::tensor_pickle;
+use crate::writer::{
+    write_records_uncommitted, write_uncommitted, RecordItem, Source, StagedBuffer,
+};
 
 use super::buffer::PyHostBuffer;
 use super::copy::PyCompletion;
@@ -414,7 +417,198 @@ impl PyCheckpointFile {
     }
 }
 
+/// A tensor item's record spec: `(storage type name, storage elements, storage offset, size,
+/// stride, dtype name for `_rebuild_tensor_v3` or None)`, e.g.
+/// `("FloatStorage", 10, 2, [2, 3], [3, 1], None)` or `("UntypedStorage", 8, 0, [4], [1], "uint16")`.
+type RecordSpec = (String, u64, u64, Vec<u64>, Vec<i64>, Option<String>);
+
+/// Writes a data file of dcp's format (see `rust/torch_record.rs`): for each item
+/// `(bytes, nbytes, request, spec)`, `bytes` a contiguous CPU tensor of exactly `nbytes` bytes
+/// (a tensor's whole storage as uint8, or a bytes item's bytes), `request` the request of
+/// `completion` that fills them (or None), `spec` a tensor item's [`RecordSpec`] (a
+/// `torch.save` record is written around the bytes) or None (the bytes are written as they
+/// are). Returns `(file size or the uncommitted AtomicFile, [(offset, length)], [crc32],
+/// [data offset])` per item. The GIL is released while writing.
+#[pyfunction]
+#[pyo3(signature = (path, items, serialization_id, completion = None, *, commit = true))]
+#[allow(clippy::type_complexity)]
+fn write_records(
+    py: Python<'_>,
+    path: PathBuf,
+    items: Vec<(Bound<'_, PyAny>, usize, Option<usize>, Option<RecordSpec>)>,
+    serialization_id: String,
+    completion: Option<Bound<'_, PyCompletion>>,
+    commit: bool,
+) -> PyResult<(Py<PyAny>, Vec<(u64, u64)>, Vec<u32>, Vec<u64>)> {
+    let completion = completion.as_ref().map(|c| c.get().completion.clone());
+    let mut records = Vec::with_capacity(items.len());
+    for (index, (bytes, nbytes, request, spec)) in items.iter().enumerate() {
+        let address = super::table::contiguous_cpu_bytes(bytes, *nbytes)
+            .map_err(|why| invalid(format!("bytes of item {index}: {why}")))?;
+        if request.is_some() && completion.is_none() {
+            return Err(invalid(format!(
+                "item {index} waits for a request but no completion was given"
+            )));
+        }
+        let pickle = spec
+            .as_ref()
+            .map(|(storage_type, numel, offset, size, stride, dtype)| {
+                tensor_pickle(
+                    storage_type,
+                    *numel,
+                    *offset,
+                    size,
+                    stride,
+                    dtype.as_deref(),
+                )
+            });
+        if let Some((storage_type, .., dtype)) = spec {
+            let name_ok = |name: &str| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            };
+            if !storage_type.ends_with("Storage")
+                || !name_ok(storage_type)
+                || dtype.as_deref().is_some_and(|d| !name_ok(d))
+            {
+                return Err(invalid(format!(
+                    "item {index}: {storage_type:?} / {dtype:?} is not a storage type / dtype name"
+                )));
+            }
+        }
+        records.push(RecordItem {
+            source: Source {
+                ptr: address as *const u8,
+                request: *request,
+            },
+            nbytes: *nbytes as u64,
+            pickle,
+        });
+    }
+    // SAFETY: every source is a contiguous CPU tensor of exactly `nbytes` bytes (checked above),
+    // held by `items` for the call; bytes still being filled are read only after their request of
+    // `completion` has completed (the writer waits).
+    let (file, report) = py.detach(|| unsafe {
+        write_records_uncommitted(&path, &records, &serialization_id, completion.as_ref())
+    })?;
+    let head = if commit {
+        py.detach(|| file.commit())?;
+        report.file_bytes.into_pyobject(py)?.into_any().unbind()
+    } else {
+        Py::new(
+            py,
+            PyAtomicFile {
+                file: Mutex::new(Some(file)),
+                nbytes: report.file_bytes,
+            },
+        )?
+        .into_any()
+    };
+    Ok((head, report.ranges, report.crc32, report.data_offsets))
+}
+
+/// The `data.pkl` `torch.save` writes for a plain CPU tensor (see `rust/torch_record.rs`).
+#[pyfunction(name = "tensor_pickle")]
+#[pyo3(signature = (storage_type, numel, storage_offset, size, stride, v3_dtype = None))]
+fn py_tensor_pickle(
+    py: Python<'_>,
+    storage_type: &str,
+    numel: u64,
+    storage_offset: u64,
+    size: Vec<u64>,
+    stride: Vec<i64>,
+    v3_dtype: Option<&str>,
+) -> Py<PyBytes> {
+    PyBytes::new(
+        py,
+        &tensor_pickle(
+            storage_type,
+            numel,
+            storage_offset,
+            &size,
+            &stride,
+            v3_dtype,
+        ),
+    )
+    .unbind()
+}
+
+/// A data file of dcp's format opened for reading (a regular file, opened without blocking):
+/// its `torch.save` records parsed without running their pickles, byte ranges read with direct,
+/// parallel I/O and checked against crc32s.
+#[pyclass(name = "RecordFile", module = "stager._native", frozen)]
+struct PyRecordFile {
+    file: RecordFile,
+}
+
+#[pymethods]
+impl PyRecordFile {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<PyRecordFile> {
+        let file = py.detach(|| RecordFile::open(&path))?;
+        Ok(PyRecordFile { file })
+    }
+
+    /// The file's size in bytes.
+    #[getter]
+    fn file_size(&self) -> u64 {
+        self.file.file_len()
+    }
+
+    /// `(data.pkl bytes, [(storage key, file offset, nbytes, crc32)])` of the record at
+    /// `[offset, offset + length)`.
+    #[allow(clippy::type_complexity)]
+    fn parse_record<'py>(
+        &self,
+        py: Python<'py>,
+        offset: u64,
+        length: u64,
+    ) -> PyResult<(Bound<'py, PyBytes>, Vec<(String, u64, u64, u32)>)> {
+        let file = &self.file;
+        let parsed = py.detach(|| file.parse_record(offset, length))?;
+        let storages = parsed
+            .storages
+            .into_iter()
+            .map(|e| (e.name, e.offset, e.len, e.crc32))
+            .collect();
+        Ok((PyBytes::new(py, &parsed.pickle), storages))
+    }
+
+    /// Reads `(offset, length, target, crc32 or None)` ranges, `target` a contiguous CPU tensor
+    /// of exactly `length` bytes (no two overlapping); returns the indices of the ranges whose
+    /// crc32 does not match.
+    fn read_ranges(
+        &self,
+        py: Python<'_>,
+        targets: Vec<(u64, u64, Bound<'_, PyAny>, Option<u32>)>,
+    ) -> PyResult<Vec<usize>> {
+        let mut reads = Vec::with_capacity(targets.len());
+        let mut spans = Vec::with_capacity(targets.len());
+        for (index, (offset, len, target, crc32)) in targets.iter().enumerate() {
+            let nbytes = usize::try_from(*len).map_err(|_| invalid("range too large"))?;
+            let address = super::table::contiguous_cpu_bytes(target, nbytes)
+                .map_err(|why| invalid(format!("target of range {index}: {why}")))?;
+            if nbytes > 0 {
+                spans.push((address, nbytes));
+            }
+            reads.push(RangeTarget {
+                offset: *offset,
+                len: *len,
+                dst: address as *mut u8,
+                crc32: *crc32,
+            });
+        }
+        crate::layout::check_disjoint_ranges(spans, usize::MAX, "read target")?;
+        let file = &self.file;
+        // SAFETY: every target is a contiguous CPU tensor of exactly its range's length, held by
+        // `targets` for the call, and no two overlap (checked above).
+        Ok(py.detach(|| unsafe { file.read_ranges(&reads) })?)
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(write_records, m)?)?;
+    m.add_function(wrap_pyfunction!(py_tensor_pickle, m)?)?;
+    m.add_class::<PyRecordFile>()?;
     m.add_function(wrap_pyfunction!(write_file, m)?)?;
     m.add_function(wrap_pyfunction!(io_mode, m)?)?;
     m.add_class::<PyAtomicFile>()?;
