@@ -67,6 +67,15 @@ pub enum StagerError {
         reason: String,
     },
 
+    /// A file of another format (a dcp data file, a `.metadata`) that is not what it claims to be.
+    #[error("{path}: {reason}")]
+    InvalidData {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A CUDA driver call failed.
     #[error("CUDA error in {call}: {message}")]
     Cuda {
@@ -168,6 +177,10 @@ impl StagerError {
                 source: copy_io(source),
             },
             StagerError::InvalidFile { path, reason } => StagerError::InvalidFile {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            StagerError::InvalidData { path, reason } => StagerError::InvalidData {
                 path: path.clone(),
                 reason: reason.clone(),
             },

@@ -597,6 +597,13 @@ impl CheckpointFile {
     }
 }
 
+fn invalid_data(path: &Path, reason: String) -> StagerError {
+    StagerError::InvalidData {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
 fn invalid(path: &Path, reason: String) -> StagerError {
     StagerError::InvalidFile {
         path: path.to_path_buf(),
@@ -741,7 +748,7 @@ pub fn open_regular(path: &Path) -> Result<(File, u64)> {
         } else {
             "not a regular file"
         };
-        return Err(invalid(path, format!("{what}, not a regular file")));
+        return Err(invalid_data(path, format!("{what}, not a regular file")));
     }
     Ok((file, meta.len()))
 }
@@ -802,7 +809,7 @@ impl RecordFile {
             .checked_add(len)
             .map_or(true, |end| end > self.file_len)
         {
-            return Err(invalid(
+            return Err(invalid_data(
                 &self.path,
                 format!(
                     "the file holds {} bytes but an item lies at [{offset}, {}): the file is shorter than the metadata says (truncated?)",
@@ -818,7 +825,7 @@ impl RecordFile {
     pub fn parse_record(&self, offset: u64, len: u64) -> Result<crate::torch_record::ParsedRecord> {
         self.check_bounds(offset, len)?;
         crate::torch_record::parse_record(&self.file, offset, len).map_err(|reason| {
-            invalid(
+            invalid_data(
                 &self.path,
                 format!("the torch.save record at {offset}: {reason}"),
             )
@@ -836,7 +843,10 @@ impl RecordFile {
         for target in targets {
             self.check_bounds(target.offset, target.len)?;
             if target.len > 0 && target.dst.is_null() {
-                return Err(invalid(&self.path, "a read into a null address".into()));
+                return Err(invalid_data(
+                    &self.path,
+                    "a read into a null address".into(),
+                ));
             }
         }
         let mut order: Vec<usize> = (0..targets.len()).collect();
@@ -879,7 +889,7 @@ impl RecordFile {
             if let Err(err) = result {
                 failed.store(true, Ordering::Relaxed);
                 let err = if err.kind() == io::ErrorKind::UnexpectedEof {
-                    invalid(
+                    invalid_data(
                         &self.path,
                         "the file ended early (truncated while reading?)".into(),
                     )

@@ -659,6 +659,23 @@ class _DirectoryLock:
 _metadata_temps = itertools.count()
 
 
+def _in_use(path: str) -> bool:
+    """Whether a live writer holds the temp file ``path`` (its commit keeps it flocked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _commit_metadata(path: str, data: bytes) -> None:
     """``path`` (a ``.metadata``) becomes ``data`` atomically and durably: temp file, fsync,
     rename, directory fsync. The rename replaces what the name holds, a symlink included (the
@@ -670,17 +687,23 @@ def _commit_metadata(path: str, data: bytes) -> None:
         mode = None
     if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
         raise StagerError(f"{path} is {_file_kind(mode)}, not a regular file: refusing to replace it")
-    temp = f"{path}.{os.getpid()}.{next(_metadata_temps)}.stager.tmp"
+    # Not a ``.stager.tmp`` name: the sweep of stale temps that every data file's commit runs
+    # (rust/commit.rs) must not race this one between its creation and its lock. Stale ones are
+    # removed by _remove_unreferenced, under the directory lock.
+    temp = f"{path}.{os.getpid()}.{next(_metadata_temps)}.tmp"
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
+            # Locked while it is a temp: another process's sweep of stale temps (rust/commit.rs)
+            # skips locked ones.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+            os.rename(temp, path)
         finally:
             os.close(fd)
-        os.rename(temp, path)
         directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(directory)
@@ -1197,9 +1220,11 @@ class FileSystemWriter(StorageWriter):
                 except OSError:
                     pass
                 continue
-            match, _ = _rank_file_base(name)
+            match, rest = _rank_file_base(name)
             base = match.group(0) if match is not None else name
             when = _token_time(name)
+            if rest and _in_use(os.path.join(self.path, name)):
+                continue  # a temp a live writer still holds (an older save in flight)
             if match is None or when is None or (only_rank is not None and int(match.group(1)) != only_rank):
                 continue
             if when < started_ns or base in own:

@@ -44,7 +44,7 @@ fn kind_of(err: &crate::StagerError) -> &'static str {
         E::Allocation { .. } => "allocation",
         E::InvalidArgument(_) => "invalid_argument",
         E::Io { .. } => "io",
-        E::InvalidFile { .. } => "invalid_file",
+        E::InvalidFile { .. } | E::InvalidData { .. } => "invalid_file",
         E::Cuda { .. } => "cuda",
         E::Timeout { .. } => "timeout",
         E::Forked { .. } => "forked",
