@@ -868,45 +868,52 @@ impl RecordFile {
         let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
         let sums: Vec<Mutex<Option<crc32fast::Hasher>>> =
             pieces.iter().map(|_| Mutex::new(None)).collect();
-        let work = || loop {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            if index >= pieces.len() || failed.load(Ordering::Relaxed) {
-                return;
-            }
-            let (k, offset, len) = pieces[index];
-            let target = targets[k];
-            // SAFETY: `offset + len <= target.len`, whose bytes at `dst` are ours to write
-            // (function contract); each piece is claimed by one thread through `next`.
-            let result = unsafe {
-                source.read(
-                    target.dst.add(offset),
-                    len,
-                    0,
-                    target.offset + offset as u64,
-                    &direct,
-                )
-            };
-            if let Err(err) = result {
-                failed.store(true, Ordering::Relaxed);
-                let err = if err.kind() == io::ErrorKind::UnexpectedEof {
-                    invalid_data(
-                        &self.path,
-                        "the file ended early (truncated while reading?)".into(),
+        let work = || {
+            let mut chunk: Option<AlignedBuf> = None;
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= pieces.len() || failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (k, offset, len) = pieces[index];
+                let target = targets[k];
+                // SAFETY: `offset + len <= target.len`, whose bytes at `dst` are ours to write
+                // (function contract); each piece is claimed by one thread through `next`.
+                let result = unsafe {
+                    source.read_bounced(
+                        target.dst.add(offset),
+                        len,
+                        target.offset + offset as u64,
+                        &direct,
+                        &mut chunk,
                     )
-                } else {
-                    StagerError::io("reading", &self.path, err)
                 };
-                first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(err);
-                return;
+                if let Err(err) = result {
+                    failed.store(true, Ordering::Relaxed);
+                    let err = if err.kind() == io::ErrorKind::UnexpectedEof {
+                        invalid_data(
+                            &self.path,
+                            "the file ended early (truncated while reading?)".into(),
+                        )
+                    } else {
+                        StagerError::io("reading", &self.path, err)
+                    };
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(err);
+                    break;
+                }
+                if target.crc32.is_some() {
+                    let mut hasher = crc32fast::Hasher::new();
+                    // SAFETY: the bytes just read, ours until the call returns.
+                    hasher
+                        .update(unsafe { std::slice::from_raw_parts(target.dst.add(offset), len) });
+                    *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(hasher);
+                }
             }
-            if target.crc32.is_some() {
-                let mut hasher = crc32fast::Hasher::new();
-                // SAFETY: the bytes just read, ours until the call returns.
-                hasher.update(unsafe { std::slice::from_raw_parts(target.dst.add(offset), len) });
-                *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(hasher);
+            if let Some(chunk) = chunk {
+                chunk.recycle();
             }
         };
         crate::direct_io::run_on_threads(IO_DEPTH.min(pieces.len()), work);
@@ -931,6 +938,69 @@ impl RecordFile {
             })
             .map(|(k, _)| k)
             .collect())
+    }
+}
+
+impl DataSource<'_> {
+    /// Reads `len` bytes at `offset` into `dst` (any alignment): where the file is read with
+    /// direct I/O and its pages are not cached, the whole blocks around the range go through a
+    /// page-aligned bounce chunk (one `pread` on the direct descriptor, then a copy: memory is
+    /// faster than the disk); else [`DataSource::read`].
+    ///
+    /// # Safety
+    /// `dst` must point to `len` writable bytes nothing else accesses during the call.
+    unsafe fn read_bounced(
+        &self,
+        dst: *mut u8,
+        len: usize,
+        offset: u64,
+        direct: &AtomicBool,
+        chunk: &mut Option<AlignedBuf>,
+    ) -> io::Result<()> {
+        let end = offset + len as u64;
+        let cached = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.all_resident(offset, end));
+        let (mem_align, align) = self.mode.alignment();
+        let aligned_already = (dst as usize).wrapping_sub(offset as usize) % mem_align == 0;
+        match &self.direct {
+            Some(file)
+                if direct.load(Ordering::Relaxed) && !cached && !aligned_already && len > 0 =>
+            {
+                let align = align as u64;
+                let lo = offset / align * align;
+                let hi = end.div_ceil(align) * align;
+                let span = (hi - lo) as usize;
+                if !matches!(chunk, Some(c) if c.capacity() >= span) {
+                    if let Some(old) = chunk.take() {
+                        old.recycle();
+                    }
+                    *chunk = Some(AlignedBuf::take(span.max(IO_CHUNK + 2 * direct_io::BLOCK))?);
+                }
+                let buffer = chunk.as_mut().expect("just set");
+                // SAFETY: the chunk holds `span` writable bytes, page-aligned.
+                match unsafe { direct_io::pread_full(file, buffer.as_ptr(), span, lo) } {
+                    Ok(got) => {
+                        if (got as u64) < end - lo {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                        let from = (offset - lo) as usize;
+                        let bytes = buffer.slice_mut(span);
+                        // SAFETY: `dst` holds `len` writable bytes (contract).
+                        unsafe { std::ptr::copy_nonoverlapping(bytes[from..].as_ptr(), dst, len) };
+                        return Ok(());
+                    }
+                    Err(err) if direct_io::is_direct_refusal(&err) => {
+                        direct.store(false, Ordering::Relaxed);
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            _ => {}
+        }
+        // SAFETY: forwarded contract (no room past `len`).
+        unsafe { self.read(dst, len, 0, offset, direct) }
     }
 }
 
@@ -1291,5 +1361,49 @@ mod tests {
         assert!(unsafe { file.read_storages(&targets, false) }
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn record_file_reads_ranges_into_any_alignment_and_checks_crc32() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("d.distcp");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = RecordFile::open(&path).unwrap();
+        let ranges = [
+            (1u64, 2_000_000usize),
+            (4096 * 3 + 64, 700_000),
+            (2_999_990, 10),
+        ];
+        let mut outs: Vec<Vec<u8>> = ranges.iter().map(|&(_, n)| vec![0u8; n + 1]).collect();
+        let mut targets: Vec<RangeTarget> = ranges
+            .iter()
+            .zip(&mut outs)
+            .map(|(&(offset, n), out)| RangeTarget {
+                offset,
+                len: n as u64,
+                dst: out[1..].as_mut_ptr(), // one byte off any alignment
+                crc32: Some(crc32fast::hash(&data[offset as usize..offset as usize + n])),
+            })
+            .collect();
+        targets[2].crc32 = Some(0xDEAD_BEEF);
+        // SAFETY: every destination is a live, disjoint vector of its range's length.
+        let bad = unsafe { file.read_ranges(&targets) }.unwrap();
+        assert_eq!(bad, [2]);
+        for (&(offset, n), out) in ranges.iter().zip(&outs) {
+            assert_eq!(&out[1..], &data[offset as usize..offset as usize + n]);
+        }
+        let past = [RangeTarget {
+            offset: 2_999_999,
+            len: 2,
+            dst: outs[2].as_mut_ptr(),
+            crc32: None,
+        }];
+        // SAFETY: as above.
+        let err = unsafe { file.read_ranges(&past) }.unwrap_err();
+        assert!(
+            err.to_string().contains("shorter than the metadata says"),
+            "{err}"
+        );
     }
 }

@@ -160,6 +160,27 @@ def write_file(
     commit: bool = True,
 ) -> int | AtomicFile: ...
 
+def write_records(
+    path: str,
+    items: Sequence[tuple[torch.Tensor, int, int | None, tuple[str, int, int, list[int], list[int], str | None] | None]],
+    serialization_id: str,
+    completion: Completion | None = None,
+    *,
+    commit: bool = True,
+) -> tuple[int | AtomicFile, list[tuple[int, int]], list[int], list[int]]: ...
+def tensor_pickle(
+    storage_type: str, numel: int, storage_offset: int, size: list[int], stride: list[int], v3_dtype: str | None = None
+) -> bytes: ...
+
+class RecordFile:
+    """A data file of dcp's format (torch.save records, bytes items), opened for reading."""
+
+    def __init__(self, path: str) -> None: ...
+    @property
+    def file_size(self) -> int: ...
+    def parse_record(self, offset: int, length: int) -> tuple[bytes, list[tuple[str, int, int, int]]]: ...
+    def read_ranges(self, targets: Sequence[tuple[int, int, torch.Tensor, int | None]]) -> list[int]: ...
+
 class AtomicFile:
     """A file written under a temp name in its directory, made durable and renamed over the
     final name by :meth:`commit` (rust/commit.rs); removed by :meth:`abort` or when dropped."""

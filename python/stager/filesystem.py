@@ -5,36 +5,40 @@ Drop-ins for ``torch.distributed.checkpoint.FileSystemWriter`` / ``FileSystemRea
     dcp.async_save(sd, storage_writer=stager.FileSystemWriter(path), async_stager=stager.DefaultStager())
     dcp.load(sd, storage_reader=stager.FileSystemReader(path))
 
-A checkpoint directory holds, per save:
+No lock-in: the writer writes dcp's own format, which PyTorch's default reader (and
+``dcp_to_torch_save``) loads unchanged, and the reader reads checkpoints of PyTorch's writer as
+well as stager's (and stager 0.1's JSON ones). docs/FORMAT.md has the layout. A directory holds,
+per save:
 
-* one **rank file** per rank, ``__<rank>_<token>.safetensors``: a stager file (safetensors-
-  readable; ``stager.load``, ``stager inspect`` and ``stager verify`` open it) holding a flat dict
-  ``{item key: tensor}`` of that rank's dcp write items. The Rust durable writer writes it
-  (temp file, fsync, rename, directory fsync, crc32c per storage, the GIL released) straight from
-  the tensors' memory: one aligned run per storage, no per-item pickle. dcp's non-tensor objects
-  (``BYTE_IO`` items) are stored as the bytes dcp serialised them to, as uint8 tensors.
-  ``<token>`` is new for every save (the save's start time in ns, hex, and a random part), so a
-  save never overwrites a file the committed checkpoint still uses;
-* ``.metadata``: dcp's ``Metadata`` as JSON (no pickle), written last, atomically: the commit.
-  Until it is renamed into place the previous checkpoint is the one the directory holds; a save
-  killed at any instant leaves that one loadable and its own rank files unreferenced. After the
-  commit, rank files that no checkpoint references (the previous save's, those of killed saves)
-  are removed, on a background thread: off the upload's path. One save at a time per directory
-  (as with PyTorch's writer); of two overlapping saves the one that started later wins and the
-  other fails with StagerError instead of committing over it.
+* one **data file** per rank, ``__<rank>_<token>.distcp``: the rank's items back to back, each
+  tensor a ``torch.save`` record whose zip framing ``rust/torch_record.rs`` builds around the
+  storage bytes, which the Rust durable writer streams from the tensors' memory (temp file,
+  fsync, rename, directory fsync, crc32 per storage in the record, the GIL released, ``O_DIRECT``
+  where the record places them for it); bytes items as dcp serialised them. ``<token>`` is new for
+  every save (the save's start time in ns, hex, and a random part), so a save never overwrites a
+  file the committed checkpoint still uses;
+* ``.metadata``: dcp's pickled ``Metadata``, written last, atomically, under a ``flock`` of the
+  directory that every saving process takes: the commit. Until it is renamed into place the
+  previous checkpoint is the one the directory holds; a save killed at any instant leaves that
+  one loadable and its own data files unreferenced. After the commit, data files that no
+  committed checkpoint names (the previous save's, those of killed saves) are removed on a
+  background thread, under the same lock. Of two overlapping saves (threads, or processes
+  pointed at one directory) the one that started later wins and the other fails with
+  StagerError instead of committing over it.
 
-``.metadata`` starts with a fixed 182-byte pickle that only PyTorch's own reader ever runs (it
-unpickles whatever ``.metadata`` holds): its one call, ``stager.filesystem._written_by_stager``,
-raises ``StagerError`` saying the checkpoint was written by stager and which reader loads it.
-stager's reader never unpickles: it finds the JSON after that prefix (see :func:`_encode_metadata`).
+``.metadata`` is opened without blocking and must be a regular file (a FIFO or device raises
+StagerError naming its type); a symlink is read through, and a save replaces the link itself,
+never writing the file it points to.
 
-The reader serves dcp's read plans, resharding included (sub-boxes of stored tensors): storages a
-read item covers whole go straight from the file into the destination tensor; others are read once
-into a pooled scratch buffer and copied out of it. Every storage read is checked against its
-crc32c; damage raises ``StagerError`` naming the file and the items.
+The reader unpickles ``.metadata`` with an unpickler that admits only dcp's metadata classes and
+parses each record without running its pickle (an allowlist unpickler yields the tensor's
+description; nothing is rebuilt). It serves dcp's read plans, resharding included: a record a
+read item covers whole goes straight from the file into the destination tensor; others are read
+once into scratch and copied out. Every storage read is checked against its crc32; damage raises
+``StagerError`` naming the file and the items.
 
 When a state_dict staged by stager reaches ``write_data`` while its copies are still running (see
-``stager.engine.pending_copy``), each storage is written as soon as its copy has completed.
+``stager.engine.pending_copy``), each item is written as soon as its copy has completed.
 """
 
 from __future__ import annotations
@@ -261,7 +265,8 @@ def _decode_value(node: Any) -> Any:
 
 
 def _encode_metadata(metadata: Metadata, files_used: list[str], started_ns: int) -> bytes:
-    """``.metadata``'s bytes: the pickle prefix for PyTorch's reader, a line
+    """stager 0.1's ``.metadata`` (what :func:`_decode_metadata` reads; the writer no longer
+    makes it, tests do, to check that such checkpoints still load): the pickle prefix, a line
     ``stager-dcp-metadata <version> <json bytes> <crc32 hex>``, the JSON."""
     state = []
     for fqn, value in metadata.state_dict_metadata.items():
@@ -1005,16 +1010,17 @@ class _ItemCopies:
 class FileSystemWriter(StorageWriter):
     """A ``torch.distributed.checkpoint`` StorageWriter on stager's Rust durable writer.
 
-    Drop-in for ``torch.distributed.checkpoint.FileSystemWriter`` (same constructor): one
-    safetensors-readable stager file per rank, written from the staged buffers with the GIL
-    released, crc32c-checksummed, and a JSON ``.metadata`` committed last and atomically. See the
-    module docs for the directory layout and what a killed save leaves.
+    Drop-in for ``torch.distributed.checkpoint.FileSystemWriter`` (same constructor), writing the
+    same format: one data file of ``torch.save`` records per rank, written from the staged
+    buffers with the GIL released, crc32-checksummed, and dcp's pickled ``.metadata`` committed
+    last and atomically. PyTorch's ``FileSystemReader`` loads what it writes. See the module docs
+    for the directory layout and what a killed save leaves.
 
     Differences from PyTorch's: files are always durable (``sync_files=False`` changes nothing),
     there is always one file per rank (``single_file_per_rank=False`` is refused),
     ``thread_count`` and ``per_thread_copy_ahead`` are accepted and unused (the Rust writer
     picks its own I/O parallelism), ``serialization_format`` takes either of PyTorch's values
-    and changes nothing (rank files are always safetensors-compatible stager files), and
+    and changes nothing (items are always ``torch.save`` records, PyTorch's default), and
     stream-transform extensions are refused.
 
     Like PyTorch's, the writer is also an ``AsyncStager``: ``dcp.async_save`` without an
@@ -1266,25 +1272,26 @@ class _OpenRankFile:
 
 
 class FileSystemReader(StorageReader):
-    """A ``torch.distributed.checkpoint`` StorageReader for checkpoints of
-    :class:`stager.FileSystemWriter`, resharding included.
+    """A ``torch.distributed.checkpoint`` StorageReader for dcp checkpoints of
+    :class:`stager.FileSystemWriter`, of PyTorch's ``FileSystemWriter`` (its default
+    ``torch.save`` items) and of stager 0.1, resharding included.
 
-    Reads only the storages the rank's read plan needs; a storage that one read item covers
-    whole lands straight in the destination tensor (no second copy), others go through a pooled
-    scratch buffer. Every storage read is verified against its crc32c (``verify=False`` skips
-    that); a damaged or missing file raises :class:`StagerError` naming the file and the items.
-    Never unpickles tensor data; dcp's non-tensor values are handed to the planner's
+    Reads only the storages the rank's read plan needs, with parallel direct I/O; a storage that
+    one read item covers whole lands straight in the destination tensor (no second copy), others
+    go through scratch. Every storage read is verified against its checksum (crc32 of the
+    ``torch.save`` record; crc32c for stager 0.1 files; ``verify=False`` skips that); a damaged,
+    truncated or missing file raises :class:`StagerError` naming the file and the items. Never
+    runs a pickle on tensor data: records are parsed, ``.metadata`` goes through an unpickler that
+    admits only dcp's metadata classes. dcp's non-tensor values are handed to the planner's
     ``load_bytes`` as dcp serialised them.
-
-    A directory holding a checkpoint of PyTorch's FileSystemWriter is refused at
-    ``read_metadata`` with a StagerError that says so.
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.verify = verify
-        self.storage_data: dict[MetadataIndex, _ItemLocation] = {}
+        self.storage_data: dict[MetadataIndex, _ItemLocation | _StorageInfo] = {}
+        self.state_dict_metadata: dict[str, Any] = {}
         self.load_id = secrets.token_hex(16)
         self.rank: int | None = None
 

@@ -20,6 +20,13 @@ synthetic transformer + Adam state_dict (``--size``):
   ``stager.load`` (verify=True), ``torch.load`` of the ``.pt`` file and
   ``safetensors.torch.load_file`` (mmap-backed: one byte per page is touched so every page is
   really read).
+* ``large dcp save``: ``dcp.save`` (one process, ``no_dist``) with ``stager.FileSystemWriter``
+  (dcp's own format: ``torch.save`` records written from memory) and with PyTorch's
+  ``FileSystemWriter``, against the direct-write limit (target: stager ≥ 0.9× the limit).
+* ``large dcp load (cold cache)``: ``dcp.load`` of the checkpoint PyTorch's writer wrote, with
+  ``stager.FileSystemReader`` and with PyTorch's reader, the directory's pages dropped before each
+  call, against the cold read limit of its data file (targets: stager ≥ 2× PyTorch's reader and
+  ≥ 0.8× the limit).
 
 Where the filesystem has no direct I/O (tmpfs), the limits fall back to buffered writes +
 ``fdatasync`` / buffered reads and say so in their note.
@@ -383,6 +390,9 @@ def run(ctx: BenchContext) -> list[Row]:
             extra = {"how": how.replace("fdatasync", "page cache")} if is_limit else {}
             rows.append(row("large load (cold cache)", name, samples[name], limit=None if is_limit else READ_LIMIT,
                             baseline=None if is_limit or name in (TORCH_LOAD, DD_READ) else TORCH_LOAD, extra=extra))
+        for path in (stager_path, torch_path, st_path):
+            _remove(path)
+        rows += _dcp_rows(ctx, sd, limits, how, row)
     finally:
         limits.close()
         for path in (stager_path, torch_path, st_path, limit_path, dd_path):
@@ -390,6 +400,84 @@ def run(ctx: BenchContext) -> list[Row]:
     rows += _tiny_rows(ctx)
     add_spread_notes(rows, {SAVE_LIMIT, READ_LIMIT})
     return rows
+
+
+DCP_SAVE_STAGER = "dcp.save, stager.FileSystemWriter"
+DCP_SAVE_TORCH = "dcp.save, PyTorch FileSystemWriter"
+DCP_LOAD_STAGER = "dcp.load, stager.FileSystemReader on PyTorch's checkpoint"
+DCP_LOAD_TORCH = "dcp.load, PyTorch FileSystemReader"
+
+
+def _dcp_rows(ctx: BenchContext, sd: Any, limits: DiskLimits, how: str, row: Callable[..., Row]) -> list[Row]:
+    """dcp's storage layer, one process: saves against the direct-write limit, and cold loads of
+    a checkpoint PyTorch's writer wrote against the cold read limit and PyTorch's reader."""
+    import torch.distributed.checkpoint as dcp
+
+    from .. import filesystem
+
+    stager_dir = os.path.join(ctx.workdir, "dcp-stager")
+    torch_dir = os.path.join(ctx.workdir, "dcp-torch")
+    limit_path = os.path.join(ctx.workdir, "dcp-limit.bin")
+
+    def clear(directory: str) -> Callable[[], None]:
+        def run() -> None:
+            filesystem.wait_for_cleanup(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+        return run
+
+    def drop(directory: str) -> Callable[[], None]:
+        def run() -> None:
+            for name in os.listdir(directory):
+                _drop_cache(os.path.join(directory, name))
+        return run
+
+    rows: list[Row] = []
+    try:
+        save_cases: list[Case] = [
+            (SAVE_LIMIT, lambda: limits.write(limit_path), lambda: _remove(limit_path)),
+            (DCP_SAVE_STAGER, lambda: dcp.save(sd, storage_writer=filesystem.FileSystemWriter(stager_dir),
+                                               no_dist=True), clear(stager_dir)),
+            (DCP_SAVE_TORCH, lambda: dcp.save(sd, storage_writer=dcp.FileSystemWriter(torch_dir), no_dist=True),
+             clear(torch_dir)),
+        ]
+        samples = _interleaved(ctx, "dcp save", save_cases)
+        for name, _, _ in save_cases:
+            is_limit = name == SAVE_LIMIT
+            rows.append(row("large dcp save", name, samples[name], limit=None if is_limit else SAVE_LIMIT,
+                            baseline=None if name != DCP_SAVE_STAGER else DCP_SAVE_TORCH,
+                            extra={"how": how} if is_limit else {}))
+        _remove(limit_path)
+        # The last torch sample's checkpoint stays for the loads.
+        (data_file,) = [n for n in os.listdir(torch_dir) if n.endswith(".distcp")]
+        target = _zeros_like(sd)
+        load_cases: list[Case] = [
+            (READ_LIMIT, lambda: limits.read(os.path.join(torch_dir, data_file)), drop(torch_dir)),
+            (DCP_LOAD_STAGER, lambda: dcp.load(target, storage_reader=filesystem.FileSystemReader(torch_dir),
+                                               no_dist=True), drop(torch_dir)),
+            (DCP_LOAD_TORCH, lambda: dcp.load(target, storage_reader=dcp.FileSystemReader(torch_dir), no_dist=True),
+             drop(torch_dir)),
+        ]
+        samples = _interleaved(ctx, "dcp load (cold cache)", load_cases)
+        for name, _, _ in load_cases:
+            is_limit = name == READ_LIMIT
+            rows.append(row("large dcp load (cold cache)", name, samples[name], limit=None if is_limit else READ_LIMIT,
+                            baseline=DCP_LOAD_TORCH if name == DCP_LOAD_STAGER else None,
+                            extra={"how": how.replace("fdatasync", "page cache")} if is_limit else {}))
+    finally:
+        _remove(limit_path)
+        for directory in (stager_dir, torch_dir):
+            clear(directory)()
+    return rows
+
+
+def _zeros_like(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(value)
+    if isinstance(value, dict):
+        return {key: _zeros_like(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_zeros_like(item) for item in value]
+    return value
 
 
 def _tiny_rows(ctx: BenchContext) -> list[Row]:

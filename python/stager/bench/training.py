@@ -69,6 +69,7 @@ SAVING = {TORCH_TORCH, STAGER_TORCH, STAGER_STAGER}
 DIRECT_LIMIT = "limit: direct write (both ranks)"
 LOAD_TORCH = "dcp.load cold, PyTorch FileSystemReader"
 LOAD_STAGER = "dcp.load cold, stager FileSystemReader"
+LOAD_STAGER_ON_TORCH = "dcp.load cold, stager FileSystemReader on PyTorch's checkpoint"
 
 DEFAULTS = {"steps": 12, "every": 2, "blocks": 8, "width": 1024, "batch": 16}
 
@@ -164,10 +165,10 @@ def _rows(ctx: BenchContext, settings: dict, report: dict[str, Any]) -> list[Row
                             extra={"how": "each rank writes its checkpoint's bytes with O_DIRECT, then fsync, both at once"}))
     if report.get("load"):
         load_workload = f"{workload}: load"
-        for name in (LOAD_TORCH, LOAD_STAGER):
+        for name in (LOAD_TORCH, LOAD_STAGER, LOAD_STAGER_ON_TORCH):
             if report["load"].get(name):
                 rows.append(ctx.row(SECTION, load_workload, name, report["load"][name], nbytes=nbytes,
-                                    baseline=LOAD_TORCH if name == LOAD_STAGER else None))
+                                    baseline=LOAD_TORCH if name != LOAD_TORCH else None))
     return rows
 
 
@@ -431,9 +432,10 @@ class _Loop:
 
         import stager
 
-        out: dict[str, list[float]] = {LOAD_TORCH: [], LOAD_STAGER: []}
+        out: dict[str, list[float]] = {LOAD_TORCH: [], LOAD_STAGER: [], LOAD_STAGER_ON_TORCH: []}
         sources = {LOAD_TORCH: (self.variant_dir(TORCH_TORCH), dcp.FileSystemReader),
-                   LOAD_STAGER: (self.variant_dir(STAGER_STAGER), stager.FileSystemReader)}
+                   LOAD_STAGER: (self.variant_dir(STAGER_STAGER), stager.FileSystemReader),
+                   LOAD_STAGER_ON_TORCH: (self.variant_dir(TORCH_TORCH), stager.FileSystemReader)}
         for _ in range(max(1, min(3, self.settings["rounds"]))):
             for name, (directory, reader) in sources.items():
                 if not os.path.isdir(directory):
