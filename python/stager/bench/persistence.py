@@ -22,11 +22,11 @@ synthetic transformer + Adam state_dict (``--size``):
   really read).
 * ``large dcp save``: ``dcp.save`` (one process, ``no_dist``) with ``stager.FileSystemWriter``
   (dcp's own format: ``torch.save`` records written from memory) and with PyTorch's
-  ``FileSystemWriter``, against the direct-write limit (target: stager ≥ 0.9× the limit).
+  ``FileSystemWriter``, against the direct-write limit (target: stager >= 0.9x the limit).
 * ``large dcp load (cold cache)``: ``dcp.load`` of the checkpoint PyTorch's writer wrote, with
   ``stager.FileSystemReader`` and with PyTorch's reader, the directory's pages dropped before each
-  call, against the cold read limit of its data file (targets: stager ≥ 2× PyTorch's reader and
-  ≥ 0.8× the limit).
+  call, against the cold read limit of its data file (targets: stager >= 2x PyTorch's reader and
+  >= 0.8x the limit).
 
 Where the filesystem has no direct I/O (tmpfs), the limits fall back to buffered writes +
 ``fdatasync`` / buffered reads and say so in their note.
