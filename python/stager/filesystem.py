@@ -109,8 +109,6 @@ DATA_SUFFIX = ".distcp"
 # Temp names of the one atomic commit (rust/commit.rs), and of stager 0.1's writer.
 _TEMP_SUFFIX = re.compile(r"\.\d+\.\d+(\.stager)?\.tmp")
 _METADATA_TEMP = re.compile(r"(__\d{1,9})?\.metadata\.\d+\.\d+(\.stager)?\.tmp")
-#: Header metadata key of a rank file: which save and rank wrote it.
-_RANK_FILE_KEY = "stager.dcp"
 
 
 def _written_by_stager(message: str) -> None:
@@ -182,25 +180,6 @@ def _dir_lock(path: str) -> threading.Lock:
     key = os.path.realpath(path)
     with _dir_locks_guard:
         return _dir_locks.setdefault(key, threading.Lock())
-
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """``path`` becomes ``data`` atomically and durably through the one atomic commit
-    (``_native.AtomicFile``: temp in the directory, fsync, rename, directory fsync); on failure the
-    previous file stays and the temp is removed."""
-    file = _native.AtomicFile(path)
-    try:
-        fd = file.fileno()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        file.commit()
-    except OSError as err:
-        file.abort()
-        raise StagerError(f"writing {path}: {err}") from err
-    finally:
-        file.abort()  # a no-op once committed
 
 
 _cleanups: dict[str, threading.Thread] = {}
@@ -451,17 +430,6 @@ def _decode_metadata(data: bytes, path: str) -> tuple[Metadata, dict]:
     except StagerError as err:
         raise StagerError(f"invalid stager dcp metadata {path}: {err}") from None
     return metadata, body
-
-
-def _read_committed(path: str) -> dict | None:
-    """The JSON of the checkpoint committed at ``path`` (a ``.metadata``) if it is stager's, else
-    None (no file, PyTorch's, damaged)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return _parse_header(data, path)[0]
-    except (OSError, StagerError):
-        return None
 
 
 # ---- dcp's own format: pickled Metadata, torch.save records -------------------------------------
