@@ -753,6 +753,9 @@ pub fn open_regular(path: &Path) -> Result<(File, u64)> {
     Ok((file, meta.len()))
 }
 
+/// Records [`RecordFile::parse_records`] parses at once.
+pub const PARSE_THREADS: usize = 16;
+
 /// A data file of dcp's own format: consecutive `torch.save` records (tensor items) and raw
 /// bytes (bytes items), as dcp's `FileSystemWriter` and [`crate::writer::write_records_uncommitted`]
 /// write them.
@@ -830,6 +833,35 @@ impl RecordFile {
                 format!("the torch.save record at {offset}: {reason}"),
             )
         })
+    }
+
+    /// [`RecordFile::parse_record`] of every `(offset, len)`, on up to [`PARSE_THREADS`]
+    /// threads: each record costs a few small reads, which a cold file serves one seek each, so
+    /// many run at once.
+    pub fn parse_records(
+        &self,
+        ranges: &[(u64, u64)],
+    ) -> Vec<Result<crate::torch_record::ParsedRecord>> {
+        let results: Vec<Mutex<Option<Result<crate::torch_record::ParsedRecord>>>> =
+            ranges.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let work = || loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(offset, len)) = ranges.get(index) else {
+                return;
+            };
+            let parsed = self.parse_record(offset, len);
+            *results[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(parsed);
+        };
+        crate::direct_io::run_on_threads(PARSE_THREADS.min(ranges.len()), work);
+        results
+            .into_iter()
+            .map(|slot| {
+                slot.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .expect("every record was parsed")
+            })
+            .collect()
     }
 
     /// Reads every target with up to [`IO_DEPTH`] threads in [`IO_CHUNK`] pieces (direct I/O

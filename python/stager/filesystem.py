@@ -1342,6 +1342,13 @@ class FileSystemReader(StorageReader):
         records: dict[int, tuple[_RecordTensor, int, int, int | None]] = {}
         scratch: dict[int, torch.Tensor] = {}
         direct_spans: list[tuple[int, int, int]] = []  # (start, end, index into `after`)
+        # Every record's framing at once (a cold file serves each small read with a seek).
+        spans = {}
+        for item in items:
+            if item.type != LoadItemType.BYTE_IO:
+                info = self.storage_data[item.storage_index]
+                spans.setdefault(info.offset, info.length)
+        raw_records = dict(zip(spans, file.parse_records(list(spans.items()))))
         for item in items:
             info: _StorageInfo = self.storage_data[item.storage_index]
             fqn = item.storage_index.fqn
@@ -1353,7 +1360,7 @@ class FileSystemReader(StorageReader):
                 continue
             record = records.get(info.offset)
             if record is None:
-                record = records[info.offset] = self._parse_record(file, path, item, info)
+                record = records[info.offset] = self._parse_record(raw_records[info.offset], path, item, info)
             tensor, data_at, nbytes, crc = record
             dest = planner.resolve_tensor(item).detach()
             lengths = tuple(item.lengths)
@@ -1440,12 +1447,15 @@ class FileSystemReader(StorageReader):
                 dest.copy_(source)
                 planner.commit_tensor(item, dest)
 
-    def _parse_record(self, file: Any, path: str, item: ReadItem, info: _StorageInfo) -> tuple:
+    def _parse_record(self, raw: Any, path: str, item: ReadItem, info: _StorageInfo) -> tuple:
         """``(tensor, data offset, storage bytes, crc32 to check or None)`` of the record of
-        ``item``, checked against itself and the checkpoint's metadata."""
+        ``item`` (``raw``: what ``RecordFile.parse_records`` gave for it), checked against itself
+        and the checkpoint's metadata."""
         fqn = item.storage_index.fqn
         try:
-            pickle_bytes, storages = file.parse_record(info.offset, info.length)
+            if isinstance(raw, BaseException):
+                raise raw
+            pickle_bytes, storages = raw
         except StagerError as err:
             hint = ""
             if path.endswith(".safetensors"):

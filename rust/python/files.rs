@@ -573,6 +573,37 @@ impl PyRecordFile {
         Ok((PyBytes::new(py, &parsed.pickle), storages))
     }
 
+    /// :meth:`parse_record` of every `(offset, length)`, several at once (GIL released); each
+    /// result is that tuple, or the StagerError its record raised.
+    #[allow(clippy::type_complexity)]
+    fn parse_records<'py>(
+        &self,
+        py: Python<'py>,
+        ranges: Vec<(u64, u64)>,
+    ) -> PyResult<Vec<Py<PyAny>>> {
+        let file = &self.file;
+        let parsed = py.detach(|| file.parse_records(&ranges));
+        parsed
+            .into_iter()
+            .map(|result| -> PyResult<Py<PyAny>> {
+                match result {
+                    Ok(record) => {
+                        let storages: Vec<(String, u64, u64, u32)> = record
+                            .storages
+                            .into_iter()
+                            .map(|e| (e.name, e.offset, e.len, e.crc32))
+                            .collect();
+                        Ok((PyBytes::new(py, &record.pickle), storages)
+                            .into_pyobject(py)?
+                            .into_any()
+                            .unbind())
+                    }
+                    Err(err) => Ok(PyErr::from(err).into_value(py).into_any()),
+                }
+            })
+            .collect()
+    }
+
     /// Reads `(offset, length, target, crc32 or None)` ranges, `target` a contiguous CPU tensor
     /// of exactly `length` bytes (no two overlapping); returns the indices of the ranges whose
     /// crc32 does not match.
