@@ -543,9 +543,98 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
         try:
             plan.holder[0] = visit(state_dict, plan.holder, 0)
             # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
-            plan.table = _native.describe_tensors(leaves, track_versions)
+            plan.table = _describe_tensors(leaves, track_versions, state_dict)
+        except RecursionError:
+            raise _nested_too_deeply(state_dict) from None
         finally:
             # `visit` refers to itself through its closure: break that cycle now, or the skeleton
             # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
             visit = add_tensor = tensor_slot = keep_attributes = dtensor_slot = stage_inside = deferred = None  # type: ignore[assignment]
     return plan
+
+
+# ---- refusals that name the key (kept apart from the walk above) ---------------------------------
+
+
+def _describe_tensors(leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
+    """``_native.describe_tensors``; a tensor it refuses (a view reaching past its storage) is
+    named by its key path."""
+    try:
+        return _native.describe_tensors(leaves, track_versions)
+    except StagerError as err:
+        index = getattr(err, "tensor_index", None)
+        if type(index) is not int or not 0 <= index < len(leaves):
+            raise
+        raise StagerError(f"cannot stage the tensor at {_tensor_key(root, leaves[index])}: {err}") from None
+
+
+def _tensor_key(root: Any, tensor: torch.Tensor) -> str:
+    """The key path of ``tensor`` in ``root``, or of the DTensor (or LocalShard) whose local
+    tensor it is."""
+    local_types = (_dtensor.LocalShard,) + ((_dtensor.DTENSOR,) if _dtensor.DTENSOR is not None else ())
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, "root")]
+    while stack:
+        value, where = stack.pop()
+        if value is tensor or (isinstance(value, local_types) and _dtensor.local_tensor_of(value) is tensor):
+            return where
+        if id(value) in seen or type(value) in _IMMUTABLE_LEAVES or isinstance(value, torch.Tensor):
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif hasattr(value, "__dict__"):
+            try:
+                stack.extend((v, f"{where}.{k}") for k, v in vars(value).items())
+            except TypeError:
+                pass
+    return "root"
+
+
+def _nested_too_deeply(root: Any) -> StagerError:
+    """The StagerError for a state_dict whose walk ran out of Python's recursion limit, naming
+    the deepest key path (shortened: a 100,000-level path would be megabytes of message)."""
+    path, depth = _deepest_path(root)
+    shown = "".join(path) if len(path) <= 12 else "".join(path[:8]) + "..." + "".join(path[-3:])
+    return StagerError(
+        f"cannot stage the state_dict: it is nested {depth} containers deep at root{shown}, more than "
+        "Python's recursion limit allows (stager files and the wire hold at most "
+        f"{_file_depth_limit()} levels)"
+    )
+
+
+def _deepest_path(root: Any) -> tuple[list[str], int]:
+    """The key path (one ``.key`` / ``[i]`` part per level) to the deepest container of
+    ``root`` (dicts, lists, tuples), without recursion; each container is entered once."""
+    best: tuple[int, int] = (0, -1)  # (depth, node)
+    nodes: list[tuple[int, str]] = []  # (parent node, key part)
+    seen: set[int] = set()
+    stack: list[tuple[Any, int, int]] = [(root, 0, -1)]
+    while stack:
+        value, depth, node = stack.pop()
+        if not isinstance(value, (dict, list, tuple)) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if depth > best[0]:
+            best = (depth, node)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        is_dict = isinstance(value, dict)
+        for key, child in items:
+            if isinstance(child, (dict, list, tuple)):
+                nodes.append((node, f".{key}" if is_dict else f"[{key}]"))
+                stack.append((child, depth + 1, len(nodes) - 1))
+    path: list[str] = []
+    node = best[1]
+    while node >= 0:
+        node, part = nodes[node]
+        path.append(part)
+    path.reverse()
+    return path, best[0]
+
+
+def _file_depth_limit() -> int:
+    from .tree import MAX_DEPTH  # tree imports plan: resolved at call time
+
+    return MAX_DEPTH

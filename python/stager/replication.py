@@ -373,7 +373,8 @@ class ReplicationStager(AsyncStager):
         if storage_dir is None:
             storage_dir = tempfile.mkdtemp(prefix="replication_stager_")
         self._storage_dir = os.fspath(storage_dir)
-        os.makedirs(self._storage_dir, exist_ok=True)
+        # Replicas are persisted there: a read-only one fails now, naming it, not at the first stage.
+        files.make_directory(self._storage_dir, "storage_dir", writable=persist_format is not None)
         self._transport: PGTransport | None = None
         #: owner → (step, world_size, state_dict): the replicas of the newest committed step.
         self._memory: dict[int, tuple[int, int, Any]] = {}
