@@ -59,6 +59,16 @@ def test_transport_and_replication(tmp_path, world):
     assert_scenarios_pass(run_ranks(world, tmp_path, EXCHANGE), EXCHANGE)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3])
+def test_pytorch_transport_and_replication_expectations(tmp_path, world):
+    # PyTorch's test_pg_transport_with_mixed_content and test_replication_dtensors with stager's
+    # classes: received DTensors are DTensors (on a mesh rebuilt over the group when the receiver
+    # has none of its own), holding the sender's shard.
+    scenarios = ["pytorch_transport", "pytorch_replication_dtensors"]
+    assert_scenarios_pass(run_ranks(world, tmp_path, scenarios), scenarios)
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [1, 2])
 def test_dcp_async_save_and_load_fsdp2(tmp_path, world):
