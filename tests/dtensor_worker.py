@@ -384,31 +384,68 @@ def scenario_restore_into(world):
     return {}
 
 
-def scenario_refusals(world):
-    """A ShardedTensor is refused at once with its key, by staging, saving and the transport
-    (every rank of the exchange raises, all of them sending one)."""
-    from torch.distributed._shard import sharded_tensor
-    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+def _sharded_state_dict(rank, size, rows=8):
+    """PyTorch's _create_sharded_tensor_state_dict (test_pg_transport.py): one ShardedTensor of
+    ``rows`` rows per rank (deterministic values), plus a scalar tensor."""
+    from torch.distributed._shard.sharded_tensor import Shard as ShardedTensorShard
+    from torch.distributed._shard.sharded_tensor import ShardMetadata, init_from_local_shards
 
-    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world.size)])
-    st = sharded_tensor.zeros(spec, 4 * world.size, 2)
-    sd = {"model": {"st": st, "w": torch.ones(3)}}
-    for attempt in (lambda: stager.DefaultStager(stager.StagingOptions(use_async_staging=False)).stage(sd),
-                    lambda: stager.save(sd, os.path.join(world.directory, f"st{world.rank}.stager"))):
-        try:
-            attempt()
-        except stager.StagerError as err:
-            assert "ShardedTensor" in str(err) and "root.model.st" in str(err), str(err)
+    local = torch.arange(rank * rows * 8, (rank + 1) * rows * 8, dtype=torch.float32).reshape(rows, 8)
+    st = init_from_local_shards([ShardedTensorShard(tensor=local, metadata=ShardMetadata(
+        shard_offsets=[rank * rows, 0], shard_sizes=[rows, 8], placement=f"rank:{rank}/cpu"))], rows * size, 8)
+    return {"model": {"sharded_tensor": st, "w": torch.ones(3)}, "rank_scalar": torch.tensor(float(rank))}
+
+
+def _check_sharded(got, owner, world, where, rows=8):
+    """``got`` holds rank ``owner``'s ShardedTensor shard, placed on this rank, as PyTorch's
+    receive returns it."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    st = got["model"]["sharded_tensor"]
+    assert isinstance(st, ShardedTensor), f"{where}: {type(st).__name__}"
+    assert st.size() == torch.Size([rows * world.size, 8]), where
+    shards = st.local_shards()
+    assert len(shards) == 1, where
+    expected = torch.arange(owner * rows * 8, (owner + 1) * rows * 8, dtype=torch.float32).reshape(rows, 8)
+    assert torch.equal(shards[0].tensor, expected), where
+    assert shards[0].metadata.shard_offsets == [owner * rows, 0] and shards[0].metadata.shard_sizes == [rows, 8], where
+    assert str(shards[0].metadata.placement) == f"rank:{world.rank}/cpu", where
+    assert [m.shard_offsets for m in st.metadata().shards_metadata] == [[r * rows, 0] for r in range(world.size)], where
+    assert got["rank_scalar"].item() == float(owner), where
+    assert torch.equal(got["model"]["w"], torch.ones(3)), where
+
+
+def scenario_sharded_tensors(world):
+    """ShardedTensor leaves (FSDP1's SHARDED_STATE_DICT) travel like PyTorch's transport carries
+    them: staged, saved and loaded (under a process group), sent through PGTransport in PyTorch's
+    ring (test_pg_transport_with_sharded_tensor) and replicated by ReplicationStager
+    (test_replication_sharded_tensors): the sender's shard, placed on the receiving rank, under
+    the sender's global metadata."""
+    sd = _sharded_state_dict(world.rank, world.size)
+    source = sd["model"]["sharded_tensor"].local_shards()[0].tensor
+    staged = stager.DefaultStager(stager.StagingOptions(use_async_staging=False)).stage(sd)
+    _check_sharded(staged, world.rank, world, "staged")
+    staged_local = staged["model"]["sharded_tensor"].local_shards()[0].tensor
+    assert staged_local.untyped_storage().data_ptr() != source.untyped_storage().data_ptr(), "not a copy"
+    path = os.path.join(world.directory, f"st{world.rank}.stager")
+    stager.save(sd, path)
+    _check_sharded(stager.load(path), world.rank, world, "loaded")
+    if world.size > 1:
+        nxt, prev = (world.rank + 1) % world.size, (world.rank - 1) % world.size
+        transport = stager.PGTransport(dist.group.WORLD, datetime.timedelta(seconds=30), torch.device("cpu"))
+        if world.rank == 0:
+            transport.send_checkpoint([nxt], sd)
+            received = transport.recv_checkpoint(prev)
         else:
-            raise AssertionError("a ShardedTensor must be refused")
-    if world.size > 1:  # every rank of an exchange fails at once, naming it, also when all send one
-        transport = stager.PGTransport(dist.group.WORLD, datetime.timedelta(seconds=30), "cpu")
-        try:
-            transport.exchange((world.rank + 1) % world.size, sd, (world.rank - 1) % world.size)
-        except stager.StagerError as err:
-            assert "ShardedTensor" in str(err) and "root.model.st" in str(err), str(err)
-        else:
-            raise AssertionError("sending a ShardedTensor must fail")
+            received = transport.recv_checkpoint(prev)
+            transport.send_checkpoint([nxt], sd)
+        _check_sharded(received, prev, world, "received")
+        replicator = stager.ReplicationStager(pg=dist.group.WORLD, timeout=datetime.timedelta(seconds=30),
+                                              device=torch.device("cpu"),
+                                              storage_dir=os.path.join(world.directory, f"st_replicas{world.rank}"))
+        partner = (world.rank + world.size // 2) % world.size if world.size % 2 == 0 else prev
+        _check_sharded(replicator.stage(sd), partner, world, "replicated")
+        replicator.close()
     dist.barrier()
     return {}
 

@@ -39,7 +39,7 @@ def assert_scenarios_pass(results, scenarios):
 
 # ---- multi-rank: staging, files, transport, replication, dcp ------------------------------------
 
-STAGING_AND_FILES = ["stage", "files", "fsdp2", "refusals"]
+STAGING_AND_FILES = ["stage", "files", "fsdp2", "sharded_tensors"]
 EXCHANGE = ["transport", "replication", "restore_into"]
 
 

@@ -18,7 +18,8 @@ plus a placement (device mesh, placements, global shape and stride) kept beside 
   :class:`LocalShard` (the local tensor with its placement), which
   :meth:`LocalShard.to_dtensor` turns into a DTensor later.
 
-ShardedTensor (the deprecated predecessor of DTensor) is refused with a StagerError naming its key.
+ShardedTensor (the deprecated predecessor of DTensor, FSDP1's SHARDED_STATE_DICT) has a module of
+its own: :mod:`stager.sharded`.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ import torch
 
 from . import _native
 from . import dtensor as _dtensor
+from . import sharded as _sharded
 from ._native import StagerError
 
 __all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
@@ -127,6 +128,11 @@ class StatePlan:
         self.mesh_infos: list[Any] = []
         self.mesh_binding: Any = None
         self.dtensor_where: list[str] = []  # decoded plans: each DTensor's first key, for errors
+        # ShardedTensors (``sharded.ShardedRecord`` per distinct one), their places, and (decoded
+        # plans) each one's first key.
+        self.sharded: list[Any] = []
+        self.sharded_fills: list[tuple[Any, Any, int]] = []
+        self.sharded_where: list[str] = []
         #: Objects holding tensors, deep-copied after staging (see :class:`_DeferredCopies`).
         self.deferred: _DeferredCopies | None = None
         self.table: Any = None
@@ -203,6 +209,8 @@ class StatePlan:
             wrapped = _dtensor.wrap_all(staged, self.dtensors, self.mesh_binding, self.dtensor_where)
             for parent, key, index in self.dtensor_fills:
                 parent[key] = wrapped[index]
+        if self.sharded:
+            _fill_sharded(self, staged)
         if self.deferred is not None:
             self.deferred.run(staged, wrapped)
         for parent, key, items, tuple_type in self.tuples:
@@ -212,6 +220,7 @@ class StatePlan:
         self.holder = [None]
         self.fills = []
         self.dtensor_fills = []
+        self.sharded_fills = []
         self.tuples = []
         self.leaves = []
         self.deferred = None
@@ -395,6 +404,7 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
     plan = StatePlan()
     tensor_index: dict[int, int] = {}
     dtensor_index: dict[int, int] = {}
+    sharded_index: dict[int, int] = {}
     memo: dict[int, Any] = {}  # id(container) -> its skeleton; deepcopy memo for other leaves
     keep: list[Any] = []  # keeps memo'd sources alive so their ids stay unique during the walk
     leaves = plan.leaves
@@ -477,7 +487,7 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
             if isinstance(value, dtensor_types):
                 dtensor_fills.append((parent, key, dtensor_slot(value)))
             elif isinstance(value, sharded_types):
-                raise _refuse_sharded_tensor(state_dict, value)
+                plan.sharded_fills.append((parent, key, _sharded_slot(plan, sharded_index, value, tensor_slot)))
             else:
                 add_tensor(value, parent, key)
             return None
@@ -638,3 +648,32 @@ def _file_depth_limit() -> int:
     from .tree import MAX_DEPTH  # tree imports plan: resolved at call time
 
     return MAX_DEPTH
+
+
+# ---- ShardedTensor leaves (kept apart from the walk above) ---------------------------------------
+
+
+def _sharded_slot(plan: StatePlan, index_of: dict[int, int], value: Any, tensor_slot: Any) -> int:
+    """The index of ShardedTensor ``value`` in ``plan.sharded``; its local shards become leaves."""
+    index = index_of.get(id(value))
+    if index is None:
+        index = index_of[id(value)] = len(plan.sharded)
+        plan.sharded.append(_sharded.record_of(value, tensor_slot))
+    return index
+
+
+def _fill_sharded(plan: StatePlan, staged: list[Any]) -> None:
+    """Puts the rebuilt ShardedTensors in their places (see :mod:`stager.sharded`)."""
+    where = plan.sharded_where or [_sharded_key(plan, number) for number in range(len(plan.sharded))]
+    built = _sharded.build_all(staged, plan.sharded, where)
+    for parent, key, index in plan.sharded_fills:
+        parent[key] = built[index]
+    plan.sharded = []
+
+
+def _sharded_key(plan: StatePlan, number: int) -> str:
+    """Names ShardedTensor ``number`` of a staging plan (which keeps no key paths) by its key."""
+    for _, key, index in plan.sharded_fills:
+        if index == number:
+            return f"key {key!r}"
+    return "root"

@@ -34,6 +34,7 @@ import torch
 
 from . import _native
 from . import dtensor as _dtensor
+from . import sharded as _sharded
 from ._native import StagerError
 from .plan import StatePlan, TensorPlan, gc_paused
 
@@ -93,6 +94,7 @@ def encode(plan: StatePlan, *, allow_pickle: bool = False) -> dict[str, Any]:
 def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
     tensor_at = {(id(parent), key): index for parent, key, index in plan.fills}
     dtensor_at = {(id(parent), key): index for parent, key, index in plan.dtensor_fills}
+    sharded_at = {(id(parent), key): index for parent, key, index in plan.sharded_fills}
     object_at = {(id(parent), key): source for parent, key, source in plan.deferred.objects} if plan.deferred else {}
     tuple_type = {id(items): cls for _, _, items, cls in plan.tuples}
     tensor_where: dict[int, str] = {}
@@ -148,6 +150,8 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
                 item = {"t": "tensor", "i": local, "dtensor": index}
                 dtensor_nodes.append(item)
                 return item
+        if sharded_at and (id(parent), key) in sharded_at:
+            return _sharded_node(plan.sharded[sharded_at[(id(parent), key)]], where, tensor_where)
         if object_at and (id(parent), key) in object_at:  # an object holding tensors
             return leaf(object_at[(id(parent), key)], where)
         if isinstance(value, dict):
@@ -214,6 +218,12 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
 
 
 # ---- what the reader would refuse, refused before writing (kept apart from the walk above) -------
+
+
+def _sharded_node(record: Any, where: str, tensor_where: dict[int, str]) -> dict[str, Any]:
+    for index in record.tensors:
+        tensor_where.setdefault(index, where)
+    return _sharded.encode(record, where)
 
 
 def _too_deep(where: str) -> StagerError:
@@ -493,6 +503,11 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
                 plan.dtensor_fills.append((parent, key, number))
                 return None
             plan.fills.append((parent, key, index))
+            return None
+        if kind == "sharded":
+            plan.sharded_fills.append((parent, key, len(plan.sharded)))
+            plan.sharded.append(_sharded.decode(item, where, count, DTYPES))
+            plan.sharded_where.append(where)
             return None
         if kind in ("dict", "odict"):
             entries = item.get("items")
