@@ -251,6 +251,17 @@ def scenario_files(world):
             assert "root.model.w" in str(err) and "coordinate" in str(err), str(err)
         else:
             raise AssertionError("loading another rank's shards onto this rank's mesh must fail")
+    # A placement the reader would refuse (a 300-character dim name) is refused by save, naming
+    # the key, and nothing is written.
+    long_names = init_device_mesh("cpu", (world.size,), mesh_dim_names=("d" * 300,))
+    refused = os.path.join(world.directory, f"refused{world.rank}.stager")
+    try:
+        stager.save({"model": {"odd": distribute_tensor(torch.ones(4 * world.size), long_names, [Shard(0)])}}, refused)
+    except stager.StagerError as err:
+        assert "root.model.odd" in str(err) and "dim_names" in str(err), str(err)
+    else:
+        raise AssertionError("a DTensor whose placement a reader refuses was saved")
+    assert not os.path.exists(refused)
     return {}
 
 

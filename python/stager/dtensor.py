@@ -520,6 +520,7 @@ def encode(records: list[tuple[int, Any]], where: list[str]) -> tuple[list[int],
     layout_index: dict[Any, int] = {}
     placement_json: dict[Any, list] = {}
     out = []
+    first_where: list[str] = []  # layout i: the key of its first DTensor
     for number, (_, placement) in enumerate(records):
         if type(placement) is DTensorLayout:  # from a LocalShard
             key: Any = (id(placement.mesh), placement.placements, placement.shape, placement.stride,
@@ -534,8 +535,26 @@ def encode(records: list[tuple[int, Any]], where: list[str]) -> tuple[list[int],
         if index is None:
             index = layout_index[key] = len(layouts)
             layouts.append(_layout_json(placement, where[number], meshes, mesh_index, placement_json))
+            first_where.append(where[number])
         out.append(index)
+    _refuse_unreadable(layouts, meshes, first_where)
     return out, layouts, meshes
+
+
+def _refuse_unreadable(layouts: list[dict], meshes: list[dict], where: list[str]) -> None:
+    """What :func:`decode` would refuse (an empty or 257-character dim name, a reduce op it does
+    not know, ...) is refused when writing or sending, naming the DTensor's key."""
+    try:
+        decode({"dtensors": layouts, "meshes": meshes})
+    except StagerError:
+        for index, layout in enumerate(layouts):
+            try:
+                decode({"dtensors": [{**layout, "mesh": 0}], "meshes": [meshes[layout["mesh"]]]})
+            except StagerError as err:
+                reason = str(err).removeprefix("invalid checkpoint metadata: ")
+                raise StagerError(f"cannot persist or send the DTensor at {where[index]}: a reader would refuse "
+                                  f"its placement: {reason}") from None
+        raise
 
 
 def _layout_json(placement: Any, where: str, meshes: list[dict], mesh_index: dict[int, int],
