@@ -29,6 +29,12 @@
 //!   (or at the end of the links) is refused with an error naming the path and what it is, before
 //!   anything is written, and checked again just before the rename. A replaced file's permission
 //!   bits carry over to the new one.
+//! - **Only files this process could open for writing are replaced**, as `torch.save` (which
+//!   opens the path for writing) allows: a rename needs only a writable directory, so in a
+//!   world-writable directory another user's read-only file would otherwise be replaced (and
+//!   change owner). An existing target that `faccessat(W_OK, AT_EACCESS)` refuses (another
+//!   user's file, a mode-0444 file, a read-only mount) is refused before anything is written,
+//!   and again just before the rename, with the errno kept.
 //!
 //! # Example
 //! ```
@@ -274,6 +280,7 @@ fn resolve_target(path: &Path) -> Result<PathBuf> {
             continue;
         }
         if file_type.is_file() {
+            check_writable(&current, path)?;
             return Ok(current);
         }
         return Err(not_regular(path, &current, file_type));
@@ -292,7 +299,39 @@ fn check_replaceable(target: &Path, requested: &Path) -> Result<()> {
         Ok(meta) if !meta.is_file() && !meta.file_type().is_symlink() => {
             Err(not_regular(requested, target, meta.file_type()))
         }
+        Ok(meta) if meta.is_file() => check_writable(target, requested),
         _ => Ok(()),
+    }
+}
+
+/// An existing regular file at `target` must be one this process could open for writing (with
+/// its effective ids, as `open(O_WRONLY)` would check): see the module docs.
+fn check_writable(target: &Path, requested: &Path) -> Result<()> {
+    let Ok(c_path) = std::ffi::CString::new(target.as_os_str().as_bytes()) else {
+        return Ok(()); // a NUL in the path: creating the temp file reports it
+    };
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call; faccessat only
+    // reads it.
+    let status = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::W_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if status == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Err(StagerError::io(
+            "refusing to replace a file this process could not open for writing (torch.save \
+             refuses it too):",
+            requested,
+            err,
+        )),
+        _ => Ok(()), // gone meanwhile, or a check the filesystem cannot answer: the rename decides
     }
 }
 

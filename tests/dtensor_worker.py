@@ -251,6 +251,17 @@ def scenario_files(world):
             assert "root.model.w" in str(err) and "coordinate" in str(err), str(err)
         else:
             raise AssertionError("loading another rank's shards onto this rank's mesh must fail")
+    # A placement the reader would refuse (a 300-character dim name) is refused by save, naming
+    # the key, and nothing is written.
+    long_names = init_device_mesh("cpu", (world.size,), mesh_dim_names=("d" * 300,))
+    refused = os.path.join(world.directory, f"refused{world.rank}.stager")
+    try:
+        stager.save({"model": {"odd": distribute_tensor(torch.ones(4 * world.size), long_names, [Shard(0)])}}, refused)
+    except stager.StagerError as err:
+        assert "root.model.odd" in str(err) and "dim_names" in str(err), str(err)
+    else:
+        raise AssertionError("a DTensor whose placement a reader refuses was saved")
+    assert not os.path.exists(refused)
     return {}
 
 
@@ -274,19 +285,27 @@ def scenario_transport(world):
     assert received["model"]["tp_sub"].device_mesh is sd["model"]["tp_sub"].device_mesh
     assert torch.equal(received["model"]["partial"]._local_tensor, torch.full((3,), float(src)))
     dist.barrier()
-    # Only receiving (nothing sent, no mesh given): LocalShards with the sender's placement.
+    # Only receiving (nothing sent, no mesh given): DTensors all the same, as PyTorch's, on meshes
+    # rebuilt over the transport's group with the sender's mesh shape, dim names and placements.
     if world.rank == 0:
         transport.send_checkpoint([1], sd)
     elif world.rank == 1:
-        shards = transport.recv_checkpoint(0)
-        shard = shards["model"]["w"]
-        assert type(shard) is stager.LocalShard and shard.mesh.coordinate == (0,) and shard.placements == (Shard(0),)
-        assert shard.mesh.dim_names == ("dp",) and shard.mesh.ranks == tuple(range(world.size))
-        assert torch.equal(shard.tensor, full_w.chunk(world.size)[0])
-        assert type(shards["model"]["tp"]) is stager.LocalShard and shards["model"]["tp"].mesh.coordinate == (0, 0)
-        # Sent on with a mesh given, they are DTensors again.
+        got = transport.recv_checkpoint(0)
+        w = got["model"]["w"]
+        assert type(w) is DTensor and w.placements == (Shard(0),) and w.shape == (7, 5), w
+        assert w.device_mesh is not world.mesh and w.device_mesh == world.mesh  # rebuilt: same ranks, dims
+        assert w.device_mesh.mesh_dim_names == ("dp",)
+        assert torch.equal(w._local_tensor, full_w.chunk(world.size)[0])  # the sender's shard
+        assert got["same"] is w
+        tp = got["model"]["tp"]
+        assert type(tp) is DTensor and tp.device_mesh.shape == (1, world.size), tp
+        assert tp.device_mesh.mesh_dim_names == ("rep", "tp") and tp.placements == (Replicate(), Shard(0))
+        assert type(got["model"]["tp_sub"]) is DTensor and got["model"]["tp_sub"].device_mesh.mesh_dim_names == ("tp",)
+        # The same described mesh is rebuilt once per transport.
+        assert got["model"]["cols"].device_mesh is w.device_mesh
+        # Sent on with a mesh given, they are DTensors on it.
         with_mesh = stager.PGTransport(dist.group.WORLD, TIMEOUT, "cpu", mesh=[world.mesh, world.mesh2d])
-        with_mesh.send_checkpoint([0], shards)
+        with_mesh.send_checkpoint([0], got)
     if world.rank == 0:
         with_mesh = stager.PGTransport(dist.group.WORLD, TIMEOUT, "cpu", mesh=[world.mesh, world.mesh2d])
         check_state_dict(with_mesh.recv_checkpoint(1), sd, same_mesh=False)
@@ -376,31 +395,68 @@ def scenario_restore_into(world):
     return {}
 
 
-def scenario_refusals(world):
-    """A ShardedTensor is refused at once with its key, by staging, saving and the transport
-    (every rank of the exchange raises, all of them sending one)."""
-    from torch.distributed._shard import sharded_tensor
-    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+def _sharded_state_dict(rank, size, rows=8):
+    """PyTorch's _create_sharded_tensor_state_dict (test_pg_transport.py): one ShardedTensor of
+    ``rows`` rows per rank (deterministic values), plus a scalar tensor."""
+    from torch.distributed._shard.sharded_tensor import Shard as ShardedTensorShard
+    from torch.distributed._shard.sharded_tensor import ShardMetadata, init_from_local_shards
 
-    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world.size)])
-    st = sharded_tensor.zeros(spec, 4 * world.size, 2)
-    sd = {"model": {"st": st, "w": torch.ones(3)}}
-    for attempt in (lambda: stager.DefaultStager(stager.StagingOptions(use_async_staging=False)).stage(sd),
-                    lambda: stager.save(sd, os.path.join(world.directory, f"st{world.rank}.stager"))):
-        try:
-            attempt()
-        except stager.StagerError as err:
-            assert "ShardedTensor" in str(err) and "root.model.st" in str(err), str(err)
+    local = torch.arange(rank * rows * 8, (rank + 1) * rows * 8, dtype=torch.float32).reshape(rows, 8)
+    st = init_from_local_shards([ShardedTensorShard(tensor=local, metadata=ShardMetadata(
+        shard_offsets=[rank * rows, 0], shard_sizes=[rows, 8], placement=f"rank:{rank}/cpu"))], rows * size, 8)
+    return {"model": {"sharded_tensor": st, "w": torch.ones(3)}, "rank_scalar": torch.tensor(float(rank))}
+
+
+def _check_sharded(got, owner, world, where, rows=8):
+    """``got`` holds rank ``owner``'s ShardedTensor shard, placed on this rank, as PyTorch's
+    receive returns it."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    st = got["model"]["sharded_tensor"]
+    assert isinstance(st, ShardedTensor), f"{where}: {type(st).__name__}"
+    assert st.size() == torch.Size([rows * world.size, 8]), where
+    shards = st.local_shards()
+    assert len(shards) == 1, where
+    expected = torch.arange(owner * rows * 8, (owner + 1) * rows * 8, dtype=torch.float32).reshape(rows, 8)
+    assert torch.equal(shards[0].tensor, expected), where
+    assert shards[0].metadata.shard_offsets == [owner * rows, 0] and shards[0].metadata.shard_sizes == [rows, 8], where
+    assert str(shards[0].metadata.placement) == f"rank:{world.rank}/cpu", where
+    assert [m.shard_offsets for m in st.metadata().shards_metadata] == [[r * rows, 0] for r in range(world.size)], where
+    assert got["rank_scalar"].item() == float(owner), where
+    assert torch.equal(got["model"]["w"], torch.ones(3)), where
+
+
+def scenario_sharded_tensors(world):
+    """ShardedTensor leaves (FSDP1's SHARDED_STATE_DICT) travel like PyTorch's transport carries
+    them: staged, saved and loaded (under a process group), sent through PGTransport in PyTorch's
+    ring (test_pg_transport_with_sharded_tensor) and replicated by ReplicationStager
+    (test_replication_sharded_tensors): the sender's shard, placed on the receiving rank, under
+    the sender's global metadata."""
+    sd = _sharded_state_dict(world.rank, world.size)
+    source = sd["model"]["sharded_tensor"].local_shards()[0].tensor
+    staged = stager.DefaultStager(stager.StagingOptions(use_async_staging=False)).stage(sd)
+    _check_sharded(staged, world.rank, world, "staged")
+    staged_local = staged["model"]["sharded_tensor"].local_shards()[0].tensor
+    assert staged_local.untyped_storage().data_ptr() != source.untyped_storage().data_ptr(), "not a copy"
+    path = os.path.join(world.directory, f"st{world.rank}.stager")
+    stager.save(sd, path)
+    _check_sharded(stager.load(path), world.rank, world, "loaded")
+    if world.size > 1:
+        nxt, prev = (world.rank + 1) % world.size, (world.rank - 1) % world.size
+        transport = stager.PGTransport(dist.group.WORLD, datetime.timedelta(seconds=30), torch.device("cpu"))
+        if world.rank == 0:
+            transport.send_checkpoint([nxt], sd)
+            received = transport.recv_checkpoint(prev)
         else:
-            raise AssertionError("a ShardedTensor must be refused")
-    if world.size > 1:  # every rank of an exchange fails at once, naming it, also when all send one
-        transport = stager.PGTransport(dist.group.WORLD, datetime.timedelta(seconds=30), "cpu")
-        try:
-            transport.exchange((world.rank + 1) % world.size, sd, (world.rank - 1) % world.size)
-        except stager.StagerError as err:
-            assert "ShardedTensor" in str(err) and "root.model.st" in str(err), str(err)
-        else:
-            raise AssertionError("sending a ShardedTensor must fail")
+            received = transport.recv_checkpoint(prev)
+            transport.send_checkpoint([nxt], sd)
+        _check_sharded(received, prev, world, "received")
+        replicator = stager.ReplicationStager(pg=dist.group.WORLD, timeout=datetime.timedelta(seconds=30),
+                                              device=torch.device("cpu"),
+                                              storage_dir=os.path.join(world.directory, f"st_replicas{world.rank}"))
+        partner = (world.rank + world.size // 2) % world.size if world.size % 2 == 0 else prev
+        _check_sharded(replicator.stage(sd), partner, world, "replicated")
+        replicator.close()
     dist.barrier()
     return {}
 
@@ -443,6 +499,86 @@ def scenario_dcp_thread(world):
 
 def scenario_dcp_process(world):
     return _dcp_round_trip(world, "PROCESS")
+
+
+# ---- PyTorch's own expectations (test_pg_transport.py, test_replication_* of its staging tests) -----
+
+
+def _ring(transport, state_dict, world):
+    """PyTorch's ring_send_recv_checkpoint: send to rank + 1, receive from rank - 1."""
+    nxt, prev = (world.rank + 1) % world.size, (world.rank - 1) % world.size
+    if world.rank == 0:
+        transport.send_checkpoint([nxt], state_dict)
+        return transport.recv_checkpoint(prev)
+    received = transport.recv_checkpoint(prev)
+    transport.send_checkpoint([nxt], state_dict)
+    return received
+
+
+def scenario_pytorch_transport(world):
+    """test_pg_transport_with_mixed_content with stager's PGTransport: a DTensor (from_local on a
+    fresh 1-D mesh), model tensors, a non-tensor, a nested dict and a list come back equal, the
+    DTensor as a DTensor; sends and receives are separate calls here, so every DTensor comes back
+    on a mesh rebuilt over the group, and that mesh works for collectives."""
+    mesh = init_device_mesh("cpu", (world.size,))
+    torch.manual_seed(42)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 10))
+    dtensor = DTensor.from_local(torch.randn(10, 10), mesh)  # Replicate(), the same on every rank
+    state_dict = {
+        "net1.weight": model[0].weight.data, "net1.bias": model[0].bias.data,
+        "net2.weight": model[2].weight.data, "net2.bias": model[2].bias.data,
+        "dtensor": dtensor, "non-tensor": "some string",
+        "nested": {"tensor": torch.randn(1, 2), "value": 42}, "list": [1, 2, 3],
+    }
+    transport = stager.PGTransport(dist.group.WORLD, datetime.timedelta(seconds=30), torch.device("cpu"))
+    received = _ring(transport, state_dict, world)
+    assert set(received) == set(state_dict)
+    got = received["dtensor"]
+    assert type(got) is DTensor and got.placements == dtensor.placements and got.shape == dtensor.shape, got
+    assert got.device_mesh == mesh and got.device_mesh.mesh_dim_names is None
+    assert torch.equal(got.to_local(), dtensor.to_local())
+    # The rebuilt mesh is the group's: a collective over it works (every rank calls it).
+    assert torch.equal(got.full_tensor(), dtensor.to_local())
+    assert torch.equal(got.redistribute(mesh, [Shard(0)]).to_local(), dtensor.to_local().chunk(world.size)[world.rank])
+    for key in ("net1.weight", "net1.bias", "net2.weight", "net2.bias"):
+        assert torch.equal(received[key], state_dict[key]), key
+    assert torch.equal(received["nested"]["tensor"], state_dict["nested"]["tensor"])
+    assert received["nested"]["value"] == 42 and received["list"] == [1, 2, 3]
+    assert received["non-tensor"] == "some string"
+    dist.barrier()
+    return {}
+
+
+def scenario_pytorch_replication_dtensors(world):
+    """test_replication_dtensors with stager's ReplicationStager: Shard(0) and Replicate()
+    DTensors on ``DeviceMesh("cpu", ranks)`` come back as DTensors holding the partner's shard."""
+    if world.size < 2:
+        return {"skipped": "needs 2 ranks"}
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh("cpu", list(range(world.size)))
+    global_tensor = torch.arange(0, 128 * 16, dtype=torch.float32).reshape(128, 16)
+    state_dict = {
+        "sharded_param": distribute_tensor(global_tensor, mesh, [Shard(0)]),
+        "replicated_param": distribute_tensor(torch.full((8, 8), 12800.0), mesh, [Replicate()]),
+        "rank_scalar": torch.tensor(float(world.rank)),
+    }
+    replicator = stager.ReplicationStager(pg=dist.group.WORLD, timeout=datetime.timedelta(seconds=30),
+                                          device=torch.device("cpu"),
+                                          storage_dir=os.path.join(world.directory, f"pt_replicas{world.rank}"))
+    replicated = replicator.stage(state_dict)
+    partner = (world.rank + world.size // 2) % world.size if world.size % 2 == 0 else (world.rank - 1) % world.size
+    sharded = replicated["sharded_param"]
+    assert isinstance(sharded, DTensor), type(sharded)
+    assert torch.equal(sharded.to_local(), global_tensor.chunk(world.size)[partner])
+    assert type(sharded._spec.placements[0]).__name__ == "Shard"
+    replicated_param = replicated["replicated_param"]
+    assert isinstance(replicated_param, DTensor) and type(replicated_param._spec.placements[0]).__name__ == "Replicate"
+    assert torch.equal(replicated_param.to_local(), torch.full((8, 8), 12800.0))
+    assert replicated["rank_scalar"].item() == float(partner)
+    replicator.close()
+    dist.barrier()
+    return {}
 
 
 SCENARIOS = {name.removeprefix("scenario_"): value for name, value in globals().items() if name.startswith("scenario_")}

@@ -64,6 +64,31 @@ def report(**fields):
     print("RESULT " + json.dumps({"scenario": _current.get("name"), **fields}), flush=True)
 
 
+def wait_for_files(paths, seconds):
+    """Waits (bounded by ``seconds``) until every file of ``paths`` exists: how a rank that must
+    stay away waits for the others to be done with it, instead of guessing a duration that load
+    can outlast."""
+    end = time.monotonic() + seconds
+    while not all(os.path.exists(path) for path in paths):
+        if time.monotonic() > end:
+            raise AssertionError(f"waited {seconds}s for {paths}")
+        time.sleep(0.02)
+
+
+def announce_first_wait(line):
+    """Prints ``line`` when this process first waits for a transfer's completions (the rank is
+    then inside the wait a test may interrupt)."""
+    original = transport_module._Waits.next
+
+    def next_completion(self):
+        if transport_module._Waits.next is next_completion:
+            transport_module._Waits.next = original
+            print(line, flush=True)
+        return original(self)
+
+    transport_module._Waits.next = next_completion
+
+
 def check_views(received):
     model = received["model"]
     assert model["weight_t"].untyped_storage().data_ptr() == model["weight"].untyped_storage().data_ptr()
@@ -286,8 +311,11 @@ def scenario_stall(rank, world, directory, options):
     and every later call says the group is broken instead of waiting or repeating the timeout."""
     victim = options.get("victim", 1)
     replicator = _prepare_failure(rank, world, directory, options)
+    done = [os.path.join(directory, f"stall.done.{r}") for r in range(world) if r != victim]
     if rank == victim:
-        time.sleep(options["timeout"] + options.get("linger", 3))
+        # Away until every other rank has failed and reported: exiting earlier would close the
+        # connections, and a loaded machine would see "connection closed" instead of the timeout.
+        wait_for_files(done, options["timeout"] + 60)
         report(rank=rank, stalled=True)
         os._exit(0)
     started = time.monotonic()
@@ -304,18 +332,21 @@ def scenario_stall(rank, world, directory, options):
         else:
             raise AssertionError("stage() on a broken group succeeded")
         _check_after_failure(rank, world, directory, err, started, victim)
+        open(os.path.join(directory, f"stall.done.{rank}"), "w").close()
         os._exit(0)
     raise AssertionError(f"rank {rank}: stage() succeeded although rank {victim} never called it")
 
 
 def scenario_interrupt(rank, world, directory, options):
-    """Rank 0 waits in stage() for an absent partner; the test sends it SIGINT."""
+    """Rank 0 waits in stage() for an absent partner and says so ("WAITING"); the test sends it
+    SIGINT. The partner stays away (without closing its connections) until rank 0 is done."""
     replicator = stager.ReplicationStager(timeout=datetime.timedelta(seconds=options["timeout"]), storage_dir=directory)
+    done = os.path.join(directory, "interrupt.done")
     if rank != 0:
-        time.sleep(options["absent_for"])
+        wait_for_files([done], options["timeout"] + 30)
         report(rank=rank, absent=True)
         os._exit(0)
-    print("STAGING", flush=True)
+    announce_first_wait("WAITING")
     started = time.monotonic()
     try:
         replicator.stage(make_state_dict(rank, big_numel=100_000))
@@ -331,6 +362,7 @@ def scenario_interrupt(rank, world, directory, options):
     else:
         raise AssertionError("stage() after an interrupt succeeded on a group with messages in flight")
     report(rank=rank, waited=interrupted - started, leftovers=leftovers, kind=kind, message=message)
+    open(done, "w").close()
     os._exit(0)
 
 
@@ -427,7 +459,7 @@ def scenario_cut(rank, world, directory, options):
     src = replicator.peers(rank, world)[1]
     for step in (1, 2):
         replicator.stage(make_state_dict(rank, step=step), step=step)
-    print("STAGING", flush=True)
+    _announce_first_segment("ON-THE-WIRE")  # the test takes the link down once bytes are moving
     started = time.monotonic()
     try:
         replicator.stage(make_state_dict(rank, big_numel=options["big_numel"], step=3), step=3)
@@ -442,6 +474,20 @@ def scenario_cut(rank, world, directory, options):
         report(rank=rank, elapsed=elapsed, error=str(err), kind=getattr(err, "kind", None))
         os._exit(0)
     raise AssertionError("stage() succeeded although the link was cut")
+
+
+def _announce_first_segment(line):
+    """Prints ``line`` once the first data segment of this process's next transfer is posted."""
+    original = transport_module.PGTransport._post
+
+    def post(self, waits, op, tensor, peer, seq, index, token):
+        work = original(self, waits, op, tensor, peer, seq, index, token)
+        if op == "send" and index >= transport_module._TAG_FIRST_SEGMENT and transport_module.PGTransport._post is post:
+            transport_module.PGTransport._post = original
+            print(line, flush=True)
+        return work
+
+    transport_module.PGTransport._post = post
 
 
 def scenario_wipe(rank, world, directory, options):

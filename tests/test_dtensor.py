@@ -39,7 +39,7 @@ def assert_scenarios_pass(results, scenarios):
 
 # ---- multi-rank: staging, files, transport, replication, dcp ------------------------------------
 
-STAGING_AND_FILES = ["stage", "files", "fsdp2", "refusals"]
+STAGING_AND_FILES = ["stage", "files", "fsdp2", "sharded_tensors"]
 EXCHANGE = ["transport", "replication", "restore_into"]
 
 
@@ -57,6 +57,16 @@ def test_transport_and_replication(tmp_path, world):
     # PGTransport (ring exchange, send back, in place into DTensor targets) and ReplicationStager
     # (pairs for 2 ranks, the ring for 3) carry DTensor state_dicts; the placement travels as JSON.
     assert_scenarios_pass(run_ranks(world, tmp_path, EXCHANGE), EXCHANGE)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world", [2, 3])
+def test_pytorch_transport_and_replication_expectations(tmp_path, world):
+    # PyTorch's test_pg_transport_with_mixed_content and test_replication_dtensors with stager's
+    # classes: received DTensors are DTensors (on a mesh rebuilt over the group when the receiver
+    # has none of its own), holding the sender's shard.
+    scenarios = ["pytorch_transport", "pytorch_replication_dtensors"]
+    assert_scenarios_pass(run_ranks(world, tmp_path, scenarios), scenarios)
 
 
 @pytest.mark.timeout(400)
@@ -87,6 +97,42 @@ def _meta_with_dtensor(**changes):
         target = {"dtensor": entry, "mesh": mesh, "node": meta["tree"]["items"][0][1]}[where]
         target[field] = value
     return meta
+
+
+def _meta_with_sharded(**changes):
+    node = {"t": "sharded", "local": [[0, [2, 0], [2, 8]]], "size": [4, 8], "dtype": "float32",
+            "requires_grad": False, "pin_memory": False, "memory_format": "contiguous_format", "strides": None,
+            "shards": [[[0, 0], [2, 8], "rank:0/cpu"], [[2, 0], [2, 8], "rank:1/cpu"]]}
+    node.update(changes)
+    return {"version": tree.FORMAT_VERSION, "tree": {"t": "dict", "items": [["model", {"t": "dict", "items": [
+        ["st", node]]}]]}, "tensors": [["float32", [2, 8], None, 0, 0]], "storages": [64]}
+
+
+def test_a_sharded_tensor_read_outside_a_process_group_names_its_key():
+    plan = tree.decode(_meta_with_sharded())
+    buffer = stager._native.HostPool().acquire(plan.total_nbytes)
+    with pytest.raises(stager.StagerError, match=r"ShardedTensor at root\.model\.st: .*torch\.distributed"):
+        plan.materialize(buffer)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"local": [[1, [2, 0], [2, 8]]]}, "tensor index < 1"),
+        ({"local": [[0, [2], [2, 8]]]}, "shard offsets"),
+        ({"shards": []}, "at least one"),
+        ({"shards": [[[0, 0], [2, 8], "__import__('os')"]]}, "rank:<n>/<device>"),
+        ({"dtype": "object"}, "unknown dtype"),
+        ({"memory_format": "pickle"}, "memory_format"),
+        ({"requires_grad": "yes"}, "booleans"),
+        ({"size": [-4, 8]}, "size"),
+        ({"strides": [1]}, "strides"),
+    ],
+)
+def test_hostile_sharded_tensor_metadata_is_refused(change, message):
+    with pytest.raises(stager.StagerError, match="invalid checkpoint metadata") as info:
+        tree.decode(_meta_with_sharded(**change))
+    assert message in str(info.value) and "root.model.st" in str(info.value), str(info.value)
 
 
 def test_decoded_dtensor_without_mesh_is_a_local_shard():

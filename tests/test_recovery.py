@@ -7,7 +7,6 @@ call restore(). The last tests put each simulated node in its own network namesp
 """
 
 import shutil
-import time
 
 import pytest
 from ranks import (
@@ -217,11 +216,10 @@ def test_link_cut_in_the_middle_of_a_transfer(tmp_path, network):
     timeout = 10
     procs = net.launch(2, tmp_path, [["cut", {"big_numel": 10_000_000, "timeout": timeout}]], ranks_per_node=1)
     line, seen = "", []
-    while line.strip() != "STAGING":
+    while line.strip() != "ON-THE-WIRE":  # step 3's first data segment is posted: cut now
         line = procs[0].stdout.readline()
         assert line, "".join(seen)
         seen.append(line)
-    time.sleep(1.0)
     net.cut(node=1)
     results = collect(procs, deadline=120)
     assert_all_ok(results, ["cut"])

@@ -12,11 +12,14 @@ plus a placement (device mesh, placements, global shape and stride) kept beside 
 * **Rebuilding** a decoded DTensor needs a mesh of the reader's own: :func:`resolve_meshes`
   matches each described mesh to a given ``DeviceMesh`` (same shape and dim names, or a submesh
   of it by dim names), and :class:`MeshBinding` rebuilds (a load checks the shard is this rank's;
-  a receive takes the sender's shard, as PyTorch's PGTransport does). Without a mesh, the reader
-  gets a :class:`LocalShard`: the local tensor with its placement, which
+  a receive takes the sender's shard, as PyTorch's PGTransport does). A receive that was given
+  no matching mesh rebuilds one over its process group (:class:`GroupMeshes`), so a received
+  DTensor is a DTensor, as PyTorch's is. A file has no group: ``load`` without a mesh gives a
+  :class:`LocalShard` (the local tensor with its placement), which
   :meth:`LocalShard.to_dtensor` turns into a DTensor later.
 
-ShardedTensor (the deprecated predecessor of DTensor) is refused with a StagerError naming its key.
+ShardedTensor (the deprecated predecessor of DTensor, FSDP1's SHARDED_STATE_DICT) has a module of
+its own: :mod:`stager.sharded`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ._native import StagerError
 __all__ = [
     "DTENSOR",
     "SHARDED_TENSOR",
+    "GroupMeshes",
     "LocalShard",
     "MeshBinding",
     "MeshInfo",
@@ -370,17 +374,82 @@ def resolve_meshes(infos: list[MeshInfo], candidates: Any, *, required: bool = F
     return out if any(m is not None for m in out) else None
 
 
-def bind_meshes(plan: Any, mesh: Any, *, required: bool) -> None:
+def bind_meshes(plan: Any, mesh: Any, *, required: bool, rebuild: Any = None) -> None:
     """Chooses, for each mesh a decoded plan describes, the reader's mesh its DTensors are rebuilt
     on (``mesh``: a DeviceMesh, a list of them, or None); see :func:`resolve_meshes`. ``required``:
-    every DTensor must become a DTensor on them (``load(mesh=...)``), see :class:`MeshBinding`."""
+    every DTensor must become a DTensor on them (``load(mesh=...)``), see :class:`MeshBinding`.
+    ``rebuild`` (a receive's :class:`GroupMeshes`): makes a mesh for a described mesh that none
+    of ``mesh`` matches."""
     if not plan.mesh_infos:
         return
     where = ["root"] * len(plan.mesh_infos)
     for number in reversed(range(len(plan.dtensors))):
         where[plan.dtensors[number][1].mesh_index] = plan.dtensor_where[number]
     meshes = resolve_meshes(plan.mesh_infos, mesh, required=required, where=where)
+    if rebuild is not None:
+        meshes = [found if found is not None else rebuild(info)
+                  for found, info in zip(meshes or [None] * len(plan.mesh_infos), plan.mesh_infos)]
+        if all(found is None for found in meshes):
+            meshes = None
     plan.mesh_binding = MeshBinding(meshes, strict=required) if meshes is not None else None
+
+
+class GroupMeshes:
+    """Meshes a receiving rank rebuilds over its process group for received DTensors whose mesh
+    it was not given (what PyTorch's PGTransport returns: a DTensor, never a bare shard).
+
+    A described mesh (shape, dim names, the sender's global ranks) is rebuilt with the sender's
+    ranks when they all belong to ``group``, else with the group's ranks in order when their
+    number fits the shape; anything else (or a torch without DeviceMesh) gets None, and the
+    receive returns a :class:`LocalShard` for it. A 1-D mesh over exactly the group's ranks
+    is ``DeviceMesh.from_group(group)``, usable for collectives; other shapes are built without
+    process groups (no collective is possible on a receive that only some ranks make): their
+    DTensors serve local work (``to_local()``, saving, sending on) and a given ``mesh=`` is the
+    way to get collectives. Meshes are made once per transport and described mesh.
+    """
+
+    def __init__(self, group: Any, device_type: str) -> None:
+        self.group = group
+        self.device_type = device_type
+        self.built: dict[tuple, Any] = {}
+
+    def release(self) -> None:
+        """Drops the group and the meshes over it (see ``transport._release_groups_at_exit``)."""
+        self.group = None
+        self.built.clear()
+
+    def __call__(self, info: MeshInfo) -> Any:
+        if self.group is None:
+            return None
+        key = (info.shape, info.dim_names, info.ranks)
+        if key not in self.built:
+            self.built[key] = self._build(info)
+        return self.built[key]
+
+    def _build(self, info: MeshInfo) -> Any:
+        if DTENSOR is None:
+            return None
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import DeviceMesh
+
+        try:
+            group_ranks = list(dist.get_process_group_ranks(self.group))
+        except Exception:  # not a registered group (or none): nothing to rebuild over
+            return None
+        size = math.prod(info.shape)
+        if len(set(info.ranks)) == size and set(info.ranks) <= set(group_ranks):
+            ranks = list(info.ranks)
+        elif size == len(group_ranks):
+            ranks = group_ranks
+        else:
+            return None
+        try:
+            if len(info.shape) == 1 and ranks == group_ranks:
+                return DeviceMesh.from_group(self.group, self.device_type, mesh_dim_names=info.dim_names)
+            layout = torch.tensor(ranks, dtype=torch.int).reshape(info.shape)
+            return DeviceMesh(self.device_type, layout, mesh_dim_names=info.dim_names, _init_backend=False)
+        except Exception:  # a mesh torch will not build here: the receive returns a LocalShard
+            return None
 
 
 def _match(info: MeshInfo, candidates: list[Any]) -> Any:
@@ -451,6 +520,7 @@ def encode(records: list[tuple[int, Any]], where: list[str]) -> tuple[list[int],
     layout_index: dict[Any, int] = {}
     placement_json: dict[Any, list] = {}
     out = []
+    first_where: list[str] = []  # layout i: the key of its first DTensor
     for number, (_, placement) in enumerate(records):
         if type(placement) is DTensorLayout:  # from a LocalShard
             key: Any = (id(placement.mesh), placement.placements, placement.shape, placement.stride,
@@ -465,8 +535,26 @@ def encode(records: list[tuple[int, Any]], where: list[str]) -> tuple[list[int],
         if index is None:
             index = layout_index[key] = len(layouts)
             layouts.append(_layout_json(placement, where[number], meshes, mesh_index, placement_json))
+            first_where.append(where[number])
         out.append(index)
+    _refuse_unreadable(layouts, meshes, first_where)
     return out, layouts, meshes
+
+
+def _refuse_unreadable(layouts: list[dict], meshes: list[dict], where: list[str]) -> None:
+    """What :func:`decode` would refuse (an empty or 257-character dim name, a reduce op it does
+    not know, ...) is refused when writing or sending, naming the DTensor's key."""
+    try:
+        decode({"dtensors": layouts, "meshes": meshes})
+    except StagerError:
+        for index, layout in enumerate(layouts):
+            try:
+                decode({"dtensors": [{**layout, "mesh": 0}], "meshes": [meshes[layout["mesh"]]]})
+            except StagerError as err:
+                reason = str(err).removeprefix("invalid checkpoint metadata: ")
+                raise StagerError(f"cannot persist or send the DTensor at {where[index]}: a reader would refuse "
+                                  f"its placement: {reason}") from None
+        raise
 
 
 def _layout_json(placement: Any, where: str, meshes: list[dict], mesh_index: dict[int, int],

@@ -257,6 +257,24 @@ def durable_torch_save(state_dict: Any, path: str | os.PathLike) -> None:
         file.commit()
 
 
+def make_directory(path: str, what: str, *, writable: bool = True) -> None:
+    """Creates directory ``path`` (and its parents) if needed and, with ``writable``, checks that
+    files can be created in it; a StagerError naming ``what`` and ``path`` (and a read-only
+    mount) if not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise os_error(f"cannot create {what} {path}", err) from None
+    if not writable or os.access(path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    code = errno.EROFS if read_only else errno.EACCES
+    raise os_error(f"{what} {path} is not writable", OSError(code, os.strerror(code)))
+
+
 def os_error(what: str, err: OSError) -> StagerError:
     """A StagerError saying ``what`` failed with ``err`` (its errno name included and kept as
     ``.errno``)."""

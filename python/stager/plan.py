@@ -37,6 +37,7 @@ import torch
 
 from . import _native
 from . import dtensor as _dtensor
+from . import sharded as _sharded
 from ._native import StagerError
 
 __all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
@@ -127,6 +128,11 @@ class StatePlan:
         self.mesh_infos: list[Any] = []
         self.mesh_binding: Any = None
         self.dtensor_where: list[str] = []  # decoded plans: each DTensor's first key, for errors
+        # ShardedTensors (``sharded.ShardedRecord`` per distinct one), their places, and (decoded
+        # plans) each one's first key.
+        self.sharded: list[Any] = []
+        self.sharded_fills: list[tuple[Any, Any, int]] = []
+        self.sharded_where: list[str] = []
         #: Objects holding tensors, deep-copied after staging (see :class:`_DeferredCopies`).
         self.deferred: _DeferredCopies | None = None
         self.table: Any = None
@@ -203,6 +209,8 @@ class StatePlan:
             wrapped = _dtensor.wrap_all(staged, self.dtensors, self.mesh_binding, self.dtensor_where)
             for parent, key, index in self.dtensor_fills:
                 parent[key] = wrapped[index]
+        if self.sharded:
+            _fill_sharded(self, staged)
         if self.deferred is not None:
             self.deferred.run(staged, wrapped)
         for parent, key, items, tuple_type in self.tuples:
@@ -212,6 +220,7 @@ class StatePlan:
         self.holder = [None]
         self.fills = []
         self.dtensor_fills = []
+        self.sharded_fills = []
         self.tuples = []
         self.leaves = []
         self.deferred = None
@@ -395,6 +404,7 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
     plan = StatePlan()
     tensor_index: dict[int, int] = {}
     dtensor_index: dict[int, int] = {}
+    sharded_index: dict[int, int] = {}
     memo: dict[int, Any] = {}  # id(container) -> its skeleton; deepcopy memo for other leaves
     keep: list[Any] = []  # keeps memo'd sources alive so their ids stay unique during the walk
     leaves = plan.leaves
@@ -477,7 +487,7 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
             if isinstance(value, dtensor_types):
                 dtensor_fills.append((parent, key, dtensor_slot(value)))
             elif isinstance(value, sharded_types):
-                raise _refuse_sharded_tensor(state_dict, value)
+                plan.sharded_fills.append((parent, key, _sharded_slot(plan, sharded_index, value, tensor_slot)))
             else:
                 add_tensor(value, parent, key)
             return None
@@ -543,9 +553,127 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
         try:
             plan.holder[0] = visit(state_dict, plan.holder, 0)
             # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
-            plan.table = _native.describe_tensors(leaves, track_versions)
+            plan.table = _describe_tensors(leaves, track_versions, state_dict)
+        except RecursionError:
+            raise _nested_too_deeply(state_dict) from None
         finally:
             # `visit` refers to itself through its closure: break that cycle now, or the skeleton
             # (and later the staged tensors, and with them the pool buffer) waits for the cyclic GC.
             visit = add_tensor = tensor_slot = keep_attributes = dtensor_slot = stage_inside = deferred = None  # type: ignore[assignment]
     return plan
+
+
+# ---- refusals that name the key (kept apart from the walk above) ---------------------------------
+
+
+def _describe_tensors(leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
+    """``_native.describe_tensors``; a tensor it refuses (a view reaching past its storage) is
+    named by its key path."""
+    try:
+        return _native.describe_tensors(leaves, track_versions)
+    except StagerError as err:
+        index = getattr(err, "tensor_index", None)
+        if type(index) is not int or not 0 <= index < len(leaves):
+            raise
+        raise StagerError(f"cannot stage the tensor at {_tensor_key(root, leaves[index])}: {err}") from None
+
+
+def _tensor_key(root: Any, tensor: torch.Tensor) -> str:
+    """The key path of ``tensor`` in ``root``, or of the DTensor (or LocalShard) whose local
+    tensor it is."""
+    local_types = (_dtensor.LocalShard,) + ((_dtensor.DTENSOR,) if _dtensor.DTENSOR is not None else ())
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, "root")]
+    while stack:
+        value, where = stack.pop()
+        if value is tensor or (isinstance(value, local_types) and _dtensor.local_tensor_of(value) is tensor):
+            return where
+        if id(value) in seen or type(value) in _IMMUTABLE_LEAVES or isinstance(value, torch.Tensor):
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        elif hasattr(value, "__dict__"):
+            try:
+                stack.extend((v, f"{where}.{k}") for k, v in vars(value).items())
+            except TypeError:
+                pass
+    return "root"
+
+
+def _nested_too_deeply(root: Any) -> StagerError:
+    """The StagerError for a state_dict whose walk ran out of Python's recursion limit, naming
+    the deepest key path (shortened: a 100,000-level path would be megabytes of message)."""
+    path, depth = _deepest_path(root)
+    shown = "".join(path) if len(path) <= 12 else "".join(path[:8]) + "..." + "".join(path[-3:])
+    return StagerError(
+        f"cannot stage the state_dict: it is nested {depth} containers deep at root{shown}, more than "
+        "Python's recursion limit allows (stager files and the wire hold at most "
+        f"{_file_depth_limit()} levels)"
+    )
+
+
+def _deepest_path(root: Any) -> tuple[list[str], int]:
+    """The key path (one ``.key`` / ``[i]`` part per level) to the deepest container of
+    ``root`` (dicts, lists, tuples), without recursion; each container is entered once."""
+    best: tuple[int, int] = (0, -1)  # (depth, node)
+    nodes: list[tuple[int, str]] = []  # (parent node, key part)
+    seen: set[int] = set()
+    stack: list[tuple[Any, int, int]] = [(root, 0, -1)]
+    while stack:
+        value, depth, node = stack.pop()
+        if not isinstance(value, (dict, list, tuple)) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if depth > best[0]:
+            best = (depth, node)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        is_dict = isinstance(value, dict)
+        for key, child in items:
+            if isinstance(child, (dict, list, tuple)):
+                nodes.append((node, f".{key}" if is_dict else f"[{key}]"))
+                stack.append((child, depth + 1, len(nodes) - 1))
+    path: list[str] = []
+    node = best[1]
+    while node >= 0:
+        node, part = nodes[node]
+        path.append(part)
+    path.reverse()
+    return path, best[0]
+
+
+def _file_depth_limit() -> int:
+    from .tree import MAX_DEPTH  # tree imports plan: resolved at call time
+
+    return MAX_DEPTH
+
+
+# ---- ShardedTensor leaves (kept apart from the walk above) ---------------------------------------
+
+
+def _sharded_slot(plan: StatePlan, index_of: dict[int, int], value: Any, tensor_slot: Any) -> int:
+    """The index of ShardedTensor ``value`` in ``plan.sharded``; its local shards become leaves."""
+    index = index_of.get(id(value))
+    if index is None:
+        index = index_of[id(value)] = len(plan.sharded)
+        plan.sharded.append(_sharded.record_of(value, tensor_slot))
+    return index
+
+
+def _fill_sharded(plan: StatePlan, staged: list[Any]) -> None:
+    """Puts the rebuilt ShardedTensors in their places (see :mod:`stager.sharded`)."""
+    where = plan.sharded_where or [_sharded_key(plan, number) for number in range(len(plan.sharded))]
+    built = _sharded.build_all(staged, plan.sharded, where)
+    for parent, key, index in plan.sharded_fills:
+        parent[key] = built[index]
+    plan.sharded = []
+
+
+def _sharded_key(plan: StatePlan, number: int) -> str:
+    """Names ShardedTensor ``number`` of a staging plan (which keeps no key paths) by its key."""
+    for _, key, index in plan.sharded_fills:
+        if index == number:
+            return f"key {key!r}"
+    return "root"

@@ -373,7 +373,8 @@ class ReplicationStager(AsyncStager):
         if storage_dir is None:
             storage_dir = tempfile.mkdtemp(prefix="replication_stager_")
         self._storage_dir = os.fspath(storage_dir)
-        os.makedirs(self._storage_dir, exist_ok=True)
+        # Replicas are persisted there: a read-only one fails now, naming it, not at the first stage.
+        files.make_directory(self._storage_dir, "storage_dir", writable=persist_format is not None)
         self._transport: PGTransport | None = None
         #: owner → (step, world_size, state_dict): the replicas of the newest committed step.
         self._memory: dict[int, tuple[int, int, Any]] = {}
@@ -683,7 +684,17 @@ class ReplicationStager(AsyncStager):
     # ---- restore ------------------------------------------------------------------------------------
     def restore(self, into: Any = None, *, pg: Any = None) -> Any:
         """Collective: every rank of the (new) group calls it after a failure; returns this rank's
-        own state_dict of the newest step every rank can restore. See :mod:`stager.recovery`."""
+        own state_dict of the newest step every rank can restore. See :mod:`stager.recovery`.
+
+        ``into``: a state_dict of the same structure whose tensors receive the values in place.
+        When no rank can be restored the error comes before anything moves and ``into`` is
+        unchanged. A failure *while* the bytes move (a peer dies or stalls, the link breaks) or
+        on another rank afterwards also raises StagerError on every rank, but this rank's
+        ``into`` may then be partly overwritten (some tensors of the restored step, others as
+        they were): treat it as garbage and restore again, or reload from storage. (Receiving
+        into scratch memory and copying on success would keep it intact at the price of a
+        second copy of the whole state_dict in host memory and one more pass over its bytes.)
+        """
         from .recovery import restore
 
         return restore(self, into, pg=pg)

@@ -755,9 +755,10 @@ class _Incoming:
     def prepare(self) -> list[torch.Tensor]:
         """The tensor each segment is received into (in place where possible, else the pool)."""
         plan = self.plan
-        # DTensors are rebuilt on this rank's own meshes where it has one, else LocalShards.
+        # DTensors are rebuilt on this rank's own meshes where it has one, else on a mesh rebuilt
+        # over the group from the sender's description.
         dtensor.bind_meshes(plan, dtensor.receiver_meshes(self.transport.mesh, self.inplace, self.sent),
-                            required=False)
+                            required=False, rebuild=self.transport._group_meshes)
         storages = plan.storages
         targets = {}
         if self.inplace is not None and not self.replacements:
@@ -890,6 +891,7 @@ def _release_groups_at_exit() -> None:
     without an active exception" after a successful run."""
     for transport in list(_LIVE_TRANSPORTS):
         transport._pg = None
+        transport._group_meshes.release()
     gc.collect()
 
 
@@ -905,7 +907,10 @@ class PGTransport:
             (matched by key path; a storage of the same byte size receives the bytes directly).
         mesh: optional DeviceMesh (or list) received DTensors are rebuilt on; the meshes of
             in-place DTensor targets and of the DTensors this rank sends serve too. A DTensor
-            whose mesh matches none of them is returned as a :class:`~stager.LocalShard`.
+            whose mesh matches none of them comes back on a mesh rebuilt over ``pg`` with the
+            sender's mesh shape, dim names and placements (:class:`stager.dtensor.GroupMeshes`),
+            like PyTorch's; only one that can't be rebuilt there (its ranks are not in ``pg``
+            and their number does not fit) is a :class:`~stager.LocalShard`.
 
     Thread Safety:
         Not thread-safe: one call at a time per object.
@@ -919,6 +924,7 @@ class PGTransport:
         self.mesh = mesh
         self._timeout = _as_timedelta(timeout)
         self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._group_meshes = dtensor.GroupMeshes(pg, self._device.type)
         self._state_dict = state_dict
         if bucket_bytes <= 0 or chunk_bytes <= 0:
             raise StagerError("bucket_bytes and chunk_bytes must be positive")

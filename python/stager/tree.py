@@ -26,6 +26,7 @@ import base64
 import collections
 import math
 import pickle
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -33,12 +34,16 @@ import torch
 
 from . import _native
 from . import dtensor as _dtensor
+from . import sharded as _sharded
 from ._native import StagerError
 from .plan import StatePlan, TensorPlan, gc_paused
 
 __all__ = [
     "DTYPES",
     "FORMAT_VERSION",
+    "MAX_DEPTH",
+    "MAX_DIMS",
+    "MAX_INT_CHARS",
     "decode",
     "dict_tensor_items",
     "dotted",
@@ -64,7 +69,12 @@ DTYPES: dict[str, torch.dtype] = {
     str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)
 }
 
-_MAX_DEPTH = 256
+#: The deepest nesting a tree may have (the root is depth 0): the reader refuses deeper trees, so
+#: the writer refuses them too, before anything is written or sent.
+MAX_DEPTH = 256
+#: The most dimensions a tensor may have, and the longest int (as text) stored without pickle.
+MAX_DIMS = 64
+MAX_INT_CHARS = 64
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -84,6 +94,7 @@ def encode(plan: StatePlan, *, allow_pickle: bool = False) -> dict[str, Any]:
 def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
     tensor_at = {(id(parent), key): index for parent, key, index in plan.fills}
     dtensor_at = {(id(parent), key): index for parent, key, index in plan.dtensor_fills}
+    sharded_at = {(id(parent), key): index for parent, key, index in plan.sharded_fills}
     object_at = {(id(parent), key): source for parent, key, source in plan.deferred.objects} if plan.deferred else {}
     tuple_type = {id(items): cls for _, _, items, cls in plan.tuples}
     tensor_where: dict[int, str] = {}
@@ -97,7 +108,9 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
         if cls is bool:
             return {"t": "bool", "v": value}
         if cls is int:
-            return {"t": "int", "v": str(value)} if abs(value) >= 2**53 else {"t": "int", "v": value}
+            if abs(value) < 2**53:
+                return {"t": "int", "v": value}
+            return _long_int(value, where, allow_pickle)
         if cls is float:
             return {"t": "float", "v": _float_value(value)}
         if cls is complex:
@@ -110,7 +123,7 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
             return {"t": "dtype", "v": _dtype_name(value)}
         if cls is torch.device:
             return {"t": "device", "v": str(value)}
-        if cls is torch.Size:
+        if cls is torch.Size and all(v >= 0 for v in value):
             return {"t": "size", "v": list(value)}
         if allow_pickle:
             return {"t": "pickle", "v": base64.b64encode(pickle.dumps(value)).decode()}
@@ -119,11 +132,15 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
             "pass allow_pickle=True to store it (and to load it back)"
         )
 
-    def node(value: Any, parent: Any, key: Any, where: str) -> Any:
+    open_containers: dict[int, str] = {}  # the containers being encoded: a cycle re-enters one
+
+    def node(value: Any, parent: Any, key: Any, where: str, depth: int = 0) -> Any:
         index = tensor_at.get((id(parent), key))
         if index is not None:
             tensor_where.setdefault(index, where)
             return index
+        if depth >= MAX_DEPTH:
+            raise _too_deep(where)
         if dtensor_at:
             index = dtensor_at.get((id(parent), key))
             if index is not None:
@@ -133,23 +150,31 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
                 item = {"t": "tensor", "i": local, "dtensor": index}
                 dtensor_nodes.append(item)
                 return item
+        if sharded_at and (id(parent), key) in sharded_at:
+            return _sharded_node(plan.sharded[sharded_at[(id(parent), key)]], where, tensor_where)
         if object_at and (id(parent), key) in object_at:  # an object holding tensors
             return leaf(object_at[(id(parent), key)], where)
         if isinstance(value, dict):
             kind = "odict" if isinstance(value, OrderedDict) else "dict"
-            return {
+            _enter(open_containers, value, where)
+            out = {
                 "t": kind,
                 "items": [
-                    [k if type(k) is str else leaf(k, where), node(v, value, k, f"{where}.{k}")]
+                    [k if type(k) is str else leaf(k, where), node(v, value, k, f"{where}.{k}", depth + 1)]
                     for k, v in value.items()
                 ],
             }
+            del open_containers[id(value)]
+            return out
         if type(value) is list:
             cls = tuple_type.get(id(value))
-            items = [node(v, value, i, f"{where}[{i}]") for i, v in enumerate(value)]
+            _enter(open_containers, value, where)
+            items = [node(v, value, i, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+            del open_containers[id(value)]
             if cls is None:
                 return {"t": "list", "items": items}
             if hasattr(cls, "_fields"):
+                _check_namedtuple(cls, where)
                 return {"t": "namedtuple", "name": cls.__name__, "fields": list(cls._fields), "items": items}
             return {"t": "tuple", "items": items}
         return leaf(value, where)
@@ -162,7 +187,12 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
             f"(layout {tensor.layout}, dtype {tensor.dtype}): only plain strided tensors and DTensors are supported"
         )
     tensors = []
-    for tensor in plan.tensors:
+    for index, tensor in enumerate(plan.tensors):
+        if len(tensor.size) > MAX_DIMS:
+            raise StagerError(
+                f"cannot persist or send the tensor at {tensor_where.get(index, 'root')}: it has "
+                f"{len(tensor.size)} dimensions, stager files and the wire hold at most {MAX_DIMS}"
+            )
         shape = list(tensor.size)
         stride = list(tensor.stride)
         # [dtype, shape, stride (null: contiguous), storage offset, storage index (, flags)]
@@ -185,6 +215,70 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
         for item in dtensor_nodes:
             item["dtensor"] = layout_of[item["dtensor"]]
     return meta
+
+
+# ---- what the reader would refuse, refused before writing (kept apart from the walk above) -------
+
+
+def _sharded_node(record: Any, where: str, tensor_where: dict[int, str]) -> dict[str, Any]:
+    for index in record.tensors:
+        tensor_where.setdefault(index, where)
+    return _sharded.encode(record, where)
+
+
+def _too_deep(where: str) -> StagerError:
+    return StagerError(
+        f"cannot persist or send the state_dict: {where} is nested {MAX_DEPTH} levels deep or more; "
+        f"stager files and the wire hold at most {MAX_DEPTH} levels"
+    )
+
+
+def _enter(open_containers: dict[int, str], container: Any, where: str) -> None:
+    """Marks ``container`` as being encoded; a container met again inside itself is a cycle,
+    which the tree (and the reader) cannot hold."""
+    outer = open_containers.get(id(container))
+    if outer is not None:
+        raise StagerError(
+            f"cannot persist or send the state_dict: it contains a cycle: {where} is {outer} itself"
+        )
+    open_containers[id(container)] = where
+
+
+def _long_int(value: int, where: str, allow_pickle: bool) -> dict[str, Any]:
+    """An int of 2**53 or more as text (JSON numbers lose precision there); the reader takes at
+    most ``MAX_INT_CHARS`` characters, so a longer one is pickled when allowed, else refused."""
+    try:
+        text = str(value)
+    except ValueError:  # over Python's int-to-str digit limit
+        text = None
+    if text is not None and len(text) <= MAX_INT_CHARS:
+        return {"t": "int", "v": text}
+    if allow_pickle:
+        return {"t": "pickle", "v": base64.b64encode(pickle.dumps(value)).decode()}
+    raise StagerError(
+        f"cannot store the int at {where} without pickle: it has {value.bit_length()} bits, more than "
+        f"the {MAX_INT_CHARS} characters stager files and the wire hold (pass allow_pickle=True to store it)"
+    )
+
+
+_REBUILDABLE_NAMEDTUPLES: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _check_namedtuple(cls: type, where: str) -> None:
+    """The reader rebuilds a namedtuple type from its name and fields: refuse one it could not."""
+    ok = _REBUILDABLE_NAMEDTUPLES.get(cls)
+    if ok is None:
+        try:
+            collections.namedtuple(cls.__name__, cls._fields)  # type: ignore[attr-defined,misc]
+            ok = True
+        except (TypeError, ValueError):
+            ok = False
+        _REBUILDABLE_NAMEDTUPLES[cls] = ok
+    if not ok:
+        raise StagerError(
+            f"cannot persist or send the namedtuple {cls.__qualname__} at {where}: a reader cannot "
+            f"rebuild a namedtuple named {cls.__name__!r} with fields {list(cls._fields)}"  # type: ignore[attr-defined]
+        )
 
 
 # ---- decoding (untrusted input) ----------------------------------------------------------------
@@ -393,7 +487,7 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
             plan.fills.append((parent, key, item))
             return None
         _expect(isinstance(item, dict), f"{where}: node must be an object")
-        _expect(depth < _MAX_DEPTH, f"{where}: tree nested deeper than {_MAX_DEPTH}")
+        _expect(depth < MAX_DEPTH, f"{where}: tree nested deeper than {MAX_DEPTH}")
         kind = item.get("t")
         if kind == "tensor":
             index = _int(item.get("i"), f"{where} tensor index")
@@ -409,6 +503,11 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
                 plan.dtensor_fills.append((parent, key, number))
                 return None
             plan.fills.append((parent, key, index))
+            return None
+        if kind == "sharded":
+            plan.sharded_fills.append((parent, key, len(plan.sharded)))
+            plan.sharded.append(_sharded.decode(item, where, count, DTYPES))
+            plan.sharded_where.append(where)
             return None
         if kind in ("dict", "odict"):
             entries = item.get("items")

@@ -137,7 +137,11 @@ impl PyTensorTable {
 
 /// Reads every tensor of `tensors` once and describes their distinct storages, placed in one
 /// buffer. With `track_versions`, also reads each tensor's version counter (for incremental
-/// staging). Raises StagerError for tensors without data (meta).
+/// staging). Raises StagerError for tensors without data (meta) and for views that reach past
+/// their storage (one freed or shrunk behind the view, `resize_(0)`): copying only the storage's
+/// bytes would give a staged view over memory that holds garbage. That error carries
+/// `tensor_index`, the position in `tensors`, so the caller can name the tensor's key. Nested
+/// tensors (no sizes or strides) are described as opaque, staged through torch.
 #[pyfunction]
 #[pyo3(signature = (tensors, track_versions = false))]
 pub(crate) fn describe_tensors(
@@ -155,6 +159,7 @@ pub(crate) fn describe_tensors(
     let mut storages: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
     let mut devices: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
     let mut keys: Vec<usize> = Vec::with_capacity(count);
+    let mut storage_nbytes: Vec<usize> = Vec::with_capacity(count);
     let mut versions: Vec<Option<i64>> = Vec::with_capacity(count);
     let mut dtype_info: HashMap<usize, DtypeInfo> = HashMap::new();
     for tensor in tensors.iter() {
@@ -182,6 +187,21 @@ pub(crate) fn describe_tensors(
                 tensor.getattr(intern!(py, "shape"))?
             )));
         }
+        // A (strided-layout) nested tensor has no sizes: asking is the cheap test, `is_nested`
+        // is read only when it fails.
+        let shape = match tensor.getattr(intern!(py, "shape")) {
+            Ok(shape) => shape,
+            Err(_) if tensor.getattr(intern!(py, "is_nested"))?.is_truthy()? => {
+                builder.add_opaque();
+                dtypes.push(dtype.unbind());
+                shapes.push(py.None());
+                strides.push(py.None());
+                safetensors_dtypes.push(None);
+                versions.push(None);
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
         let storage = tensor.call_method0(intern!(py, "untyped_storage"))?;
         let key: usize = storage.getattr(intern!(py, "_cdata"))?.extract()?;
         let index = match builder.find_storage(key) {
@@ -204,6 +224,7 @@ pub(crate) fn describe_tensors(
                 devices.push(device_object);
                 storages.push(Some(storage.unbind()));
                 keys.push(key);
+                storage_nbytes.push(nbytes);
                 builder.add_storage(key, address, nbytes, device)
             }
         };
@@ -223,16 +244,26 @@ pub(crate) fn describe_tensors(
         // (`torch._neg_view` of a real tensor): skipping it staged such a view un-negated.
         let conj = info.is_complex && tensor.call_method0(intern!(py, "is_conj"))?.is_truthy()?;
         let neg = tensor.call_method0(intern!(py, "is_neg"))?.is_truthy()?;
-        let shape = tensor.getattr(intern!(py, "shape"))?;
         let stride = tensor.call_method0(intern!(py, "stride"))?;
-        let (numel, contiguous) = numel_and_contiguity(&shape, &stride)?;
+        let (numel, contiguous, span) = numel_and_contiguity(&shape, &stride)?;
+        let storage_offset: i64 = tensor
+            .call_method0(intern!(py, "storage_offset"))?
+            .extract()?;
+        if numel > 0 {
+            check_view_fits(
+                dtypes.len(),
+                &shape,
+                info.itemsize,
+                storage_offset,
+                span,
+                storage_nbytes[index],
+            )?;
+        }
         builder.add_view(
             index,
             ViewFacts {
                 itemsize: info.itemsize,
-                storage_offset: tensor
-                    .call_method0(intern!(py, "storage_offset"))?
-                    .extract()?,
+                storage_offset,
                 numel,
                 contiguous,
                 conj,
@@ -267,13 +298,38 @@ pub(crate) fn describe_tensors(
     })
 }
 
-/// A view's element count and whether it is contiguous (row-major, as `Tensor.is_contiguous()`
-/// says: dimensions of size 1 may have any stride, and an empty tensor is contiguous), from its
-/// shape (a `torch.Size`) and strides (a tuple), without two more calls into torch.
+/// Fails unless the view's last element (`storage_offset + span`, in elements of `itemsize`
+/// bytes) lies inside its storage of `nbytes`; the error names tensor `index` and carries it as
+/// `tensor_index`.
+fn check_view_fits(
+    index: usize,
+    shape: &Bound<'_, PyAny>,
+    itemsize: usize,
+    storage_offset: i64,
+    span: u128,
+    nbytes: usize,
+) -> PyResult<()> {
+    let end = (storage_offset.unsigned_abs() as u128 + span + 1) * itemsize as u128;
+    if end <= nbytes as u128 {
+        return Ok(());
+    }
+    let err = invalid(format!(
+        "tensor {index} (shape {shape}, storage offset {storage_offset}) reaches byte {end} of \
+         a storage of {nbytes} bytes: its storage was freed or shrunk behind the view \
+         (e.g. resize_(0))"
+    ));
+    let _ = err.value(shape.py()).setattr("tensor_index", index);
+    Err(err)
+}
+
+/// A view's element count, whether it is contiguous (row-major, as `Tensor.is_contiguous()`
+/// says: dimensions of size 1 may have any stride, and an empty tensor is contiguous), and its
+/// span (the offset of its last element from its first, in elements), from its shape (a
+/// `torch.Size`) and strides (a tuple), without more calls into torch.
 fn numel_and_contiguity(
     shape: &Bound<'_, PyAny>,
     stride: &Bound<'_, PyAny>,
-) -> PyResult<(i64, bool)> {
+) -> PyResult<(i64, bool, u128)> {
     let shape = shape.cast::<PyTuple>()?;
     let stride = stride.cast::<PyTuple>()?;
     let dims = shape.len();
@@ -286,6 +342,7 @@ fn numel_and_contiguity(
     let mut numel: i64 = 1;
     let mut expected: i64 = 1;
     let mut contiguous = true;
+    let mut span: u128 = 0;
     for dim in (0..dims).rev() {
         let size: i64 = shape.get_item(dim)?.extract()?;
         let step: i64 = stride.get_item(dim)?.extract()?;
@@ -294,8 +351,11 @@ fn numel_and_contiguity(
         }
         expected = expected.saturating_mul(size);
         numel = numel.saturating_mul(size);
+        // torch has no negative strides; sizes and strides fit i64, so the product fits u128.
+        span = span
+            .saturating_add((size.max(1) - 1).unsigned_abs() as u128 * step.unsigned_abs() as u128);
     }
-    Ok((numel, contiguous || numel == 0))
+    Ok((numel, contiguous || numel == 0, span))
 }
 
 #[pymethods]
