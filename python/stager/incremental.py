@@ -4,12 +4,20 @@ PyTorch already says what changed: every in-place write bumps the written tensor
 (``tensor._version``: optimizer steps, ``copy_``, ``add_`` under ``no_grad``), and assigning
 ``.data`` or calling ``set_()`` swaps the storage instead. :class:`UnchangedStorages` remembers,
 per source storage of the previous stage, the storage itself (a weak reference to its StorageImpl:
-"the same object"), its address and size, the version counter of every tensor viewing it, and the
-staged storage that holds its bytes. At the next stage a storage that is the same object at the
-same address with the same size and the same versions is *reused*: it takes no room in the new
-buffer, gets no copy (host or device), and its staged tensors view the previous result's bytes.
-Anything else is copied as usual: a new, moved or resized storage, a bumped version, an inference
-tensor (no version counter).
+"the same object"), its address and size, every tensor object viewing it (weak references) with
+its version counter, and the staged storage that holds its bytes. At the next stage a storage that
+is the same object at the same address with the same size, viewed by tensors with the same
+versions none of which replaced a recorded tensor object that is still alive, is *reused*: it takes no room in the new buffer, gets no copy (host or device),
+and its staged tensors view the previous result's bytes. Anything else is copied as usual: a new,
+moved or resized storage, a bumped version, another tensor object in place of a recorded one that
+still lives (``nn.Parameter(p.data)`` has a fresh version counter, which after as many updates
+reads the same number), an inference tensor (no version counter). Fresh aliases of the same
+tensors (``model.state_dict()`` detaches anew each call, sharing the parameters' counters) are
+reused; so a re-wrapped parameter whose old object is gone and whose new counter reached the old
+value is missed like the writes below (a version counter's identity is not visible to Python).
+
+A stage is remembered only once its copies are complete (and a stager runs one incremental stage
+at a time), so a later stage never reuses bytes still being copied.
 
 Staged results of such a stager therefore share the bytes of unchanged storages with earlier
 results: treat them as read-only. The tracker holds the staged storages it may reuse, so those
@@ -21,10 +29,14 @@ tracker on the sending side, recording each storage's *index* in the step it sen
 staged storage: :meth:`UnchangedStorages.unchanged` then maps every unchanged storage of the next
 step to the index its bytes have in the copy the holder already has, and only the others travel.
 
-A write the version counter cannot see (through ``.data`` of a view, through a NumPy array over
-the tensor, by a C extension) is missed. Set ``STAGER_CHECK_UNCHANGED=1`` to compare, for every
-reused host storage, the crc32c of its source bytes now with the bytes staged before; a mismatch
-raises ``StagerError`` naming the storage instead of handing out stale bytes.
+A write the version counter cannot see is missed: through ``.data`` (of the tensor or of a view:
+another counter over the same storage); through a NumPy array (``t.numpy()``) or a DLPack capsule
+over the tensor; through the storage (``t.untyped_storage().copy_(...)``); through the vector that
+``torch.nn.utils.vector_to_parameters`` made the parameters view (it assigns ``.data``, so the
+parameters keep counters of their own); by a forked child or another process writing shared
+memory; by a C extension. Set ``STAGER_CHECK_UNCHANGED=1`` to compare, for every reused host storage,
+the crc32c of its source bytes now with the bytes staged before; a mismatch raises
+``StagerError`` naming the storage instead of handing out stale bytes.
 """
 
 from __future__ import annotations
@@ -49,14 +61,15 @@ class _Record:
     """What one source storage looked like at the previous stage, and where its bytes went: the
     staged storage holding them (staging) or the storage's index in that stage (replication)."""
 
-    __slots__ = ("source", "address", "nbytes", "versions", "staged")
+    __slots__ = ("source", "address", "nbytes", "versions", "tensors", "staged")
 
     def __init__(self, source: StorageWeakRef, address: int, nbytes: int, versions: list[int],
-                 staged: Any) -> None:
+                 tensors: list[Any], staged: Any) -> None:
         self.source = source
         self.address = address
         self.nbytes = nbytes
         self.versions = versions
+        self.tensors = tensors  # weak references to the tensor objects viewing it, table order
         self.staged = staged
 
 
@@ -97,7 +110,7 @@ class UnchangedStorages:
         table = plan.table
         reused: dict[int, Any] = {}
         keys, addresses, nbytes = table.storage_keys, table.storage_addresses, table.storage_nbytes
-        for index, versions in enumerate(table.storage_versions):
+        for index, (versions, tensors) in enumerate(zip(table.storage_versions, table.storage_identities)):
             record = self._previous.get(keys[index])
             if (
                 record is None
@@ -107,6 +120,7 @@ class UnchangedStorages:
                 or record.nbytes != nbytes[index]
                 or record.source.expired()  # the key's StorageImpl died: a new object
                 or not nbytes[index]
+                or not _same_objects(record.tensors, tensors)
             ):
                 continue
             reused[index] = record.staged
@@ -125,8 +139,9 @@ class UnchangedStorages:
                 first_tensor.setdefault(storage_index, tensor_index)
         sources = table.storage_objects
         previous: dict[int, _Record] = {}
-        for index, (key, address, nbytes, versions) in enumerate(
-            zip(table.storage_keys, table.storage_addresses, table.storage_nbytes, table.storage_versions)
+        for index, (key, address, nbytes, versions, tensors) in enumerate(
+            zip(table.storage_keys, table.storage_addresses, table.storage_nbytes, table.storage_versions,
+                table.storage_identities)
         ):
             if staged_tensors is None:
                 staged: Any = index
@@ -134,11 +149,15 @@ class UnchangedStorages:
                 tensor = staged_tensors[first_tensor[index]] if index in first_tensor else None
                 staged = tensor.untyped_storage() if tensor is not None else None
             source = sources[index]
-            if versions is None or staged is None or source is None or not nbytes:
+            if versions is None or tensors is None or staged is None or source is None or not nbytes:
                 continue
-            previous[key] = _Record(StorageWeakRef(source), address, nbytes, versions, staged)
+            previous[key] = _Record(StorageWeakRef(source), address, nbytes, versions, tensors, staged)
         self._previous = previous
         self.storage_count = len(table.storage_nbytes)
+        # The plan is spent: its source tensors must not outlive it through whoever still holds
+        # the plan (a sender's message), or a fresh alias of the same tensor at the next stage
+        # would look like a replacement of a live one and be copied again.
+        plan.leaves = []
 
     def forget(self) -> None:
         """Drops every record (and the staged bytes they keep alive)."""
@@ -149,6 +168,17 @@ class UnchangedStorages:
         nbytes = plan.table.storage_nbytes
         self.reused_nbytes = sum(nbytes[i] for i in reused)
         self.copied_nbytes = sum(nbytes) - self.reused_nbytes
+
+
+def _same_objects(before: list[Any], now: list[Any] | None) -> bool:
+    """Whether the tensors viewing a storage now may be the ones recorded (lists of weak
+    references, table order): a recorded tensor that is still alive must be the very object seen
+    now. CPython shares one weak reference per live object, so that is ``is`` on the references.
+    A recorded tensor that died (``model.state_dict()`` makes fresh detached aliases every call,
+    sharing the parameter's counter) cannot be told apart: its version decides alone."""
+    if now is None or len(before) != len(now):
+        return False
+    return all(a is b or a() is None for a, b in zip(before, now))
 
 
 def _check_unchanged(table: Any, reused: dict[int, torch.UntypedStorage]) -> None:
