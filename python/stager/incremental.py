@@ -45,7 +45,6 @@ import os
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import _native
 from ._native import StagerError
@@ -57,36 +56,31 @@ __all__ = ["CHECK_ENV", "UnchangedStorages"]
 CHECK_ENV = "STAGER_CHECK_UNCHANGED"
 
 
-class _Record:
-    """What one source storage looked like at the previous stage, and where its bytes went: the
-    staged storage holding them (staging) or the storage's index in that stage (replication)."""
-
-    __slots__ = ("source", "address", "nbytes", "versions", "tensors", "staged")
-
-    def __init__(self, source: StorageWeakRef, address: int, nbytes: int, versions: list[int],
-                 tensors: list[Any], staged: Any) -> None:
-        self.source = source
-        self.address = address
-        self.nbytes = nbytes
-        self.versions = versions
-        self.tensors = tensors  # weak references to the tensor objects viewing it, table order
-        self.staged = staged
-
-
 class UnchangedStorages:
-    """One stager's memory of its previous stage (see the module docs).
+    """One stager's memory of its previous stage (see the module docs): the records live in Rust
+    (``stager._native.UnchangedRecords``), and the reuse decision over every storage is one call.
 
     Thread Safety:
         One stage at a time (the stagers serialize their stages).
     """
 
     def __init__(self) -> None:
-        self._previous: dict[int, _Record] = {}
-        #: Number of storages of the remembered stage (what a holder's copy of it has).
-        self.storage_count = 0
-        #: Bytes the last stage copied and reused, for benchmarks and tests.
-        self.copied_nbytes = 0
-        self.reused_nbytes = 0
+        self._records = _native.UnchangedRecords()
+
+    @property
+    def storage_count(self) -> int:
+        """Number of storages of the remembered stage (what a holder's copy of it has)."""
+        return self._records.storage_count
+
+    @property
+    def copied_nbytes(self) -> int:
+        """Bytes the last decision left to copy, for benchmarks and tests."""
+        return self._records.copied_nbytes
+
+    @property
+    def reused_nbytes(self) -> int:
+        """Bytes the last decision reused, for benchmarks and tests."""
+        return self._records.reused_nbytes
 
     def reuse(self, plan: StatePlan) -> dict[int, torch.UntypedStorage]:
         """Storage index → the staged storage already holding its bytes, for every storage of
@@ -103,57 +97,16 @@ class UnchangedStorages:
         """Storage index → what :meth:`remember` recorded for it (the staged storage, or its index
         in the remembered stage), for every storage of ``plan`` (described with
         ``track_versions``) that is the same object at the same address with the same size and
-        versions as then. Changes nothing but the byte counters."""
-        if not self._previous:
-            self._account(plan, {})
-            return {}
-        table = plan.table
-        reused: dict[int, Any] = {}
-        keys, addresses, nbytes = table.storage_keys, table.storage_addresses, table.storage_nbytes
-        for index, (versions, tensors) in enumerate(zip(table.storage_versions, table.storage_identities)):
-            record = self._previous.get(keys[index])
-            if (
-                record is None
-                or versions is None  # an inference tensor, or versions not tracked
-                or record.versions != versions
-                or record.address != addresses[index]
-                or record.nbytes != nbytes[index]
-                or record.source.expired()  # the key's StorageImpl died: a new object
-                or not nbytes[index]
-                or not _same_objects(record.tensors, tensors)
-            ):
-                continue
-            reused[index] = record.staged
-        self._account(plan, reused)
-        return reused
+        versions as then, none of whose recorded tensors was replaced by another while alive.
+        Changes nothing but the byte counters."""
+        return self._records.unchanged(plan.table)
 
     def remember(self, plan: StatePlan, staged_tensors: list[Any] | None = None) -> None:
         """Records the storages of ``plan`` for the next stage, and for each where its bytes are
         now: the staged storage (from ``staged_tensors``, table order) or, without them, its own
         index in ``plan`` (the index a holder of this stage's copy knows it by); forgets
         everything else."""
-        table = plan.table
-        first_tensor: dict[int, int] = {}
-        if staged_tensors is not None:
-            for tensor_index, storage_index in enumerate(table.tensor_storage):
-                first_tensor.setdefault(storage_index, tensor_index)
-        sources = table.storage_objects
-        previous: dict[int, _Record] = {}
-        for index, (key, address, nbytes, versions, tensors) in enumerate(
-            zip(table.storage_keys, table.storage_addresses, table.storage_nbytes, table.storage_versions,
-                table.storage_identities)
-        ):
-            if staged_tensors is None:
-                staged: Any = index
-            else:
-                tensor = staged_tensors[first_tensor[index]] if index in first_tensor else None
-                staged = tensor.untyped_storage() if tensor is not None else None
-            source = sources[index]
-            if versions is None or tensors is None or staged is None or source is None or not nbytes:
-                continue
-            previous[key] = _Record(StorageWeakRef(source), address, nbytes, versions, tensors, staged)
-        self._previous = previous
-        self.storage_count = len(table.storage_nbytes)
+        self._records.remember(plan.table, staged_tensors)
         # The plan is spent: its source tensors must not outlive it through whoever still holds
         # the plan (a sender's message), or a fresh alias of the same tensor at the next stage
         # would look like a replacement of a live one and be copied again.
@@ -161,24 +114,7 @@ class UnchangedStorages:
 
     def forget(self) -> None:
         """Drops every record (and the staged bytes they keep alive)."""
-        self._previous = {}
-        self.storage_count = 0
-
-    def _account(self, plan: StatePlan, reused: dict[int, Any]) -> None:
-        nbytes = plan.table.storage_nbytes
-        self.reused_nbytes = sum(nbytes[i] for i in reused)
-        self.copied_nbytes = sum(nbytes) - self.reused_nbytes
-
-
-def _same_objects(before: list[Any], now: list[Any] | None) -> bool:
-    """Whether the tensors viewing a storage now may be the ones recorded (lists of weak
-    references, table order): a recorded tensor that is still alive must be the very object seen
-    now. CPython shares one weak reference per live object, so that is ``is`` on the references.
-    A recorded tensor that died (``model.state_dict()`` makes fresh detached aliases every call,
-    sharing the parameter's counter) cannot be told apart: its version decides alone."""
-    if now is None or len(before) != len(now):
-        return False
-    return all(a is b or a() is None for a, b in zip(before, now))
+        self._records.forget()
 
 
 def _check_unchanged(table: Any, reused: dict[int, torch.UntypedStorage]) -> None:

@@ -111,18 +111,18 @@ pub(crate) struct PyTensorTable {
     strides: Vec<Py<PyAny>>,
     safetensors_dtypes: Vec<Option<&'static str>>,
     /// `tensor._version` when asked for (None: not tracked, or an inference tensor without one).
-    versions: Vec<Option<i64>>,
+    pub(crate) versions: Vec<Option<i64>>,
     /// With versions tracked, a weak reference to each tensor object: a tensor's identity, since
     /// a re-wrapped `nn.Parameter(p.data)` views the same storage with a fresh version counter
     /// that can reach the recorded value again. CPython hands out one shared weak reference per
     /// live object, so two stages saw the same tensor object exactly when their references are
     /// the same object.
-    identities: Vec<Option<Py<PyAny>>>,
+    pub(crate) identities: Vec<Option<Py<PyAny>>>,
     // One entry per storage.
-    storages: Vec<Option<Py<PyAny>>>,
+    pub(crate) storages: Vec<Option<Py<PyAny>>>,
     devices: Vec<Option<Py<PyAny>>>,
     /// The storage's identity (`UntypedStorage._cdata`, its StorageImpl); 0 from metadata.
-    keys: Vec<usize>,
+    pub(crate) keys: Vec<usize>,
 }
 
 impl PyTensorTable {
