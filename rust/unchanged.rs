@@ -27,6 +27,7 @@
 //! Plain owned data (`Send + Sync`); the stagers use one at a time.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 
 use crate::table::TensorTable;
@@ -82,11 +83,35 @@ pub struct Record {
     pub tensors: Range<usize>,
 }
 
+/// Hashes a storage key (an address: its low bits are alignment) with one multiplication;
+/// SipHash, the default, cost more than the rest of the match.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, key: usize) {
+        // Fibonacci hashing; the table uses the high bits too (hashbrown takes the top 7 for tags).
+        self.0 = (key as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(32);
+    }
+}
+
 /// The storages of one stage, see the module docs.
 #[derive(Default)]
 pub struct StageRecords {
     records: Vec<Record>,
-    by_key: HashMap<usize, usize>,
+    by_key: HashMap<usize, usize, BuildHasherDefault<KeyHasher>>,
     versions: Vec<i64>,
 }
 
@@ -139,10 +164,18 @@ impl StageRecords {
             return Vec::new();
         }
         let mut found = Vec::new();
+        // A stage of the same state_dict lists its storages in the same order as the recorded
+        // one: the record at the previous position is tried before the key lookup.
+        let mut next = 0;
         for (index, storage) in table.storages().iter().enumerate() {
-            let Some(&record_index) = self.by_key.get(&keys[index]) else {
-                continue;
+            let record_index = match self.records.get(next) {
+                Some(record) if record.key == keys[index] => next,
+                _ => match self.by_key.get(&keys[index]) {
+                    Some(&record_index) => record_index,
+                    None => continue,
+                },
             };
+            next = record_index + 1;
             let record = &self.records[record_index];
             let tensors = views.tensors(index);
             let same = storage.nbytes > 0
@@ -241,6 +274,26 @@ mod tests {
             let expected = storages[0] == (1, 0x1000, 64) && versions[0] == Some(1);
             assert_eq!(found == [(0, 0)], expected, "{storages:?} {versions:?}");
         }
+    }
+
+    #[test]
+    fn reordered_added_and_removed_storages_find_their_own_records() {
+        let before = table(&[(1, 0x1000, 64), (2, 0x2000, 64), (3, 0x3000, 64)], 1);
+        let (records, _) = StageRecords::record(
+            &before,
+            &StorageViews::of(&before),
+            &[1, 2, 3],
+            &[Some(0), Some(0), Some(0), None],
+            |_| true,
+        );
+        let now = table(&[(3, 0x3000, 64), (9, 0x9000, 64), (1, 0x1000, 64)], 1);
+        let found = records.candidates(
+            &now,
+            &StorageViews::of(&now),
+            &[3, 9, 1],
+            &[Some(0), Some(0), Some(0), None],
+        );
+        assert_eq!(found, [(0, 2), (2, 0)]);
     }
 
     #[test]
