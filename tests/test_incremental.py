@@ -266,3 +266,82 @@ def test_concurrent_stages_on_one_sync_stager_are_complete_when_returned(kind):
         assert not any(thread.is_alive() for thread in threads)
     s.close()
     assert not wrong, wrong
+
+
+def _replace_key(sd):
+    sd["a"] = torch.randn(32, 32)
+
+
+def _add_key(sd):
+    sd["new"] = torch.randn(8)
+
+
+def _remove_key(sd):
+    del sd["b"]
+
+
+def _same_shape_tensor(sd):
+    sd["a"] = torch.randn(32, 32)
+
+
+def _data_assignment(sd):
+    sd["a"].data = torch.randn(32, 32)
+
+
+def _set(sd):
+    sd["a"].set_(torch.randn(32, 32).untyped_storage(), 0, (32, 32), (32, 1))
+
+
+def _resize(sd):
+    sd["a"].resize_(16, 16).fill_(7.0)
+
+
+def _view_base_changed(sd):
+    sd["base"].set_(torch.randn(64).untyped_storage(), 0, (64,), (1,))
+    sd["view"] = sd["base"][8:16]
+
+
+def _container_mutated_in_place(sd):
+    sd["nested"]["list"][0] = torch.randn(4)
+    sd["nested"]["list"].append(torch.randn(2))
+
+
+def _swapped_keys(sd):
+    sd["a"], sd["b"] = sd["b"], sd["a"]
+
+
+@pytest.mark.parametrize("change", [_replace_key, _add_key, _remove_key, _same_shape_tensor, _data_assignment, _set,
+                                    _resize, _view_base_changed, _container_mutated_in_place, _swapped_keys],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_every_structural_change_stages_the_new_truth(change):
+    # The second stage's result must equal the state_dict as it is now, whatever changed between.
+    base = torch.randn(64)
+    sd = {"a": torch.randn(32, 32), "b": torch.randn(32, 32), "base": base, "view": base[8:16],
+          "nested": {"list": [torch.randn(4), torch.randn(4)], "step": 3}}
+    s = make_stager()
+    stage(s, sd)
+    stage(s, sd)  # everything reused once
+    change(sd)
+    out = stage(s, sd)
+    assert_same_tree(out, sd)
+    assert same_bytes(out["view"], out["base"]) and out["view"].storage_offset() == 8
+    s.close()
+
+
+def test_alternating_structures_keep_records_bounded_and_results_right():
+    s = make_stager()
+    structures = [{f"k{j}": torch.randn(16) for j in range(n)} for n in (3, 50)]
+    records = s._engine.unchanged._records
+    for i in range(100):
+        sd = structures[i % 2]
+        with torch.no_grad():
+            sd["k0"].add_(1.0)
+        out = stage(s, sd)
+        assert_same_tree(out, sd)
+        assert len(records) == len(sd)  # only the previous stage is remembered
+        if i:  # the records describe the other structure: nothing of this one is reused
+            assert counters(s)[1] == 0
+    out = stage(s, sd)  # the same structure again: all but nothing changed is reused
+    assert counters(s)[1] == len(sd) * 64
+    assert_same_tree(out, sd)
+    s.close()
