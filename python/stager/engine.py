@@ -50,7 +50,23 @@ __all__ = [
 #: priority (59-63 % at nice 10, 61-90 % at nice 0, on that loaded machine), so the shorter stage
 #: at nice 0 also costs the caller less time in all. Callers that wait for staging (torchtitan
 #: waits before every optimizer step) need it done: the workers run at the caller's priority.
-BACKGROUND_NICENESS = int(os.environ.get("STAGER_COPY_NICENESS", "0") or 0)
+BACKGROUND_NICENESS = 0
+
+#: Environment variable that sets the niceness of background copy workers (0-19).
+NICENESS_ENV = "STAGER_COPY_NICENESS"
+
+
+def _background_niceness() -> int:
+    value = os.environ.get(NICENESS_ENV, "").strip()
+    if not value:
+        return BACKGROUND_NICENESS
+    try:
+        niceness = int(value)
+    except ValueError:
+        niceness = -1
+    if not 0 <= niceness <= 19:
+        raise _native.StagerError(f"{NICENESS_ENV}={value!r}: expected a niceness from 0 to 19")
+    return niceness
 
 _lock = threading.Lock()
 _engines: dict[tuple[int, bool], _native.CopyEngine] = {}
@@ -63,7 +79,7 @@ def copy_engine(num_threads: int, background: bool = False) -> _native.CopyEngin
     with _lock:
         engine = _engines.get((num_threads, background))
         if engine is None:
-            niceness = BACKGROUND_NICENESS if background else 0
+            niceness = _background_niceness() if background else 0
             engine = _engines[(num_threads, background)] = _native.CopyEngine(num_threads, niceness)
         return engine
 
