@@ -65,8 +65,10 @@ class StagingEngine:
         #: With ``skip_unchanged``: what the previous stage staged (see stager.incremental).
         self.unchanged = UnchangedStorages() if options.skip_unchanged else None
         # Incremental stages run one at a time: each reads what the previous one recorded, and a
-        # stage on another thread must not reuse bytes this one is still copying.
+        # stage on another thread must not reuse bytes this one is still copying. A forked child
+        # gets a lock of its own (one held by a parent's thread at the fork is never released).
         self._incremental_lock = threading.Lock()
+        self._lock_pid = os.getpid()
 
     def _new_pool(self) -> _native.HostPool:
         return _native.HostPool(
@@ -115,6 +117,8 @@ class StagingEngine:
             staged = self.start(state_dict, order)
             result = staged.plan.materialize(staged.buffer)  # overlaps the copies
         else:
+            if self._lock_pid != os.getpid():
+                self._incremental_lock, self._lock_pid = threading.Lock(), os.getpid()
             with self._incremental_lock:
                 plan = plan_state_dict(state_dict, track_versions=True)
                 reused = unchanged.reuse(plan)
