@@ -1,12 +1,14 @@
-//! Copy engine vs a single `copy_from_slice`, on one large buffer and on 20,000 tiny ones, and the
-//! machine's limits (`stager::limits`: a plain parallel memcpy into touched and fresh memory) that
-//! `stager bench` compares the stagers with. Run with `cargo bench --bench copy_engine`.
+//! Copy engine vs a single `copy_from_slice`, on one large buffer and on 20,000 tiny ones, the
+//! copy kernel (`copy_bytes`: non-temporal stores from `STREAMING_BYTES` up) against `memcpy`
+//! (`copy_nonoverlapping`) per piece size on one thread, and the machine's limits
+//! (`stager::limits`: a plain parallel memcpy into touched and fresh memory) that `stager bench`
+//! compares the stagers with. Run with `cargo bench --bench copy_engine`.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use stager::completion::Completion;
-use stager::copy_engine::{CopyEngine, HostCopy};
+use stager::copy_engine::{copy_bytes, CopyEngine, HostCopy};
 use stager::limits::{copy_limit_from, Target};
 use stager::pool::{HostPool, PoolOptions};
 
@@ -95,6 +97,52 @@ fn tiny_copies(c: &mut Criterion) {
     group.finish();
 }
 
+/// The copy kernel against memcpy, one thread, touched memory larger than the caches: each
+/// iteration copies the whole 256 MiB in pieces of the given size.
+fn kernels(c: &mut Criterion) {
+    let len = 256 << 20;
+    let source = vec![3u8; len];
+    let mut target = vec![1u8; len];
+    let mut group = c.benchmark_group("kernel_256MiB");
+    group.throughput(Throughput::Bytes(len as u64));
+    group.sample_size(10);
+    for piece in [64 << 10, 256 << 10, 4 << 20, 64 << 20] {
+        group.bench_with_input(BenchmarkId::new("memcpy", piece), &piece, |b, &piece| {
+            b.iter(|| {
+                for offset in (0..len).step_by(piece) {
+                    // SAFETY: both ranges lie inside their vectors, which do not overlap.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            source.as_ptr().add(offset),
+                            target.as_mut_ptr().add(offset),
+                            piece.min(len - offset),
+                        )
+                    };
+                }
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("copy_bytes", piece),
+            &piece,
+            |b, &piece| {
+                b.iter(|| {
+                    for offset in (0..len).step_by(piece) {
+                        // SAFETY: both ranges lie inside their vectors, which do not overlap.
+                        unsafe {
+                            copy_bytes(
+                                source.as_ptr().add(offset),
+                                target.as_mut_ptr().add(offset),
+                                piece.min(len - offset),
+                            )
+                        };
+                    }
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 /// The limits, timed by `copy_limit_from` itself so mapping and unmapping fresh memory stay out.
 fn limits(c: &mut Criterion) {
     let len = 256 << 20;
@@ -119,5 +167,5 @@ fn limits(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, large_copy, tiny_copies, limits);
+criterion_group!(benches, large_copy, tiny_copies, kernels, limits);
 criterion_main!(benches);

@@ -9,6 +9,7 @@
 //! ```
 //!
 //! - [`table`]: a state_dict's tensors, flat: distinct storages, views, their place in one buffer;
+//!   [`unchanged`]: incremental staging's records of the previous stage, matched in one pass;
 //! - [`layout`]: the one layout shared by buffers, files and the wire (alignment, view flags,
 //!   header keys, range checks);
 //! - [`pool`]: host buffers that live across checkpoints (pinned, shared, budgeted);
@@ -40,6 +41,7 @@ pub mod pool;
 pub mod reader;
 pub mod table;
 pub mod torch_record;
+pub mod unchanged;
 pub mod writer;
 
 #[cfg(feature = "python")]

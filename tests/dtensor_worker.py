@@ -154,6 +154,11 @@ def scenario_stage(world):
     check_state_dict(second, sd)
     assert second["model"]["rep"]._local_tensor.data_ptr() == first["model"]["rep"]._local_tensor.data_ptr()
     assert second["model"]["cols"]._local_tensor.data_ptr() != first["model"]["cols"]._local_tensor.data_ptr()
+    # A redistributed DTensor (other placements over another local tensor) is staged anew.
+    sd["model"]["cols"] = sd["model"]["cols"].redistribute(placements=[Replicate()])
+    third = incremental.stage(sd)
+    check_state_dict(third, sd)
+    assert third["model"]["cols"].placements == (Replicate(),)
     incremental.close()
     # Staged DTensors still compute: a collective over the staged copy gives the source's value.
     staged = stager.DefaultStager(stager.StagingOptions(use_async_staging=False)).stage(sd)

@@ -137,7 +137,13 @@ CHANGES = [
     ("inference_added", "an inference tensor added", ["inference"]),
     ("inference_again", "nothing but the inference tensor, which has no version counter", ["inference"]),
     ("resize", "e.resize_(2x) (and the inference tensor, as every time)", ["e", "inference"]),
+    ("rewrapped", "f re-wrapped (`f.data`: a fresh counter on the same storage) and written once, reaching the "
+                  "old version while the old tensor lives on (as in an optimizer); and the inference tensor",
+     ["f", "inference"]),
 ]
+
+#: Tensors a change replaced but something else still holds (an optimizer's old parameters).
+_STILL_HELD = []
 
 
 def changing_state(rank):
@@ -147,6 +153,7 @@ def changing_state(rank):
     return {"a": torch.randn(32, generator=gen), "b": torch.randn(48, generator=gen),
             "c": torch.randn(16, 4, generator=gen), "viewed": viewed, "view": viewed[16:32],
             "d": torch.randn(80, generator=gen), "e": torch.randn(16, generator=gen), "frozen": torch.randn(4096, generator=gen),
+            "f": torch.randn(16, generator=gen).add_(0.0),  # version 1
             "meta": {"step": 0}}
 
 
@@ -170,6 +177,11 @@ def apply_change(state, index, rank):
             state["inference"] = torch.randn(32, generator=gen)
     elif name == "resize":
         state["e"].resize_(32).copy_(torch.randn(32, generator=gen))
+    elif name == "rewrapped":
+        _STILL_HELD.append(state["f"])
+        state["f"] = state["f"].data
+        state["f"].mul_(2.0)
+        assert state["f"]._version == _STILL_HELD[-1]._version == 1
 
 
 def storage_bytes(state, keys):

@@ -109,6 +109,15 @@ def test_async_rows_report_future_latency_and_caller_loop_speed(report):
         assert loop["extra"]["loop_alone_iterations_per_s"] > 0
 
 
+def test_busy_rows_compare_first_calls_and_repeat_calls_beside_busy_processes(report):
+    rows = rows_of(report, "large, 2 busy processes")
+    first = rows["stager DefaultStager private first call"]
+    assert first["baseline"] == "torch DefaultStager private first call" and first["speedup_vs_baseline"] > 0
+    assert rows["torch DefaultStager private first call"]["seconds_median"] > 0
+    repeat = rows["stager DefaultStager private repeat"]
+    assert repeat["extra"]["vs_idle_repeat"] > 0 and repeat["extra"]["idle_samples"]
+
+
 def test_tiny_workload_counts_every_tensor(report):
     rows = rows_of(report, "tiny")
     assert rows["stager DefaultStager private repeat"]["ntensors"] == 500

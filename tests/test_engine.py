@@ -1,6 +1,7 @@
 """engine.py's registry of stages in flight: a writer handed a staged dict early asks, per tensor,
 which copy to wait for before writing its bytes."""
 
+import pytest
 import torch
 
 from stager import _native, engine
@@ -30,3 +31,14 @@ def test_pending_copy_names_each_storage_until_its_copy_completes():
     for index in range(len(completion)):
         completion.mark_complete(index)
     assert engine.pending_copy(staged["b"]) is None
+
+
+def test_copy_niceness_from_the_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("STAGER_COPY_NICENESS", "7")
+    assert engine._background_niceness() == 7
+    for bad in ("high", "-1", "20"):
+        monkeypatch.setenv("STAGER_COPY_NICENESS", bad)
+        with pytest.raises(_native.StagerError, match="STAGER_COPY_NICENESS"):
+            engine._background_niceness()
+    monkeypatch.delenv("STAGER_COPY_NICENESS")
+    assert engine._background_niceness() == engine.BACKGROUND_NICENESS == 0

@@ -119,3 +119,37 @@ def test_forked_children_stage_without_hanging(tmp_path):
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True,
                             timeout=360)
     assert result.returncode == 0 and "FORK-OK" in result.stdout, result.stdout + result.stderr
+
+
+INCREMENTAL_SCRIPT = textwrap.dedent(
+    """
+    import os, time, torch, stager
+    s = stager.DefaultStager(stager.StagingOptions(use_async_staging=False, skip_unchanged=True))
+    w = torch.randn(1000)
+    s.stage({"w": w})
+    s._engine._incremental_lock.acquire()  # as if another thread were mid-stage at the fork
+    pid = os.fork()
+    if pid == 0:
+        with torch.no_grad():
+            w.add_(1.0)
+        out = s.stage({"w": w})
+        os._exit(0 if torch.equal(out["w"], w) else 1)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            print("CHILD", os.waitstatus_to_exitcode(status))
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        print("CHILD hung")
+    """
+)
+
+
+@pytest.mark.timeout(300)
+def test_a_forked_child_stages_incrementally_while_a_parent_thread_held_the_stage_lock():
+    result = subprocess.run([sys.executable, "-c", INCREMENTAL_SCRIPT], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0 and "CHILD 0" in result.stdout, result.stdout + result.stderr

@@ -4,12 +4,20 @@ PyTorch already says what changed: every in-place write bumps the written tensor
 (``tensor._version``: optimizer steps, ``copy_``, ``add_`` under ``no_grad``), and assigning
 ``.data`` or calling ``set_()`` swaps the storage instead. :class:`UnchangedStorages` remembers,
 per source storage of the previous stage, the storage itself (a weak reference to its StorageImpl:
-"the same object"), its address and size, the version counter of every tensor viewing it, and the
-staged storage that holds its bytes. At the next stage a storage that is the same object at the
-same address with the same size and the same versions is *reused*: it takes no room in the new
-buffer, gets no copy (host or device), and its staged tensors view the previous result's bytes.
-Anything else is copied as usual: a new, moved or resized storage, a bumped version, an inference
-tensor (no version counter).
+"the same object"), its address and size, every tensor object viewing it (weak references) with
+its version counter, and the staged storage that holds its bytes. At the next stage a storage that
+is the same object at the same address with the same size, viewed by tensors with the same
+versions none of which replaced a recorded tensor object that is still alive, is *reused*: it takes no room in the new buffer, gets no copy (host or device),
+and its staged tensors view the previous result's bytes. Anything else is copied as usual: a new,
+moved or resized storage, a bumped version, another tensor object in place of a recorded one that
+still lives (``nn.Parameter(p.data)`` has a fresh version counter, which after as many updates
+reads the same number), an inference tensor (no version counter). Fresh aliases of the same
+tensors (``model.state_dict()`` detaches anew each call, sharing the parameters' counters) are
+reused; so a re-wrapped parameter whose old object is gone and whose new counter reached the old
+value is missed like the writes below (a version counter's identity is not visible to Python).
+
+A stage is remembered only once its copies are complete (and a stager runs one incremental stage
+at a time), so a later stage never reuses bytes still being copied.
 
 Staged results of such a stager therefore share the bytes of unchanged storages with earlier
 results: treat them as read-only. The tracker holds the staged storages it may reuse, so those
@@ -21,10 +29,14 @@ tracker on the sending side, recording each storage's *index* in the step it sen
 staged storage: :meth:`UnchangedStorages.unchanged` then maps every unchanged storage of the next
 step to the index its bytes have in the copy the holder already has, and only the others travel.
 
-A write the version counter cannot see (through ``.data`` of a view, through a NumPy array over
-the tensor, by a C extension) is missed. Set ``STAGER_CHECK_UNCHANGED=1`` to compare, for every
-reused host storage, the crc32c of its source bytes now with the bytes staged before; a mismatch
-raises ``StagerError`` naming the storage instead of handing out stale bytes.
+A write the version counter cannot see is missed: through ``.data`` (of the tensor or of a view:
+another counter over the same storage); through a NumPy array (``t.numpy()``) or a DLPack capsule
+over the tensor; through the storage (``t.untyped_storage().copy_(...)``); through the vector that
+``torch.nn.utils.vector_to_parameters`` made the parameters view (it assigns ``.data``, so the
+parameters keep counters of their own); by a forked child or another process writing shared
+memory; by a C extension. Set ``STAGER_CHECK_UNCHANGED=1`` to compare, for every reused host storage,
+the crc32c of its source bytes now with the bytes staged before; a mismatch raises
+``StagerError`` naming the storage instead of handing out stale bytes.
 """
 
 from __future__ import annotations
@@ -33,7 +45,6 @@ import os
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import _native
 from ._native import StagerError
@@ -45,35 +56,31 @@ __all__ = ["CHECK_ENV", "UnchangedStorages"]
 CHECK_ENV = "STAGER_CHECK_UNCHANGED"
 
 
-class _Record:
-    """What one source storage looked like at the previous stage, and where its bytes went: the
-    staged storage holding them (staging) or the storage's index in that stage (replication)."""
-
-    __slots__ = ("source", "address", "nbytes", "versions", "staged")
-
-    def __init__(self, source: StorageWeakRef, address: int, nbytes: int, versions: list[int],
-                 staged: Any) -> None:
-        self.source = source
-        self.address = address
-        self.nbytes = nbytes
-        self.versions = versions
-        self.staged = staged
-
-
 class UnchangedStorages:
-    """One stager's memory of its previous stage (see the module docs).
+    """One stager's memory of its previous stage (see the module docs): the records live in Rust
+    (``stager._native.UnchangedRecords``), and the reuse decision over every storage is one call.
 
     Thread Safety:
         One stage at a time (the stagers serialize their stages).
     """
 
     def __init__(self) -> None:
-        self._previous: dict[int, _Record] = {}
-        #: Number of storages of the remembered stage (what a holder's copy of it has).
-        self.storage_count = 0
-        #: Bytes the last stage copied and reused, for benchmarks and tests.
-        self.copied_nbytes = 0
-        self.reused_nbytes = 0
+        self._records = _native.UnchangedRecords()
+
+    @property
+    def storage_count(self) -> int:
+        """Number of storages of the remembered stage (what a holder's copy of it has)."""
+        return self._records.storage_count
+
+    @property
+    def copied_nbytes(self) -> int:
+        """Bytes the last decision left to copy, for benchmarks and tests."""
+        return self._records.copied_nbytes
+
+    @property
+    def reused_nbytes(self) -> int:
+        """Bytes the last decision reused, for benchmarks and tests."""
+        return self._records.reused_nbytes
 
     def reuse(self, plan: StatePlan) -> dict[int, torch.UntypedStorage]:
         """Storage index → the staged storage already holding its bytes, for every storage of
@@ -90,65 +97,24 @@ class UnchangedStorages:
         """Storage index → what :meth:`remember` recorded for it (the staged storage, or its index
         in the remembered stage), for every storage of ``plan`` (described with
         ``track_versions``) that is the same object at the same address with the same size and
-        versions as then. Changes nothing but the byte counters."""
-        if not self._previous:
-            self._account(plan, {})
-            return {}
-        table = plan.table
-        reused: dict[int, Any] = {}
-        keys, addresses, nbytes = table.storage_keys, table.storage_addresses, table.storage_nbytes
-        for index, versions in enumerate(table.storage_versions):
-            record = self._previous.get(keys[index])
-            if (
-                record is None
-                or versions is None  # an inference tensor, or versions not tracked
-                or record.versions != versions
-                or record.address != addresses[index]
-                or record.nbytes != nbytes[index]
-                or record.source.expired()  # the key's StorageImpl died: a new object
-                or not nbytes[index]
-            ):
-                continue
-            reused[index] = record.staged
-        self._account(plan, reused)
-        return reused
+        versions as then, none of whose recorded tensors was replaced by another while alive.
+        Changes nothing but the byte counters."""
+        return self._records.unchanged(plan.table)
 
     def remember(self, plan: StatePlan, staged_tensors: list[Any] | None = None) -> None:
         """Records the storages of ``plan`` for the next stage, and for each where its bytes are
         now: the staged storage (from ``staged_tensors``, table order) or, without them, its own
         index in ``plan`` (the index a holder of this stage's copy knows it by); forgets
         everything else."""
-        table = plan.table
-        first_tensor: dict[int, int] = {}
-        if staged_tensors is not None:
-            for tensor_index, storage_index in enumerate(table.tensor_storage):
-                first_tensor.setdefault(storage_index, tensor_index)
-        sources = table.storage_objects
-        previous: dict[int, _Record] = {}
-        for index, (key, address, nbytes, versions) in enumerate(
-            zip(table.storage_keys, table.storage_addresses, table.storage_nbytes, table.storage_versions)
-        ):
-            if staged_tensors is None:
-                staged: Any = index
-            else:
-                tensor = staged_tensors[first_tensor[index]] if index in first_tensor else None
-                staged = tensor.untyped_storage() if tensor is not None else None
-            source = sources[index]
-            if versions is None or staged is None or source is None or not nbytes:
-                continue
-            previous[key] = _Record(StorageWeakRef(source), address, nbytes, versions, staged)
-        self._previous = previous
-        self.storage_count = len(table.storage_nbytes)
+        self._records.remember(plan.table, staged_tensors)
+        # The plan is spent: its source tensors must not outlive it through whoever still holds
+        # the plan (a sender's message), or a fresh alias of the same tensor at the next stage
+        # would look like a replacement of a live one and be copied again.
+        plan.leaves = []
 
     def forget(self) -> None:
         """Drops every record (and the staged bytes they keep alive)."""
-        self._previous = {}
-        self.storage_count = 0
-
-    def _account(self, plan: StatePlan, reused: dict[int, Any]) -> None:
-        nbytes = plan.table.storage_nbytes
-        self.reused_nbytes = sum(nbytes[i] for i in reused)
-        self.copied_nbytes = sum(nbytes) - self.reused_nbytes
+        self._records.forget()
 
 
 def _check_unchanged(table: Any, reused: dict[int, torch.UntypedStorage]) -> None:

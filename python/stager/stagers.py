@@ -64,6 +64,11 @@ class StagingEngine:
             self._pool = self._new_pool()
         #: With ``skip_unchanged``: what the previous stage staged (see stager.incremental).
         self.unchanged = UnchangedStorages() if options.skip_unchanged else None
+        # Incremental stages run one at a time: each reads what the previous one recorded, and a
+        # stage on another thread must not reuse bytes this one is still copying. A forked child
+        # gets a lock of its own (one held by a parent's thread at the fork is never released).
+        self._incremental_lock = threading.Lock()
+        self._lock_pid = os.getpid()
 
     def _new_pool(self) -> _native.HostPool:
         return _native.HostPool(
@@ -112,12 +117,20 @@ class StagingEngine:
             staged = self.start(state_dict, order)
             result = staged.plan.materialize(staged.buffer)  # overlaps the copies
         else:
-            plan = plan_state_dict(state_dict, track_versions=True)
-            reused = unchanged.reuse(plan)
-            staged = self.start_plan(plan, order)
-            tensors: list[Any] = []
-            result = plan.materialize(staged.buffer, reused, tensors)
-            unchanged.remember(plan, tensors)
+            if self._lock_pid != os.getpid():
+                self._incremental_lock, self._lock_pid = threading.Lock(), os.getpid()
+            with self._incremental_lock:
+                plan = plan_state_dict(state_dict, track_versions=True)
+                reused = unchanged.reuse(plan)
+                staged = self.start_plan(plan, order)
+                tensors: list[Any] = []
+                result = plan.materialize(staged.buffer, reused, tensors)
+                if early is not None:
+                    early.offer_early(result)
+                staged.wait()
+                # Only now: the next stage may reuse these bytes, so they must all be in place.
+                unchanged.remember(plan, tensors)
+            return result
         if early is not None:
             early.offer_early(result)
         staged.wait()

@@ -24,6 +24,7 @@ mod files;
 mod limits;
 mod pool;
 mod table;
+mod unchanged;
 
 create_exception!(
     stager,
@@ -176,6 +177,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     buffer::register(m)?;
     pool::register(m)?;
     table::register(m)?;
+    unchanged::register(m)?;
     copy::register(m)?;
     files::register(m)?;
     cuda::register(m)?;

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple, PyWeakrefReference};
 
 use super::buffer::PyHostBuffer;
 use super::{invalid, usize_arg};
@@ -111,12 +111,18 @@ pub(crate) struct PyTensorTable {
     strides: Vec<Py<PyAny>>,
     safetensors_dtypes: Vec<Option<&'static str>>,
     /// `tensor._version` when asked for (None: not tracked, or an inference tensor without one).
-    versions: Vec<Option<i64>>,
+    pub(crate) versions: Vec<Option<i64>>,
+    /// With versions tracked, a weak reference to each tensor object: a tensor's identity, since
+    /// a re-wrapped `nn.Parameter(p.data)` views the same storage with a fresh version counter
+    /// that can reach the recorded value again. CPython hands out one shared weak reference per
+    /// live object, so two stages saw the same tensor object exactly when their references are
+    /// the same object.
+    pub(crate) identities: Vec<Option<Py<PyAny>>>,
     // One entry per storage.
-    storages: Vec<Option<Py<PyAny>>>,
+    pub(crate) storages: Vec<Option<Py<PyAny>>>,
     devices: Vec<Option<Py<PyAny>>>,
     /// The storage's identity (`UntypedStorage._cdata`, its StorageImpl); 0 from metadata.
-    keys: Vec<usize>,
+    pub(crate) keys: Vec<usize>,
 }
 
 impl PyTensorTable {
@@ -161,6 +167,7 @@ pub(crate) fn describe_tensors(
     let mut keys: Vec<usize> = Vec::with_capacity(count);
     let mut storage_nbytes: Vec<usize> = Vec::with_capacity(count);
     let mut versions: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut identities: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
     let mut dtype_info: HashMap<usize, DtypeInfo> = HashMap::new();
     for tensor in tensors.iter() {
         let dtype = tensor.getattr(intern!(py, "dtype"))?;
@@ -178,6 +185,7 @@ pub(crate) fn describe_tensors(
             strides.push(py.None());
             safetensors_dtypes.push(None);
             versions.push(None);
+            identities.push(None);
             continue;
         }
         let is_cpu = tensor.getattr(intern!(py, "is_cpu"))?.is_truthy()?;
@@ -284,6 +292,11 @@ pub(crate) fn describe_tensors(
         } else {
             None
         });
+        identities.push(if track_versions {
+            Some(PyWeakrefReference::new(&tensor)?.into_any().unbind())
+        } else {
+            None
+        });
     }
     Ok(PyTensorTable {
         table: builder.finish()?,
@@ -292,6 +305,7 @@ pub(crate) fn describe_tensors(
         strides,
         safetensors_dtypes,
         versions,
+        identities,
         storages,
         devices,
         keys,
@@ -407,6 +421,7 @@ impl PyTensorTable {
             strides,
             safetensors_dtypes,
             versions: vec![None; count],
+            identities: (0..count).map(|_| None).collect(),
             storages: (0..storage_count).map(|_| None).collect(),
             devices: (0..storage_count).map(|_| None).collect(),
             keys: vec![0; storage_count],
@@ -436,6 +451,7 @@ impl PyTensorTable {
             strides: clone(&self.strides),
             safetensors_dtypes: self.safetensors_dtypes.clone(),
             versions: self.versions.clone(),
+            identities: clone_opt(&self.identities),
             storages: clone_opt(&self.storages),
             devices: clone_opt(&self.devices),
             keys: self.keys.clone(),
@@ -569,6 +585,26 @@ impl PyTensorTable {
             let slot = &mut out[view.storage];
             match (slot.as_mut(), version) {
                 (Some(list), Some(version)) => list.push(*version),
+                _ => *slot = None,
+            }
+        }
+        out
+    }
+
+    /// For each storage, weak references to the tensors viewing it in table order (the same
+    /// object for the same live tensor), or None when versions are not tracked for all of them.
+    #[getter]
+    fn storage_identities(&self, py: Python<'_>) -> Vec<Option<Vec<Py<PyAny>>>> {
+        let mut out: Vec<Option<Vec<Py<PyAny>>>> = (0..self.table.storages().len())
+            .map(|_| Some(Vec::new()))
+            .collect();
+        for (view, identity) in self.table.views().iter().zip(&self.identities) {
+            if view.is_opaque() {
+                continue;
+            }
+            let slot = &mut out[view.storage];
+            match (slot.as_mut(), identity) {
+                (Some(list), Some(identity)) => list.push(identity.clone_ref(py)),
                 _ => *slot = None,
             }
         }

@@ -22,6 +22,11 @@ Rows per workload:
   stager in a fresh process (``tiny result memory``, at least 20,000 tensors: RSS after the stage
   minus before, over the tensor count, with the source dict already built).
 
+And for the large workload with two busy-loop processes at nice 0 beside the stager (``large,
+2 busy processes``: what dataloader workers do to a GPU node's cores): the first call of a new
+stager against PyTorch's under the same load, interleaved, and stager's repeat calls against its
+repeat calls on the same machine without the busy processes (target: at most 2x).
+
 And for the large workload with async staging: how long ``stage()`` takes to return its Future,
 and how fast a pure-Python loop in the caller's thread runs while the stage is in flight, relative
 to the same loop alone (stager vs PyTorch's DefaultStager).
@@ -42,6 +47,8 @@ from __future__ import annotations
 
 import gc
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +95,7 @@ def run(ctx: BenchContext) -> list[Row]:
         large = ctx.large_state_dict()
         rows += _workload(ctx, "large", large)
         rows += _async_rows(ctx, large)
+        rows += _busy_rows(ctx, large)
         rows += _workload(ctx, "tiny", ctx.tiny_state_dict())
         rows += _result_memory_rows(ctx)
         rows += _dtensor_rows(ctx)
@@ -494,6 +502,60 @@ def _async_rows(ctx: BenchContext, state_dict: Any) -> list[Row]:
                    "target": ">= 0.90 of the loop's speed alone",
                    "note": "seconds: the async stage's wall time while the caller's thread runs a pure-Python loop"},
         ))
+    return rows
+
+
+# ---- beside busy processes -------------------------------------------------------------------------
+BUSY_PROCESSES = 2
+
+
+def _busy_rows(ctx: BenchContext, state_dict: Any) -> list[Row]:
+    """First calls (stager vs PyTorch) and stager's repeat calls with ``BUSY_PROCESSES`` busy-loop
+    processes at nice 0 beside them; the repeat calls also without them, first, for the ratio."""
+    workload = f"large, {BUSY_PROCESSES} busy processes"
+    size = dict(nbytes=ctx.nbytes_of(state_dict), ntensors=ctx.count_tensors(state_dict))
+    stager = DefaultStager(_stager_options(ctx, shared=False))
+    busy: list[subprocess.Popen] = []
+    try:
+        _stage(stager, state_dict)  # warm up
+        idle = [_timed(lambda: _stage(stager, state_dict)) for _ in ctx.progress(range(ctx.repeats), f"{workload}: idle repeat calls")]
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BUSY_PROCESSES)]
+        time.sleep(0.2)  # let them start spinning
+        samples, errors = _interleaved(ctx, f"{workload}: first and repeat calls", {
+            "stager DefaultStager private first call": lambda: _first_call_seconds(
+                lambda: DefaultStager(_stager_options(ctx, shared=False)), state_dict),
+            "torch DefaultStager private first call": lambda: _first_call_seconds(
+                lambda: _torch_default_stager(shared=False), state_dict),
+            "stager DefaultStager private repeat": lambda: _timed(lambda: _stage(stager, state_dict)),
+        })
+    finally:
+        for process in busy:
+            process.kill()
+        for process in busy:
+            process.wait()
+        _close_quietly(stager)
+    for name, error in errors.items():
+        ctx.log(f"  [{workload}] {name} failed: {error}")
+    note = f"{BUSY_PROCESSES} processes running `while True: pass` at nice 0 beside the bench"
+    rows: list[Row] = []
+    first = "stager DefaultStager private first call"
+    if samples[first]:
+        rows.append(ctx.row(SECTION, workload, first, samples[first], **size,
+                            baseline="torch DefaultStager private first call",
+                            extra={"note": note, "target": ">= 1.0x PyTorch's first call",
+                                   "options": STAGER_OPTIONS_NOTE.format(shared=False)}))
+    torch_first = "torch DefaultStager private first call"
+    if samples[torch_first]:
+        rows.append(ctx.row(SECTION, workload, torch_first, samples[torch_first], **size,
+                            extra={"note": note, "options": TORCH_OPTIONS_NOTE.format(shared=False)}))
+    repeat = "stager DefaultStager private repeat"
+    if samples[repeat] and idle:
+        ratio = statistics.median(samples[repeat]) / statistics.median(idle)
+        rows.append(ctx.row(SECTION, workload, repeat, samples[repeat], **size,
+                            extra={"note": note, "summary": f"{ratio:.2f}x its time without the busy processes",
+                                   "vs_idle_repeat": round(ratio, 3), "idle_samples": [round(x, 6) for x in idle],
+                                   "target": "<= 2.0x its idle-machine time",
+                                   "options": STAGER_OPTIONS_NOTE.format(shared=False)}))
     return rows
 
 
