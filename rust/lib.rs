@@ -17,6 +17,7 @@
 //! - [`format`], [`writer`], [`reader`]: the file format, the durable writer, the validating reader;
 //!   [`commit`]: the one atomic commit every persisted file goes through; [`direct_io`]: how the
 //!   writer and reader reach the device (O_DIRECT, requests in flight, bounce chunks);
+//! - [`shm`]: named shared-memory segments, staged copies that outlive the process;
 //! - [`limits`]: the machine's copy limits, for the benchmark;
 //! - [`error`]: one error type, converted once at the Python boundary.
 //!
@@ -37,6 +38,7 @@ pub mod layout;
 pub mod limits;
 pub mod pool;
 pub mod reader;
+pub mod shm;
 pub mod table;
 pub mod writer;
 

@@ -1,0 +1,44 @@
+"""survive_restart: copies in named shared memory that outlive the process (stager.segments,
+rust/shm.rs). Every test uses its own STAGER_SHM_DIR under /dev/shm and removes it."""
+
+import os
+import shutil
+import uuid
+
+import pytest
+from ranks import collect, start_ranks
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shm_worker.py")
+
+
+@pytest.fixture
+def shm_dir(monkeypatch):
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+    path = os.path.join(base, f"stager-test-{uuid.uuid4().hex[:12]}")
+    os.makedirs(path)
+    monkeypatch.setenv("STAGER_SHM_DIR", path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run(world, directory, actions, shm_dir, deadline=120):
+    procs = start_ranks(world, directory, actions, worker=WORKER, env=lambda rank: {"STAGER_SHM_DIR": shm_dir})
+    results = collect(procs, deadline=deadline)
+    for rank, (rc, _, output) in results.items():
+        assert rc == 0, f"rank {rank} failed (rc={rc}):\n{output}"
+    return {rank: found for rank, (_, found, _) in results.items()}
+
+
+def test_restarted_ranks_restore_from_their_own_shared_memory(tmp_path, shm_dir):
+    staged = run(4, tmp_path, [["stage", {"steps": [1, 2, 3]}]], shm_dir)
+    # at most two generations per (holder, owner): steps 2 and 3 of the own copy and the replica
+    for rank, found in staged.items():
+        names = [n for n in found["stage"]["segments"] if f"-h{rank}-" in n]
+        assert sorted(n.rsplit("-s", 1)[1] for n in names) == ["2.seg", "2.seg", "3.seg", "3.seg"], names
+    restored = run(4, tmp_path, [["restore", {}]], shm_dir)
+    for rank, found in restored.items():
+        result = found["restore"]
+        assert result["step"] == 3 and result["same"], result
+        assert result["tier"] == "shm" and result["server"] == rank and result["received"] == 0, result
