@@ -667,13 +667,27 @@ class ReplicationStager(AsyncStager):
         self._sweep_temps(rank)
         chosen = step if step is not None else (self._newest_step or 0) + 1
         copy = _Copy(self._storage_dir, rank, rank, fmt, _record(rank, rank, 1, chosen))
+        shm: dict[int, segments.SegmentCopy] = {}
+        if self._survive:
+            segments.sweep_temps(self._storage_dir, rank)
         try:
-            _write_copy(state_dict, copy.pending, fmt, copy.record)
+            source = state_dict
+            if self._survive:
+                shm[rank], source = segments.stage_into_segment(state_dict, self._storage_dir, rank, rank, chosen,
+                                                                copy.record)
+            _write_copy(source, copy.pending, fmt, copy.record)
+            for segment in shm.values():
+                segment.publish()
         except BaseException:
             _remove_quietly(copy.pending)
+            for segment in shm.values():
+                segment.abort()
             raise
         held = self._held(1, rank).get(str(rank), [])
-        self._publish({rank: copy}, chosen, max((s for s in held if s < chosen), default=None))
+        safe = max((s for s in held if s < chosen), default=None)
+        self._publish({rank: copy}, chosen, safe)
+        if shm:
+            self._keep_segments(shm, rank, chosen, safe)
         self._newest_step = max(self._newest_step or 0, chosen)
 
     def _persist(self, copies: dict[int, _Copy], received: dict[int, Any], own: dict[str, Any]) -> None:

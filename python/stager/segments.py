@@ -34,8 +34,8 @@ from . import _native, tree
 from ._native import StagerError
 from .plan import StatePlan, gc_paused
 
-__all__ = ["SHM_DIR_ENV", "Segment", "SegmentCopy", "find_segments", "load_segment", "release_shared_memory",
-           "shm_dir"]
+__all__ = ["SHM_DIR_ENV", "Segment", "SegmentCopy", "find_segments", "is_segment", "load_segment",
+           "release_shared_memory", "shm_dir"]
 
 #: Environment variable naming the shared-memory directory (default ``/dev/shm``).
 SHM_DIR_ENV = "STAGER_SHM_DIR"
@@ -214,6 +214,41 @@ def release_shared_memory(storage_dir: str | os.PathLike) -> int:
         if result:
             freed += result
     return freed
+
+
+def is_segment(path: str) -> bool:
+    """Whether ``path`` starts like a segment (its magic)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"STGSHM01"
+    except OSError:
+        return False
+
+
+def inspect_command(path: str, *, verify: bool = False) -> int:
+    """``stager inspect SEGMENT`` (and ``stager verify SEGMENT`` with ``verify``): its record,
+    tensors and whether it is in use; returns the exit code."""
+    import sys
+
+    try:
+        state_dict, record = load_segment(path, verify=verify)
+        in_use = _native.segment_in_use(path)
+    except StagerError as err:
+        print(f"stager {'verify' if verify else 'inspect'}: {path}: {'DAMAGED: ' if verify else ''}{err}",
+              file=sys.stderr)
+        return 1
+    if verify:
+        print(f"{path}: OK ({len(record['storages'])} buffers, {record['nbytes']} bytes, all crc32c checksums match)")
+        return 0
+    print(f"{path}: stager shared-memory segment, {record['nbytes']} bytes of data")
+    print(f"  storage_dir: {record['storage_dir']}")
+    print(f"  owner {record['owner']}, holder {record['holder']}, world_size {record['world_size']}, "
+          f"step {record['step']}; {'in use by a live process' if in_use else 'not in use'}")
+    print()
+    print("tensors (key  dtype  shape):")
+    for key, value in tree.tensors_by_path(state_dict).items():
+        print(f"  {tree.dotted(key)}  {str(value.dtype).removeprefix('torch.')}  {list(value.shape)}")
+    return 0
 
 
 def stage_into_segment(state_dict: Any, storage_dir: str, holder: int, owner: int, step: int,
