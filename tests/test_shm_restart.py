@@ -8,6 +8,8 @@ import uuid
 import pytest
 from ranks import collect, start_ranks
 
+import stager
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shm_worker.py")
 
 
@@ -42,3 +44,25 @@ def test_restarted_ranks_restore_from_their_own_shared_memory(tmp_path, shm_dir)
         result = found["restore"]
         assert result["step"] == 3 and result["same"], result
         assert result["tier"] == "shm" and result["server"] == rank and result["received"] == 0, result
+
+    # every disk copy removed: shared memory alone restores everyone, locally
+    for node in ("node0", "node1"):
+        for name in os.listdir(tmp_path / node):
+            os.unlink(tmp_path / node / name)
+    restored = run(4, tmp_path, [["restore", {}]], shm_dir)
+    for found in restored.values():
+        result = found["restore"]
+        assert result["step"] == 3 and result["same"] and result["tier"] == "shm" and result["received"] == 0, result
+
+    # node 1 replaced: its segments and its disk are gone; its ranks get their copies from the
+    # holders on node 0, out of their shared memory
+    assert stager.release_shared_memory(tmp_path / "node1") > 0
+    shutil.rmtree(tmp_path / "node1")
+    restored = run(4, tmp_path, [["restore", {}]], shm_dir)
+    for rank, found in restored.items():
+        result = found["restore"]
+        assert result["step"] == 3 and result["same"] and result["tier"] == "shm", result
+        if rank < 2:
+            assert result["server"] == rank and result["received"] == 0, result
+        else:
+            assert result["server"] == rank - 2 and result["received"] > 0, result
