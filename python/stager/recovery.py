@@ -16,7 +16,9 @@ Protocol (every wait bounded by the stager's timeout from the start of the call,
    inventories): the newest step for which every rank of the group has a copy on some rank,
    ignoring copies of another world size and copies already found damaged; for each owner, who
    serves it: the owner itself when it holds a copy (no transfer), else a holder with a copy in
-   memory, else the least loaded holder (ties: the lowest rank). When no step covers every rank,
+   memory, else the least loaded holder (ties: the lowest rank). Nearest copies first: in this
+   process's memory, then in named shared memory (``survive_restart``: segments of this
+   ``storage_dir`` on this node, :mod:`stager.segments`), then on disk. When no step covers every rank,
    every rank raises the same :class:`~stager.StagerError` naming the ranks that can't be
    restored and what was found of them, before anything moves.
 3. **Verify.** Each rank reads the copies it serves, checking every checksum (``.stager``: the
