@@ -476,7 +476,6 @@ class ReplicationStager(AsyncStager):
             for owner, (step, world, _) in self._memory.items():
                 if world == world_size:
                     held[str(owner)] = [step]
-            return held
         for owner, slots in self._index.items():
             steps = [r["step"] for r in slots.values() if r is not None and r["world_size"] == world_size]
             if steps:
