@@ -565,6 +565,8 @@ class ReplicationStager(AsyncStager):
             blobs = transport.allgather_bytes(json.dumps(record).encode(), "agreeing on the step to replicate",
                                               deadline=deadline)
             agreed.update(_agree(blobs, world))
+            if self._survive:
+                self._drop_segments_before(rank, agreed["safe"])
             if deltas is not None:
                 deltas.agreed(blobs, rank)
             chosen = agreed["step"]
@@ -723,6 +725,19 @@ class ReplicationStager(AsyncStager):
                 shm[src] = copy
         for copy in shm.values():
             copy.publish()
+
+    def _drop_segments_before(self, rank: int, safe: int | None) -> None:
+        """survive_restart, once every rank is in this stage (so every rank published the
+        previous one): generations older than ``safe``, the newest step every rank can restore,
+        are of no more use, and go before this stage's arrive (two generations at most, not
+        three, while the new one is received)."""
+        if safe is None:
+            return
+        for segment in segments.find_segments(self._storage_dir):
+            if segment.holder == rank and segment.step < safe:
+                _native.remove_segment(segment.path)
+        for owner in list(self._segments):
+            self._segments[owner] = {s: c for s, c in self._segments[owner].items() if s >= safe}
 
     def _keep_segments(self, shm: dict[int, segments.SegmentCopy], rank: int, step: int, safe: int | None) -> None:
         """After the commit: per owner, this step's segment and one older generation (the step
