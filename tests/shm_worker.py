@@ -28,6 +28,15 @@ def state(rank, step):
             "meta": {"step": step, "rank": rank}}
 
 
+def incremental_state(rank, step):
+    """What action_stage leaves with ``incremental``: step 1's state whose bias alone changed
+    (in place) at every later step."""
+    sd = state(rank, 1)
+    sd["model"]["bias"] += step - 1
+    sd["meta"]["step"] = step
+    return sd
+
+
 def zeroed(rank):
     sd = state(rank, 0)
     fresh = torch.zeros(256, 64)
@@ -41,14 +50,25 @@ def replicator(rank, directory, options):
     return stager.ReplicationStager(timeout=datetime.timedelta(seconds=60), storage_dir=node_dir,
                                     ranks_per_node=rpn, keep_own=options.get("keep_own", True),
                                     persist_format=options.get("persist_format", "stager"),
-                                    survive_restart=options.get("survive_restart", True))
+                                    survive_restart=options.get("survive_restart", True),
+                                    skip_unchanged=options.get("incremental", False))
 
 
 def action_stage(rank, world, directory, options):
     rep = replicator(rank, directory, options)
-    for step in options["steps"]:
-        rep.stage(state(rank, step), step=step)
-    return {"segments": sorted(os.path.basename(s.path) for s in stager.segments.find_segments(rep.storage_dir))}
+    sent = []
+    if options.get("incremental"):
+        sd = state(rank, 1)
+        for step in options["steps"]:
+            if step > 1:
+                sd["model"]["bias"].add_(1)  # only this storage changes: the rest is not sent again
+                sd["meta"]["step"] = step
+            rep.stage(sd, step=step)
+            sent.append(rep.last_sent.data)
+    else:
+        for step in options["steps"]:
+            rep.stage(state(rank, step), step=step)
+    return {"sent": sent, "segments": sorted(os.path.basename(s.path) for s in stager.segments.find_segments(rep.storage_dir))}
 
 
 def action_restore(rank, world, directory, options):
@@ -60,7 +80,7 @@ def action_restore(rank, world, directory, options):
     except stager.StagerError as err:
         return {"error": str(err)}
     step = rep.last_restore["step"]
-    expected = state(rank, step)
+    expected = incremental_state(rank, step) if options.get("incremental") else state(rank, step)
     same = (torch.equal(result["model"]["weight"], expected["model"]["weight"])
             and torch.equal(result["model"]["bias"], expected["model"]["bias"])
             and result["model"]["row"].untyped_storage().data_ptr() == result["model"]["weight"].untyped_storage().data_ptr()

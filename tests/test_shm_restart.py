@@ -66,3 +66,14 @@ def test_restarted_ranks_restore_from_their_own_shared_memory(tmp_path, shm_dir)
             assert result["server"] == rank and result["received"] == 0, result
         else:
             assert result["server"] == rank - 2 and result["received"] > 0, result
+
+
+def test_incremental_replication_keeps_complete_copies_in_shared_memory(tmp_path, shm_dir):
+    staged = run(4, tmp_path, [["stage", {"steps": [1, 2, 3], "incremental": True}]], shm_dir)
+    for found in staged.values():
+        full, *later = found["stage"]["sent"]
+        assert later and all(0 < sent < full // 10 for sent in later), found["stage"]["sent"]
+    restored = run(4, tmp_path, [["restore", {"incremental": True}]], shm_dir)
+    for rank, found in restored.items():
+        result = found["restore"]
+        assert result["step"] == 3 and result["same"] and result["tier"] == "shm" and result["server"] == rank, result

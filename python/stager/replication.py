@@ -87,6 +87,17 @@ In memory, the stager also keeps the replicas of its newest step (for a survivor
 :meth:`~ReplicationStager.restore` without reading the disk; with ``persist_format=None`` they
 are the only copies, kept until the next step is committed everywhere). ``close()`` drops them.
 
+**Surviving a restart** (``survive_restart=True``, :mod:`stager.segments`): each replica is
+received straight into a named shared-memory segment (the transport's ``receive_buffer``; an
+incremental receive, which builds on the previous step's memory, is copied into one), and the
+own copy of ``keep_own`` is staged into one and written to disk from there. The segments of
+a stage are published (checksummed, renamed) in step 4, before the vote, and removed again if
+the vote fails; after the commit each (holder, owner) keeps this step and the one older step
+``safe`` names, and once every rank is in the next stage (step 2) generations older than the
+newest restorable step are removed, so at most two exist while a third arrives. A segment that
+cannot be created (shared memory full, directory missing) fails the stage on every rank; the
+previous generation stays.
+
 :func:`stager.find_replicas` lists the copies in a directory and :func:`stager.recover` loads
 the newest copy of a given rank (:mod:`stager.replica_files`: the copy files' names, records and
 loading).
