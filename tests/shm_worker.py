@@ -71,6 +71,23 @@ def action_stage(rank, world, directory, options):
     return {"sent": sent, "segments": sorted(os.path.basename(s.path) for s in stager.segments.find_segments(rep.storage_dir))}
 
 
+def action_stage_too_big(rank, world, directory, options):
+    """Stages step 1, then a step 2 too big for the shared-memory directory: every rank must
+    raise the same StagerError and keep step 1."""
+    rep = replicator(rank, directory, options)
+    rep.stage(state(rank, 1), step=1)
+    big = state(rank, 2)
+    big["model"]["huge"] = torch.zeros(1 << 20)  # 4 MiB
+    try:
+        rep.stage(big, step=2)
+    except stager.StagerError as err:
+        error = str(err)
+    else:
+        error = None
+    return {"error": error, "segments": sorted(os.path.basename(s.path)
+                                               for s in stager.segments.find_segments(rep.storage_dir))}
+
+
 def action_restore(rank, world, directory, options):
     rep = replicator(rank, directory, options)
     into = zeroed(rank)

@@ -3,6 +3,7 @@ rust/shm.rs). Every test uses its own STAGER_SHM_DIR under /dev/shm and removes 
 
 import os
 import shutil
+import subprocess
 import uuid
 
 import pytest
@@ -77,3 +78,25 @@ def test_incremental_replication_keeps_complete_copies_in_shared_memory(tmp_path
     for rank, found in restored.items():
         result = found["restore"]
         assert result["step"] == 3 and result["same"] and result["tier"] == "shm" and result["server"] == rank, result
+
+
+def test_shared_memory_full_fails_the_stage_on_every_rank_and_keeps_the_previous_step(tmp_path):
+    small = str(tmp_path / "small-shm")
+    os.makedirs(small)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        options = {"ranks_per_node": 1}
+        staged = run(2, tmp_path, [["stage_too_big", options]], small)
+        for rank, found in staged.items():
+            result = found["stage_too_big"]
+            assert result["error"] and small in result["error"] and "bytes" in result["error"], result
+            assert [n.rsplit("-s", 1)[1] for n in result["segments"] if f"-h{rank}-" in n] == ["1.seg", "1.seg"]
+        assert not [n for n in os.listdir(small) if n.endswith(".tmp")]
+        restored = run(2, tmp_path, [["restore", options]], small)
+        for rank, found in restored.items():
+            result = found["restore"]
+            assert result["step"] == 1 and result["same"] and result["tier"] == "shm" and result["server"] == rank
+    finally:
+        subprocess.run(["umount", "-l", small], check=False)
