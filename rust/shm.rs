@@ -734,6 +734,23 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_locked_by_another_holder_is_left_alone() {
+        let d = dir("other");
+        let path = d.0.join("a.seg");
+        drop(publish(&path, &[2u8; 100], b"r"));
+        // Another open file description holding the shared lock: what a live process's is.
+        let other = File::open(&path).unwrap();
+        flock(&other, libc::LOCK_SH).unwrap();
+        assert!(in_use(&path).unwrap());
+        assert_eq!(remove_segment(&path).unwrap(), None);
+        assert!(path.exists());
+        drop(other);
+        assert!(remove_segment(&path).unwrap().unwrap() > 0);
+        assert!(!path.exists());
+        assert_eq!(remove_segment(&path).unwrap(), Some(0));
+    }
+
+    #[test]
     fn a_missing_directory_is_named() {
         let err = SegmentWriter::create(Path::new("/nonexistent-stager-dir/a.seg"), 10, None)
             .err()
