@@ -291,6 +291,76 @@ impl SegmentWriter {
         })
     }
 
+    /// Like [`SegmentWriter::create`], reusing the file of an older generation `old` (its pages
+    /// are already allocated: no zeroing, no new memory): `old` is renamed to the new temp
+    /// name and resized. Returns `None` (nothing changed) when `old` is gone or still mapped by
+    /// this process or locked by another.
+    pub fn recycle(
+        old: &Path,
+        path: &Path,
+        data_len: usize,
+        pinner: Option<Arc<dyn MemoryPinner>>,
+    ) -> Result<Option<SegmentWriter>> {
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(old)
+        {
+            Ok(f) => f,
+            Err(_) => return Ok(None),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| StagerError::io("inspecting segment", old, e))?;
+        if held()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(meta.dev(), meta.ino()))
+            || flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err()
+        {
+            return Ok(None);
+        }
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{}.tmp", std::process::id()));
+        let temp = PathBuf::from(name);
+        std::fs::rename(old, &temp).map_err(|e| StagerError::io("recycling segment", old, e))?;
+        let cleanup = |err: StagerError| {
+            let _ = std::fs::remove_file(&temp);
+            err
+        };
+        // Never mistaken for a published segment, whatever happens next.
+        file.write_all_at(&[0u8; 8], 0)
+            .map_err(|e| cleanup(StagerError::io("recycling segment", &temp, e)))?;
+        let capacity = capacity_of(data_len);
+        let total = page_size() + capacity;
+        if meta.len() > total as u64 {
+            file.set_len(total as u64)
+                .map_err(|e| cleanup(StagerError::io("resizing segment", &temp, e)))?;
+        }
+        // SAFETY: posix_fallocate on a descriptor we own; it returns an errno, not -1.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, total as libc::off_t) };
+        if rc != 0 {
+            return Err(cleanup(no_space(
+                path,
+                total,
+                std::io::Error::from_raw_os_error(rc),
+            )));
+        }
+        let lock = Arc::new(SegmentLock::new(file, &temp).map_err(cleanup)?);
+        let buffer =
+            buffer_over(lock.clone(), capacity, data_len, true, &temp, pinner).map_err(cleanup)?;
+        Ok(Some(SegmentWriter {
+            temp,
+            path: path.to_path_buf(),
+            lock,
+            data_len,
+            address: buffer.as_ptr() as usize,
+            buffer: Some(buffer),
+            published: false,
+        }))
+    }
+
     /// The buffer over the data region, until [`SegmentWriter::take_buffer`].
     pub fn buffer_mut(&mut self) -> Option<&mut HostBuffer> {
         self.buffer.as_mut()
@@ -373,6 +443,9 @@ impl SegmentWriter {
         }
         file.write_all_at(&tail, record_at as u64)
             .map_err(|e| no_space(&self.path, end, e))?;
+        // A recycled file may be longer: the size is part of what a reader checks.
+        file.set_len(end as u64)
+            .map_err(|e| StagerError::io("resizing segment", &self.temp, e))?;
         let header = encode_header(self.data_len as u64, record, ranges.len() as u64, &tail);
         file.write_all_at(&header, 0)
             .map_err(|e| StagerError::io("writing segment header", &self.temp, e))?;
@@ -748,6 +821,35 @@ mod tests {
         assert!(remove_segment(&path).unwrap().unwrap() > 0);
         assert!(!path.exists());
         assert_eq!(remove_segment(&path).unwrap(), Some(0));
+    }
+
+    #[test]
+    fn an_older_generation_is_recycled_only_when_nobody_maps_it() {
+        let d = dir("recycle");
+        let (old, new) = (d.0.join("s1.seg"), d.0.join("s3.seg"));
+        let held = publish(&old, &[3u8; 20_000], b"old");
+        assert!(SegmentWriter::recycle(&old, &new, 5000, None)
+            .unwrap()
+            .is_none());
+        drop(held);
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let mut w = SegmentWriter::recycle(&old, &new, data.len(), None)
+            .unwrap()
+            .expect("recyclable");
+        assert!(!old.exists());
+        w.buffer_mut()
+            .unwrap()
+            .as_mut_slice()
+            .copy_from_slice(&data);
+        let buffer = w.take_buffer().unwrap();
+        w.publish(&buffer, b"new", &[(0, 5000)]).unwrap();
+        drop(buffer);
+        let opened = open_segment(&new).unwrap();
+        opened.verify().unwrap();
+        assert_eq!(
+            (opened.buffer.as_slice(), &opened.record[..]),
+            (&data[..], &b"new"[..])
+        );
     }
 
     #[test]

@@ -406,6 +406,8 @@ class ReplicationStager(AsyncStager):
         #: survive_restart: owner → {step: published segment} this rank holds (at most two steps)
         self._survive = survive_restart
         self._segments: dict[int, dict[int, segments.SegmentCopy]] = {}
+        #: survive_restart: segments of dropped generations, reused by this stage's copies
+        self._spares: list[str] = []
         #: Bytes the latest stage() sent and received, by kind.
         self.last_sent = WireBytes()
         self.last_received = WireBytes()
@@ -552,6 +554,7 @@ class ReplicationStager(AsyncStager):
             raise
         finally:
             self.last_sent, self.last_received = transport.sent - sent, transport.received - received
+            self._release_spares()
 
     def _replicate(self, state_dict: Any, step: int | None, rank: int, world: int, placement: Placement,
                    transport: PGTransport) -> Any:
@@ -591,7 +594,7 @@ class ReplicationStager(AsyncStager):
                 if self._keep_own:
                     own_copy = copies[rank] = _Copy(self._storage_dir, rank, rank, fmt,
                                                     _record(rank, rank, world, chosen))
-                    own_shm = (self._storage_dir, rank, shm) if self._survive else None
+                    own_shm = (self._storage_dir, rank, shm, self._spare()) if self._survive else None
                     own["thread"] = _start_own_copy(state_dict, own_copy, fmt, own, own_shm)
                 self._memory.clear()  # the files hold the older generation: don't keep two in memory too
 
@@ -602,7 +605,7 @@ class ReplicationStager(AsyncStager):
             try:
                 copy = segments.SegmentCopy(self._storage_dir, rank, src, agreed["step"], incoming.plan,
                                             incoming.meta, _record(src, rank, world, agreed["step"], sending),
-                                            pinned=self._device.type == "cuda")
+                                            pinned=self._device.type == "cuda", recycle=self._spare())
             except StagerError as err:
                 shm_errors.append(err)  # reported in the vote; the bytes still land (in the pool)
                 return None
@@ -744,11 +747,27 @@ class ReplicationStager(AsyncStager):
         three, while the new one is received)."""
         if safe is None:
             return
+        for owner in list(self._segments):  # (unmapped here, so they can be reused)
+            self._segments[owner] = {s: c for s, c in self._segments[owner].items() if s >= safe}
         for segment in segments.find_segments(self._storage_dir):
             if segment.holder == rank and segment.step < safe:
-                _native.remove_segment(segment.path)
-        for owner in list(self._segments):
-            self._segments[owner] = {s: c for s, c in self._segments[owner].items() if s >= safe}
+                self._spares.append(segment.path)
+
+    def _spare(self) -> str | None:
+        """A dropped generation's segment for a copy of this stage to reuse (None: none left)."""
+        try:
+            return self._spares.pop()
+        except IndexError:
+            return None
+
+    def _release_spares(self) -> None:
+        """The end of a stage: dropped generations nobody reused are removed."""
+        spares, self._spares = self._spares, []
+        for path in spares:
+            try:
+                _native.remove_segment(path)
+            except StagerError:
+                pass
 
     def _keep_segments(self, shm: dict[int, segments.SegmentCopy], rank: int, step: int, safe: int | None) -> None:
         """After the commit: per owner, this step's segment and one older generation (the step
@@ -834,16 +853,17 @@ class ReplicationStager(AsyncStager):
 
 
 def _start_own_copy(state_dict: Any, copy: _Copy, fmt: str, own: dict[str, Any],
-                    shm: tuple[str, int, dict[int, segments.SegmentCopy]] | None = None) -> threading.Thread:
+                    shm: tuple[str, int, dict[int, segments.SegmentCopy], str | None] | None = None
+                    ) -> threading.Thread:
     """Writes the own copy in a thread; with ``shm`` (survive_restart) it is staged into its
     named segment first and the file is written from there."""
     def write() -> None:
         try:
             source = state_dict
             if shm is not None:
-                storage_dir, rank, into = shm
+                storage_dir, rank, into, recycle = shm
                 segment, source = segments.stage_into_segment(state_dict, storage_dir, rank, rank,
-                                                              copy.record["step"], copy.record)
+                                                              copy.record["step"], copy.record, recycle=recycle)
                 into[rank] = segment
             _write_copy(source, copy.pending, fmt, copy.record)
         except BaseException as err:

@@ -130,7 +130,7 @@ class SegmentCopy:
     to) and, once published, the lock-holding buffer that keeps it alive in this process."""
 
     def __init__(self, storage_dir: str, holder: int, owner: int, step: int, plan: StatePlan, meta: dict,
-                 record: dict[str, int], *, pinned: bool = False) -> None:
+                 record: dict[str, int], *, pinned: bool = False, recycle: str | None = None) -> None:
         self.owner, self.step = owner, step
         self.path = segment_path(storage_dir, holder, owner, step)
         table = plan.table
@@ -138,7 +138,8 @@ class SegmentCopy:
                                                                                    table.storage_nbytes)]
         self.record = {"format": FORMAT, "storage_dir": os.path.abspath(storage_dir), **record,
                        "nbytes": int(plan.total_nbytes), "storages": self.storages, "tree": meta}
-        self.writer = _native.SegmentWriter(self.path, plan.total_nbytes, pinned=pinned)
+        # ``recycle``: an older generation's file, reused when nobody maps it (no new memory).
+        self.writer = _native.SegmentWriter(self.path, plan.total_nbytes, pinned=pinned, recycle=recycle)
         self.buffer = self.writer.buffer
         self.published = False
 
@@ -252,7 +253,8 @@ def inspect_command(path: str, *, verify: bool = False) -> int:
 
 
 def stage_into_segment(state_dict: Any, storage_dir: str, holder: int, owner: int, step: int,
-                       record: dict[str, int], *, pinned: bool = False) -> tuple[SegmentCopy, Any]:
+                       record: dict[str, int], *, pinned: bool = False,
+                       recycle: str | None = None) -> tuple[SegmentCopy, Any]:
     """Stages ``state_dict`` (CPU or device tensors) straight into a new segment with the copy
     engine; returns ``(copy, staged state_dict over the segment)`` once every byte landed. The
     segment is not published yet."""
@@ -266,7 +268,7 @@ def stage_into_segment(state_dict: Any, storage_dir: str, holder: int, owner: in
         meta = tree.encode(plan)
     # Device copies land faster in page-locked memory (a no-op without CUDA).
     copy = SegmentCopy(storage_dir, holder, owner, step, plan, meta, record,
-                       pinned=pinned or bool(plan.device_storages))
+                       pinned=pinned or bool(plan.device_storages), recycle=recycle)
     try:
         completion = _native.Completion(len(plan.table.storage_nbytes))
         engine.copy_engine(default_num_threads()).submit_table(copy.buffer, plan.table, completion)

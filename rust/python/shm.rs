@@ -26,17 +26,29 @@ impl PySegmentWriter {
     /// Creates `<path>.<pid>.tmp` with room for `nbytes` (page-locked with `pinned` when CUDA
     /// is present); raises StagerError naming the directory when it is missing, not writable or
     /// too small.
+    /// `recycle`: an older generation's segment to reuse (its memory is already allocated);
+    /// a fresh one is created when it can't be (gone, or mapped by someone).
     #[new]
-    #[pyo3(signature = (path, nbytes, *, pinned = false))]
+    #[pyo3(signature = (path, nbytes, *, pinned = false, recycle = None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         nbytes: Bound<'_, PyAny>,
         pinned: bool,
+        recycle: Option<PathBuf>,
     ) -> PyResult<Self> {
         let nbytes = usize_arg(&nbytes, "nbytes", 0, isize::MAX as usize / 2)?;
         let pinner = if pinned { super::cuda::pinner() } else { None };
-        let mut writer = py.detach(|| shm::SegmentWriter::create(&path, nbytes, pinner))?;
+        let mut writer = py.detach(|| {
+            if let Some(old) = recycle {
+                if let Some(writer) =
+                    shm::SegmentWriter::recycle(&old, &path, nbytes, pinner.clone())?
+                {
+                    return Ok(writer);
+                }
+            }
+            shm::SegmentWriter::create(&path, nbytes, pinner)
+        })?;
         let buffer = writer.take_buffer().expect("fresh writer has its buffer");
         Ok(PySegmentWriter {
             writer: Mutex::new(Some(writer)),
