@@ -66,8 +66,13 @@ def action_stage(rank, world, directory, options):
             rep.stage(sd, step=step)
             sent.append(rep.last_sent.data)
     else:
-        for step in options["steps"]:
-            rep.stage(state(rank, step), step=step)
+        results = [rep.stage(state(rank, step), step=step) for step in options["steps"]]
+        # a result handed out is never overwritten, even when its generation's file is dropped
+        source = rep.peers(rank, world)[1]
+        held_intact = all(torch.equal(result["model"]["weight"], state(source, step)["model"]["weight"])
+                          for result, step in zip(results, options["steps"]))
+        return {"held_intact": held_intact,
+                "segments": sorted(os.path.basename(s.path) for s in stager.segments.find_segments(rep.storage_dir))}
     return {"sent": sent, "segments": sorted(os.path.basename(s.path) for s in stager.segments.find_segments(rep.storage_dir))}
 
 

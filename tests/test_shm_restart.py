@@ -38,6 +38,7 @@ def test_restarted_ranks_restore_from_their_own_shared_memory(tmp_path, shm_dir)
     staged = run(4, tmp_path, [["stage", {"steps": [1, 2, 3]}]], shm_dir)
     # at most two generations per (holder, owner): steps 2 and 3 of the own copy and the replica
     for rank, found in staged.items():
+        assert found["stage"]["held_intact"]
         names = [n for n in found["stage"]["segments"] if f"-h{rank}-" in n]
         assert sorted(n.rsplit("-s", 1)[1] for n in names) == ["2.seg", "2.seg", "3.seg", "3.seg"], names
     restored = run(4, tmp_path, [["restore", {}]], shm_dir)
