@@ -18,6 +18,7 @@
 //! - [`format`], [`writer`], [`reader`]: the file format, the durable writer, the validating reader;
 //!   [`commit`]: the one atomic commit every persisted file goes through; [`direct_io`]: how the
 //!   writer and reader reach the device (O_DIRECT, requests in flight, bounce chunks);
+//! - [`shm`]: named shared-memory segments, staged copies that outlive the process;
 //! - [`torch_record`]: `torch.save` records, the items of dcp's own data files;
 //! - [`limits`]: the machine's copy limits, for the benchmark;
 //! - [`error`]: one error type, converted once at the Python boundary.
@@ -39,6 +40,7 @@ pub mod layout;
 pub mod limits;
 pub mod pool;
 pub mod reader;
+pub mod shm;
 pub mod table;
 pub mod torch_record;
 pub mod unchanged;

@@ -86,6 +86,8 @@ struct Slab {
     pinner: Option<Arc<dyn MemoryPinner>>,
     /// The process that mapped it: a forked child must not reuse or unpin it.
     owner_pid: u32,
+    /// What must live exactly as long as the mapping (a named segment's lock, see `shm.rs`).
+    _keep_alive: Option<Arc<dyn Send + Sync>>,
 }
 
 // SAFETY: a slab is a plain owned memory mapping; the pointer is not tied to any thread.
@@ -144,6 +146,7 @@ impl Slab {
             shared_fd,
             pinner: None,
             owner_pid: std::process::id(),
+            _keep_alive: None,
         };
         if let Some(pinner) = options.pinner.as_ref().filter(|_| !forked_from(creator)) {
             pinner.pin(slab.ptr.as_ptr(), capacity)?;
@@ -506,7 +509,8 @@ impl HostPool {
 pub struct HostBuffer {
     slab: Option<Slab>,
     len: usize,
-    pool: Arc<PoolShared>,
+    /// The pool it returns to; None for a mapping of a named segment (unmapped on drop).
+    pool: Option<Arc<PoolShared>>,
 }
 
 impl HostBuffer {
@@ -514,8 +518,42 @@ impl HostBuffer {
         HostBuffer {
             slab: Some(slab),
             len,
-            pool,
+            pool: Some(pool),
         }
+    }
+
+    /// A buffer over a mapping made elsewhere (a named shared-memory segment, `shm.rs`):
+    /// `[ptr, ptr + capacity)` is unpinned and unmapped when the buffer is dropped, and
+    /// `keep_alive` is dropped after that. `pinner` page-locks it first (a failure is returned
+    /// and the mapping is unmapped).
+    ///
+    /// # Safety
+    /// `ptr` must be a page-aligned mapping of `capacity` bytes made by `mmap` that nothing
+    /// else unmaps, with `len <= capacity`.
+    pub(crate) unsafe fn from_mapping(
+        ptr: NonNull<u8>,
+        capacity: usize,
+        len: usize,
+        keep_alive: Arc<dyn Send + Sync>,
+        pinner: Option<Arc<dyn MemoryPinner>>,
+    ) -> Result<HostBuffer> {
+        let mut slab = Slab {
+            ptr,
+            capacity,
+            shared_fd: None,
+            pinner: None,
+            owner_pid: std::process::id(),
+            _keep_alive: Some(keep_alive),
+        };
+        if let Some(pinner) = pinner {
+            pinner.pin(ptr.as_ptr(), capacity)?;
+            slab.pinner = Some(pinner);
+        }
+        Ok(HostBuffer {
+            slab: Some(slab),
+            len,
+            pool: None,
+        })
     }
 
     fn slab(&self) -> &Slab {
@@ -568,8 +606,11 @@ impl HostBuffer {
 impl Drop for HostBuffer {
     fn drop(&mut self) {
         let Some(slab) = self.slab.take() else { return };
-        let mut state = self
-            .pool
+        let Some(pool) = self.pool.as_ref() else {
+            drop(slab); // a segment's mapping: unmapped, then its lock released
+            return;
+        };
+        let mut state = pool
             .state
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());

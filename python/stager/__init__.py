@@ -13,6 +13,7 @@ from .filesystem import FileSystemReader, FileSystemWriter
 from .options import StagingOptions
 from .replica_files import Replica, find_replicas, recover
 from .replication import ReplicationStager
+from .segments import release_shared_memory
 from .stagers import BlockingAsyncStager, DefaultStager
 from .transport import PGTransport
 
@@ -31,5 +32,6 @@ __all__ = [
     "find_replicas",
     "load",
     "recover",
+    "release_shared_memory",
     "save",
 ]

@@ -16,7 +16,9 @@ Protocol (every wait bounded by the stager's timeout from the start of the call,
    inventories): the newest step for which every rank of the group has a copy on some rank,
    ignoring copies of another world size and copies already found damaged; for each owner, who
    serves it: the owner itself when it holds a copy (no transfer), else a holder with a copy in
-   memory, else the least loaded holder (ties: the lowest rank). When no step covers every rank,
+   memory, else the least loaded holder (ties: the lowest rank). Nearest copies first: in this
+   process's memory, then in named shared memory (``survive_restart``: segments of this
+   ``storage_dir`` on this node, :mod:`stager.segments`), then on disk. When no step covers every rank,
    every rank raises the same :class:`~stager.StagerError` naming the ranks that can't be
    restored and what was found of them, before anything moves.
 3. **Verify.** Each rank reads the copies it serves, checking every checksum (``.stager``: the
@@ -48,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from . import segments
 from ._native import StagerError
 from .dtensor import LocalShard
 from .replica_files import _scan, load_replica, read_record
@@ -71,6 +74,18 @@ def inventory(stager: Any, world_size: int) -> list[dict[str, Any]]:
     copies: list[dict[str, Any]] = []
     for owner, (step, world, _) in sorted(stager._memory.items()):
         copies.append({"owner": owner, "step": step, "world_size": world, "where": "memory"})
+    if getattr(stager, "_survive", False):
+        for segment in sorted(segments.find_segments(stager.storage_dir), key=lambda s: s.path):
+            try:
+                record = segments.read_segment_record(segment.path)
+            except StagerError as err:
+                copies.append({"where": segment.path, "error": str(err)})
+                continue
+            if (record["owner"], record["holder"], record["step"]) != (segment.owner, segment.holder, segment.step):
+                copies.append({"where": segment.path, "error": "its record does not match its name"})
+                continue
+            copies.append({"owner": record["owner"], "step": record["step"], "world_size": record["world_size"],
+                           "where": segment.path, "tier": "shm"})
     for entry, _ in sorted(_scan(stager.storage_dir), key=lambda item: item[0].name):
         try:
             record = read_record(entry.path)
@@ -83,6 +98,13 @@ def inventory(stager: Any, world_size: int) -> list[dict[str, Any]]:
         copies.append({"owner": record["owner"], "step": record["step"], "world_size": record["world_size"],
                        "where": entry.path})
     return copies
+
+
+def _tier(copy: dict[str, Any]) -> int:
+    """Nearest first: memory of this process, then shared memory, then disk."""
+    if copy["where"] == "memory":
+        return 0
+    return 1 if copy.get("tier") == "shm" else 2
 
 
 def _ranks(ranks: list[int] | set[int]) -> str:
@@ -121,11 +143,11 @@ def decide(world_size: int, inventories: list[list[dict[str, Any]]],
     for owner in everyone:  # a rank that holds its own copy serves itself: no transfer
         local = [c for c in owners[owner] if c[0] == owner]
         if local:
-            rank, index, _ = min(local, key=lambda c: (c[2]["where"] != "memory", c[1]))
+            rank, index, _ = min(local, key=lambda c: (_tier(c[2]), c[1]))
             servers[owner] = (rank, index)
     for owner in everyone:
         if servers[owner] is None:
-            rank, index, _ = min(owners[owner], key=lambda c: (c[2]["where"] != "memory", load[c[0]], c[0], c[1]))
+            rank, index, _ = min(owners[owner], key=lambda c: (_tier(c[2]), load[c[0]], c[0], c[1]))
             servers[owner] = (rank, index)
             load[rank] += 1
     return Decision(step, tuple(s for s in servers if s is not None))
@@ -167,6 +189,12 @@ def _load(stager: Any, copy: dict[str, Any]) -> Any:
         step, _, state_dict = stager._memory[copy["owner"]]
         if step != copy["step"]:
             raise StagerError(f"the in-memory replica of rank {copy['owner']} changed during restore()")
+        return state_dict
+    if copy.get("tier") == "shm":
+        state_dict, record = segments.load_segment(copy["where"], verify=True)
+        if (record["owner"], record["step"], record["world_size"]) != (copy["owner"], copy["step"],
+                                                                        copy["world_size"]):
+            raise StagerError(f"segment {copy['where']} changed during restore()")
         return state_dict
     return load_replica(copy["where"], verify=True)
 
@@ -259,6 +287,7 @@ def restore(stager: Any, into: Any = None, *, pg: Any = None) -> Any:
         group = stager._group(pg)
         rank, world = group.rank(), group.size()
         transport = stager._transport_for(group) if world > 1 else None
+    received_before = transport.received.data if transport is not None else 0
     mine = inventory(stager, world)
     inventories = _gather(transport, mine, "exchanging what each rank holds for restore()", deadline)
     damaged: dict[tuple[int, int], str] = {}
@@ -307,5 +336,9 @@ def restore(stager: Any, into: Any = None, *, pg: Any = None) -> Any:
     if failed:
         raise StagerError(f"restore() of step {decision.step} failed: " + "; ".join(failed)) from error
     stager._newest_step = max(stager._newest_step or 0, decision.step)
+    copy = inventories[own_server][own_index]
+    stager.last_restore = {"step": decision.step, "server": own_server,
+                           "tier": ("memory", "shm", "disk")[_tier(copy)], "where": copy["where"],
+                           "received_bytes": (transport.received.data if transport is not None else 0) - received_before}
     return result
 

@@ -48,7 +48,8 @@ TORCH_RECORD = "stager_replica.json"
 class Replica:
     """A copy file: ``rank`` holds it, it is the state_dict of ``partner`` (its ``owner``) at
     ``step`` in a world of ``world_size`` ranks (None for files that don't record them);
-    ``previous`` marks the kept previous generation."""
+    ``previous`` marks the kept previous generation. ``format`` is ``"stager"``, ``"torch"``, or
+    ``"shm"`` for a copy in named shared memory (``survive_restart``; ``path`` is the segment)."""
 
     rank: int
     partner: int
@@ -155,11 +156,27 @@ def _scan(storage_dir: str) -> list[tuple[Any, re.Match]]:
 
 
 def find_replicas(storage_dir: str | os.PathLike) -> list[Replica]:
-    """Every copy file in ``storage_dir``, newest first: by recorded step (files without one
-    last), then modification time. Temp files are ignored; a file whose record can't be read
-    is listed with ``step=None``."""
+    """Every copy file in ``storage_dir`` and every shared-memory segment of it (format
+    ``"shm"``), newest first: by recorded step (files without one last), then modification time.
+    Temp files are ignored; a file whose record can't be read is listed with ``step=None``."""
+    from . import segments
+
     storage_dir = os.fspath(storage_dir)
     found = []
+    listed = segments.find_segments(storage_dir)
+    newest = {}
+    for segment in listed:
+        key = (segment.holder, segment.owner)
+        newest[key] = max(newest.get(key, segment.step), segment.step)
+    for segment in listed:
+        try:
+            record = segments.read_segment_record(segment.path)
+        except StagerError:
+            record = None
+        world = record["world_size"] if record else None
+        replica = Replica(segment.holder, segment.owner, segment.path, segment.nbytes, segment.mtime, "shm",
+                          segment.step, world, segment.step < newest[(segment.holder, segment.owner)])
+        found.append(((True, segment.step, int(segment.mtime * 1e9), os.path.basename(segment.path)), replica))
     for entry, match in _scan(storage_dir):
         stat = entry.stat()
         fmt = "stager" if match.group(4) == "stager" else "torch"
@@ -192,7 +209,12 @@ def recover(storage_dir: str | os.PathLike, rank: int) -> Any:
 
 
 def load_replica(path: str, *, verify: bool = True) -> Any:
-    """Loads one copy file (either format), checking its checksums first when ``verify``."""
+    """Loads one copy file (either format) or shared-memory segment, checking its checksums first
+    when ``verify``."""
+    if path.endswith(".seg"):
+        from . import segments
+
+        return segments.load_segment(path, verify=verify)[0]
     if path.endswith(".pt"):
         try:
             if verify:

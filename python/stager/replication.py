@@ -87,6 +87,17 @@ In memory, the stager also keeps the replicas of its newest step (for a survivor
 :meth:`~ReplicationStager.restore` without reading the disk; with ``persist_format=None`` they
 are the only copies, kept until the next step is committed everywhere). ``close()`` drops them.
 
+**Surviving a restart** (``survive_restart=True``, :mod:`stager.segments`): each replica is
+received straight into a named shared-memory segment (the transport's ``receive_buffer``; an
+incremental receive, which builds on the previous step's memory, is copied into one), and the
+own copy of ``keep_own`` is staged into one and written to disk from there. The segments of
+a stage are published (checksummed, renamed) in step 4, before the vote, and removed again if
+the vote fails; after the commit each (holder, owner) keeps this step and the one older step
+``safe`` names, and once every rank is in the next stage (step 2) generations older than the
+newest restorable step are removed, so at most two exist while a third arrives. A segment that
+cannot be created (shared memory full, directory missing) fails the stage on every rank; the
+previous generation stays.
+
 :func:`stager.find_replicas` lists the copies in a directory and :func:`stager.recover` loads
 the newest copy of a given rank (:mod:`stager.replica_files`: the copy files' names, records and
 loading).
@@ -106,7 +117,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native, files
+from . import _native, files, segments
 from ._native import StagerError
 from .files import _StreamingReplica
 from .incremental import CHECK_ENV, UnchangedStorages
@@ -333,6 +344,11 @@ class ReplicationStager(AsyncStager):
             changed since (see the module doc); its copy file is still complete. Received replicas
             then share the bytes of unchanged storages with the previous ones: treat them as
             read-only.
+        survive_restart: keep the replicas this rank holds (and, with ``keep_own``, its own
+            copy) in named shared memory that outlives the process (:mod:`stager.segments`):
+            the buffers they are received or staged into are the segments, and ``restore()`` in
+            a restarted process takes them before any file. Free them with
+            :func:`stager.release_shared_memory` at the end of the job.
 
     Thread Safety:
         One ``stage()``/``restore()`` at a time; every rank of the group must call them the same
@@ -344,7 +360,7 @@ class ReplicationStager(AsyncStager):
     def __init__(self, pg: Any = None, timeout: timedelta = timedelta(minutes=30), device: Any = "cpu",
                  storage_dir: str | None = None, *, topology: str = "pairs",
                  persist_format: str | None = "stager", replicas: int = 1, ranks_per_node: int | None = None,
-                 keep_own: bool = False, skip_unchanged: bool = False) -> None:
+                 keep_own: bool = False, skip_unchanged: bool = False, survive_restart: bool = False) -> None:
         if topology not in ("pairs", "ring"):
             raise StagerError(f"topology must be 'pairs' or 'ring', got {topology!r}")
         if persist_format is not None and persist_format not in EXTENSIONS:
@@ -362,6 +378,8 @@ class ReplicationStager(AsyncStager):
             raise StagerError("keep_own=True persists this rank's own state_dict: it needs a persist_format")
         if type(skip_unchanged) is not bool:
             raise StagerError(f"skip_unchanged must be a bool, got {skip_unchanged!r}")
+        if type(survive_restart) is not bool:
+            raise StagerError(f"survive_restart must be a bool, got {survive_restart!r}")
         self._pg = pg
         self._timeout = _as_timedelta(timeout)
         self._device = torch.device(device)
@@ -386,9 +404,17 @@ class ReplicationStager(AsyncStager):
         self._newest_step: int | None = None
         #: skip_unchanged: the sender's tracker and the holder's bases (see _Deltas)
         self._deltas = _Deltas() if skip_unchanged else None
+        #: survive_restart: owner → {step: published segment} this rank holds (at most two steps)
+        self._survive = survive_restart
+        self._segments: dict[int, dict[int, segments.SegmentCopy]] = {}
+        #: survive_restart: segments of dropped generations, reused by this stage's copies
+        self._spares: list[str] = []
         #: Bytes the latest stage() sent and received, by kind.
         self.last_sent = WireBytes()
         self.last_received = WireBytes()
+        #: Of the latest restore(): the step, the rank that served this rank's copy, its tier
+        #: ("memory", "shm" or "disk") and where it was ("memory", a segment or a file path).
+        self.last_restore: dict[str, Any] | None = None
 
     # ---- PyTorch's names ------------------------------------------------------------------------
     @property
@@ -457,19 +483,35 @@ class ReplicationStager(AsyncStager):
             slot["previous" if match.group(3) else "final"] = record
         self._index, self._index_key, self._newest_step = index, (rank, fmt), newest
 
-    def _held(self, world_size: int) -> dict[str, list[int]]:
+    def _held(self, world_size: int, rank: int = 0) -> dict[str, list[int]]:
         """owner → steps this rank holds of it (for this world size), for the agreement."""
         held: dict[str, list[int]] = {}
         if self._persist_format is None:
             for owner, (step, world, _) in self._memory.items():
                 if world == world_size:
                     held[str(owner)] = [step]
-            return held
         for owner, slots in self._index.items():
             steps = [r["step"] for r in slots.values() if r is not None and r["world_size"] == world_size]
             if steps:
                 held[str(owner)] = steps
+        if self._survive:
+            for owner, steps in self._segment_steps(world_size, rank).items():
+                held[str(owner)] = sorted(set(held.get(str(owner), [])) | set(steps))
         return held
+
+    def _segment_steps(self, world_size: int, rank: int) -> dict[int, list[int]]:
+        """owner → steps of the published segments this rank holds (records read, data not)."""
+        steps: dict[int, list[int]] = {}
+        for segment in segments.find_segments(self._storage_dir):
+            if segment.holder != rank:
+                continue
+            try:
+                record = segments.read_segment_record(segment.path)
+            except StagerError:
+                continue
+            if record["world_size"] == world_size and record["owner"] == segment.owner:
+                steps.setdefault(segment.owner, []).append(record["step"])
+        return steps
 
     def _sweep_temps(self, rank: int) -> None:
         """Removes this rank's replication temp files left by failed stages or dead processes."""
@@ -513,6 +555,7 @@ class ReplicationStager(AsyncStager):
             raise
         finally:
             self.last_sent, self.last_received = transport.sent - sent, transport.received - received
+            self._release_spares()
 
     def _replicate(self, state_dict: Any, step: int | None, rank: int, world: int, placement: Placement,
                    transport: PGTransport) -> Any:
@@ -525,19 +568,25 @@ class ReplicationStager(AsyncStager):
         agreed: dict[str, Any] = {}
         copies: dict[int, _Copy] = {}
         own: dict[str, Any] = {}
+        shm: dict[int, segments.SegmentCopy] = {}  # survive_restart: owner → segment of this stage
+        shm_errors: list[BaseException] = []
 
         def agree(local_error: str | None) -> None:
             proposal = step if step is not None else (self._newest_step or 0) + 1
             bases = deltas.claim(self._storage_dir, rank, fmt) if deltas is not None else {}
             record = {"error": local_error, "step": proposal, "explicit": step is not None,
                       "config": [world, self._replicas, placement.ranks_per_node, self._topology, fmt, self._keep_own],
-                      "held": self._held(world), "bases": bases}
+                      "held": self._held(world, rank), "bases": bases}
             blobs = transport.allgather_bytes(json.dumps(record).encode(), "agreeing on the step to replicate",
                                               deadline=deadline)
             agreed.update(_agree(blobs, world))
+            if self._survive:
+                self._drop_segments_before(rank, agreed["safe"])
             if deltas is not None:
                 deltas.agreed(blobs, rank)
             chosen = agreed["step"]
+            if self._survive:
+                segments.sweep_temps(self._storage_dir, rank)
             if fmt is not None:
                 self._sweep_temps(rank)
                 for src in srcs:
@@ -546,8 +595,23 @@ class ReplicationStager(AsyncStager):
                 if self._keep_own:
                     own_copy = copies[rank] = _Copy(self._storage_dir, rank, rank, fmt,
                                                     _record(rank, rank, world, chosen))
-                    own["thread"] = _start_own_copy(state_dict, own_copy, fmt, own)
+                    own_shm = (self._storage_dir, rank, shm, self._spare()) if self._survive else None
+                    own["thread"] = _start_own_copy(state_dict, own_copy, fmt, own, own_shm)
                 self._memory.clear()  # the files hold the older generation: don't keep two in memory too
+
+        def receive_buffer(incoming: Any) -> Any:
+            # survive_restart: the replica is received straight into its named segment.
+            src = incoming.rank
+            sending = deltas.sending_of(src) if deltas is not None else 0
+            try:
+                copy = segments.SegmentCopy(self._storage_dir, rank, src, agreed["step"], incoming.plan,
+                                            incoming.meta, _record(src, rank, world, agreed["step"], sending),
+                                            pinned=self._device.type == "cuda", recycle=self._spare())
+            except StagerError as err:
+                shm_errors.append(err)  # reported in the vote; the bytes still land (in the pool)
+                return None
+            shm[src] = copy
+            return copy.buffer
 
         def on_metadata(incoming: Any) -> None:
             # An incremental receive holds only the changed storages in its buffer: its copy is
@@ -566,36 +630,43 @@ class ReplicationStager(AsyncStager):
         try:
             received = transport.transfer({dst: state_dict for dst in dsts}, srcs, deadline=deadline,
                                           before_bulk=agree, on_metadata=on_metadata, on_segment=on_segment,
-                                          incremental=deltas)
+                                          incremental=deltas,
+                                          receive_buffer=receive_buffer if self._survive else None)
         except TransportError as err:
             if err.fatal or err.kind == BROKEN or not agreed:
-                self._abandon(copies, own)
+                self._abandon(copies, own, shm)
                 raise
             local_error = err  # the transfer completed: tell everyone in the vote
         except BaseException:
-            self._abandon(copies, own)
+            self._abandon(copies, own, shm)
             raise
+        if local_error is None and shm_errors:
+            local_error = shm_errors[0]
         if local_error is None:
             try:
                 self._persist(copies, received, own)
+                if self._survive:
+                    self._publish_segments(shm, received, srcs, rank, world, agreed["step"])
             except Exception as err:
                 local_error = err
         try:
             votes = transport.allgather_bytes(json.dumps({"error": None if local_error is None else str(local_error)})
                                               .encode(), "confirming every rank holds its copies", deadline=deadline)
         except BaseException:
-            self._abandon(copies, own)
+            self._abandon(copies, own, shm)
             if local_error is not None:
                 raise local_error from None
             raise
         failed = _failures(votes)
         if failed:
-            self._abandon(copies, own)
+            self._abandon(copies, own, shm)
             raise StagerError(f"replication of step {agreed['step']} failed, nothing was committed: {failed}") \
                 from local_error
         chosen = agreed["step"]
         if fmt is not None:
             self._publish(copies, chosen, agreed["safe"])
+        if self._survive:
+            self._keep_segments(shm, rank, chosen, agreed["safe"])
         if deltas is not None:
             deltas.commit(received)
         self._memory = {src: (chosen, world, received[src]) for src in srcs}
@@ -612,13 +683,27 @@ class ReplicationStager(AsyncStager):
         self._sweep_temps(rank)
         chosen = step if step is not None else (self._newest_step or 0) + 1
         copy = _Copy(self._storage_dir, rank, rank, fmt, _record(rank, rank, 1, chosen))
+        shm: dict[int, segments.SegmentCopy] = {}
+        if self._survive:
+            segments.sweep_temps(self._storage_dir, rank)
         try:
-            _write_copy(state_dict, copy.pending, fmt, copy.record)
+            source = state_dict
+            if self._survive:
+                shm[rank], source = segments.stage_into_segment(state_dict, self._storage_dir, rank, rank, chosen,
+                                                                copy.record)
+            _write_copy(source, copy.pending, fmt, copy.record)
+            for segment in shm.values():
+                segment.publish()
         except BaseException:
             _remove_quietly(copy.pending)
+            for segment in shm.values():
+                segment.abort()
             raise
-        held = self._held(1).get(str(rank), [])
-        self._publish({rank: copy}, chosen, max((s for s in held if s < chosen), default=None))
+        held = self._held(1, rank).get(str(rank), [])
+        safe = max((s for s in held if s < chosen), default=None)
+        self._publish({rank: copy}, chosen, safe)
+        if shm:
+            self._keep_segments(shm, rank, chosen, safe)
         self._newest_step = max(self._newest_step or 0, chosen)
 
     def _persist(self, copies: dict[int, _Copy], received: dict[int, Any], own: dict[str, Any]) -> None:
@@ -642,8 +727,73 @@ class ReplicationStager(AsyncStager):
         if errors:
             raise errors[0] if len(errors) == 1 else StagerError("; ".join(str(e) for e in errors))
 
-    def _abandon(self, copies: dict[int, _Copy], own: dict[str, Any]) -> None:
+    def _publish_segments(self, shm: dict[int, segments.SegmentCopy], received: dict[int, Any], srcs: list[int],
+                          rank: int, world: int, step: int) -> None:
+        """survive_restart, before the vote: every copy of this stage published in shared memory.
+        A replica that could not land in its segment (an incremental receive builds on the
+        previous step's memory) is copied into one here."""
+        for src in srcs:
+            if src not in shm and received.get(src) is not None:
+                sending = self._deltas.sending_of(src) if self._deltas is not None else 0
+                copy, received[src] = segments.stage_into_segment(
+                    received[src], self._storage_dir, rank, src, step, _record(src, rank, world, step, sending))
+                shm[src] = copy
+        for copy in shm.values():
+            copy.publish()
+
+    def _drop_segments_before(self, rank: int, safe: int | None) -> None:
+        """survive_restart, once every rank is in this stage (so every rank published the
+        previous one): generations older than ``safe``, the newest step every rank can restore,
+        are of no more use, and go before this stage's arrive (two generations at most, not
+        three, while the new one is received)."""
+        if safe is None:
+            return
+        for owner in list(self._segments):  # (unmapped here, so they can be reused)
+            self._segments[owner] = {s: c for s, c in self._segments[owner].items() if s >= safe}
+        for segment in segments.find_segments(self._storage_dir):
+            if segment.holder == rank and segment.step < safe:
+                self._spares.append(segment.path)
+
+    def _spare(self) -> str | None:
+        """A dropped generation's segment for a copy of this stage to reuse (None: none left)."""
+        try:
+            return self._spares.pop()
+        except IndexError:
+            return None
+
+    def _release_spares(self) -> None:
+        """The end of a stage: dropped generations nobody reused are removed."""
+        spares, self._spares = self._spares, []
+        for path in spares:
+            try:
+                _native.remove_segment(path)
+            except StagerError:
+                pass
+
+    def _keep_segments(self, shm: dict[int, segments.SegmentCopy], rank: int, step: int, safe: int | None) -> None:
+        """After the commit: per owner, this step's segment and one older generation (the step
+        every rank can restore, else the newest older one) stay; the others are removed."""
+        for owner, copy in shm.items():
+            older = sorted({s.step for s in segments.find_segments(self._storage_dir)
+                            if s.holder == rank and s.owner == owner and s.step < step})
+            kept = safe if safe in older else (older[-1] if older else None)
+            keep = {step} | ({kept} if kept is not None else set())
+            segments.prune(self._storage_dir, rank, owner, keep)
+            held = {s: c for s, c in self._segments.get(owner, {}).items() if s in keep}
+            held[step] = copy
+            self._segments[owner] = held
+
+    def _abandon(self, copies: dict[int, _Copy], own: dict[str, Any],
+                 shm: dict[int, segments.SegmentCopy] | None = None) -> None:
         """A failed stage: no pending file survives; the published copies are untouched."""
+        thread = own.get("thread")
+        if thread is not None and shm:
+            thread.join(_StreamingReplica._ABORT_WAIT_S)
+        for copy in (shm or {}).values():
+            try:
+                copy.abort()
+            except StagerError:
+                pass
         for copy in copies.values():
             if copy.writer is not None:
                 copy.writer.abort()
@@ -705,16 +855,28 @@ class ReplicationStager(AsyncStager):
 
     def close(self) -> None:
         """Drops the replicas held in memory (and, with skip_unchanged, what the next stage would
-        leave out: it sends everything); persisted copies are left for discovery."""
+        leave out: it sends everything); persisted copies (and, with survive_restart, the
+        shared-memory segments) are left for discovery."""
         self._memory = {}
+        self._segments = {}
         if self._deltas is not None:
             self._deltas.close()
 
 
-def _start_own_copy(state_dict: Any, copy: _Copy, fmt: str, own: dict[str, Any]) -> threading.Thread:
+def _start_own_copy(state_dict: Any, copy: _Copy, fmt: str, own: dict[str, Any],
+                    shm: tuple[str, int, dict[int, segments.SegmentCopy], str | None] | None = None
+                    ) -> threading.Thread:
+    """Writes the own copy in a thread; with ``shm`` (survive_restart) it is staged into its
+    named segment first and the file is written from there."""
     def write() -> None:
         try:
-            _write_copy(state_dict, copy.pending, fmt, copy.record)
+            source = state_dict
+            if shm is not None:
+                storage_dir, rank, into, recycle = shm
+                segment, source = segments.stage_into_segment(state_dict, storage_dir, rank, rank,
+                                                              copy.record["step"], copy.record, recycle=recycle)
+                into[rank] = segment
+            _write_copy(source, copy.pending, fmt, copy.record)
         except BaseException as err:
             own["error"] = err
 

@@ -673,6 +673,8 @@ class _Incoming:
         self.base_problem: str | None = None
         #: Of a finished receive from a source that announced a sending: its storages.
         self.storages: ReceivedStorages | None = None
+        #: Where a full receive lands instead of the pool (see PGTransport.transfer).
+        self.receive_buffer: Callable[[_Incoming], Any] | None = None
 
     def read_header(self) -> str | None:
         """Checks the header; returns the peer's error message when it could not send (this
@@ -769,7 +771,10 @@ class _Incoming:
         self.targets = targets
         needs_buffer = any(not (seg.direct and seg.first in targets) for seg in self.segments)
         if needs_buffer and plan.total_nbytes:
-            self.buffer = self.transport._pool.acquire(plan.total_nbytes)
+            chosen = None
+            if self.receive_buffer is not None and not targets and not self.replacements:
+                chosen = self.receive_buffer(self)
+            self.buffer = chosen if chosen is not None else self.transport._pool.acquire(plan.total_nbytes)
         views = []
         for segment in self.segments:
             if segment.direct and segment.first in targets:
@@ -1048,7 +1053,8 @@ class PGTransport:
                  before_bulk: Callable[[str | None], None] | None = None,
                  on_metadata: Callable[[_Incoming], Any] | None = None,
                  on_segment: Callable[[_Incoming, int], None] | None = None,
-                 incremental: Incremental | None = None) -> dict[int, Any]:
+                 incremental: Incremental | None = None,
+                 receive_buffer: Callable[[_Incoming], Any] | None = None) -> dict[int, Any]:
         """Sends ``sends[dst]`` to each ``dst`` while receiving one state_dict from each rank of
         ``recvs``, everything in flight at once; returns ``{src: received state_dict}``.
 
@@ -1071,6 +1077,10 @@ class PGTransport:
         decides which destinations get only the changed storages and which sources send only
         theirs (see :class:`Incremental`).
 
+        ``receive_buffer(incoming)``, when given, may return the buffer a full (not in place,
+        not incremental) receive lands in instead of a pool buffer (replication's named
+        shared-memory segments); None takes one from the pool.
+
         Raises :class:`TransportError`: :data:`UNSENDABLE` (after telling the destinations),
         :data:`REMOTE` (a source told us it can't send), :data:`LOCAL`, or a fatal kind
         (:data:`TIMEOUT`, :data:`CONNECTION`, :data:`PROTOCOL`), after which the transport
@@ -1087,6 +1097,7 @@ class PGTransport:
             for src in recvs:
                 incoming = incomings[src] = _Incoming(self, src, self._next(self._recv_seq, src), inplace,
                                                       strict_inplace)
+                incoming.receive_buffer = receive_buffer
                 self._post(waits, "recv", incoming.header, src, incoming.seq, _TAG_HEADER,
                            ("header", src, f"waiting for the checkpoint header from rank {src}"))
             prepared: dict[int, _Outgoing] = {}

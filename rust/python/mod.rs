@@ -23,6 +23,7 @@ mod cuda;
 mod files;
 mod limits;
 mod pool;
+mod shm;
 mod table;
 mod unchanged;
 
@@ -182,5 +183,6 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     files::register(m)?;
     cuda::register(m)?;
     limits::register(m)?;
+    shm::register(m)?;
     Ok(())
 }

@@ -15,6 +15,14 @@ Rows of ``restore, <n> ranks`` (measured interleaved, round by round, after the 
   this rank's state);
 * ``stager restore() (survivors: replicas in memory)``: the stagers that replicated, restoring from
   the replicas they hold in memory;
+* ``stager restore() (restarted, survive_restart: own copies in shared memory)``: fresh stagers
+  after a restart with ``survive_restart=True, keep_own=True``: each rank takes its own copy out
+  of its node's shared memory (checksums verified, no copy, nothing on the wire);
+* ``stager restore() (restarted, node replaced: holders' shared memory)``: ``survive_restart``
+  without own copies (as for the ranks of a replaced node): each rank's copy comes from its
+  holder's shared memory over gloo;
+* ``limit: memory copy of one buffer``: one copy of the dict's bytes into touched memory, all
+  copy threads (the limit of the shared-memory row);
 * ``PyTorch: torch.load replica + PGTransport``: what a PyTorch user does with
   ``_ReplicationStager``'s ``.pt`` files: ``torch.load`` the partner's replica, then PyTorch's
   ``PGTransport`` sends it to the partner and receives this rank's (lower rank sends first).
@@ -47,6 +55,9 @@ WIRE_TWO = "limit: gloo, two buffers each way"
 DISK = "stager restore() (restarted: copies on disk)"
 MEMORY = "stager restore() (survivors: replicas in memory)"
 TORCH = "PyTorch: torch.load replica + PGTransport"
+SHM = "stager restore() (restarted, survive_restart: own copies in shared memory)"
+SHM_HOLDER = "stager restore() (restarted, node replaced: holders' shared memory)"
+MEMCPY = "limit: memory copy of one buffer"
 ONE = "stager ReplicationStager replicas=1"
 TWO = "stager ReplicationStager replicas=2"
 
@@ -84,6 +95,9 @@ def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
     if workload.startswith("restore"):
         return [
             ctx.row(SECTION, workload, WIRE, samples[WIRE], **size),
+            ctx.row(SECTION, workload, MEMCPY, samples[MEMCPY], **size),
+            ctx.row(SECTION, workload, SHM, samples[SHM], limit=MEMCPY, baseline=TORCH, **size),
+            ctx.row(SECTION, workload, SHM_HOLDER, samples[SHM_HOLDER], limit=WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, DISK, samples[DISK], limit=WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, MEMORY, samples[MEMORY], limit=WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, TORCH, samples[TORCH], limit=WIRE, **size),
@@ -217,14 +231,29 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
         report[f"replication, {world} ranks"] = replication(sd, nbytes, ntensors)
         gc.collect()
     workload = f"restore, {world} ranks"
-    samples = {WIRE: wire_limit(nbytes), DISK: [], MEMORY: [], TORCH: []}
+    from .. import _native, segments
+
+    samples = {WIRE: wire_limit(nbytes), DISK: [], MEMORY: [], TORCH: [], SHM: [], SHM_HOLDER: [],
+               MEMCPY: list(_native.copy_limit_seconds(nbytes, settings["threads"], "touched", ctx.repeats))}
     gc.collect()
     survivor = make_replicas(sd)
+    # survive_restart: own copies (two simulated nodes) and replicas only, in shared memory
+    shm_own, shm_holders = os.path.join(base, "shm-own"), os.path.join(base, "shm-holders")
+    rpn = max(1, world // 2)
+    ReplicationStager(pg, timeout, storage_dir=shm_own, persist_format="stager", keep_own=True,
+                      ranks_per_node=rpn, survive_restart=True).stage(sd)
+    ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None, ranks_per_node=rpn,
+                      survive_restart=True).stage(sd)
+    gc.collect()
     sd = None  # the replicas are what restore works from
     ctx.drop_workloads()
     cases: list[tuple[str, Callable[[], Any]]] = [
         (DISK, lambda: ReplicationStager(pg, timeout, storage_dir=stager_dir).restore()),
         (MEMORY, survivor.restore),
+        (SHM, lambda: ReplicationStager(pg, timeout, storage_dir=shm_own, keep_own=True, ranks_per_node=rpn,
+                                        survive_restart=True).restore()),
+        (SHM_HOLDER, lambda: ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None,
+                                               ranks_per_node=rpn, survive_restart=True).restore()),
         (TORCH, torch_restore),
     ]
     timed(cases[0][1])  # warm the pools
@@ -235,4 +264,8 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
             + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
     report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
     survivor.close()
+    gc.collect()
+    dist.barrier()
+    segments.release_shared_memory(shm_own)
+    segments.release_shared_memory(shm_holders)
     return report
