@@ -75,3 +75,20 @@ def test_torchtitan_resumes_bitwise_through_stager(tmp_path, mode):
     assert reference["moments"].keys() == result["moments"].keys() and reference["moments"]
     for name, moment in reference["moments"].items():
         assert torch.equal(moment, result["moments"][name]), name
+
+
+def test_torchtitan_imported_while_enabled_gets_pytorchs_names_back_on_disable():
+    # The documented order (enable() first, then import torchtitan), in a fresh interpreter.
+    script = (
+        "import stager, torch.distributed.checkpoint.staging as staging\n"
+        "stager.enable()\n"
+        "import torchtitan.components.checkpointer.dcp as titan_dcp\n"
+        "assert titan_dcp.DefaultStager is stager.DefaultStager, titan_dcp.DefaultStager\n"
+        "assert titan_dcp.StagingOptions is stager.StagingOptions\n"
+        "stager.disable()\n"
+        "assert titan_dcp.DefaultStager is staging.DefaultStager is not stager.DefaultStager\n"
+        "assert titan_dcp.StagingOptions is staging.StagingOptions\n"
+        "print('OK')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr[-4000:]
