@@ -17,7 +17,8 @@ import pytest
 import ranks
 import torch
 
-pytest.importorskip("torchtitan.components.checkpointer.dcp", reason="torchtitan 0.3 not installed (extra: titan)")
+pytest.importorskip("torchtitan.components.checkpointer.dcp", reason="torchtitan 0.3 not importable (extra: titan)",
+                    exc_type=ImportError)
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "titan_worker.py")
 DEADLINE_S = 240
