@@ -58,6 +58,7 @@ KNOWN_IMPORTERS: tuple[str, ...] = (
     "torchtitan.components.checkpoint",  # torchtitan before 0.3
 )
 
+_MISSING = object()
 _lock = threading.Lock()
 # (module, attribute, PyTorch's value, stager's value) for every name enable() set; None: disabled.
 _swapped: list[tuple[Any, str, Any, Any]] | None = None
@@ -83,20 +84,24 @@ def _planned_swaps() -> list[tuple[Any, str, Any]]:
     """(target, attribute, stager's value) for each name to swap, given the modules loaded now."""
     staging = importlib.import_module(_STAGING)
     storage_utils = importlib.import_module(_STORAGE_UTILS)
-    process_executor = importlib.import_module(_PROCESS_EXECUTOR)
     importlib.import_module(_SAVER)
     swaps: list[tuple[Any, str, Any]] = [(staging, name, ours) for name, ours in _STAGING_NAMES.items()]
     swaps += [(storage_utils, "FileSystemWriter", FileSystemWriter),
               (storage_utils, "FileSystemReader", FileSystemReader)]
-    executor = process_executor._ProcessBasedAsyncCheckpointExecutor
-    swaps.append((executor, "execute_save", _default_process_writer(executor.__dict__["execute_save"])))
+    try:  # the PROCESS checkpointer (PyTorch 2.7 and later)
+        process_executor = importlib.import_module(_PROCESS_EXECUTOR)
+    except ImportError:
+        process_executor = None
+    if process_executor is not None:
+        executor = process_executor._ProcessBasedAsyncCheckpointExecutor
+        swaps.append((executor, "execute_save", _default_process_writer(executor.__dict__["execute_save"])))
     for name in KNOWN_IMPORTERS:
         module: ModuleType | None = sys.modules.get(name)
         if module is None:
             continue
         for attribute, ours in _STAGING_NAMES.items():
             # Only a name bound to PyTorch's own class: a module's own subclass is left alone.
-            if getattr(module, attribute, None) is getattr(staging, attribute):
+            if hasattr(staging, attribute) and getattr(module, attribute, None) is getattr(staging, attribute):
                 swaps.append((module, attribute, ours))
     return swaps
 
@@ -134,7 +139,8 @@ def enable() -> Enabled:
             return Enabled(was_enabled=True)
         swapped = []
         for target, attribute, ours in _planned_swaps():
-            theirs = target.__dict__[attribute] if isinstance(target, type) else getattr(target, attribute)
+            # A name this PyTorch lacks (DefaultStager before 2.9) is removed again by disable().
+            theirs = vars(target).get(attribute, _MISSING)
             setattr(target, attribute, ours)
             swapped.append((target, attribute, theirs, ours))
         _swapped = swapped
@@ -152,8 +158,11 @@ def disable() -> None:
         if _swapped is None:
             return
         for target, attribute, theirs, ours in reversed(_swapped):
-            current = target.__dict__.get(attribute) if isinstance(target, type) else getattr(target, attribute, None)
-            if current is ours:  # a name someone else rebound since is theirs to keep
+            if vars(target).get(attribute, _MISSING) is not ours:
+                continue  # a name someone else rebound since is theirs to keep
+            if theirs is _MISSING:
+                delattr(target, attribute)
+            else:
                 setattr(target, attribute, theirs)
         _swapped = None
         staging = sys.modules[_STAGING]
@@ -162,5 +171,5 @@ def disable() -> None:
             if module is None:
                 continue
             for attribute, ours in _STAGING_NAMES.items():
-                if getattr(module, attribute, None) is ours:
+                if getattr(module, attribute, None) is ours and hasattr(staging, attribute):
                     setattr(module, attribute, getattr(staging, attribute))
