@@ -234,3 +234,16 @@ def test_staging_options_from_pytorch_names_build_stagers_stager():
             assert staged["w"].data_ptr() != state["w"].data_ptr()
         finally:
             staged_stager.close()
+
+
+def test_a_name_pytorch_lacks_is_added_and_removed_again():
+    # PyTorch before 2.9 has no staging.DefaultStager; seen here with BlockingAsyncStager taken out.
+    theirs = staging.BlockingAsyncStager
+    del staging.BlockingAsyncStager
+    try:
+        stager.enable()
+        assert staging.BlockingAsyncStager is stager.BlockingAsyncStager
+        stager.disable()
+        assert not hasattr(staging, "BlockingAsyncStager")
+    finally:
+        staging.BlockingAsyncStager = theirs
