@@ -8,6 +8,7 @@ GIL, and writes files durably.
 from ._native import StagerError
 from ._native import __version__ as __version__
 from .dtensor import LocalShard, MeshInfo
+from .enable import disable, enable
 from .files import load, save
 from .filesystem import FileSystemReader, FileSystemWriter
 from .options import StagingOptions
@@ -29,6 +30,8 @@ __all__ = [
     "ReplicationStager",
     "StagerError",
     "StagingOptions",
+    "disable",
+    "enable",
     "find_replicas",
     "load",
     "recover",
