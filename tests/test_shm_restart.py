@@ -4,7 +4,6 @@ rust/shm.rs). Every test uses its own STAGER_SHM_DIR under /dev/shm and removes 
 import os
 import shutil
 import subprocess
-import uuid
 
 import pytest
 from ranks import collect, start_ranks
@@ -12,18 +11,6 @@ from ranks import collect, start_ranks
 import stager
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shm_worker.py")
-
-
-@pytest.fixture
-def shm_dir(monkeypatch):
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    path = os.path.join(base, f"stager-test-{uuid.uuid4().hex[:12]}")
-    os.makedirs(path)
-    monkeypatch.setenv("STAGER_SHM_DIR", path)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run(world, directory, actions, shm_dir, deadline=120):

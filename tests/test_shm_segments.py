@@ -5,13 +5,11 @@ and removes it, whatever happens."""
 
 import gc
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import pytest
 import torch
@@ -30,18 +28,6 @@ def one_rank_group():
         yield
     finally:
         dist.destroy_process_group()
-
-
-@pytest.fixture
-def shm_dir(monkeypatch):
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    path = os.path.join(base, f"stager-test-{uuid.uuid4().hex[:12]}")
-    os.makedirs(path)
-    monkeypatch.setenv("STAGER_SHM_DIR", path)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _mount_tmpfs(path, options):

@@ -5,27 +5,14 @@ run's bitwise. Each test has its own STAGER_SHM_DIR and removes it."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import uuid
 
 import pytest
 import torch
 from ranks import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture
-def shm_dir():
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    path = os.path.join(base, f"stager-test-{uuid.uuid4().hex[:12]}")
-    os.makedirs(path)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_torchrun(out, variant, shm_dir):

@@ -820,61 +820,27 @@ def write_rank_file(path: str, tensors: dict[str, torch.Tensor], extra_metadata:
             return _native.write_file(path, plan.table, names, metadata, staged.buffer, staged.completion)
         finally:
             staged.wait()
-    waits = _PendingCopies(plan)
+    copies = _storage_copies(plan)
     try:
-        return _native.write_file(path, plan.table, names, metadata, completion=waits.completion)
+        return _native.write_file(path, plan.table, names, metadata, completion=copies.completion)
     finally:
-        waits.close()
+        copies.close()
 
 
-class _PendingCopies:
-    """A completion for the writer, one request per storage of ``plan``, done once that storage's
-    bytes are in place: at once for storages no stage is still filling; for the others when
-    their request of the stage's completion completes (``engine.pending_copy``), relayed by a
-    thread in file order (the order the writer needs them). ``completion`` is None when nothing
-    is pending."""
-
-    def __init__(self, plan: Any) -> None:
-        self.completion = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        first_tensor: dict[int, int] = {}
-        for index, storage in enumerate(plan.table.tensor_storage):
-            first_tensor.setdefault(storage, index)
-        waits = []
-        for storage, tensor in sorted(first_tensor.items()):
-            found = engine.pending_copy(plan.leaves[tensor])
-            if found is not None:
-                waits.append((storage, *found))
-        if not waits:
-            return
-        completion = self.completion = _native.Completion(len(plan.table.storage_nbytes))
-        pending = {storage for storage, _, _ in waits}
-        for storage in range(len(plan.table.storage_nbytes)):
-            if storage not in pending:
-                completion.mark_complete(storage)
-        self._thread = threading.Thread(target=self._relay, args=(completion, waits), daemon=True,
-                                        name="stager-dcp-pending")
-        self._thread.start()
-
-    def _relay(self, completion: Any, waits: list) -> None:
-        try:
-            for storage, stage, request in waits:
-                while not stage.wait(request, 0.1):
-                    if self._stop.is_set() or stage.failure is not None:
-                        completion.fail(stage.failure or "the write was abandoned")
-                        return
-                if stage.failure is not None:
-                    completion.fail(f"staging failed: {stage.failure}")
-                    return
-                completion.mark_complete(storage)
-        except BaseException as err:  # handed to the writer, which raises it
-            completion.fail(f"staging failed: {err}")
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
+def _storage_copies(plan: Any) -> _ItemCopies:
+    """Copies for ``write_file``: one request per storage of ``plan``, waited for only where a
+    stage is still filling that storage (``engine.pending_copy``), in file order."""
+    first_tensor: dict[int, int] = {}
+    for index, storage in enumerate(plan.table.tensor_storage):
+        first_tensor.setdefault(storage, index)
+    pending = []
+    for storage, tensor in sorted(first_tensor.items()):
+        found = engine.pending_copy(plan.leaves[tensor])
+        if found is not None:
+            pending.append((storage, *found))
+    waited = {storage for storage, _, _ in pending}
+    count = len(plan.table.storage_nbytes)
+    return _ItemCopies(count, pending, done=[s for s in range(count) if s not in waited])
 
 
 def write_data_file(path: str, items: list[tuple[str, Any]]) -> list[tuple[int, int]]:
@@ -940,17 +906,20 @@ def _serialization_id(name: str) -> str:
 
 
 class _ItemCopies:
-    """A completion for ``write_records`` with one request per item, done once the item's bytes
-    are in place; only ``pending`` items ``(item, stage completion, request)`` are waited for,
-    relayed in file order by a thread. ``completion`` is None when nothing is pending."""
+    """A completion for the writer with one request per item, done once the item's bytes are in
+    place; only ``pending`` items ``(item, stage completion, request)`` are waited for, relayed in
+    file order by a thread, and the items in ``done`` are complete from the start.
+    ``completion`` is None when nothing is pending."""
 
-    def __init__(self, count: int, pending: list[tuple[int, Any, int]]) -> None:
+    def __init__(self, count: int, pending: list[tuple[int, Any, int]], done: list[int] | tuple[int, ...] = ()) -> None:
         self.completion = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         if not pending:
             return
         self.completion = _native.Completion(count)
+        for item in done:
+            self.completion.mark_complete(item)
         self._thread = threading.Thread(target=self._relay, args=(self.completion, pending), daemon=True,
                                         name="stager-dcp-pending")
         self._thread.start()
