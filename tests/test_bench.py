@@ -146,3 +146,23 @@ def test_copy_limit_binding_copies_from_a_callers_buffer_and_rejects_bad_input()
         native.copy_limit_seconds(source.nbytes + 1, 2, "touched", 1, source)
     with pytest.raises(native.StagerError, match="unknown copy-limit target"):
         native.copy_limit_seconds(1024, 2, "gpu", 1)
+
+
+def test_recovery_section_measures_every_tier_and_leaves_no_segment(tmp_path, shm_dir):
+    """The recovery rows of issue #18 (own shared memory, holders' shared memory, disk, memory,
+    PyTorch's path) are measured for 2 and 4 ranks, and the run's segments are all released."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-c", "import sys; from stager.cli import main; sys.exit(main())",
+           "bench", "--size", "8MB", "--tiny", "100", "--repeats", "1", "--sections", "recovery",
+           "--dir", str(tmp_path / "work"), "--json", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [row for row in json.loads(out.read_text())["rows"] if row["section"] == "recovery"]
+    for world in (2, 4):
+        names = {row["name"] for row in rows if row["workload"] == f"restore, {world} ranks"}
+        assert {"stager restore() (restarted, survive_restart: own copies in shared memory)",
+                "stager restore() (restarted, node replaced: holders' shared memory)",
+                "stager restore() (restarted: copies on disk)",
+                "PyTorch: torch.load replica + PGTransport"} <= names
+    assert all(row["seconds_median"] > 0 for row in rows)
+    assert os.listdir(shm_dir) == []
