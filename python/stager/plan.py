@@ -40,6 +40,10 @@ from . import dtensor as _dtensor
 from . import sharded as _sharded
 from ._native import StagerError
 
+#: The deepest nesting a tree may have (the root is depth 0): the reader refuses deeper trees, so
+#: the writer refuses them too, before anything is written or sent (tree.py checks it).
+MAX_DEPTH = 256
+
 __all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
 
 #: Alignment of every storage inside the host buffer, a file's data section and the wire layout
@@ -611,7 +615,7 @@ def _nested_too_deeply(root: Any) -> StagerError:
     return StagerError(
         f"cannot stage the state_dict: it is nested {depth} containers deep at root{shown}, more than "
         "Python's recursion limit allows (stager files and the wire hold at most "
-        f"{_file_depth_limit()} levels)"
+        f"{MAX_DEPTH} levels)"
     )
 
 
@@ -642,12 +646,6 @@ def _deepest_path(root: Any) -> tuple[list[str], int]:
         path.append(part)
     path.reverse()
     return path, best[0]
-
-
-def _file_depth_limit() -> int:
-    from .tree import MAX_DEPTH  # tree imports plan: resolved at call time
-
-    return MAX_DEPTH
 
 
 # ---- ShardedTensor leaves (kept apart from the walk above) ---------------------------------------

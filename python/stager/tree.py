@@ -36,7 +36,7 @@ from . import _native
 from . import dtensor as _dtensor
 from . import sharded as _sharded
 from ._native import StagerError
-from .plan import StatePlan, TensorPlan, gc_paused
+from .plan import MAX_DEPTH, StatePlan, TensorPlan, gc_paused
 
 __all__ = [
     "DTYPES",
@@ -69,9 +69,6 @@ DTYPES: dict[str, torch.dtype] = {
     str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)
 }
 
-#: The deepest nesting a tree may have (the root is depth 0): the reader refuses deeper trees, so
-#: the writer refuses them too, before anything is written or sent.
-MAX_DEPTH = 256
 #: The most dimensions a tensor may have, and the longest int (as text) stored without pickle.
 MAX_DIMS = 64
 MAX_INT_CHARS = 64
