@@ -290,20 +290,7 @@ pub unsafe fn write_uncommitted(
     unsafe { run.write_at(block.as_ptr(), header.len(), 0) }
         .map_err(io_err("writing the header of"))?;
     block.recycle();
-    // The last direct request may have run past the end (whole blocks): cut it back.
-    let len = file
-        .metadata()
-        .map_err(io_err("reading the size of"))?
-        .len();
-    if len != file_bytes {
-        file.set_len(file_bytes)
-            .map_err(io_err("setting the size of"))?;
-    }
-    if mode.is_direct() {
-        // Whoever gets the file next (a caller committing it later) sees a plain descriptor.
-        let _ = direct_io::set_direct(file, false);
-    }
-    atomic.sync()?;
+    finish_written(&mut atomic, path, file_bytes, mode)?;
     Ok((
         atomic,
         WriteReport {
@@ -517,18 +504,7 @@ pub unsafe fn write_records_uncommitted(
     for index in 0..items.len() {
         crc32.push(records.crc(&run, index)?);
     }
-    let len = file
-        .metadata()
-        .map_err(io_err("reading the size of"))?
-        .len();
-    if len != file_bytes {
-        file.set_len(file_bytes)
-            .map_err(io_err("setting the size of"))?;
-    }
-    if mode.is_direct() {
-        let _ = direct_io::set_direct(file, false);
-    }
-    atomic.sync()?;
+    finish_written(&mut atomic, path, file_bytes, mode)?;
     Ok((
         atomic,
         RecordsReport {
@@ -919,6 +895,33 @@ fn reserve_space(file: &File, len: u64) -> io::Result<()> {
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(()),
         _ => Err(err),
     }
+}
+
+/// Ends a write of `file_bytes` into `atomic`'s temp file: the last direct request may have run
+/// past the end (whole blocks), so the file is cut back; the descriptor leaves O_DIRECT so whoever
+/// commits it later sees a plain one; then the file is synced.
+fn finish_written(
+    atomic: &mut AtomicFile,
+    path: &Path,
+    file_bytes: u64,
+    mode: IoMode,
+) -> Result<()> {
+    let file = atomic.file();
+    let io_err = |action: &'static str| {
+        move |source: io::Error| StagerError::io(action, path.to_path_buf(), source)
+    };
+    let len = file
+        .metadata()
+        .map_err(io_err("reading the size of"))?
+        .len();
+    if len != file_bytes {
+        file.set_len(file_bytes)
+            .map_err(io_err("setting the size of"))?;
+    }
+    if mode.is_direct() {
+        let _ = direct_io::set_direct(file, false);
+    }
+    atomic.sync()
 }
 
 #[cfg(test)]
