@@ -33,15 +33,17 @@
 //! # Thread Safety
 //! `Send + Sync`; reads use `pread`, so several threads may read one file at once.
 
+use std::convert::Infallible;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::direct_io::{self, AlignedBuf, IoMode, IO_CHUNK, IO_DEPTH};
+use crate::direct_io::{
+    self, combine_crc32c, for_each_piece, IoMode, ThreadChunk, IO_CHUNK, IO_DEPTH,
+};
 use crate::error::{Result, StagerError};
 use crate::format::{self, Header, Layout};
 
@@ -243,17 +245,8 @@ impl CheckpointFile {
         }
         let source = self.data_source();
         let direct = AtomicBool::new(source.direct.is_some());
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
-        let sums: Vec<Mutex<Vec<(usize, u32, usize)>>> =
-            pieces.iter().map(|_| Mutex::new(Vec::new())).collect();
         let base = dst as usize;
-        let work = || loop {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            if index >= pieces.len() || failed.load(Ordering::Relaxed) {
-                return;
-            }
+        let sums = for_each_piece(pieces.len(), IO_DEPTH, |index, _: &mut ()| {
             let piece = &pieces[index];
             let run = &runs[piece.run];
             let start = run.dst_start + piece.offset;
@@ -267,24 +260,15 @@ impl CheckpointFile {
             // SAFETY: `[start, start + len + room)` lies inside the caller's buffer (each
             // storage was checked to fit, a run ends with a storage, and `room` stops at the
             // next run or the capacity); runs are disjoint and each piece is claimed by one
-            // thread through `next`.
-            let read = unsafe {
-                source.read((base + start) as *mut u8, piece.len, room, file_at, &direct)
-            };
-            if let Err(err) = read {
-                failed.store(true, Ordering::Relaxed);
-                first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(self.read_error(err));
-                return;
-            }
+            // thread (`for_each_piece`).
+            unsafe { source.read((base + start) as *mut u8, piece.len, room, file_at, &direct) }
+                .map_err(|err| self.read_error(err))?;
+            // Fold in the part of each storage of the run this piece holds.
+            let mut parts = Vec::new();
             if verify {
                 // SAFETY: as above; the bytes were just read by this thread.
                 let target =
                     unsafe { std::slice::from_raw_parts((base + start) as *const u8, piece.len) };
-                // Fold in the part of each storage of the run this piece holds.
-                let mut parts = Vec::new();
                 for &storage_index in &run.storages {
                     let s_start = offsets[storage_index];
                     let s_end = s_start + storages[storage_index].nbytes as usize;
@@ -295,35 +279,18 @@ impl CheckpointFile {
                         parts.push((storage_index, crc, hi - lo));
                     }
                 }
-                *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = parts;
             }
-        };
-        let threads = IO_DEPTH.min(pieces.len());
-        crate::direct_io::run_on_threads(threads, work);
-        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(err);
-        }
+            Ok(parts)
+        })?;
         if verify {
-            let mut crcs: Vec<Option<u32>> = vec![None; storages.len()];
-            for parts in sums {
-                for (storage_index, crc, len) in
-                    parts.into_inner().unwrap_or_else(|p| p.into_inner())
-                {
-                    let slot = &mut crcs[storage_index];
-                    *slot = Some(match *slot {
-                        None => crc,
-                        Some(before) => crc32c::crc32c_combine(before, crc, len),
-                    });
-                }
-            }
+            let crcs = combine_crc32c(storages.len(), sums.into_iter().flatten());
             for (index, storage) in storages.iter().enumerate() {
-                let computed = crcs[index].unwrap_or(0);
-                if computed != storage.crc32c {
+                if crcs[index] != storage.crc32c {
                     return Err(self.checksum_error(
                         index,
                         &storage.entry,
                         storage.crc32c,
-                        computed,
+                        crcs[index],
                     ));
                 }
             }
@@ -350,79 +317,37 @@ impl CheckpointFile {
         by_offset.sort_unstable_by_key(|&i| storages[i].offset);
         let (data_start, data_end) = (self.header.data_start, self.file_len);
         let pieces = (data_end - data_start).div_ceil(IO_CHUNK as u64) as usize;
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
-        let sums: Vec<Mutex<Vec<(usize, u32, usize)>>> =
-            (0..pieces).map(|_| Mutex::new(Vec::new())).collect();
-        let work = || {
-            let mut scratch = match AlignedBuf::take(IO_CHUNK) {
-                Ok(scratch) => scratch,
-                Err(err) => {
-                    failed.store(true, Ordering::Relaxed);
-                    let err = StagerError::io("allocating a read buffer for", &self.path, err);
-                    first_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(err);
-                    return;
-                }
-            };
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= pieces || failed.load(Ordering::Relaxed) {
+        let sums = for_each_piece(pieces, IO_DEPTH, |index, scratch: &mut ThreadChunk| {
+            let scratch = scratch
+                .at_least(IO_CHUNK, IO_CHUNK)
+                .map_err(|err| StagerError::io("allocating a read buffer for", &self.path, err))?;
+            let at = data_start + (index * IO_CHUNK) as u64;
+            let len = (IO_CHUNK as u64).min(data_end - at) as usize;
+            // SAFETY: the scratch holds IO_CHUNK bytes and belongs to this thread; the room
+            // after a short last piece lies inside it too.
+            unsafe { source.read(scratch.as_ptr(), len, IO_CHUNK - len, at, &direct) }
+                .map_err(|err| self.read_error(err))?;
+            let bytes = scratch.slice_mut(len);
+            let end = at + len as u64;
+            let first =
+                by_offset.partition_point(|&i| storages[i].offset + storages[i].nbytes <= at);
+            let mut parts = Vec::new();
+            for &i in &by_offset[first..] {
+                let storage = &storages[i];
+                if storage.offset >= end {
                     break;
                 }
-                let at = data_start + (index * IO_CHUNK) as u64;
-                let len = (IO_CHUNK as u64).min(data_end - at) as usize;
-                // SAFETY: the scratch holds IO_CHUNK bytes and belongs to this thread; the room
-                // after a short last piece lies inside it too.
-                let read =
-                    unsafe { source.read(scratch.as_ptr(), len, IO_CHUNK - len, at, &direct) };
-                if let Err(err) = read {
-                    failed.store(true, Ordering::Relaxed);
-                    first_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(self.read_error(err));
-                    break;
-                }
-                let bytes = scratch.slice_mut(len);
-                let end = at + len as u64;
-                let first =
-                    by_offset.partition_point(|&i| storages[i].offset + storages[i].nbytes <= at);
-                let mut parts = Vec::new();
-                for &i in &by_offset[first..] {
-                    let storage = &storages[i];
-                    if storage.offset >= end {
-                        break;
-                    }
-                    let lo = storage.offset.max(at);
-                    let hi = (storage.offset + storage.nbytes).min(end);
-                    let part = &bytes[(lo - at) as usize..(hi - at) as usize];
-                    parts.push((i, crc32c::crc32c(part), part.len()));
-                }
-                *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = parts;
+                let lo = storage.offset.max(at);
+                let hi = (storage.offset + storage.nbytes).min(end);
+                let part = &bytes[(lo - at) as usize..(hi - at) as usize];
+                parts.push((i, crc32c::crc32c(part), part.len()));
             }
-            scratch.recycle();
-        };
-        let threads = IO_DEPTH.min(pieces);
-        crate::direct_io::run_on_threads(threads, work);
-        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(err);
-        }
-        let mut crcs: Vec<Option<u32>> = vec![None; storages.len()];
-        for parts in sums {
-            for (i, crc, len) in parts.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                crcs[i] = Some(match crcs[i] {
-                    None => crc,
-                    Some(before) => crc32c::crc32c_combine(before, crc, len),
-                });
-            }
-        }
+            Ok(parts)
+        })?;
+        let crcs = combine_crc32c(storages.len(), sums.into_iter().flatten());
         let mut problems = Vec::new();
         for (index, storage) in storages.iter().enumerate() {
-            let computed = crcs[index].unwrap_or(0);
+            let computed = crcs[index];
             if computed != storage.crc32c {
                 problems.push(
                     self.checksum_error(index, &storage.entry, storage.crc32c, computed)
@@ -541,51 +466,29 @@ impl CheckpointFile {
             }
         }
         self.advise_sequential();
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
-        let sums: Vec<Mutex<u32>> = pieces.iter().map(|_| Mutex::new(0)).collect();
-        let work = || loop {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            if index >= pieces.len() || failed.load(Ordering::Relaxed) {
-                return;
-            }
+        let sums = for_each_piece(pieces.len(), IO_DEPTH, |index, _: &mut ()| {
             let (k, offset, len) = pieces[index];
             let target = targets[k];
             let storage = &storages[target.storage];
             // SAFETY: `offset + len <= nbytes` of this storage, whose bytes at `dst` are ours
-            // to write (function contract); each piece is claimed by one thread through `next`.
+            // to write (function contract); each piece is claimed by one thread
+            // (`for_each_piece`).
             let bytes = unsafe { std::slice::from_raw_parts_mut(target.dst.add(offset), len) };
-            if let Err(err) = pread_slice(&self.file, bytes, storage.offset + offset as u64) {
-                failed.store(true, Ordering::Relaxed);
-                first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(self.read_error(err));
-                return;
-            }
-            if verify {
-                *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = crc32c::crc32c(bytes);
-            }
-        };
-        let threads = IO_DEPTH.min(pieces.len());
-        crate::direct_io::run_on_threads(threads, work);
-        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(err);
-        }
+            pread_slice(&self.file, bytes, storage.offset + offset as u64)
+                .map_err(|err| self.read_error(err))?;
+            Ok(if verify { crc32c::crc32c(bytes) } else { 0 })
+        })?;
         if !verify {
             return Ok(Vec::new());
         }
-        // Pieces of one target are consecutive and in order: combine them.
-        let mut crcs: Vec<u32> = vec![0; targets.len()];
-        for (index, &(k, offset, len)) in pieces.iter().enumerate() {
-            let crc = *sums[index].lock().unwrap_or_else(|p| p.into_inner());
-            crcs[k] = if offset == 0 {
-                crc
-            } else {
-                crc32c::crc32c_combine(crcs[k], crc, len)
-            };
-        }
+        // Pieces of one target are consecutive and in order.
+        let crcs = combine_crc32c(
+            targets.len(),
+            pieces
+                .iter()
+                .zip(sums)
+                .map(|(&(k, _, len), crc)| (k, crc, len)),
+        );
         let mut damaged: Vec<usize> = targets
             .iter()
             .zip(&crcs)
@@ -842,26 +745,14 @@ impl RecordFile {
         &self,
         ranges: &[(u64, u64)],
     ) -> Vec<Result<crate::torch_record::ParsedRecord>> {
-        let results: Vec<Mutex<Option<Result<crate::torch_record::ParsedRecord>>>> =
-            ranges.iter().map(|_| Mutex::new(None)).collect();
-        let next = AtomicUsize::new(0);
-        let work = || loop {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(offset, len)) = ranges.get(index) else {
-                return;
-            };
-            let parsed = self.parse_record(offset, len);
-            *results[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(parsed);
-        };
-        crate::direct_io::run_on_threads(PARSE_THREADS.min(ranges.len()), work);
-        results
-            .into_iter()
-            .map(|slot| {
-                slot.into_inner()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .expect("every record was parsed")
-            })
-            .collect()
+        let parsed = for_each_piece(ranges.len(), PARSE_THREADS, |index, _: &mut ()| {
+            let (offset, len) = ranges[index];
+            Ok::<_, Infallible>(self.parse_record(offset, len))
+        });
+        match parsed {
+            Ok(results) => results,
+            Err(never) => match never {},
+        }
     }
 
     /// Reads every target with up to [`IO_DEPTH`] threads in [`IO_CHUNK`] pieces (direct I/O
@@ -895,67 +786,42 @@ impl RecordFile {
         }
         let source = open_data_source(&self.file, self.file_len);
         let direct = AtomicBool::new(true);
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
-        let sums: Vec<Mutex<Option<crc32fast::Hasher>>> =
-            pieces.iter().map(|_| Mutex::new(None)).collect();
-        let work = || {
-            let mut chunk: Option<AlignedBuf> = None;
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= pieces.len() || failed.load(Ordering::Relaxed) {
-                    break;
-                }
-                let (k, offset, len) = pieces[index];
-                let target = targets[k];
-                // SAFETY: `offset + len <= target.len`, whose bytes at `dst` are ours to write
-                // (function contract); each piece is claimed by one thread through `next`.
-                let result = unsafe {
-                    source.read_bounced(
-                        target.dst.add(offset),
-                        len,
-                        target.offset + offset as u64,
-                        &direct,
-                        &mut chunk,
+        let sums = for_each_piece(pieces.len(), IO_DEPTH, |index, chunk: &mut ThreadChunk| {
+            let (k, offset, len) = pieces[index];
+            let target = targets[k];
+            // SAFETY: `offset + len <= target.len`, whose bytes at `dst` are ours to write
+            // (function contract); each piece is claimed by one thread (`for_each_piece`).
+            unsafe {
+                source.read_bounced(
+                    target.dst.add(offset),
+                    len,
+                    target.offset + offset as u64,
+                    &direct,
+                    chunk,
+                )
+            }
+            .map_err(|err| {
+                if err.kind() == io::ErrorKind::UnexpectedEof {
+                    invalid_data(
+                        &self.path,
+                        "the file ended early (truncated while reading?)".into(),
                     )
-                };
-                if let Err(err) = result {
-                    failed.store(true, Ordering::Relaxed);
-                    let err = if err.kind() == io::ErrorKind::UnexpectedEof {
-                        invalid_data(
-                            &self.path,
-                            "the file ended early (truncated while reading?)".into(),
-                        )
-                    } else {
-                        StagerError::io("reading", &self.path, err)
-                    };
-                    first_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(err);
-                    break;
+                } else {
+                    StagerError::io("reading", &self.path, err)
                 }
-                if target.crc32.is_some() {
-                    let mut hasher = crc32fast::Hasher::new();
-                    // SAFETY: the bytes just read, ours until the call returns.
-                    hasher
-                        .update(unsafe { std::slice::from_raw_parts(target.dst.add(offset), len) });
-                    *sums[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(hasher);
-                }
-            }
-            if let Some(chunk) = chunk {
-                chunk.recycle();
-            }
-        };
-        crate::direct_io::run_on_threads(IO_DEPTH.min(pieces.len()), work);
-        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(err);
-        }
+            })?;
+            Ok(target.crc32.map(|_| {
+                let mut hasher = crc32fast::Hasher::new();
+                // SAFETY: the bytes just read, ours until the call returns.
+                hasher.update(unsafe { std::slice::from_raw_parts(target.dst.add(offset), len) });
+                hasher
+            }))
+        })?;
+        // crc32 (not crc32c: `torch.save`'s records), joined per target in piece order.
         let mut totals: Vec<crc32fast::Hasher> =
             targets.iter().map(|_| crc32fast::Hasher::new()).collect();
-        for (index, &(k, _, _)) in pieces.iter().enumerate() {
-            if let Some(piece) = sums[index].lock().unwrap_or_else(|p| p.into_inner()).take() {
+        for (&(k, _, _), piece) in pieces.iter().zip(sums) {
+            if let Some(piece) = piece {
                 totals[k].combine(&piece);
             }
         }
@@ -987,7 +853,7 @@ impl DataSource<'_> {
         len: usize,
         offset: u64,
         direct: &AtomicBool,
-        chunk: &mut Option<AlignedBuf>,
+        chunk: &mut ThreadChunk,
     ) -> io::Result<()> {
         let end = offset + len as u64;
         let cached = self
@@ -1004,13 +870,7 @@ impl DataSource<'_> {
                 let lo = offset / align * align;
                 let hi = end.div_ceil(align) * align;
                 let span = (hi - lo) as usize;
-                if !matches!(chunk, Some(c) if c.capacity() >= span) {
-                    if let Some(old) = chunk.take() {
-                        old.recycle();
-                    }
-                    *chunk = Some(AlignedBuf::take(span.max(IO_CHUNK + 2 * direct_io::BLOCK))?);
-                }
-                let buffer = chunk.as_mut().expect("just set");
+                let buffer = chunk.at_least(span, IO_CHUNK + 2 * direct_io::BLOCK)?;
                 // SAFETY: the chunk holds `span` writable bytes, page-aligned.
                 match unsafe { direct_io::pread_full(file, buffer.as_ptr(), span, lo) } {
                     Ok(got) => {
@@ -1120,6 +980,7 @@ fn pread_slice(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::direct_io::AlignedBuf;
     use crate::format::EntrySpec;
     use crate::writer::{write_file, Source};
     use std::collections::BTreeMap;

@@ -494,24 +494,17 @@ fn encode_header(data_len: u64, record: &[u8], nranges: u64, tail: &[u8]) -> Vec
 fn checksums(bytes: &[u8], ranges: &[(u64, u64)]) -> Vec<u32> {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .clamp(1, 8)
-        .min(ranges.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let out: Vec<std::sync::atomic::AtomicU32> =
-        (0..ranges.len()).map(|_| Default::default()).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&(offset, len)) = ranges.get(i) else {
-                    break;
-                };
-                let piece = &bytes[offset as usize..(offset + len) as usize];
-                out[i].store(crc32c::crc32c(piece), std::sync::atomic::Ordering::Relaxed);
-            });
-        }
+        .clamp(1, 8);
+    let sums = crate::direct_io::for_each_piece(ranges.len(), threads, |i, _: &mut ()| {
+        let (offset, len) = ranges[i];
+        Ok::<_, std::convert::Infallible>(crc32c::crc32c(
+            &bytes[offset as usize..(offset + len) as usize],
+        ))
     });
-    out.into_iter().map(|c| c.into_inner()).collect()
+    match sums {
+        Ok(sums) => sums,
+        Err(never) => match never {},
+    }
 }
 
 /// A published segment, opened: its record, checked ranges and a private (copy-on-write)

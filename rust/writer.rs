@@ -68,12 +68,15 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use crate::commit::AtomicFile;
 use crate::completion::Completion;
-use crate::direct_io::{self, AlignedBuf, IoMode, BLOCK, IO_CHUNK, IO_DEPTH};
+use crate::direct_io::{
+    self, combine_crc32c, for_each_piece, AlignedBuf, IoMode, ThreadChunk, BLOCK, IO_CHUNK,
+    IO_DEPTH,
+};
 use crate::error::{Result, StagerError};
 use crate::format::{self, EntrySpec};
 use crate::torch_record::RecordFraming;
@@ -270,7 +273,7 @@ pub unsafe fn write_uncommitted(
     if !run.direct.load(Ordering::Relaxed) {
         mode = IoMode::Buffered;
     }
-    let crcs = combine_crcs(specs.len(), crc_parts);
+    let crcs = combine_crc32c(specs.len(), crc_parts.into_iter().flatten());
 
     // Header, now that the checksums are known (same length: fixed-width checksums).
     let crc_text = format::format_crcs(&crcs);
@@ -663,18 +666,6 @@ unsafe fn zero_padding(parts: &[Part], begin: u64, end: u64, ptr: *const u8) {
 /// Per request: `(storage, crc32c of its bytes in the request, how many bytes)`.
 type CrcParts = Vec<Vec<(usize, u32, usize)>>;
 
-fn combine_crcs(storages: usize, parts: CrcParts) -> Vec<u32> {
-    let mut crcs: Vec<Option<u32>> = vec![None; storages];
-    for (storage, crc, len) in parts.into_iter().flatten() {
-        let slot = &mut crcs[storage];
-        *slot = Some(match *slot {
-            None => crc,
-            Some(before) => crc32c::crc32c_combine(before, crc, len),
-        });
-    }
-    crcs.into_iter().map(|crc| crc.unwrap_or(0)).collect()
-}
-
 /// The requests of one write and what executing them needs.
 struct Run<'a> {
     file: &'a File,
@@ -698,34 +689,6 @@ impl Run<'_> {
     /// Runs every request on up to [`IO_DEPTH`] threads (twice that when requests are bounced);
     /// returns the checksum parts.
     fn execute(&self) -> Result<CrcParts> {
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let first_error: Mutex<Option<StagerError>> = Mutex::new(None);
-        let results: Vec<Mutex<Vec<(usize, u32, usize)>>> =
-            self.ops.iter().map(|_| Mutex::new(Vec::new())).collect();
-        let work = || {
-            let mut chunk: Option<AlignedBuf> = None;
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= self.ops.len() || failed.load(Ordering::Relaxed) {
-                    break;
-                }
-                match self.run_op(&self.ops[index], &mut chunk) {
-                    Ok(crcs) => *results[index].lock().unwrap_or_else(|p| p.into_inner()) = crcs,
-                    Err(err) => {
-                        failed.store(true, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(err);
-                        break;
-                    }
-                }
-            }
-            if let Some(chunk) = chunk {
-                chunk.recycle();
-            }
-        };
         // A thread filling a bounce chunk is not writing: with bounced requests, twice the
         // threads keep IO_DEPTH writes in flight while the others copy.
         let bounced = self
@@ -734,15 +697,9 @@ impl Run<'_> {
             .filter(|op| op.direct_from.is_none())
             .count();
         let depth = if bounced > 1 { 2 * IO_DEPTH } else { IO_DEPTH };
-        let threads = depth.min(self.ops.len());
-        crate::direct_io::run_on_threads(threads, work);
-        if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(err);
-        }
-        Ok(results
-            .into_iter()
-            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .collect())
+        for_each_piece(self.ops.len(), depth, |index, chunk: &mut ThreadChunk| {
+            self.run_op(&self.ops[index], chunk)
+        })
     }
 
     /// Waits until `part`'s bytes are in place; the completion's failure if it failed.
@@ -766,7 +723,7 @@ impl Run<'_> {
         ((lo - part.begin) as usize, (hi - lo) as usize)
     }
 
-    fn run_op(&self, op: &Op, chunk: &mut Option<AlignedBuf>) -> Result<Vec<(usize, u32, usize)>> {
+    fn run_op(&self, op: &Op, chunk: &mut ThreadChunk) -> Result<Vec<(usize, u32, usize)>> {
         let parts = &self.parts[op.first_part..op.last_part];
         let mut crcs = Vec::with_capacity(parts.len());
         let len = (op.end - op.begin) as usize;
@@ -797,16 +754,9 @@ impl Run<'_> {
                 .map_err(|err| self.io_error(err))?;
         } else {
             let write_len = len.div_ceil(self.offset_align) * self.offset_align;
-            if !matches!(chunk, Some(c) if c.capacity() >= write_len) {
-                if let Some(old) = chunk.take() {
-                    old.recycle();
-                }
-                let fresh = AlignedBuf::take(write_len.max(IO_CHUNK)).map_err(|err| {
-                    StagerError::io("allocating a bounce buffer for", self.path, err)
-                })?;
-                *chunk = Some(fresh);
-            }
-            let buffer = chunk.as_mut().expect("just set");
+            let buffer = chunk
+                .at_least(write_len, IO_CHUNK)
+                .map_err(|err| StagerError::io("allocating a bounce buffer for", self.path, err))?;
             let bytes = buffer.slice_mut(write_len);
             let mut filled = 0;
             for part in parts {
