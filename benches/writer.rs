@@ -53,7 +53,7 @@ fn specs(sizes: &[usize]) -> Vec<EntrySpec> {
         .enumerate()
         .map(|(i, &n)| EntrySpec {
             name: format!("layers.{}.param{}", i / 8, i % 8),
-            dtype: "U8".into(),
+            dtype: stager::format::Dtype::UInt8,
             shape: vec![n as u64],
             nbytes: n as u64,
         })

@@ -23,8 +23,8 @@
 //! # Example
 //! ```
 //! use std::collections::BTreeMap;
-//! use stager::format::{build_header, layout_entries, parse_header, EntrySpec};
-//! let entries = layout_entries(&[EntrySpec { name: "w".into(), dtype: "F32".into(), shape: vec![2], nbytes: 8 }]).unwrap();
+//! use stager::format::{build_header, layout_entries, parse_header, Dtype, EntrySpec};
+//! let entries = layout_entries(&[EntrySpec { name: "w".into(), dtype: Dtype::Float32, shape: vec![2], nbytes: 8 }]).unwrap();
 //! let header = build_header(&entries, &BTreeMap::new()).unwrap();
 //! let parsed = parse_header(&header[8..], header.len() as u64 + 8).unwrap();
 //! assert_eq!(parsed.entries[0].name, "w");
@@ -60,16 +60,249 @@ pub const STORAGE_ALIGNMENT: u64 = layout::STORAGE_ALIGNMENT as u64;
 /// The data section starts at a multiple of this in the file ([`layout::DATA_ALIGNMENT`]).
 pub const DATA_ALIGNMENT: u64 = layout::DATA_ALIGNMENT as u64;
 
-/// Bytes per element of a safetensors dtype name; `None` for names this build does not know.
-pub fn dtype_size(dtype: &str) -> Option<u64> {
-    Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ"
-        | "F8_E5M2FNUZ" => 1,
-        "I16" | "U16" | "F16" | "BF16" => 2,
-        "I32" | "U32" | "F32" => 4,
-        "I64" | "U64" | "F64" | "C64" => 8,
-        _ => return None,
-    })
+/// A tensor's element type: every dtype torch names, with its size and, where safetensors has
+/// one, its safetensors name. File headers, the tree's tensor records and the bindings all speak
+/// of dtypes through this one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// `torch.float64` (safetensors `F64`).
+    Float64,
+    /// `torch.float32` (safetensors `F32`).
+    Float32,
+    /// `torch.float16` (safetensors `F16`).
+    Float16,
+    /// `torch.bfloat16` (safetensors `BF16`).
+    BFloat16,
+    /// `torch.complex128`.
+    Complex128,
+    /// `torch.complex64` (safetensors `C64`).
+    Complex64,
+    /// `torch.complex32`.
+    Complex32,
+    /// `torch.bcomplex32`.
+    BComplex32,
+    /// `torch.int64` (safetensors `I64`).
+    Int64,
+    /// `torch.int32` (safetensors `I32`).
+    Int32,
+    /// `torch.int16` (safetensors `I16`).
+    Int16,
+    /// `torch.int8` (safetensors `I8`).
+    Int8,
+    /// `torch.uint64` (safetensors `U64`).
+    UInt64,
+    /// `torch.uint32` (safetensors `U32`).
+    UInt32,
+    /// `torch.uint16` (safetensors `U16`).
+    UInt16,
+    /// `torch.uint8` (safetensors `U8`).
+    UInt8,
+    /// `torch.bool` (safetensors `BOOL`).
+    Bool,
+    /// `torch.float8_e4m3fn` (safetensors `F8_E4M3`).
+    Float8E4m3fn,
+    /// `torch.float8_e5m2` (safetensors `F8_E5M2`).
+    Float8E5m2,
+    /// `torch.float8_e4m3fnuz` (safetensors `F8_E4M3FNUZ`).
+    Float8E4m3fnuz,
+    /// `torch.float8_e5m2fnuz` (safetensors `F8_E5M2FNUZ`).
+    Float8E5m2fnuz,
+    /// `torch.float8_e8m0fnu` (safetensors `F8_E8M0`).
+    Float8E8m0fnu,
+    /// `torch.float4_e2m1fn_x2`.
+    Float4E2m1fnX2,
+    /// `torch.int1`.
+    Int1,
+    /// `torch.int2`.
+    Int2,
+    /// `torch.int3`.
+    Int3,
+    /// `torch.int4`.
+    Int4,
+    /// `torch.int5`.
+    Int5,
+    /// `torch.int6`.
+    Int6,
+    /// `torch.int7`.
+    Int7,
+    /// `torch.uint1`.
+    UInt1,
+    /// `torch.uint2`.
+    UInt2,
+    /// `torch.uint3`.
+    UInt3,
+    /// `torch.uint4`.
+    UInt4,
+    /// `torch.uint5`.
+    UInt5,
+    /// `torch.uint6`.
+    UInt6,
+    /// `torch.uint7`.
+    UInt7,
+    /// `torch.qint8`.
+    QInt8,
+    /// `torch.quint8`.
+    QUInt8,
+    /// `torch.qint32`.
+    QInt32,
+    /// `torch.quint4x2`.
+    QUInt4x2,
+    /// `torch.quint2x4`.
+    QUInt2x4,
+    /// `torch.bits1x8`.
+    Bits1x8,
+    /// `torch.bits2x4`.
+    Bits2x4,
+    /// `torch.bits4x2`.
+    Bits4x2,
+    /// `torch.bits8`.
+    Bits8,
+    /// `torch.bits16`.
+    Bits16,
+}
+
+/// One row of [`DTYPES`].
+struct DtypeInfo {
+    dtype: Dtype,
+    torch: &'static str,
+    itemsize: usize,
+    complex: bool,
+    safetensors: Option<&'static str>,
+}
+
+/// Every [`Dtype`], in declaration order (`DTYPES[d as usize].dtype == d`).
+#[rustfmt::skip]
+const DTYPES: &[DtypeInfo] = &[
+    DtypeInfo { dtype: Dtype::Float64, torch: "float64", itemsize: 8, complex: false, safetensors: Some("F64") },
+    DtypeInfo { dtype: Dtype::Float32, torch: "float32", itemsize: 4, complex: false, safetensors: Some("F32") },
+    DtypeInfo { dtype: Dtype::Float16, torch: "float16", itemsize: 2, complex: false, safetensors: Some("F16") },
+    DtypeInfo { dtype: Dtype::BFloat16, torch: "bfloat16", itemsize: 2, complex: false, safetensors: Some("BF16") },
+    DtypeInfo { dtype: Dtype::Complex128, torch: "complex128", itemsize: 16, complex: true, safetensors: None },
+    DtypeInfo { dtype: Dtype::Complex64, torch: "complex64", itemsize: 8, complex: true, safetensors: Some("C64") },
+    DtypeInfo { dtype: Dtype::Complex32, torch: "complex32", itemsize: 4, complex: true, safetensors: None },
+    DtypeInfo { dtype: Dtype::BComplex32, torch: "bcomplex32", itemsize: 4, complex: true, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int64, torch: "int64", itemsize: 8, complex: false, safetensors: Some("I64") },
+    DtypeInfo { dtype: Dtype::Int32, torch: "int32", itemsize: 4, complex: false, safetensors: Some("I32") },
+    DtypeInfo { dtype: Dtype::Int16, torch: "int16", itemsize: 2, complex: false, safetensors: Some("I16") },
+    DtypeInfo { dtype: Dtype::Int8, torch: "int8", itemsize: 1, complex: false, safetensors: Some("I8") },
+    DtypeInfo { dtype: Dtype::UInt64, torch: "uint64", itemsize: 8, complex: false, safetensors: Some("U64") },
+    DtypeInfo { dtype: Dtype::UInt32, torch: "uint32", itemsize: 4, complex: false, safetensors: Some("U32") },
+    DtypeInfo { dtype: Dtype::UInt16, torch: "uint16", itemsize: 2, complex: false, safetensors: Some("U16") },
+    DtypeInfo { dtype: Dtype::UInt8, torch: "uint8", itemsize: 1, complex: false, safetensors: Some("U8") },
+    DtypeInfo { dtype: Dtype::Bool, torch: "bool", itemsize: 1, complex: false, safetensors: Some("BOOL") },
+    DtypeInfo { dtype: Dtype::Float8E4m3fn, torch: "float8_e4m3fn", itemsize: 1, complex: false, safetensors: Some("F8_E4M3") },
+    DtypeInfo { dtype: Dtype::Float8E5m2, torch: "float8_e5m2", itemsize: 1, complex: false, safetensors: Some("F8_E5M2") },
+    DtypeInfo { dtype: Dtype::Float8E4m3fnuz, torch: "float8_e4m3fnuz", itemsize: 1, complex: false, safetensors: Some("F8_E4M3FNUZ") },
+    DtypeInfo { dtype: Dtype::Float8E5m2fnuz, torch: "float8_e5m2fnuz", itemsize: 1, complex: false, safetensors: Some("F8_E5M2FNUZ") },
+    DtypeInfo { dtype: Dtype::Float8E8m0fnu, torch: "float8_e8m0fnu", itemsize: 1, complex: false, safetensors: Some("F8_E8M0") },
+    DtypeInfo { dtype: Dtype::Float4E2m1fnX2, torch: "float4_e2m1fn_x2", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int1, torch: "int1", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int2, torch: "int2", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int3, torch: "int3", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int4, torch: "int4", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int5, torch: "int5", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int6, torch: "int6", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Int7, torch: "int7", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::UInt1, torch: "uint1", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::UInt2, torch: "uint2", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::UInt3, torch: "uint3", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::UInt4, torch: "uint4", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::UInt5, torch: "uint5", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::UInt6, torch: "uint6", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::UInt7, torch: "uint7", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::QInt8, torch: "qint8", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::QUInt8, torch: "quint8", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::QInt32, torch: "qint32", itemsize: 4, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::QUInt4x2, torch: "quint4x2", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::QUInt2x4, torch: "quint2x4", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Bits1x8, torch: "bits1x8", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Bits2x4, torch: "bits2x4", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Bits4x2, torch: "bits4x2", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Bits8, torch: "bits8", itemsize: 1, complex: false, safetensors: None },
+    DtypeInfo { dtype: Dtype::Bits16, torch: "bits16", itemsize: 2, complex: false, safetensors: None },
+];
+
+/// Dtypes whose whole-storage tensors a stager file stores under their own key: the ones the
+/// `safetensors` package's torch loader names. (`F8_E8M0` is read in headers, but tensors of it
+/// are stored as bytes, which every reader loads.)
+const ENTRY_DTYPES: &[Dtype] = &[
+    Dtype::Float64,
+    Dtype::Float32,
+    Dtype::Float16,
+    Dtype::BFloat16,
+    Dtype::Int64,
+    Dtype::Int32,
+    Dtype::Int16,
+    Dtype::Int8,
+    Dtype::UInt8,
+    Dtype::Bool,
+    Dtype::Complex64,
+    Dtype::Float8E4m3fn,
+    Dtype::Float8E5m2,
+    Dtype::Float8E4m3fnuz,
+    Dtype::Float8E5m2fnuz,
+    Dtype::UInt16,
+    Dtype::UInt32,
+    Dtype::UInt64,
+];
+
+impl Dtype {
+    fn info(self) -> &'static DtypeInfo {
+        &DTYPES[self as usize]
+    }
+
+    /// Every dtype, in declaration order.
+    pub fn all() -> impl Iterator<Item = Dtype> {
+        DTYPES.iter().map(|info| info.dtype)
+    }
+
+    /// The dtype torch calls `name` (`"float32"`, an attribute of the `torch` module).
+    pub fn from_torch_name(name: &str) -> Option<Dtype> {
+        DTYPES
+            .iter()
+            .find(|info| info.torch == name)
+            .map(|info| info.dtype)
+    }
+
+    /// Its torch name (`"float32"`).
+    pub fn torch_name(self) -> &'static str {
+        self.info().torch
+    }
+
+    /// The dtype safetensors calls `name` (`"F32"`).
+    pub fn from_safetensors_name(name: &str) -> Option<Dtype> {
+        DTYPES
+            .iter()
+            .find(|info| info.safetensors == Some(name))
+            .map(|info| info.dtype)
+    }
+
+    /// Its safetensors name (`"F32"`), if safetensors has one.
+    pub fn safetensors_name(self) -> Option<&'static str> {
+        self.info().safetensors
+    }
+
+    /// Whether a stager file stores a whole-storage tensor of this dtype under its own key, as
+    /// safetensors readers see tensors (see [`storage_entries`]).
+    pub fn names_file_entries(self) -> bool {
+        ENTRY_DTYPES.contains(&self)
+    }
+
+    /// Bytes per element.
+    pub fn itemsize(self) -> usize {
+        self.info().itemsize
+    }
+
+    /// Whether its elements are complex numbers (only those carry the conjugate bit).
+    pub fn is_complex(self) -> bool {
+        self.info().complex
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.torch_name())
+    }
 }
 
 /// What the writer is asked to store for one buffer.
@@ -77,8 +310,8 @@ pub fn dtype_size(dtype: &str) -> Option<u64> {
 pub struct EntrySpec {
     /// The entry's name in the header.
     pub name: String,
-    /// Its safetensors dtype name.
-    pub dtype: String,
+    /// Its dtype (one safetensors names).
+    pub dtype: Dtype,
     /// Its shape.
     pub shape: Vec<u64>,
     /// Its bytes.
@@ -88,8 +321,8 @@ pub struct EntrySpec {
 /// A tensor as a safetensors reader would see it: its dtype name and shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorEntry {
-    /// The safetensors dtype name ("F32", "BF16"...).
-    pub dtype: String,
+    /// Its dtype.
+    pub dtype: Dtype,
     /// Its shape.
     pub shape: Vec<u64>,
 }
@@ -121,7 +354,7 @@ pub fn storage_entries(
                 if name.is_empty() || name.starts_with("__") || used.contains(name) {
                     return None;
                 }
-                let entry = describe(tensor)?;
+                let entry = describe(tensor).filter(|entry| entry.dtype.names_file_entries())?;
                 Some((name.to_string(), entry))
             });
             let spec = match named {
@@ -133,7 +366,7 @@ pub fn storage_entries(
                 },
                 None => EntrySpec {
                     name: format!("{RESERVED_PREFIX}storage.{index}"),
-                    dtype: "U8".into(),
+                    dtype: Dtype::UInt8,
                     shape: vec![storage.nbytes as u64],
                     nbytes: storage.nbytes as u64,
                 },
@@ -149,8 +382,8 @@ pub fn storage_entries(
 pub struct Entry {
     /// The entry's name.
     pub name: String,
-    /// Its safetensors dtype name.
-    pub dtype: String,
+    /// Its dtype (one safetensors names).
+    pub dtype: Dtype,
     /// Its shape.
     pub shape: Vec<u64>,
     /// Start, relative to the start of the data section.
@@ -174,7 +407,7 @@ pub fn layout_entries(specs: &[EntrySpec]) -> Result<Vec<Entry>, String> {
     let mut offset = 0u64;
     let mut names = std::collections::HashSet::with_capacity(specs.len());
     for (index, spec) in specs.iter().enumerate() {
-        check_entry(&spec.name, &spec.dtype, &spec.shape, spec.nbytes)
+        check_entry(&spec.name, spec.dtype, &spec.shape, spec.nbytes)
             .map_err(|reason| format!("storage {index}: {reason}"))?;
         if is_padding(&spec.name) {
             return Err(format!(
@@ -194,7 +427,7 @@ pub fn layout_entries(specs: &[EntrySpec]) -> Result<Vec<Entry>, String> {
         if aligned > offset {
             entries.push(Entry {
                 name: format!("{RESERVED_PREFIX}pad.{index}"),
-                dtype: "U8".into(),
+                dtype: Dtype::UInt8,
                 shape: vec![aligned - offset],
                 begin: offset,
                 end: aligned,
@@ -202,7 +435,7 @@ pub fn layout_entries(specs: &[EntrySpec]) -> Result<Vec<Entry>, String> {
         }
         entries.push(Entry {
             name: spec.name.clone(),
-            dtype: spec.dtype.clone(),
+            dtype: spec.dtype,
             shape: spec.shape.clone(),
             begin: aligned,
             end: aligned + spec.nbytes,
@@ -217,12 +450,16 @@ pub fn is_padding(name: &str) -> bool {
     name.starts_with(RESERVED_PREFIX) && name[RESERVED_PREFIX.len()..].starts_with("pad.")
 }
 
-fn check_entry(name: &str, dtype: &str, shape: &[u64], nbytes: u64) -> Result<(), String> {
+fn check_entry(name: &str, dtype: Dtype, shape: &[u64], nbytes: u64) -> Result<(), String> {
     if name == "__metadata__" {
         return Err("an entry cannot be named __metadata__".into());
     }
-    let size =
-        dtype_size(dtype).ok_or_else(|| format!("entry {name:?} has unknown dtype {dtype:?}"))?;
+    if dtype.safetensors_name().is_none() {
+        return Err(format!(
+            "entry {name:?} has dtype {dtype}, which safetensors has no name for"
+        ));
+    }
+    let size = dtype.itemsize() as u64;
     let expected = shape
         .iter()
         .try_fold(size, |acc, &dim| acc.checked_mul(dim))
@@ -251,7 +488,13 @@ pub fn build_header(
     }
     for entry in entries {
         let mut object = Map::new();
-        object.insert("dtype".into(), Value::String(entry.dtype.clone()));
+        let Some(dtype) = entry.dtype.safetensors_name() else {
+            return Err(format!(
+                "entry {:?} has dtype {}, which safetensors has no name for",
+                entry.name, entry.dtype
+            ));
+        };
+        object.insert("dtype".into(), Value::String(dtype.into()));
         object.insert(
             "shape".into(),
             Value::Array(entry.shape.iter().map(|&d| Value::from(d)).collect()),
@@ -416,7 +659,8 @@ fn parse_entry(name: &str, value: Value) -> Result<Entry, String> {
         return Err(format!("entry {name:?} is not an object"));
     };
     let dtype = match object.get("dtype") {
-        Some(Value::String(dtype)) => dtype.clone(),
+        Some(Value::String(dtype)) => Dtype::from_safetensors_name(dtype)
+            .ok_or_else(|| format!("entry {name:?} has unknown dtype {dtype:?}"))?,
         _ => return Err(format!("entry {name:?} has no dtype string")),
     };
     let u64_list = |key: &str| -> Result<Vec<u64>, String> {
@@ -444,7 +688,7 @@ fn parse_entry(name: &str, value: Value) -> Result<Entry, String> {
             "entry {name:?}: data_offsets [{begin}, {end}) end before they begin"
         ));
     }
-    check_entry(name, &dtype, &shape, end - begin)?;
+    check_entry(name, dtype, &shape, end - begin)?;
     Ok(Entry {
         name: name.to_string(),
         dtype,
@@ -561,10 +805,11 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, dtype: &str, shape: &[u64]) -> EntrySpec {
-        let nbytes = shape.iter().product::<u64>() * dtype_size(dtype).unwrap();
+        let dtype = Dtype::from_safetensors_name(dtype).unwrap();
+        let nbytes = shape.iter().product::<u64>() * dtype.itemsize() as u64;
         EntrySpec {
             name: name.into(),
-            dtype: dtype.into(),
+            dtype,
             shape: shape.to_vec(),
             nbytes,
         }

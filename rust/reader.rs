@@ -1001,7 +1001,7 @@ mod tests {
             .enumerate()
             .map(|(i, b)| EntrySpec {
                 name: format!("s{i}"),
-                dtype: "U8".into(),
+                dtype: crate::format::Dtype::UInt8,
                 shape: vec![b.len() as u64],
                 nbytes: b.len() as u64,
             })
@@ -1021,7 +1021,7 @@ mod tests {
         let meta = stager_meta();
         let spec = EntrySpec {
             name: "w".into(),
-            dtype: "U8".into(),
+            dtype: crate::format::Dtype::UInt8,
             shape: vec![data.len() as u64],
             nbytes: data.len() as u64,
         };

@@ -10,7 +10,11 @@
 //! wire layout. Request `i` of a stage's [`crate::completion::Completion`] is storage `i`.
 //!
 //! A table can also be made from metadata alone ([`TensorTable::from_layout`]): a file header or
-//! a peer's message, with storage sizes and views but no source memory.
+//! a peer's message, with storage sizes and views but no source memory. Such metadata is
+//! untrusted, and `from_layout` is where it is checked: every view names an existing storage,
+//! has at most [`MAX_DIMS`] non-negative sizes and strides and a known dtype, stays inside its
+//! storage, and is conjugated only when complex. Python decodes the JSON around it and checks
+//! its shape (lists, integers); the bounds are checked here only.
 //!
 //! Incremental staging marks storages whose bytes an earlier result already holds as *reused*
 //! ([`TensorTable::reusing`]): they take no room in the new buffer and get no copy, and their
@@ -36,9 +40,13 @@ use std::collections::HashMap;
 
 use crate::copy_engine::HostCopy;
 use crate::error::{Result, StagerError};
+use crate::format::Dtype;
 use crate::layout::{
     self, check_disjoint_ranges, VIEW_CONJ, VIEW_NEG, VIEW_OPAQUE, VIEW_WHOLE_STORAGE,
 };
+
+/// The most dimensions a tensor described by metadata may have (stager files and the wire).
+pub const MAX_DIMS: usize = 64;
 
 /// Where a storage's bytes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +110,82 @@ pub struct ViewFacts {
     /// `tensor.is_conj()`.
     pub conj: bool,
     /// `tensor.is_neg()`.
+    pub neg: bool,
+}
+
+/// A view's geometry from its sizes and strides: see [`ViewGeometry::of`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViewGeometry {
+    /// Number of elements (saturating at `i64::MAX`).
+    pub numel: i64,
+    /// Whether it is contiguous, as `Tensor.is_contiguous()` says: row-major, where dimensions
+    /// of size 1 may have any stride, and an empty tensor is contiguous.
+    pub contiguous: bool,
+    /// Offset of its last element from its first, in elements (saturating).
+    pub span: u128,
+}
+
+impl ViewGeometry {
+    /// The geometry of a view with `dims` as `(size, stride)` pairs, outermost first. Sizes and
+    /// strides are non-negative (torch has no negative strides; metadata is checked first).
+    pub fn of(dims: &[(i64, i64)]) -> ViewGeometry {
+        let mut numel: i64 = 1;
+        let mut expected: i64 = 1;
+        let mut contiguous = true;
+        let mut span: u128 = 0;
+        for &(size, step) in dims.iter().rev() {
+            if size != 1 && step != expected {
+                contiguous = false;
+            }
+            expected = expected.saturating_mul(size);
+            numel = numel.saturating_mul(size);
+            span = span.saturating_add(
+                (size.max(1) - 1).unsigned_abs() as u128 * step.unsigned_abs() as u128,
+            );
+        }
+        ViewGeometry {
+            numel,
+            contiguous: contiguous || numel == 0,
+            span,
+        }
+    }
+
+    /// The byte just past the view's last element, starting `storage_offset` elements of
+    /// `itemsize` bytes into its storage (saturating): the storage must hold that many bytes.
+    pub fn end_byte(&self, storage_offset: i64, itemsize: usize) -> u128 {
+        (storage_offset.unsigned_abs() as u128)
+            .saturating_add(self.span)
+            .saturating_add(1)
+            .saturating_mul(itemsize as u128)
+    }
+}
+
+/// The strides of a contiguous (row-major) tensor of `shape`.
+pub fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1].saturating_mul(shape[i + 1].max(1));
+    }
+    strides
+}
+
+/// One tensor as untrusted metadata describes it (a file's tree, a peer's message), before
+/// [`TensorTable::from_layout`] checks it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewSpec {
+    /// Index of its storage.
+    pub storage: usize,
+    /// Its dtype.
+    pub dtype: Dtype,
+    /// Its sizes.
+    pub shape: Vec<i64>,
+    /// Its strides, in elements; `None`: contiguous.
+    pub stride: Option<Vec<i64>>,
+    /// Element offset into the storage.
+    pub storage_offset: i64,
+    /// A conjugated view (complex dtypes only).
+    pub conj: bool,
+    /// A negated view.
     pub neg: bool,
 }
 
@@ -215,10 +299,14 @@ impl TensorTable {
         })
     }
 
-    /// A table described by metadata (a file header, a peer's message): storages of
-    /// `storage_nbytes` and tensors viewing them. Views must name existing storages and carry only
-    /// [`layout::VIEW_PORTABLE_FLAGS`]; the caller has checked that each view fits its storage.
-    pub fn from_layout(storage_nbytes: &[usize], views: Vec<View>) -> Result<TensorTable> {
+    /// A table described by untrusted metadata (a file's tree, a peer's message): storages of
+    /// `storage_nbytes` and the tensors `specs` viewing them. Checks every view (see the module
+    /// docs) and derives its flags; returns the table and each view's strides (the given ones,
+    /// or the contiguous ones where none were given).
+    pub fn from_layout(
+        storage_nbytes: &[usize],
+        specs: &[ViewSpec],
+    ) -> Result<(TensorTable, Vec<Vec<i64>>)> {
         let mut storages: Vec<Storage> = storage_nbytes
             .iter()
             .map(|&nbytes| Storage {
@@ -230,23 +318,16 @@ impl TensorTable {
                 reused: false,
             })
             .collect();
-        for (index, view) in views.iter().enumerate() {
-            let Some(storage) = storages.get_mut(view.storage) else {
-                return Err(StagerError::invalid(format!(
-                    "tensor {index} refers to storage {} of {}",
-                    view.storage,
-                    storage_nbytes.len()
-                )));
-            };
-            if view.flags & !layout::VIEW_PORTABLE_FLAGS != 0 {
-                return Err(StagerError::invalid(format!(
-                    "tensor {index} has view flags {:#x}, not a portable view",
-                    view.flags
-                )));
-            }
-            storage.users += 1;
+        let mut views = Vec::with_capacity(specs.len());
+        let mut strides = Vec::with_capacity(specs.len());
+        let mut dims: Vec<(i64, i64)> = Vec::with_capacity(MAX_DIMS);
+        for (index, spec) in specs.iter().enumerate() {
+            let (view, stride) = check_view(index, spec, storage_nbytes, &mut dims)?;
+            storages[view.storage].users += 1;
+            views.push(view);
+            strides.push(stride);
         }
-        TensorTable::placed(storages, views)
+        Ok((TensorTable::placed(storages, views)?, strides))
     }
 
     /// The same table with storages `reused` marked reused (see the module docs) and the others
@@ -263,6 +344,52 @@ impl TensorTable {
             storage.reused = true;
         }
         TensorTable::placed(storages, self.views.clone())
+    }
+
+    /// The index of the storage whose placed bytes contain `offset` (a position in the staged
+    /// buffer), if any; reused and empty storages hold no byte of it.
+    pub fn storage_at(&self, offset: usize) -> Option<usize> {
+        let storages = &self.storages;
+        // Offsets never decrease with the index (reused and empty storages take no room).
+        let index = storages
+            .partition_point(|s| s.offset <= offset)
+            .checked_sub(1)?;
+        // Several storages may start at `offset` (empty ones before a full one): find the one
+        // holding it.
+        storages[..=index]
+            .iter()
+            .enumerate()
+            .rev()
+            .take_while(|(_, s)| s.offset == storages[index].offset)
+            .find(|(_, s)| !s.reused && s.nbytes > 0 && offset < s.offset + s.nbytes)
+            .map(|(i, _)| i)
+    }
+
+    /// For each storage, the indices of the tensors viewing it in table order, or `None` when
+    /// `tracked` is false for one of them (what incremental staging can match across stages).
+    pub fn views_per_storage(&self, tracked: impl Fn(usize) -> bool) -> Vec<Option<Vec<usize>>> {
+        let mut out: Vec<Option<Vec<usize>>> = vec![Some(Vec::new()); self.storages.len()];
+        for (index, view) in self.views.iter().enumerate() {
+            if view.is_opaque() {
+                continue;
+            }
+            let slot = &mut out[view.storage];
+            match slot.as_mut() {
+                Some(list) if tracked(index) => list.push(index),
+                _ => *slot = None,
+            }
+        }
+        out
+    }
+
+    /// For each storage, the version counters (`versions`, one per tensor) of the tensors
+    /// viewing it in table order, or `None` when one of them has none.
+    pub fn storage_versions(&self, versions: &[Option<i64>]) -> Vec<Option<Vec<i64>>> {
+        let version = |index: usize| versions.get(index).copied().flatten();
+        self.views_per_storage(|index| version(index).is_some())
+            .into_iter()
+            .map(|views| views.map(|list| list.into_iter().filter_map(version).collect()))
+            .collect()
     }
 
     /// The distinct storages, in placement order.
@@ -359,6 +486,77 @@ impl TensorTable {
     }
 }
 
+/// Checks view `index` of untrusted metadata against its storage (see the module docs); returns
+/// the view and its strides. `dims` is scratch space.
+fn check_view(
+    index: usize,
+    spec: &ViewSpec,
+    storage_nbytes: &[usize],
+    dims: &mut Vec<(i64, i64)>,
+) -> Result<(View, Vec<i64>)> {
+    let fail = |reason: String| Err(StagerError::invalid(format!("tensor {index} {reason}")));
+    let Some(&nbytes) = storage_nbytes.get(spec.storage) else {
+        return fail(format!(
+            "refers to storage {} of {}",
+            spec.storage,
+            storage_nbytes.len()
+        ));
+    };
+    if spec.shape.len() > MAX_DIMS {
+        return fail(format!(
+            "has {} dimensions, at most {MAX_DIMS} are allowed",
+            spec.shape.len()
+        ));
+    }
+    if let Some(&size) = spec.shape.iter().find(|&&size| size < 0) {
+        return fail(format!("shape must be >= 0, got {size}"));
+    }
+    let stride = match &spec.stride {
+        Some(stride) if stride.len() != spec.shape.len() => {
+            return fail(format!(
+                "has mismatched shape/stride ({} sizes, {} strides)",
+                spec.shape.len(),
+                stride.len()
+            ))
+        }
+        Some(stride) => stride.clone(),
+        None => contiguous_strides(&spec.shape),
+    };
+    if let Some(&step) = stride.iter().find(|&&step| step < 0) {
+        return fail(format!("stride must be >= 0, got {step}"));
+    }
+    if spec.storage_offset < 0 {
+        return fail(format!("offset must be >= 0, got {}", spec.storage_offset));
+    }
+    dims.clear();
+    dims.extend(spec.shape.iter().copied().zip(stride.iter().copied()));
+    let geometry = ViewGeometry::of(dims);
+    let itemsize = spec.dtype.itemsize();
+    if geometry.numel > 0 && geometry.end_byte(spec.storage_offset, itemsize) > nbytes as u128 {
+        return fail(format!(
+            "({} {:?}, stride {stride:?}, offset {}) reaches past its storage of {nbytes} bytes",
+            spec.dtype, spec.shape, spec.storage_offset
+        ));
+    }
+    if spec.conj && !spec.dtype.is_complex() {
+        return fail("is conjugated but not complex".into());
+    }
+    let whole = spec.storage_offset == 0
+        && nbytes > 0
+        && geometry.contiguous
+        && geometry.numel as u128 * itemsize as u128 == nbytes as u128;
+    let flags = (if whole { VIEW_WHOLE_STORAGE } else { 0 })
+        | (if spec.conj { VIEW_CONJ } else { 0 })
+        | (if spec.neg { VIEW_NEG } else { 0 });
+    let view = View {
+        storage: spec.storage,
+        storage_offset: spec.storage_offset,
+        numel: geometry.numel,
+        flags,
+    };
+    Ok((view, stride))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,26 +627,183 @@ mod tests {
         assert!(table.reusing(&[7]).is_err());
     }
 
-    #[test]
-    fn tables_from_metadata_are_validated() {
-        let view = View {
-            storage: 1,
+    fn spec(storage: usize, dtype: Dtype, shape: &[i64]) -> ViewSpec {
+        ViewSpec {
+            storage,
+            dtype,
+            shape: shape.to_vec(),
+            stride: None,
             storage_offset: 0,
-            numel: 1,
-            flags: 0,
-        };
-        assert!(TensorTable::from_layout(&[4], vec![view]).is_err());
-        let opaque = View {
-            storage: 0,
-            flags: VIEW_OPAQUE,
-            ..view
-        };
-        assert!(TensorTable::from_layout(&[4], vec![opaque]).is_err());
-        let table = TensorTable::from_layout(&[4, 8], vec![View { storage: 0, ..view }]).unwrap();
+            conj: false,
+            neg: false,
+        }
+    }
+
+    fn refusal(storage_nbytes: &[usize], spec: ViewSpec) -> String {
+        TensorTable::from_layout(storage_nbytes, &[spec])
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn tables_from_metadata_are_placed_and_flagged() {
+        let views = [
+            spec(0, Dtype::Float32, &[4]),
+            spec(1, Dtype::Float32, &[2]),
+            ViewSpec {
+                storage_offset: 2,
+                ..spec(1, Dtype::Float32, &[2])
+            },
+            ViewSpec {
+                conj: true,
+                neg: true,
+                ..spec(2, Dtype::Complex64, &[1])
+            },
+        ];
+        let (table, strides) = TensorTable::from_layout(&[16, 16, 8], &views).unwrap();
         assert_eq!(table.storages()[1].offset, 64);
+        assert_eq!(table.storages()[1].users, 2);
+        let flags: Vec<u8> = table.views().iter().map(|v| v.flags).collect();
+        assert_eq!(
+            flags,
+            [
+                VIEW_WHOLE_STORAGE,
+                0,
+                0,
+                VIEW_WHOLE_STORAGE | VIEW_CONJ | VIEW_NEG
+            ]
+        );
+        assert_eq!(strides, [vec![1], vec![1], vec![1], vec![1]]);
         let mut buffer = vec![0u8; table.total_nbytes()];
         assert!(table
             .host_copies(buffer.as_mut_ptr(), buffer.len())
             .is_err());
+    }
+
+    #[test]
+    fn hostile_views_from_metadata_are_refused() {
+        let base = spec(0, Dtype::Float32, &[4]);
+        let cases = [
+            (spec(1, Dtype::Float32, &[1]), "refers to storage 1 of 1"),
+            (
+                ViewSpec {
+                    storage_offset: 1,
+                    ..base.clone()
+                },
+                "reaches past its storage of 16 bytes",
+            ),
+            (spec(0, Dtype::Float64, &[1 << 62, 1 << 62]), "reaches past"),
+            (spec(0, Dtype::Float32, &[-1]), "shape must be >= 0"),
+            (
+                ViewSpec {
+                    stride: Some(vec![-1]),
+                    ..base.clone()
+                },
+                "stride must be >= 0",
+            ),
+            (
+                ViewSpec {
+                    stride: Some(vec![1, 1]),
+                    ..base.clone()
+                },
+                "mismatched shape/stride",
+            ),
+            (
+                ViewSpec {
+                    storage_offset: -4,
+                    ..base.clone()
+                },
+                "offset must be >= 0",
+            ),
+            (spec(0, Dtype::UInt8, &[1; 65]), "65 dimensions"),
+            (
+                ViewSpec {
+                    conj: true,
+                    ..base.clone()
+                },
+                "conjugated but not complex",
+            ),
+            (
+                ViewSpec {
+                    stride: Some(vec![i64::MAX]),
+                    ..spec(0, Dtype::Float32, &[i64::MAX])
+                },
+                "reaches past",
+            ),
+        ];
+        for (spec, message) in cases {
+            let err = refusal(&[16], spec.clone());
+            assert!(err.contains(message), "{spec:?}: {err}");
+            assert!(err.contains(": tensor 0 "), "{err}");
+        }
+        // Empty views may sit anywhere; broadcast (stride 0) views need one element.
+        let empty = ViewSpec {
+            storage_offset: 1 << 40,
+            ..spec(0, Dtype::Float32, &[0, 1 << 62])
+        };
+        let broadcast = ViewSpec {
+            stride: Some(vec![0, 0]),
+            ..spec(0, Dtype::Float32, &[1 << 40, 1 << 40])
+        };
+        let (table, _) = TensorTable::from_layout(&[4], &[empty, broadcast]).unwrap();
+        assert_eq!(table.storages()[0].users, 2);
+        assert!(table.views().iter().all(|v| v.flags == 0));
+    }
+
+    #[test]
+    fn geometry_matches_torch_contiguity() {
+        let of = |dims: &[(i64, i64)]| ViewGeometry::of(dims);
+        assert_eq!(
+            of(&[(2, 3), (3, 1)]),
+            ViewGeometry {
+                numel: 6,
+                contiguous: true,
+                span: 5
+            }
+        );
+        assert!(!of(&[(2, 1), (3, 2)]).contiguous);
+        assert!(of(&[(1, 99), (3, 1)]).contiguous); // size-1 dims take any stride
+        assert!(of(&[(0, 7), (3, 5)]).contiguous); // empty tensors are contiguous
+        assert!(of(&[]).contiguous && of(&[]).numel == 1);
+        assert_eq!(of(&[(4, 2)]).end_byte(3, 4), (3 + 6 + 1) * 4);
+        assert_eq!(contiguous_strides(&[2, 0, 5]), [5, 5, 1]);
+    }
+
+    #[test]
+    fn storage_at_finds_the_storage_holding_a_byte() {
+        let (table, _) = TensorTable::from_layout(
+            &[10, 0, 100, 5],
+            &[spec(0, Dtype::UInt8, &[10]), spec(2, Dtype::UInt8, &[100])],
+        )
+        .unwrap();
+        let table = table.reusing(&[3]).unwrap();
+        assert_eq!(table.storage_at(0), Some(0));
+        assert_eq!(table.storage_at(9), Some(0));
+        assert_eq!(table.storage_at(10), None); // padding
+        assert_eq!(table.storage_at(64), Some(2)); // not the empty storage starting there too
+        assert_eq!(table.storage_at(163), Some(2));
+        assert_eq!(table.storage_at(164), None);
+    }
+
+    #[test]
+    fn versions_per_storage_need_every_viewer_tracked() {
+        let (table, _) = TensorTable::from_layout(
+            &[16, 16],
+            &[
+                spec(0, Dtype::Float32, &[4]),
+                spec(1, Dtype::Float32, &[2]),
+                spec(0, Dtype::Float32, &[2]),
+                spec(1, Dtype::Float32, &[4]),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            table.storage_versions(&[Some(3), None, Some(5), Some(1)]),
+            [Some(vec![3, 5]), None]
+        );
+        assert_eq!(
+            table.views_per_storage(|_| true),
+            [Some(vec![0, 2]), Some(vec![1, 3])]
+        );
     }
 }

@@ -51,7 +51,7 @@
 //! let dir = std::env::temp_dir().join(format!("stager-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir).unwrap();
 //! let data = vec![1f32, 2.0, 3.0];
-//! let spec = EntrySpec { name: "w".into(), dtype: "F32".into(), shape: vec![3], nbytes: 12 };
+//! let spec = EntrySpec { name: "w".into(), dtype: stager::format::Dtype::Float32, shape: vec![3], nbytes: 12 };
 //! let source = Source { ptr: data.as_ptr().cast(), request: None };
 //! // SAFETY: `data` outlives the call and nobody writes it meanwhile.
 //! unsafe { write_file(&dir.join("a.safetensors"), &[spec], &[source], BTreeMap::new(), None, None) }.unwrap();
@@ -887,7 +887,7 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| EntrySpec {
                 name: format!("t{i}"),
-                dtype: "U8".into(),
+                dtype: crate::format::Dtype::UInt8,
                 shape: vec![n as u64],
                 nbytes: n as u64,
             })

@@ -86,7 +86,7 @@ class TensorTable:
     @staticmethod
     def from_layout(
         storage_nbytes: Sequence[int],
-        tensors: Sequence[tuple[int, torch.dtype, Any, Any, int, int, int]],
+        tensors: Sequence[tuple[Any, Any, Any, Any, Any, bool, bool]],
     ) -> TensorTable: ...
     def __len__(self) -> int: ...
     @property

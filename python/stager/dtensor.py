@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ._native import StagerError
+from .json_checks import MAX_DIMS, fail, is_int_list
 
 __all__ = [
     "DTENSOR",
@@ -82,7 +83,6 @@ _new_dtensor = _dtensor_constructor()
 
 #: Reductions a ``Partial`` placement may name (``torch.distributed.ReduceOp`` names).
 _REDUCE_OPS = frozenset({"sum", "avg", "min", "max", "product", "band", "bor", "bxor"})
-_MAX_DIMS = 64
 
 
 # ---- the no-mesh result ------------------------------------------------------------------------
@@ -596,66 +596,62 @@ def _explicit_shard_order(spec: Any) -> tuple | None:
     return tuple((entry.tensor_dim, tuple(entry.mesh_dims)) for entry in order)
 
 
-def _fail(reason: str) -> StagerError:
-    return StagerError(f"invalid checkpoint metadata: {reason}")
-
-
-def _ints(value: Any, what: str, minimum: int, max_len: int = _MAX_DIMS) -> tuple[int, ...]:
-    if type(value) is not list or len(value) > max_len or not all(type(v) is int and v >= minimum for v in value):
-        raise _fail(f"{what} must be a list of at most {max_len} integers >= {minimum}")
+def _ints(value: Any, what: str, minimum: int, max_len: int = MAX_DIMS) -> tuple[int, ...]:
+    if not is_int_list(value, minimum, max_len):
+        raise fail(f"{what} must be a list of at most {max_len} integers >= {minimum}")
     return tuple(value)
 
 
 def _decode_mesh(spec: Any, index: int) -> MeshInfo:
     what = f"mesh {index}"
     if type(spec) is not dict:
-        raise _fail(f"{what} must be an object")
+        raise fail(f"{what} must be an object")
     shape = _ints(spec.get("shape"), f"{what} shape", 1)
     if not shape:
-        raise _fail(f"{what} has no dimensions")
+        raise fail(f"{what} has no dimensions")
     size = math.prod(shape)
     ranks = _ints(spec.get("ranks"), f"{what} ranks", 0, max_len=size)
     if len(ranks) != size:
-        raise _fail(f"{what} lists {len(ranks)} ranks for a mesh of shape {list(shape)}")
+        raise fail(f"{what} lists {len(ranks)} ranks for a mesh of shape {list(shape)}")
     names = spec.get("dim_names")
     if names is not None:
         if (type(names) is not list or len(names) != len(shape) or len(set(names)) != len(names)
                 or not all(type(n) is str and 0 < len(n) <= 256 for n in names)):
-            raise _fail(f"{what} dim_names must be distinct strings, one per dimension")
+            raise fail(f"{what} dim_names must be distinct strings, one per dimension")
         names = tuple(names)
     device = spec.get("device_type")
     if type(device) is not str or not 0 < len(device) <= 64:
-        raise _fail(f"{what} device_type must be a short string")
+        raise fail(f"{what} device_type must be a short string")
     coordinate = spec.get("coordinate")
     if coordinate is not None:
         coordinate = _ints(coordinate, f"{what} coordinate", 0)
         if len(coordinate) != len(shape) or any(c >= n for c, n in zip(coordinate, shape)):
-            raise _fail(f"{what} coordinate {list(coordinate)} is outside its shape {list(shape)}")
+            raise fail(f"{what} coordinate {list(coordinate)} is outside its shape {list(shape)}")
     return MeshInfo(shape, names, device, ranks, coordinate)
 
 
 def _decode_placement(spec: Any, ndim: int, what: str) -> Any:
     if type(spec) is not dict:
-        raise _fail(f"{what} must be an object")
+        raise fail(f"{what} must be an object")
     kind = spec.get("t")
     if kind == "replicate":
         return Replicate()
     if kind in ("shard", "strided_shard"):
         dim = spec.get("dim")
         if type(dim) is not int or not 0 <= dim < max(ndim, 1):
-            raise _fail(f"{what} shards dimension {dim!r} of a {ndim}-dimensional tensor")
+            raise fail(f"{what} shards dimension {dim!r} of a {ndim}-dimensional tensor")
         if kind == "shard":
             return Shard(dim)
         factor = spec.get("split_factor")
         if type(factor) is not int or factor < 1:
-            raise _fail(f"{what} split_factor must be a positive integer")
+            raise fail(f"{what} split_factor must be a positive integer")
         return _StridedShard(dim, split_factor=factor)
     if kind == "partial":
         op = spec.get("reduce_op")
         if op not in _REDUCE_OPS:
-            raise _fail(f"{what} has unknown reduce_op {op!r}")
+            raise fail(f"{what} has unknown reduce_op {op!r}")
         return Partial(op)
-    raise _fail(f"{what} has unknown placement type {kind!r}")
+    raise fail(f"{what} has unknown placement type {kind!r}")
 
 
 def decode(meta: dict) -> tuple[list[DTensorLayout], list[MeshInfo]]:
@@ -665,7 +661,7 @@ def decode(meta: dict) -> tuple[list[DTensorLayout], list[MeshInfo]]:
     layout_specs = meta.get("dtensors", [])
     mesh_specs = meta.get("meshes", [])
     if type(layout_specs) is not list or type(mesh_specs) is not list:
-        raise _fail("'dtensors' and 'meshes' must be lists")
+        raise fail("'dtensors' and 'meshes' must be lists")
     if layout_specs and DTENSOR is None:
         raise StagerError("the checkpoint holds DTensors, but this torch has no torch.distributed")
     meshes = [_decode_mesh(spec, index) for index, spec in enumerate(mesh_specs)]
@@ -673,26 +669,26 @@ def decode(meta: dict) -> tuple[list[DTensorLayout], list[MeshInfo]]:
     for number, spec in enumerate(layout_specs):
         what = f"dtensor layout {number}"
         if type(spec) is not dict:
-            raise _fail(f"{what} must be an object")
+            raise fail(f"{what} must be an object")
         mesh_index = spec.get("mesh")
         if type(mesh_index) is not int or not 0 <= mesh_index < len(meshes):
-            raise _fail(f"{what} refers to mesh {mesh_index!r} of {len(meshes)}")
+            raise fail(f"{what} refers to mesh {mesh_index!r} of {len(meshes)}")
         mesh = meshes[mesh_index]
         shape = _ints(spec.get("shape"), f"{what} shape", 0)
         stride = _ints(spec.get("stride"), f"{what} stride", 0)
         if len(stride) != len(shape):
-            raise _fail(f"{what} has {len(shape)} sizes but {len(stride)} strides")
+            raise fail(f"{what} has {len(shape)} sizes but {len(stride)} strides")
         placements = spec.get("placements")
         if type(placements) is not list or len(placements) != mesh.ndim:
-            raise _fail(f"{what} needs one placement per mesh dimension ({mesh.ndim})")
+            raise fail(f"{what} needs one placement per mesh dimension ({mesh.ndim})")
         placements = tuple(_decode_placement(p, len(shape), f"{what} placement {i}") for i, p in enumerate(placements))
         shard_order = spec.get("shard_order")
         if shard_order is not None:
-            if type(shard_order) is not list or len(shard_order) > _MAX_DIMS:
-                raise _fail(f"{what} shard_order must be a list")
+            if type(shard_order) is not list or len(shard_order) > MAX_DIMS:
+                raise fail(f"{what} shard_order must be a list")
             try:
                 shard_order = tuple((int(d), _ints(m, f"{what} shard_order", 0)) for d, m in shard_order)
             except (TypeError, ValueError):
-                raise _fail(f"{what} shard_order entries must be [tensor dim, [mesh dims]]") from None
+                raise fail(f"{what} shard_order entries must be [tensor dim, [mesh dims]]") from None
         layouts.append(DTensorLayout(mesh_index, mesh, placements, torch.Size(shape), stride, shard_order, what))
     return layouts, meshes

@@ -92,6 +92,7 @@ from torch.futures import Future
 
 from . import _native, engine, files, tree
 from ._native import StagerError
+from .json_checks import is_int_list
 from .plan import ALIGNMENT, TensorPlan, gc_paused, plan_state_dict
 from .stagers import BlockingAsyncStager
 
@@ -303,7 +304,7 @@ def _check(condition: bool, reason: str) -> None:
 
 
 def _int_list(value: Any, what: str) -> list[int]:
-    _check(type(value) is list and all(type(v) is int and v >= 0 for v in value), f"{what} must be a list of non-negative integers")
+    _check(is_int_list(value, max_len=None), f"{what} must be a list of non-negative integers")
     return value
 
 

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from ._native import StagerError
+from .json_checks import fail, is_int_list
 
 __all__ = ["ShardedRecord", "build_all", "decode", "encode", "record_of"]
 
-_MAX_DIMS = 64
 _MAX_SHARDS = 1 << 20
 _PLACEMENT = re.compile(r"rank:\d{1,9}/[A-Za-z0-9_:.\-]{1,64}")
 _MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch.channels_last,
@@ -114,12 +114,11 @@ def encode(record: ShardedRecord, where: str) -> dict[str, Any]:
 
 
 def _fail(where: str, reason: str) -> StagerError:
-    return StagerError(f"invalid checkpoint metadata: {where}: ShardedTensor {reason}")
+    return fail(f"{where}: ShardedTensor {reason}")
 
 
 def _ints(value: Any, where: str, what: str, ndim: int | None = None) -> list[int]:
-    if (type(value) is not list or len(value) > _MAX_DIMS or (ndim is not None and len(value) != ndim)
-            or not all(type(v) is int and v >= 0 for v in value)):
+    if not is_int_list(value, length=ndim):
         raise _fail(where, f"{what} must be a list of {ndim if ndim is not None else 'at most 64'} integers >= 0")
     return value
 

@@ -36,6 +36,7 @@ from . import _native
 from . import dtensor as _dtensor
 from . import sharded as _sharded
 from ._native import StagerError
+from .json_checks import MAX_DIMS, expect, fail, float_field, int_field
 from .plan import MAX_DEPTH, StatePlan, TensorPlan, gc_paused
 
 __all__ = [
@@ -69,8 +70,8 @@ DTYPES: dict[str, torch.dtype] = {
     str(value).removeprefix("torch."): value for value in vars(torch).values() if isinstance(value, torch.dtype)
 }
 
-#: The most dimensions a tensor may have, and the longest int (as text) stored without pickle.
-MAX_DIMS = 64
+#: The longest int (as text) stored without pickle (``MAX_DIMS``, the most dimensions a tensor
+#: may have, is :mod:`stager.json_checks`').
 MAX_INT_CHARS = 64
 
 
@@ -281,30 +282,6 @@ def _check_namedtuple(cls: type, where: str) -> None:
 # ---- decoding (untrusted input) ----------------------------------------------------------------
 
 
-def _fail(reason: str) -> StagerError:
-    return StagerError(f"invalid checkpoint metadata: {reason}")
-
-
-def _expect(condition: bool, reason: str) -> None:
-    if not condition:
-        raise _fail(reason)
-
-
-def _int(value: Any, what: str, minimum: int | None = 0) -> int:
-    _expect(type(value) is int, f"{what} must be an integer, got {type(value).__name__}")
-    if minimum is not None:
-        _expect(value >= minimum, f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(value: Any, what: str) -> float:
-    if isinstance(value, str):
-        _expect(value in ("nan", "inf", "-inf"), f"{what}: bad float {value!r}")
-        return float(value)
-    _expect(type(value) in (int, float), f"{what} must be a number")
-    return float(value)
-
-
 def _contiguous_stride(shape: list[int]) -> list[int]:
     stride = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
@@ -312,80 +289,23 @@ def _contiguous_stride(shape: list[int]) -> list[int]:
     return stride
 
 
-def _decode_tensor(spec: Any, index: int, storage_nbytes: list[int]) -> tuple:
-    """Validates one tensor entry (version 2's array or version 1's object); returns (storage,
-    dtype, shape, stride, offset, numel, flags)."""
+def _tensor_record(spec: Any, index: int) -> tuple:
+    """The fields of one tensor entry (version 2's array or version 1's object) as the engine's
+    ``TensorTable.from_layout`` takes them: (storage, dtype name, shape, stride or None for
+    contiguous, offset, conj, neg). The engine checks their types and bounds."""
     if type(spec) is list:
         if len(spec) not in (5, 6):
-            raise _fail(f"tensor {index} must be [dtype, shape, stride, offset, storage(, flags)]")
+            raise fail(f"tensor {index} must be [dtype, shape, stride, offset, storage(, flags)]")
         name, shape, stride, offset, storage = spec[:5]
         bits = spec[5] if len(spec) == 6 else 0
-        _expect(type(bits) is int and 0 <= bits <= _CONJ_BIT | _NEG_BIT, f"tensor {index} has bad flags {bits!r}")
-        if stride is None and type(shape) is list and len(shape) <= 64 and all(type(v) is int for v in shape):
-            stride = _contiguous_stride(shape)
-        conj, neg = bool(bits & _CONJ_BIT), bool(bits & _NEG_BIT)
-    elif type(spec) is dict:
-        name = spec.get("dtype")
-        shape = spec.get("shape")
+        expect(type(bits) is int and 0 <= bits <= _CONJ_BIT | _NEG_BIT, f"tensor {index} has bad flags {bits!r}")
+        return storage, name, shape, stride, offset, bool(bits & _CONJ_BIT), bool(bits & _NEG_BIT)
+    if type(spec) is dict:
         stride = spec.get("stride")
-        offset = spec.get("offset")
-        storage = spec.get("storage")
-        conj, neg = spec.get("conj") is True, spec.get("neg") is True
-    else:
-        raise _fail(f"tensor {index} must be an array or an object")
-    dtype = DTYPES.get(name) if type(name) is str else None
-    # One combined check on the hot path; the slow path below says what exactly is wrong.
-    if not (
-        dtype is not None
-        and type(shape) is list
-        and type(stride) is list
-        and len(shape) == len(stride) <= 64
-        and all(type(v) is int and v >= 0 for v in shape)
-        and all(type(v) is int and v >= 0 for v in stride)
-        and type(offset) is int
-        and offset >= 0
-        and type(storage) is int
-        and 0 <= storage < len(storage_nbytes)
-    ):
-        where = f"tensor {index}"
-        _expect(dtype is not None, f"{where} has unknown dtype {name!r}")
-        _expect(isinstance(shape, list) and isinstance(stride, list), f"{where} needs shape and stride lists")
-        _expect(len(shape) == len(stride) and len(shape) <= 64, f"{where} has mismatched shape/stride")
-        for v in shape:
-            _int(v, f"{where} shape")
-        for v in stride:
-            _int(v, f"{where} stride")
-        _int(offset, f"{where} offset")
-        _int(storage, f"{where} storage")
-        raise _fail(f"{where} refers to storage {storage} of {len(storage_nbytes)}")
-    nbytes = storage_nbytes[storage]
-    numel = math.prod(shape)
-    itemsize = dtype.itemsize
-    if numel:
-        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
-        if (last + 1) * itemsize > nbytes:
-            raise _fail(
-                f"tensor {index} ({_dtype_name(dtype)} {shape}, stride {stride}, offset {offset}) "
-                f"reaches past its storage of {nbytes} bytes"
-            )
-    flags = 0
-    if offset == 0 and nbytes and numel * itemsize == nbytes and _is_contiguous(shape, stride):
-        flags = TensorPlan.WHOLE_STORAGE
-    if conj:
-        _expect(dtype.is_complex, f"tensor {index} is conjugated but not complex")
-        flags |= TensorPlan.CONJ
-    if neg:
-        flags |= TensorPlan.NEG
-    return storage, dtype, torch.Size(shape), tuple(stride), offset, numel, flags
-
-
-def _is_contiguous(shape: list[int], stride: list[int]) -> bool:
-    expected = 1
-    for size, step in zip(reversed(shape), reversed(stride)):
-        if size != 1 and step != expected:
-            return False
-        expected *= size
-    return True
+        expect(type(stride) is list, f"tensor {index} needs shape and stride lists")
+        return (spec.get("storage"), spec.get("dtype"), spec.get("shape"), stride, spec.get("offset"),
+                spec.get("conj") is True, spec.get("neg") is True)
+    raise fail(f"tensor {index} must be an array or an object")
 
 
 def decode(meta: Any, *, allow_pickle: bool = False, max_nbytes: int | None = None) -> StatePlan:
@@ -400,27 +320,27 @@ def decode(meta: Any, *, allow_pickle: bool = False, max_nbytes: int | None = No
 
 
 def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
-    _expect(isinstance(meta, dict), "top level must be an object")
+    expect(isinstance(meta, dict), "top level must be an object")
     version = meta.get("version")
-    _expect(type(version) is int and version in _READABLE_VERSIONS,
+    expect(type(version) is int and version in _READABLE_VERSIONS,
             f"unsupported version {version!r} (this stager reads {', '.join(map(str, _READABLE_VERSIONS))})")
     storage_specs = meta.get("storages")
     tensor_specs = meta.get("tensors")
-    _expect(isinstance(storage_specs, list), "'storages' must be a list")
-    _expect(isinstance(tensor_specs, list), "'tensors' must be a list")
+    expect(isinstance(storage_specs, list), "'storages' must be a list")
+    expect(isinstance(tensor_specs, list), "'tensors' must be a list")
     plan = StatePlan()
     storage_nbytes = []
     for index, spec in enumerate(storage_specs):
         if type(spec) is int and spec >= 0:
             storage_nbytes.append(spec)
             continue
-        _expect(isinstance(spec, dict), f"storage {index} must be a byte count")
-        storage_nbytes.append(_int(spec.get("nbytes"), f"storage {index} nbytes"))
+        expect(isinstance(spec, dict), f"storage {index} must be a byte count")
+        storage_nbytes.append(int_field(spec.get("nbytes"), f"storage {index} nbytes"))
     total = sum(storage_nbytes)
-    _expect(max_nbytes is None or total <= max_nbytes,
+    expect(max_nbytes is None or total <= max_nbytes,
             f"storages claim {total} bytes, more than the {max_nbytes} available")
-    views = [_decode_tensor(spec, i, storage_nbytes) for i, spec in enumerate(tensor_specs)]
-    plan.table = _native.TensorTable.from_layout(storage_nbytes, views)
+    records = [_tensor_record(spec, i) for i, spec in enumerate(tensor_specs)]
+    plan.table = _native.TensorTable.from_layout(storage_nbytes, records)
     count = len(tensor_specs)
     layouts: list = []
     if "dtensors" in meta or "meshes" in meta:
@@ -429,69 +349,69 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
     namedtuple_types: dict[tuple, type] = {}
 
     def leaf(item: dict, where: str) -> Any:
-        _expect(isinstance(item, dict), f"{where}: value must be an object")
+        expect(isinstance(item, dict), f"{where}: value must be an object")
         kind = item.get("t")
         value = item.get("v")
         if kind == "none":
             return None
         if kind == "bool":
-            _expect(type(value) is bool, f"{where}: bad bool")
+            expect(type(value) is bool, f"{where}: bad bool")
             return value
         if kind == "int":
             if isinstance(value, str):
-                _expect(len(value) <= 64 and value.lstrip("-").isdigit(), f"{where}: bad int")
+                expect(len(value) <= 64 and value.lstrip("-").isdigit(), f"{where}: bad int")
                 return int(value)
-            return _int(value, where, minimum=None)
+            return int_field(value, where, minimum=None)
         if kind == "float":
-            return _float(value, where)
+            return float_field(value, where)
         if kind == "complex":
-            _expect(isinstance(value, list) and len(value) == 2, f"{where}: bad complex")
-            return complex(_float(value[0], where), _float(value[1], where))
+            expect(isinstance(value, list) and len(value) == 2, f"{where}: bad complex")
+            return complex(float_field(value[0], where), float_field(value[1], where))
         if kind == "str":
-            _expect(isinstance(value, str), f"{where}: bad str")
+            expect(isinstance(value, str), f"{where}: bad str")
             return value
         if kind == "bytes":
-            _expect(isinstance(value, str), f"{where}: bad bytes")
+            expect(isinstance(value, str), f"{where}: bad bytes")
             try:
                 return base64.b64decode(value, validate=True)
             except ValueError as err:
-                raise _fail(f"{where}: bad base64") from err
+                raise fail(f"{where}: bad base64") from err
         if kind == "dtype":
-            _expect(value in DTYPES, f"{where}: unknown dtype {value!r}")
+            expect(value in DTYPES, f"{where}: unknown dtype {value!r}")
             return DTYPES[value]
         if kind == "device":
-            _expect(isinstance(value, str) and len(value) < 64, f"{where}: bad device")
+            expect(isinstance(value, str) and len(value) < 64, f"{where}: bad device")
             try:
                 return torch.device(value)
             except RuntimeError as err:
-                raise _fail(f"{where}: bad device {value!r}") from err
+                raise fail(f"{where}: bad device {value!r}") from err
         if kind == "size":
-            _expect(isinstance(value, list), f"{where}: bad size")
-            return torch.Size([_int(v, where) for v in value])
+            expect(isinstance(value, list), f"{where}: bad size")
+            return torch.Size([int_field(v, where) for v in value])
         if kind == "pickle":
             if not allow_pickle:
                 raise StagerError(
                     f"the checkpoint holds a pickled value at {where}; refusing to unpickle it "
                     "(pass allow_pickle=True only for files you trust)"
                 )
-            _expect(isinstance(value, str), f"{where}: bad pickle")
+            expect(isinstance(value, str), f"{where}: bad pickle")
             return pickle.loads(base64.b64decode(value))
-        raise _fail(f"{where}: unknown node type {kind!r}")
+        raise fail(f"{where}: unknown node type {kind!r}")
 
     def node(item: Any, parent: Any, key: Any, where: str, depth: int) -> Any:
         if type(item) is int:  # version 2's plain tensor place
-            _expect(0 <= item < count, f"{where} refers to tensor {item} of {count}")
+            expect(0 <= item < count, f"{where} refers to tensor {item} of {count}")
             plan.fills.append((parent, key, item))
             return None
-        _expect(isinstance(item, dict), f"{where}: node must be an object")
-        _expect(depth < MAX_DEPTH, f"{where}: tree nested deeper than {MAX_DEPTH}")
+        expect(isinstance(item, dict), f"{where}: node must be an object")
+        expect(depth < MAX_DEPTH, f"{where}: tree nested deeper than {MAX_DEPTH}")
         kind = item.get("t")
         if kind == "tensor":
-            index = _int(item.get("i"), f"{where} tensor index")
-            _expect(index < count, f"{where} refers to tensor {index} of {count}")
+            index = int_field(item.get("i"), f"{where} tensor index")
+            expect(index < count, f"{where} refers to tensor {index} of {count}")
             if "dtensor" in item:
-                layout = _int(item["dtensor"], f"{where} dtensor layout")
-                _expect(layout < len(layouts), f"{where} refers to dtensor layout {layout} of {len(layouts)}")
+                layout = int_field(item["dtensor"], f"{where} dtensor layout")
+                expect(layout < len(layouts), f"{where} refers to dtensor layout {layout} of {len(layouts)}")
                 number = dtensor_at.get((index, layout))
                 if number is None:  # one DTensor per (local tensor, layout), as it was saved
                     number = dtensor_at[(index, layout)] = len(plan.dtensors)
@@ -508,19 +428,19 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
             return None
         if kind in ("dict", "odict"):
             entries = item.get("items")
-            _expect(isinstance(entries, list), f"{where}: items must be a list")
+            expect(isinstance(entries, list), f"{where}: items must be a list")
             mapping: dict = OrderedDict() if kind == "odict" else {}
             for entry in entries:
-                _expect(isinstance(entry, list) and len(entry) == 2, f"{where}: bad item")
+                expect(isinstance(entry, list) and len(entry) == 2, f"{where}: bad item")
                 k = entry[0] if type(entry[0]) is str else leaf(entry[0], f"{where} key")
                 try:
                     mapping[k] = node(entry[1], mapping, k, f"{where}.{k}", depth + 1)
                 except TypeError as err:
-                    raise _fail(f"{where}: unhashable key") from err
+                    raise fail(f"{where}: unhashable key") from err
             return mapping
         if kind in ("list", "tuple", "namedtuple"):
             entries = item.get("items")
-            _expect(isinstance(entries, list), f"{where}: items must be a list")
+            expect(isinstance(entries, list), f"{where}: items must be a list")
             items: list = []
             for i, entry in enumerate(entries):
                 items.append(node(entry, items, i, f"{where}[{i}]", depth + 1))
@@ -529,14 +449,14 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
             cls: type = tuple
             if kind == "namedtuple":
                 name, fields = item.get("name"), item.get("fields")
-                _expect(isinstance(name, str) and isinstance(fields, list) and len(fields) == len(items),
+                expect(isinstance(name, str) and isinstance(fields, list) and len(fields) == len(items),
                         f"{where}: bad namedtuple")
                 signature = (name, tuple(fields))
                 if signature not in namedtuple_types:
                     try:
                         namedtuple_types[signature] = collections.namedtuple(name, fields)  # type: ignore[misc]
                     except (TypeError, ValueError) as err:
-                        raise _fail(f"{where}: bad namedtuple {name!r}") from err
+                        raise fail(f"{where}: bad namedtuple {name!r}") from err
                 cls = namedtuple_types[signature]
             plan.tuples.append((parent, key, items, cls))
             return items

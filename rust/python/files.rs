@@ -305,7 +305,7 @@ impl PyCheckpointFile {
         let items = self.file.header().entries.iter().map(|e| {
             (
                 e.name.clone(),
-                e.dtype.clone(),
+                e.dtype.safetensors_name().unwrap_or("U8").to_string(),
                 e.shape.clone(),
                 e.begin,
                 e.end,

@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyList, PyTuple, PyWeakrefReference};
+use pyo3::types::{PyDict, PyInt, PyList, PyString, PyTuple, PyWeakrefReference};
 
 use super::buffer::PyHostBuffer;
 use super::{invalid, usize_arg};
+use crate::format::Dtype;
 use crate::layout::{VIEW_CONJ, VIEW_NEG, VIEW_OPAQUE, VIEW_WHOLE_STORAGE};
-use crate::table::{Device, TableBuilder, TensorTable, View, ViewFacts};
+use crate::table::{Device, TableBuilder, TensorTable, ViewFacts, ViewGeometry, ViewSpec};
 
 /// torch objects looked up once per process.
 struct Torch {
@@ -30,34 +31,13 @@ struct Torch {
     tensor_type: Py<PyAny>,
     parameter_type: Py<PyAny>,
     strided: Py<PyAny>,
+    size_type: Py<PyAny>,
     quantized_dtypes: Vec<Py<PyAny>>,
-    /// torch dtype object → its safetensors name.
-    safetensors_names: Vec<(Py<PyAny>, &'static str)>,
+    /// The engine's dtype → torch's dtype object (those this torch has).
+    dtypes: Vec<(Dtype, Py<PyAny>)>,
 }
 
 static TORCH: PyOnceLock<Torch> = PyOnceLock::new();
-
-/// torch dtype attribute → safetensors dtype name (the dtypes safetensors can name).
-const SAFETENSORS_DTYPES: &[(&str, &str)] = &[
-    ("float64", "F64"),
-    ("float32", "F32"),
-    ("float16", "F16"),
-    ("bfloat16", "BF16"),
-    ("int64", "I64"),
-    ("int32", "I32"),
-    ("int16", "I16"),
-    ("int8", "I8"),
-    ("uint8", "U8"),
-    ("bool", "BOOL"),
-    ("complex64", "C64"),
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
-    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-];
 
 fn torch(py: Python<'_>) -> PyResult<&Torch> {
     TORCH.get_or_try_init(py, || {
@@ -66,9 +46,11 @@ fn torch(py: Python<'_>) -> PyResult<&Torch> {
             .iter()
             .filter_map(|name| torch.getattr(*name).ok().map(Bound::unbind))
             .collect();
-        let safetensors_names = SAFETENSORS_DTYPES
-            .iter()
-            .filter_map(|(attr, name)| torch.getattr(*attr).ok().map(|d| (d.unbind(), *name)))
+        let dtypes = Dtype::all()
+            .filter_map(|dtype| {
+                let object = torch.getattr(dtype.torch_name()).ok()?;
+                Some((dtype, object.unbind()))
+            })
             .collect();
         Ok::<_, PyErr>(Torch {
             frombuffer: torch.getattr("frombuffer")?.unbind(),
@@ -77,25 +59,35 @@ fn torch(py: Python<'_>) -> PyResult<&Torch> {
             tensor_type: torch.getattr("Tensor")?.unbind(),
             parameter_type: torch.getattr("nn")?.getattr("Parameter")?.unbind(),
             strided: torch.getattr("strided")?.unbind(),
+            size_type: torch.getattr("Size")?.unbind(),
             quantized_dtypes,
-            safetensors_names,
+            dtypes,
         })
     })
 }
 
-/// The safetensors name of a torch dtype, if it has one.
-fn safetensors_name(api: &Torch, py: Python<'_>, dtype: &Bound<'_, PyAny>) -> Option<&'static str> {
-    api.safetensors_names
+/// The engine's name for a torch dtype object (None for a dtype newer than the engine's table).
+fn engine_dtype(api: &Torch, py: Python<'_>, dtype: &Bound<'_, PyAny>) -> Option<Dtype> {
+    api.dtypes
         .iter()
-        .find(|(d, _)| d.bind(py).is(dtype))
-        .map(|(_, name)| *name)
+        .find(|(_, object)| object.bind(py).is(dtype))
+        .map(|(dtype, _)| *dtype)
+}
+
+/// torch's dtype object for `dtype`.
+fn torch_dtype<'py>(api: &Torch, py: Python<'py>, dtype: Dtype) -> PyResult<Bound<'py, PyAny>> {
+    api.dtypes
+        .iter()
+        .find(|(known, _)| *known == dtype)
+        .map(|(_, object)| object.bind(py).clone())
+        .ok_or_else(|| invalid(format!("this torch has no dtype {dtype}")))
 }
 
 #[derive(Clone, Copy)]
 struct DtypeInfo {
     itemsize: usize,
     is_complex: bool,
-    safetensors: Option<&'static str>,
+    dtype: Option<Dtype>,
 }
 
 /// The flat description of a state_dict's tensors and of where their storages go.
@@ -109,7 +101,8 @@ pub(crate) struct PyTensorTable {
     dtypes: Vec<Py<PyAny>>,
     shapes: Vec<Py<PyAny>>,
     strides: Vec<Py<PyAny>>,
-    safetensors_dtypes: Vec<Option<&'static str>>,
+    /// The engine's name for each tensor's dtype (None for opaque tensors and unknown dtypes).
+    engine_dtypes: Vec<Option<Dtype>>,
     /// `tensor._version` when asked for (None: not tracked, or an inference tensor without one).
     pub(crate) versions: Vec<Option<i64>>,
     /// With versions tracked, a weak reference to each tensor object: a tensor's identity, since
@@ -126,18 +119,15 @@ pub(crate) struct PyTensorTable {
 }
 
 impl PyTensorTable {
-    /// The safetensors dtype name and shape of tensor `index`, for naming file entries.
+    /// The dtype and shape of tensor `index`, for naming file entries.
     pub(crate) fn safetensors_entry(
         &self,
         py: Python<'_>,
         index: usize,
     ) -> Option<crate::format::TensorEntry> {
-        let dtype = self.safetensors_dtypes.get(index).copied().flatten()?;
+        let dtype = self.engine_dtypes.get(index).copied().flatten()?;
         let shape: Vec<u64> = self.shapes[index].bind(py).extract().ok()?;
-        Some(crate::format::TensorEntry {
-            dtype: dtype.to_string(),
-            shape,
-        })
+        Some(crate::format::TensorEntry { dtype, shape })
     }
 }
 
@@ -161,7 +151,7 @@ pub(crate) fn describe_tensors(
     let mut dtypes = Vec::with_capacity(count);
     let mut shapes = Vec::with_capacity(count);
     let mut strides = Vec::with_capacity(count);
-    let mut safetensors_dtypes = Vec::with_capacity(count);
+    let mut engine_dtypes = Vec::with_capacity(count);
     let mut storages: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
     let mut devices: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
     let mut keys: Vec<usize> = Vec::with_capacity(count);
@@ -169,6 +159,7 @@ pub(crate) fn describe_tensors(
     let mut versions: Vec<Option<i64>> = Vec::with_capacity(count);
     let mut identities: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
     let mut dtype_info: HashMap<usize, DtypeInfo> = HashMap::new();
+    let mut dims: Vec<(i64, i64)> = Vec::new();
     for tensor in tensors.iter() {
         let dtype = tensor.getattr(intern!(py, "dtype"))?;
         let class = tensor.get_type();
@@ -183,7 +174,7 @@ pub(crate) fn describe_tensors(
             dtypes.push(dtype.unbind());
             shapes.push(py.None());
             strides.push(py.None());
-            safetensors_dtypes.push(None);
+            engine_dtypes.push(None);
             versions.push(None);
             identities.push(None);
             continue;
@@ -204,7 +195,7 @@ pub(crate) fn describe_tensors(
                 dtypes.push(dtype.unbind());
                 shapes.push(py.None());
                 strides.push(py.None());
-                safetensors_dtypes.push(None);
+                engine_dtypes.push(None);
                 versions.push(None);
                 continue;
             }
@@ -239,10 +230,17 @@ pub(crate) fn describe_tensors(
         let info = match dtype_info.get(&(dtype.as_ptr() as usize)) {
             Some(info) => *info,
             None => {
-                let info = DtypeInfo {
-                    itemsize: dtype.getattr(intern!(py, "itemsize"))?.extract()?,
-                    is_complex: dtype.getattr(intern!(py, "is_complex"))?.is_truthy()?,
-                    safetensors: safetensors_name(api, py, &dtype),
+                let info = match engine_dtype(api, py, &dtype) {
+                    Some(known) => DtypeInfo {
+                        itemsize: known.itemsize(),
+                        is_complex: known.is_complex(),
+                        dtype: Some(known),
+                    },
+                    None => DtypeInfo {
+                        itemsize: dtype.getattr(intern!(py, "itemsize"))?.extract()?,
+                        is_complex: dtype.getattr(intern!(py, "is_complex"))?.is_truthy()?,
+                        dtype: None,
+                    },
                 };
                 dtype_info.insert(dtype.as_ptr() as usize, info);
                 info
@@ -253,17 +251,17 @@ pub(crate) fn describe_tensors(
         let conj = info.is_complex && tensor.call_method0(intern!(py, "is_conj"))?.is_truthy()?;
         let neg = tensor.call_method0(intern!(py, "is_neg"))?.is_truthy()?;
         let stride = tensor.call_method0(intern!(py, "stride"))?;
-        let (numel, contiguous, span) = numel_and_contiguity(&shape, &stride)?;
+        read_dims(&shape, &stride, &mut dims)?;
+        let geometry = ViewGeometry::of(&dims);
         let storage_offset: i64 = tensor
             .call_method0(intern!(py, "storage_offset"))?
             .extract()?;
-        if numel > 0 {
+        if geometry.numel > 0 {
             check_view_fits(
                 dtypes.len(),
                 &shape,
-                info.itemsize,
                 storage_offset,
-                span,
+                geometry.end_byte(storage_offset, info.itemsize),
                 storage_nbytes[index],
             )?;
         }
@@ -272,8 +270,8 @@ pub(crate) fn describe_tensors(
             ViewFacts {
                 itemsize: info.itemsize,
                 storage_offset,
-                numel,
-                contiguous,
+                numel: geometry.numel,
+                contiguous: geometry.contiguous,
                 conj,
                 neg,
             },
@@ -281,7 +279,7 @@ pub(crate) fn describe_tensors(
         dtypes.push(dtype.unbind());
         shapes.push(shape.unbind());
         strides.push(stride.unbind());
-        safetensors_dtypes.push(info.safetensors);
+        engine_dtypes.push(info.dtype);
         versions.push(if track_versions {
             // Inference tensors have no version counter: reading it raises, and they count as
             // changed every time.
@@ -303,7 +301,7 @@ pub(crate) fn describe_tensors(
         dtypes,
         shapes,
         strides,
-        safetensors_dtypes,
+        engine_dtypes,
         versions,
         identities,
         storages,
@@ -312,18 +310,15 @@ pub(crate) fn describe_tensors(
     })
 }
 
-/// Fails unless the view's last element (`storage_offset + span`, in elements of `itemsize`
-/// bytes) lies inside its storage of `nbytes`; the error names tensor `index` and carries it as
-/// `tensor_index`.
+/// Fails unless the view's bytes (up to `end`, [`ViewGeometry::end_byte`]) lie inside its
+/// storage of `nbytes`; the error names tensor `index` and carries it as `tensor_index`.
 fn check_view_fits(
     index: usize,
     shape: &Bound<'_, PyAny>,
-    itemsize: usize,
     storage_offset: i64,
-    span: u128,
+    end: u128,
     nbytes: usize,
 ) -> PyResult<()> {
-    let end = (storage_offset.unsigned_abs() as u128 + span + 1) * itemsize as u128;
     if end <= nbytes as u128 {
         return Ok(());
     }
@@ -336,47 +331,64 @@ fn check_view_fits(
     Err(err)
 }
 
-/// A view's element count, whether it is contiguous (row-major, as `Tensor.is_contiguous()`
-/// says: dimensions of size 1 may have any stride, and an empty tensor is contiguous), and its
-/// span (the offset of its last element from its first, in elements), from its shape (a
+/// A view's `(size, stride)` pairs, outermost first, into `dims`, from its shape (a
 /// `torch.Size`) and strides (a tuple), without more calls into torch.
-fn numel_and_contiguity(
+fn read_dims(
     shape: &Bound<'_, PyAny>,
     stride: &Bound<'_, PyAny>,
-) -> PyResult<(i64, bool, u128)> {
+    dims: &mut Vec<(i64, i64)>,
+) -> PyResult<()> {
     let shape = shape.cast::<PyTuple>()?;
     let stride = stride.cast::<PyTuple>()?;
-    let dims = shape.len();
-    if stride.len() != dims {
+    if stride.len() != shape.len() {
         return Err(invalid(format!(
-            "tensor has {dims} dimensions but {} strides",
+            "tensor has {} dimensions but {} strides",
+            shape.len(),
             stride.len()
         )));
     }
-    let mut numel: i64 = 1;
-    let mut expected: i64 = 1;
-    let mut contiguous = true;
-    let mut span: u128 = 0;
-    for dim in (0..dims).rev() {
-        let size: i64 = shape.get_item(dim)?.extract()?;
-        let step: i64 = stride.get_item(dim)?.extract()?;
-        if size != 1 && step != expected {
-            contiguous = false;
-        }
-        expected = expected.saturating_mul(size);
-        numel = numel.saturating_mul(size);
-        // torch has no negative strides; sizes and strides fit i64, so the product fits u128.
-        span = span
-            .saturating_add((size.max(1) - 1).unsigned_abs() as u128 * step.unsigned_abs() as u128);
+    dims.clear();
+    for (size, step) in shape.iter().zip(stride.iter()) {
+        dims.push((size.extract()?, step.extract()?));
     }
-    Ok((numel, contiguous || numel == 0, span))
+    Ok(())
+}
+
+/// The error for untrusted metadata (a file's tree, a peer's message) that fails a check:
+/// `StagerError("invalid checkpoint metadata: ...")`, as Python's own JSON checks raise it.
+fn bad_metadata(reason: impl std::fmt::Display) -> PyErr {
+    super::StagerError::new_err(format!("invalid checkpoint metadata: {reason}"))
+}
+
+/// A list of JSON integers (exactly `int`: not `bool`, which Python counts as one), each within
+/// `i64`; the error names `what`.
+fn json_ints(value: &Bound<'_, PyAny>, what: &dyn Fn() -> String) -> PyResult<Vec<i64>> {
+    let list = value
+        .cast::<PyList>()
+        .map_err(|_| bad_metadata(format!("{} must be a list of integers", what())))?;
+    list.iter().map(|item| json_int(&item, what)).collect()
+}
+
+/// A JSON integer (exactly `int`) within `i64`; the error names `what`.
+fn json_int(value: &Bound<'_, PyAny>, what: &dyn Fn() -> String) -> PyResult<i64> {
+    if !value.is_exact_instance_of::<PyInt>() {
+        return Err(bad_metadata(format!(
+            "{} must be an integer, got {}",
+            what(),
+            value.get_type().name()?
+        )));
+    }
+    value
+        .extract()
+        .map_err(|_| bad_metadata(format!("{} is out of range: {value}", what())))
 }
 
 #[pymethods]
 impl PyTensorTable {
-    /// A table for tensors described by metadata (a file header, a peer's message): storages of
-    /// `storage_nbytes`, and one `(storage, dtype, shape, stride, storage_offset, numel, flags)`
-    /// per tensor. The caller has validated that every view fits its storage.
+    /// A table for tensors described by untrusted metadata (a file's tree, a peer's message):
+    /// storages of `storage_nbytes`, and one `(storage, dtype name, shape, stride or None,
+    /// storage_offset, conj, neg)` per tensor, as decoded from JSON. The engine checks every
+    /// view against its storage ([`TensorTable::from_layout`]); errors name the tensor.
     #[staticmethod]
     fn from_layout(
         py: Python<'_>,
@@ -389,37 +401,69 @@ impl PyTensorTable {
             .map(|n| usize_arg(n, "storage nbytes", 0, isize::MAX as usize))
             .collect::<PyResult<Vec<usize>>>()?;
         let count = tensors.len();
-        let mut views = Vec::with_capacity(count);
+        let mut specs = Vec::with_capacity(count);
+        for (index, tensor) in tensors.iter().enumerate() {
+            if tensor.len() != 7 {
+                return Err(bad_metadata(format!(
+                    "tensor {index} must be (storage, dtype, shape, stride, storage_offset, conj, neg)"
+                )));
+            }
+            let name = tensor.get_item(1)?;
+            let dtype = name
+                .cast::<PyString>()
+                .ok()
+                .and_then(|name| Dtype::from_torch_name(name.to_str().ok()?))
+                .ok_or_else(|| {
+                    bad_metadata(format!(
+                        "tensor {index} has unknown dtype {}",
+                        name.repr().map_or_else(|_| "?".into(), |r| r.to_string())
+                    ))
+                })?;
+            let storage = json_int(&tensor.get_item(0)?, &|| format!("tensor {index} storage"))?;
+            if storage < 0 {
+                return Err(bad_metadata(format!(
+                    "tensor {index} storage must be >= 0, got {storage}"
+                )));
+            }
+            let stride = tensor.get_item(3)?;
+            specs.push(ViewSpec {
+                storage: usize::try_from(storage).unwrap_or(usize::MAX), // >= 0: checked
+                dtype,
+                shape: json_ints(&tensor.get_item(2)?, &|| format!("tensor {index} shape"))?,
+                stride: if stride.is_none() {
+                    None
+                } else {
+                    Some(json_ints(&stride, &|| format!("tensor {index} stride"))?)
+                },
+                storage_offset: json_int(&tensor.get_item(4)?, &|| {
+                    format!("tensor {index} offset")
+                })?,
+                conj: tensor.get_item(5)?.is_truthy()?,
+                neg: tensor.get_item(6)?.is_truthy()?,
+            });
+        }
+        let (table, view_strides) = py
+            .detach(|| TensorTable::from_layout(&storage_nbytes, &specs))
+            .map_err(|err| match err {
+                crate::StagerError::InvalidArgument(reason) => bad_metadata(reason),
+                other => other.into(),
+            })?;
+        let size_type = api.size_type.bind(py);
         let mut dtypes = Vec::with_capacity(count);
         let mut shapes = Vec::with_capacity(count);
         let mut strides = Vec::with_capacity(count);
-        let mut safetensors_dtypes = Vec::with_capacity(count);
-        for (index, tensor) in tensors.iter().enumerate() {
-            if tensor.len() != 7 {
-                return Err(invalid(format!(
-                    "tensor {index} must be (storage, dtype, shape, stride, storage_offset, numel, flags)"
-                )));
-            }
-            let dtype = tensor.get_item(1)?;
-            let view = View {
-                storage: usize_arg(&tensor.get_item(0)?, "tensor storage", 0, usize::MAX - 1)?,
-                storage_offset: tensor.get_item(4)?.extract()?,
-                numel: tensor.get_item(5)?.extract()?,
-                flags: tensor.get_item(6)?.extract()?,
-            };
-            views.push(view);
-            safetensors_dtypes.push(safetensors_name(api, py, &dtype));
-            dtypes.push(dtype.unbind());
-            shapes.push(tensor.get_item(2)?.unbind());
-            strides.push(tensor.get_item(3)?.unbind());
+        for (spec, stride) in specs.iter().zip(view_strides) {
+            dtypes.push(torch_dtype(api, py, spec.dtype)?.unbind());
+            shapes.push(size_type.call1((PyList::new(py, &spec.shape)?,))?.unbind());
+            strides.push(PyTuple::new(py, stride)?.into_any().unbind());
         }
         let storage_count = storage_nbytes.len();
         Ok(PyTensorTable {
-            table: TensorTable::from_layout(&storage_nbytes, views)?,
+            table,
             dtypes,
             shapes,
             strides,
-            safetensors_dtypes,
+            engine_dtypes: specs.iter().map(|spec| Some(spec.dtype)).collect(),
             versions: vec![None; count],
             identities: (0..count).map(|_| None).collect(),
             storages: (0..storage_count).map(|_| None).collect(),
@@ -449,7 +493,7 @@ impl PyTensorTable {
             dtypes: clone(&self.dtypes),
             shapes: clone(&self.shapes),
             strides: clone(&self.strides),
-            safetensors_dtypes: self.safetensors_dtypes.clone(),
+            engine_dtypes: self.engine_dtypes.clone(),
             versions: self.versions.clone(),
             identities: clone_opt(&self.identities),
             storages: clone_opt(&self.storages),
@@ -539,20 +583,7 @@ impl PyTensorTable {
     /// The index of the non-reused, non-empty storage whose placed bytes contain `offset`
     /// (a position in the staged buffer), if any.
     fn storage_at(&self, offset: usize) -> Option<usize> {
-        let storages = self.table.storages();
-        // Offsets never decrease with the index (reused and empty storages take no room).
-        let index = storages
-            .partition_point(|s| s.offset <= offset)
-            .checked_sub(1)?;
-        // Several storages may start at `offset` (empty ones before a full one): find the one
-        // holding it.
-        storages[..=index]
-            .iter()
-            .enumerate()
-            .rev()
-            .take_while(|(_, s)| s.offset == storages[index].offset)
-            .find(|(_, s)| !s.reused && s.nbytes > 0 && offset < s.offset + s.nbytes)
-            .map(|(i, _)| i)
+        self.table.storage_at(offset)
     }
 
     /// Whether any storage lives outside host memory.
@@ -577,38 +608,25 @@ impl PyTensorTable {
     /// when one of them has none (not tracked, or an inference tensor).
     #[getter]
     fn storage_versions(&self) -> Vec<Option<Vec<i64>>> {
-        let mut out: Vec<Option<Vec<i64>>> = vec![Some(Vec::new()); self.table.storages().len()];
-        for (view, version) in self.table.views().iter().zip(&self.versions) {
-            if view.is_opaque() {
-                continue;
-            }
-            let slot = &mut out[view.storage];
-            match (slot.as_mut(), version) {
-                (Some(list), Some(version)) => list.push(*version),
-                _ => *slot = None,
-            }
-        }
-        out
+        self.table.storage_versions(&self.versions)
     }
 
     /// For each storage, weak references to the tensors viewing it in table order (the same
     /// object for the same live tensor), or None when versions are not tracked for all of them.
     #[getter]
     fn storage_identities(&self, py: Python<'_>) -> Vec<Option<Vec<Py<PyAny>>>> {
-        let mut out: Vec<Option<Vec<Py<PyAny>>>> = (0..self.table.storages().len())
-            .map(|_| Some(Vec::new()))
-            .collect();
-        for (view, identity) in self.table.views().iter().zip(&self.identities) {
-            if view.is_opaque() {
-                continue;
-            }
-            let slot = &mut out[view.storage];
-            match (slot.as_mut(), identity) {
-                (Some(list), Some(identity)) => list.push(identity.clone_ref(py)),
-                _ => *slot = None,
-            }
-        }
-        out
+        let identity = |index: usize| self.identities.get(index).and_then(Option::as_ref);
+        self.table
+            .views_per_storage(|index| identity(index).is_some())
+            .into_iter()
+            .map(|views| {
+                views.map(|list| {
+                    list.into_iter()
+                        .filter_map(|index| identity(index).map(|o| o.clone_ref(py)))
+                        .collect()
+                })
+            })
+            .collect()
     }
 
     /// Each tensor's storage index (a huge number for opaque tensors).
@@ -837,7 +855,11 @@ fn storage_crc32c(py: Python<'_>, storage: &Bound<'_, PyAny>) -> PyResult<u32> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(storage_crc32c, m)?)?;
     // torch dtype attribute name → safetensors dtype name, for Python's view of the same map.
-    m.add("SAFETENSORS_DTYPES", SAFETENSORS_DTYPES.to_vec())?;
+    let safetensors_dtypes: Vec<(&str, &str)> = Dtype::all()
+        .filter(|dtype| dtype.names_file_entries())
+        .filter_map(|dtype| Some((dtype.torch_name(), dtype.safetensors_name()?)))
+        .collect();
+    m.add("SAFETENSORS_DTYPES", safetensors_dtypes)?;
     m.add_class::<PyTensorTable>()?;
     m.add_function(wrap_pyfunction!(describe_tensors, m)?)?;
     Ok(())
