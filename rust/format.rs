@@ -961,3 +961,95 @@ mod tests {
         assert!(stager_layout(&bad_crc).unwrap_err().contains("hex"));
     }
 }
+
+/// Property tests: whatever the writer may be asked to store round-trips through the header,
+/// and no byte string makes the parser panic.
+#[cfg(test)]
+mod round_trip {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Specs the writer accepts: distinct names (not reserved ones), dtypes safetensors names,
+    /// shapes whose bytes stay small.
+    fn specs() -> impl Strategy<Value = Vec<EntrySpec>> {
+        let dtypes: Vec<Dtype> = Dtype::all()
+            .filter(|d| d.safetensors_name().is_some())
+            .collect();
+        let spec = (
+            "[a-z][a-z0-9_.]{0,12}",
+            proptest::sample::select(dtypes),
+            proptest::collection::vec(0u64..5, 0..4),
+        );
+        proptest::collection::vec(spec, 0..12).prop_map(|raw| {
+            let mut seen = std::collections::HashSet::new();
+            raw.into_iter()
+                .filter(|(name, ..)| seen.insert(name.clone()))
+                .map(|(name, dtype, shape)| EntrySpec {
+                    nbytes: shape.iter().product::<u64>() * dtype.itemsize() as u64,
+                    name,
+                    dtype,
+                    shape,
+                })
+                .collect()
+        })
+    }
+
+    fn metadata() -> impl Strategy<Value = BTreeMap<String, String>> {
+        proptest::collection::btree_map("[ -~]{0,10}", "\\PC{0,20}", 0..5)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn headers_round_trip(specs in specs(), metadata in metadata()) {
+            let entries = layout_entries(&specs).unwrap();
+            let stored: Vec<&Entry> = entries.iter().filter(|e| !is_padding(&e.name)).collect();
+            prop_assert_eq!(stored.len(), specs.len());
+            for (entry, spec) in stored.iter().zip(&specs) {
+                prop_assert_eq!(&entry.name, &spec.name);
+                prop_assert_eq!(entry.dtype, spec.dtype);
+                prop_assert_eq!(&entry.shape, &spec.shape);
+                prop_assert_eq!(entry.nbytes(), spec.nbytes);
+                prop_assert!(spec.nbytes == 0 || entry.begin % STORAGE_ALIGNMENT == 0);
+            }
+            let header = build_header(&entries, &metadata).unwrap();
+            prop_assert_eq!(header.len() as u64 % DATA_ALIGNMENT, 0);
+            let data_len = entries.last().map_or(0, |e| e.end);
+            let file_len = header.len() as u64 + data_len;
+            let prefix: [u8; 8] = header[..8].try_into().unwrap();
+            let json_len = header_len(&prefix, file_len).unwrap();
+            let parsed = parse_header(&header[8..8 + json_len as usize], file_len).unwrap();
+            prop_assert_eq!(parsed.data_start, header.len() as u64);
+            prop_assert_eq!(parsed.data_len, data_len);
+            // JSON objects are unordered: entries come back in file order, empty ones at one
+            // offset in any order.
+            let by_place = |list: &[Entry]| {
+                let mut list = list.to_vec();
+                list.sort_by(|a, b| (a.begin, a.end, &a.name).cmp(&(b.begin, b.end, &b.name)));
+                list
+            };
+            prop_assert_eq!(by_place(&parsed.entries), by_place(&entries));
+            prop_assert_eq!(&parsed.metadata, &metadata);
+        }
+
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(json in proptest::collection::vec(any::<u8>(), 0..256),
+                                           extra in 0u64..1024) {
+            let _ = parse_header(&json, 8 + json.len() as u64 + extra);
+        }
+
+        #[test]
+        fn any_json_entries_parse_or_fail_cleanly(
+            dtype in "[A-Z0-9_]{1,12}",
+            shape in proptest::collection::vec(any::<i64>(), 0..4),
+            begin in any::<i64>(),
+            end in any::<i64>(),
+        ) {
+            let json = format!(
+                r#"{{"a":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{begin},{end}]}}}}"#
+            );
+            let _ = parse_header(json.as_bytes(), 8 + json.len() as u64 + 4096);
+        }
+    }
+}
