@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bounded mutation fuzzer for the stager file reader (header parser, metadata, tree decoding).
 
-Not part of CI. Runs for ``--seconds`` (default 60): mutates valid stager files (byte flips,
+CI runs it for a few seconds (.ci/run); longer runs by hand. Runs for ``--seconds`` (default 60): mutates valid stager files (byte flips,
 truncations, splices, and structure-aware edits of the JSON header and of the tree metadata,
 re-framed with a correct length so they reach the deeper checks), and loads each one in a child
 process with ``stager.load``. A finding is any of:
@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import shutil
 import struct
 import sys
 import tempfile
@@ -129,10 +130,15 @@ def mutate(rng: random.Random, raw: bytes) -> bytes:
     return bytes(out)
 
 
+#: How long a worker may take to import torch and stager.
+_START_SECONDS = 300
+
+
 def worker(conn, path: str, max_rss_mb: int) -> None:
     import stager
 
     resource.setrlimit(resource.RLIMIT_AS, (max_rss_mb << 20, max_rss_mb << 20))
+    conn.send("ready")
     while True:
         message = conn.recv()
         if message is None:
@@ -161,6 +167,13 @@ def main() -> int:
     rng = random.Random(args.seed)
     corpus = seeds()
     workdir = tempfile.mkdtemp(prefix="stager-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        return _fuzz(args, rng, corpus, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fuzz(args: argparse.Namespace, rng: random.Random, corpus: list[bytes], workdir: str) -> int:
     path = os.path.join(workdir, "input.safetensors")
     ctx = mp.get_context("spawn")
     counts = {"ok": 0, "error": 0, "findings": 0, "restarts": 0}
@@ -171,6 +184,11 @@ def main() -> int:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker, args=(child, path, args.max_rss_mb), daemon=True)
         proc.start()
+        # The child imports torch and stager first, which takes a while on a loaded machine: the
+        # clock of --hang starts once it says it is ready.
+        if not parent.poll(_START_SECONDS) or parent.recv() != "ready":
+            proc.kill()
+            raise RuntimeError(f"the fuzz worker did not start within {_START_SECONDS}s")
         return proc, parent
 
     def record(reason: str, data: bytes) -> None:
