@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -129,7 +129,8 @@ class LocalShard:
         """The DTensor over ``mesh`` (a ``DeviceMesh`` of the same shape and dim names) with this
         shard as its local tensor. Raises StagerError when the mesh does not match, or when this
         shard is not this rank's (another coordinate, or another shard shape)."""
-        meshes = resolve_meshes([self.mesh], mesh, required=True, where=["this LocalShard"])
+        # required=True: a list, or StagerError.
+        meshes = cast(list[Any], resolve_meshes([self.mesh], mesh, required=True, where=["this LocalShard"]))
         layout = DTensorLayout(0, self.mesh, self.placements, self.shape, self.stride, None, "this LocalShard")
         return MeshBinding(meshes, strict=True).build(self.tensor, layout, "this LocalShard")
 
@@ -262,8 +263,9 @@ class MeshBinding:
                 from torch.distributed.tensor._dtensor_spec import ShardOrderEntry
 
                 shard_order = tuple(ShardOrderEntry(dim, dims) for dim, dims in layout.shard_order)
+            # torch annotates shard_order without None, though None is its default.
             spec = DTensorSpec(mesh, layout.placements, TensorMeta(layout.shape, layout.stride, dtype),
-                               shard_order=shard_order)
+                               shard_order=shard_order)  # type: ignore[arg-type]
             here = mesh.get_coordinate()
             if here is None:
                 return spec, (), "this rank is not in the mesh"

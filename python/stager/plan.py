@@ -31,7 +31,7 @@ import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -265,7 +265,7 @@ def _empty_like_mapping(mapping: dict) -> dict:
     if cls is OrderedDict:
         return OrderedDict()
     if cls is defaultdict:
-        return defaultdict(mapping.default_factory)
+        return defaultdict(cast(defaultdict, mapping).default_factory)
     clone = copy.copy(mapping)  # keeps a subclass's own attributes
     clone.clear()
     return clone
@@ -530,12 +530,12 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
             seen = memo.get(id(value))
             if seen is not None:
                 return seen
-            skeleton = []
-            memo[id(value)] = skeleton
+            items_skeleton: list[Any] = []
+            memo[id(value)] = items_skeleton
             keep.append(value)
             for i, v in enumerate(value):
-                skeleton.append(visit(v, skeleton, i))
-            return skeleton
+                items_skeleton.append(visit(v, items_skeleton, i))
+            return items_skeleton
         if isinstance(value, tuple):
             items: list[Any] = []
             for i, v in enumerate(value):

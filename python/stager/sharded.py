@@ -130,13 +130,15 @@ def decode(item: dict, where: str, count: int, dtypes: dict[str, torch.dtype]) -
 
     size = _ints(item.get("size"), where, "size")
     ndim = len(size)
-    dtype = dtypes.get(item.get("dtype")) if type(item.get("dtype")) is str else None
+    name: Any = item.get("dtype")
+    dtype = dtypes.get(name) if type(name) is str else None
     if dtype is None:
-        raise _fail(where, f"has unknown dtype {item.get('dtype')!r}")
-    memory_format = _MEMORY_FORMATS.get(item.get("memory_format"))
+        raise _fail(where, f"has unknown dtype {name!r}")
+    format_name: Any = item.get("memory_format")
+    memory_format = _MEMORY_FORMATS.get(format_name)
     if memory_format is None:
-        raise _fail(where, f"has unknown memory_format {item.get('memory_format')!r}")
-    flags = [item.get("requires_grad"), item.get("pin_memory")]
+        raise _fail(where, f"has unknown memory_format {format_name!r}")
+    flags: list[Any] = [item.get("requires_grad"), item.get("pin_memory")]
     if not all(type(flag) is bool for flag in flags):
         raise _fail(where, "requires_grad and pin_memory must be booleans")
     strides = item.get("strides")

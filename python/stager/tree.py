@@ -179,10 +179,10 @@ def _encode(plan: StatePlan, allow_pickle: bool) -> dict[str, Any]:
 
     tree = node(plan.holder[0], plan.holder, 0, "root")
     if plan.opaque:
-        _, index, tensor = plan.opaque[0]
+        _, index, opaque = plan.opaque[0]
         raise StagerError(
-            f"cannot persist or send the {type(tensor).__name__} at {tensor_where.get(index, 'root')} "
-            f"(layout {tensor.layout}, dtype {tensor.dtype}): only plain strided tensors and DTensors are supported"
+            f"cannot persist or send the {type(opaque).__name__} at {tensor_where.get(index, 'root')} "
+            f"(layout {opaque.layout}, dtype {opaque.dtype}): only plain strided tensors and DTensors are supported"
         )
     tensors = []
     for index, tensor in enumerate(plan.tensors):
@@ -351,7 +351,7 @@ def _decode(meta: Any, allow_pickle: bool, max_nbytes: int | None) -> StatePlan:
     def leaf(item: dict, where: str) -> Any:
         expect(isinstance(item, dict), f"{where}: value must be an object")
         kind = item.get("t")
-        value = item.get("v")
+        value: Any = item.get("v")
         if kind == "none":
             return None
         if kind == "bool":
@@ -494,7 +494,9 @@ def tensor_paths(meta: dict) -> dict[int, tuple]:
             return
         kind = node.get("t")
         if kind == "tensor":
-            paths.setdefault(node.get("i"), path)
+            index = node.get("i")
+            if type(index) is int:
+                paths.setdefault(index, path)
         elif kind in ("dict", "odict"):
             for item in node.get("items", []):
                 if isinstance(item, list) and len(item) == 2:
@@ -525,7 +527,9 @@ def dict_tensor_items(node: Any) -> list[tuple[str, int]]:
         if type(value) is int:
             out.append((key, value))
         elif isinstance(value, dict) and value.get("t") == "tensor" and "dtensor" not in value:
-            out.append((key, value.get("i")))
+            index = value.get("i")
+            if type(index) is int:
+                out.append((key, index))
     return out
 
 

@@ -72,8 +72,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     finally:
         ctx.close()
     print(format_table(rows))
-    for name, reason in skipped.items():
-        print(f"[{name}] skipped: {reason}")
+    for name, why in skipped.items():
+        print(f"[{name}] skipped: {why}")
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": round(time.time() - started, 1),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -122,12 +123,12 @@ def _transfer_rows(ctx: BenchContext, state_dict: Any, device: torch.device) -> 
 
     add(LIMIT, ctx.measure(f"{LARGE}: {LIMIT}", pinned_copy, setup=sync, warmup=1),
         extra={"how": "tensor.copy_(non_blocking=True) into torch.empty(pin_memory=True), then synchronize"})
-    pinned = None  # free the pinned copy before the pageable one is made
+    pinned = None  # type: ignore[assignment]  # free the pinned copy before the pageable one is made
     pageable = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
     add(PAGEABLE, ctx.measure(f"{LARGE}: {PAGEABLE}", lambda: pageable.copy_(source), setup=sync,
                               repeats=max(1, min(ctx.repeats, 3))),
         limit=LIMIT, extra={"how": "tensor.copy_ into already touched ordinary memory"})
-    pageable = source = None
+    pageable = source = None  # type: ignore[assignment]  # free them before the next rows
     torch.cuda.empty_cache()
 
     options = StagingOptions(num_threads=ctx.threads)
@@ -248,7 +249,7 @@ def _stall_rows(ctx: BenchContext, state_dict: Any, device: torch.device) -> lis
         (LOOP_STAGER, lambda: DefaultStager(StagingOptions(num_threads=ctx.threads)), LOOP_TORCH),
         (LOOP_TORCH, _torch_stager, None),
     ):
-        (loops, stages), error = _guarded_pair(lambda name=name, make=make: measure_alongside(name, make))
+        (loops, stages), error = _guarded_pair(partial(measure_alongside, name, make))
         if error:
             ctx.log(f"  [{STALL}] {name} failed: {error}")
             continue

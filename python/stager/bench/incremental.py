@@ -31,6 +31,7 @@ import gc
 import statistics
 import time
 import traceback
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,7 +97,7 @@ def _stagers(ctx: BenchContext) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_stager = torch_staging.DefaultStager(torch_staging.StagingOptions(False, False, False, False))
-    options = dict(use_async_staging=False, use_shared_memory=False, num_threads=ctx.threads)
+    options: dict[str, Any] = dict(use_async_staging=False, use_shared_memory=False, num_threads=ctx.threads)
     return {
         SKIP: DefaultStager(StagingOptions(skip_unchanged=True, **options)),
         FULL: DefaultStager(StagingOptions(**options)),
@@ -232,7 +233,7 @@ def _measure_exchange(rank: int, settings: dict, results: Any) -> dict[str, Any]
             workload.step()
             state = workload.state_dict()
             for replicator in stagers.values():
-                timed(lambda r=replicator, s=state: r.stage(s))
+                timed(partial(replicator.stage, state))
         samples: dict[str, list[float]] = {name: [] for name in stagers}
         wire: dict[str, list[int]] = {name: [] for name in stagers}
         data: dict[str, list[int]] = {name: [] for name in stagers}
@@ -243,7 +244,7 @@ def _measure_exchange(rank: int, settings: dict, results: Any) -> dict[str, Any]
             for name in order[shift:] + order[:shift]:
                 replicator = stagers[name]
                 state = workload.state_dict()
-                samples[name].append(timed(lambda r=replicator, s=state: r.stage(s)))
+                samples[name].append(timed(partial(replicator.stage, state)))
                 wire[name].append(replicator.last_sent.total)
                 data[name].append(replicator.last_sent.data)
             log(f"  [{workload_name}] round {round_ + 1}/{settings['repeats']}: "

@@ -44,6 +44,7 @@ import shutil
 import statistics
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from .common import BenchContext, Row, run_ranks, timed_on_all_ranks
@@ -81,8 +82,8 @@ def run(ctx: BenchContext) -> list[Row]:
         try:
             report = _spawn(ctx, world, settings)
         finally:
-            _release_segments(settings["workdir"], world)
-            shutil.rmtree(settings["workdir"], ignore_errors=True)
+            _release_segments(str(settings["workdir"]), world)
+            shutil.rmtree(str(settings["workdir"]), ignore_errors=True)
         for workload, data in report.items():
             rows += _rows(ctx, workload, data)
     return rows
@@ -193,7 +194,8 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
             samples[WIRE].append(timed(lambda: exchange(send, [peer], [(receives[0][0], peer)])))
             samples[WIRE_TWO].append(timed(lambda: exchange(send, [(rank + 1) % world, (rank + 2) % world],
                                                             receives)))
-        send = receives = None  # free the limits' buffers before the stagers fill theirs
+        # Free the limits' buffers before the stagers fill theirs (the closures above are done).
+        send = receives = None  # type: ignore[assignment]
         gc.collect()
         stagers = {ONE: ReplicationStager(pg, timeout, persist_format=None, replicas=1, ranks_per_node=1),
                    TWO: ReplicationStager(pg, timeout, persist_format=None, replicas=2, ranks_per_node=1)}
@@ -203,10 +205,10 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
                 replicator.close()
 
         for replicator in stagers.values():  # warm the pools
-            timed(lambda r=replicator: r.stage(sd), setup=drop_replicas)
+            timed(partial(replicator.stage, sd), setup=drop_replicas)
         for round_ in range(ctx.repeats):
             for name, replicator in stagers.items():
-                samples[name].append(timed(lambda r=replicator: r.stage(sd), setup=drop_replicas))
+                samples[name].append(timed(partial(replicator.stage, sd), setup=drop_replicas))
             log(f"  [{workload}] round {round_ + 1}/{ctx.repeats}: "
                 + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
         drop_replicas()
@@ -260,7 +262,7 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None, ranks_per_node=rpn,
                       survive_restart=True).stage(sd)
     gc.collect()
-    sd = None  # the replicas are what restore works from
+    del sd  # the replicas are what restore works from
     ctx.drop_workloads()
     cases: list[tuple[str, Callable[[], Any]]] = [
         (DISK, lambda: ReplicationStager(pg, timeout, storage_dir=stager_dir).restore()),

@@ -143,7 +143,7 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
     ours = ReplicationStager(pg, timeout, storage_dir=os.path.join(base, "memory"), persist_format=None)
     ours_persist = ReplicationStager(pg, timeout, storage_dir=stager_dir, persist_format="stager")
     theirs = _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=os.path.join(base, "torch-memory"))
-    theirs._persist_state_dict = lambda *args: None  # the same exchange without the file
+    theirs._persist_state_dict = lambda *args: None  # type: ignore[method-assign]  # the same exchange without the file
     theirs_persist = _ReplicationStager(pg, timeout, torch.device("cpu"), storage_dir=torch_dir)
 
     timed = timed_on_all_ranks
@@ -162,7 +162,7 @@ def _measure(rank: int, settings: dict, results: Any) -> dict[str, Any]:
                 work.wait(timeout)
 
         def disk_limit() -> None:
-            write_and_fsync(limit_path, memoryview(send_buf.numpy()))
+            write_and_fsync(limit_path, send_buf.numpy().data)
 
         def remove_limit_file() -> None:
             try:
@@ -231,7 +231,7 @@ def _dtensor_exchange(ctx: BenchContext, pg: Any, timeout: datetime.timedelta, l
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     ours = ReplicationStager(pg, timeout, persist_format=None)
     theirs = _ReplicationStager(pg, timeout, torch.device("cpu"))
-    theirs._persist_state_dict = lambda *args: None
+    theirs._persist_state_dict = lambda *args: None  # type: ignore[method-assign]
 
     timed = timed_on_all_ranks
 

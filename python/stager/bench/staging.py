@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -231,10 +232,10 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
         stager = DefaultStager(_stager_options(ctx, shared))
         _stage(stager, state_dict)  # warm up
         torch_stager = _torch_default_stager(shared)
-        _, error = _guarded(lambda torch_stager=torch_stager: [_stage(torch_stager, state_dict)])  # warm up (may hit EMFILE)
-        runs = {
-            LIMIT_TOUCHED: lambda: _limit_samples(ctx, source, "touched", None, repeats=1)[0],
-            stager_name: lambda stager=stager: _timed(lambda: _stage(stager, state_dict)),
+        _, error = _guarded(partial(_stage_all, torch_stager, state_dict))  # warm up (may hit EMFILE)
+        runs: dict[str, Callable[[], float]] = {
+            LIMIT_TOUCHED: partial(_one_limit_sample, ctx, source, "touched"),
+            stager_name: partial(_timed_stage, stager, state_dict),
         }
         if error:
             failures[torch_name] = error
@@ -242,13 +243,13 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
             torch_stager = None  # its Future holds the failed stage's storages (and their files)
             gc.collect()
         else:
-            runs[torch_name] = lambda torch_stager=torch_stager: _timed(lambda: _stage(torch_stager, state_dict))
+            runs[torch_name] = partial(_timed_stage, torch_stager, state_dict)
         samples_by_name, errors = _interleaved(ctx, f"{workload}: repeat calls, {memory} memory", runs)
         failures.update(errors)
         stats = stager.pool_stats()
         _close_quietly(stager)
         _close_quietly(torch_stager)
-        stager = torch_stager = runs = None  # drop them (and their pools) before the next rows
+        del stager, torch_stager, runs  # drop them (and their pools) before the next rows
         gc.collect()
         touched_samples += samples_by_name[LIMIT_TOUCHED]
         add(stager_name, samples_by_name[stager_name], limit=touched_limit, baseline=torch_name,
@@ -269,10 +270,9 @@ def _workload(ctx: BenchContext, workload: str, state_dict: Any) -> list[Row]:
         torch_first = _name("torch", "first call", shared)
         limit_fresh = LIMIT_FRESH[shared]
         samples_by_name, errors = _interleaved(ctx, f"{workload}: first calls, {memory} memory", {
-            limit_fresh: lambda memory=memory: _limit_samples(ctx, source, memory, None, repeats=1)[0],
-            stager_first: lambda shared=shared: _first_call_seconds(
-                lambda: DefaultStager(_stager_options(ctx, shared)), state_dict),
-            torch_first: lambda shared=shared: _first_call_seconds(lambda: _torch_default_stager(shared), state_dict),
+            limit_fresh: partial(_one_limit_sample, ctx, source, memory),
+            stager_first: partial(_first_call_seconds, partial(_fresh_stager, ctx, shared), state_dict),
+            torch_first: partial(_first_call_seconds, partial(_torch_default_stager, shared), state_dict),
         })
         failures.update(errors)
         add(limit_fresh, samples_by_name[limit_fresh], extra={"threads": ctx.threads})
@@ -353,6 +353,24 @@ def _timed(fn: Callable[[], Any]) -> float:
     elapsed = time.perf_counter() - start
     del result
     return elapsed
+
+
+def _one_limit_sample(ctx: BenchContext, source: Any, target: str) -> float:
+    """One sample of the copy limit into ``target`` memory."""
+    return _limit_samples(ctx, source, target, None, repeats=1)[0]
+
+
+def _timed_stage(stager: Any, state_dict: Any) -> float:
+    """Seconds of one stage of ``state_dict`` by ``stager``, until its result is ready."""
+    return _timed(lambda: _stage(stager, state_dict))
+
+
+def _stage_all(stager: Any, state_dict: Any) -> list[Any]:
+    return [_stage(stager, state_dict)]
+
+
+def _fresh_stager(ctx: BenchContext, shared: bool) -> DefaultStager:
+    return DefaultStager(_stager_options(ctx, shared))
 
 
 def _first_call_seconds(make: Callable[[], Any], state_dict: Any) -> float:
@@ -572,7 +590,7 @@ def dtensor_state_dict(plain: dict, mesh: Any) -> dict:
     out = {}
     for name, local in plain.items():
         shape = (local.shape[0] * mesh.size(), *local.shape[1:])
-        out[name] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape,
+        out[name] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
                                        stride=torch.empty(0).new_empty(shape, device="meta").stride())
     return out
 

@@ -47,7 +47,8 @@ import shutil
 import statistics
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -209,7 +210,8 @@ class _Loop:
 
         self.rank, self.world, self.settings, self.results = rank, world, settings, results
         self.device = torch.device("cuda", rank) if settings["device"] == "cuda" else torch.device("cpu")
-        groups = {name: dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=10))
+        # Every rank is a member of each group, so none is torch's NON_GROUP_MEMBER.
+        groups = {name: cast(dist.ProcessGroup, dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=10)))
                   for name in ("dcp", "control", REPLICATE, REPLICATE_PERSIST)}
         self.dcp_group = groups["dcp"]
         # Barriers and result exchange; replication variants get a group each, since a transport
@@ -392,6 +394,7 @@ class _Loop:
 
         if name in SAVING:
             directory = self.variant_dir(name)
+            writer: Callable[[str], Any]
             if name == TORCH_TORCH:
                 async_stager, writer = torch_stager(), dcp.FileSystemWriter
             elif name == STAGER_TORCH:
