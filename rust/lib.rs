@@ -34,6 +34,7 @@ pub mod completion;
 pub mod copy_engine;
 pub mod cuda;
 pub mod direct_io;
+pub mod dtype;
 pub mod error;
 pub mod format;
 pub mod layout;

@@ -39,8 +39,8 @@
 use std::collections::HashMap;
 
 use crate::copy_engine::HostCopy;
+use crate::dtype::Dtype;
 use crate::error::{Result, StagerError};
-use crate::format::Dtype;
 use crate::layout::{
     self, check_disjoint_ranges, VIEW_CONJ, VIEW_NEG, VIEW_OPAQUE, VIEW_WHOLE_STORAGE,
 };

@@ -19,7 +19,7 @@ use pyo3::types::{PyDict, PyInt, PyList, PyString, PyTuple, PyWeakrefReference};
 
 use super::buffer::PyHostBuffer;
 use super::{invalid, usize_arg};
-use crate::format::Dtype;
+use crate::dtype::Dtype;
 use crate::layout::{VIEW_CONJ, VIEW_NEG, VIEW_OPAQUE, VIEW_WHOLE_STORAGE};
 use crate::table::{Device, TableBuilder, TensorTable, ViewFacts, ViewGeometry, ViewSpec};
 
