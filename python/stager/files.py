@@ -41,6 +41,7 @@ import torch
 
 from . import _native, dtensor, engine, tree
 from ._native import StagerError
+from .errors import IO, make_error
 from .options import StagingOptions
 from .plan import StatePlan, gc_paused, plan_state_dict
 from .stagers import StagingEngine
@@ -204,11 +205,7 @@ def make_directory(path: str, what: str, *, writable: bool = True) -> None:
 def os_error(what: str, err: OSError) -> StagerError:
     """A StagerError saying ``what`` failed with ``err`` (its errno name included and kept as
     ``.errno``)."""
-    error = StagerError(f"{what}: {err.strerror or err} [{errno_name(err.errno)}]")
-    error.kind = "io"  # the attributes the Rust errors carry
-    error.errno = err.errno
-    error.cuda_code = None
-    return error
+    return make_error(IO, f"{what}: {err.strerror or err} [{errno_name(err.errno)}]", err.errno)
 
 
 def errno_name(code: int | None) -> str:
