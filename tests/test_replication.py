@@ -236,3 +236,32 @@ def test_segments_cover_layout():
         assert any(s <= storage.offset and storage.offset + storage.nbytes <= e for s, e in covered) or any(
             seg.direct and seg.first == index for seg in segments)
     assert sum(seg.nbytes for seg in segments if seg.direct) == 40_000
+
+
+def test_storage_landed_hook_reports_each_storage_once_its_bytes_are_in():
+    """Incoming.on_storage_landed (what the streaming replica writer waits on): as the segments
+    land in order, each storage is reported once, with the segment holding its last byte; a
+    storage cut into chunks is not reported before its last chunk."""
+    from stager.plan import plan_state_dict
+    from stager.transport import Incoming, segments_of
+
+    sd = {"small": [torch.ones(i + 1) for i in range(50)], "big": torch.zeros(10_000), "empty": torch.ones(0),
+          "tail": torch.ones(3)}
+    incoming = Incoming(None, rank=1, seq=0)
+    incoming.plan = plan = plan_state_dict(sd)
+    incoming.segments = segments_of(plan.storages, bucket_bytes=256, chunk_bytes=4096)
+    landed: list[tuple[int, int]] = []
+    incoming.on_storage_landed(lambda index: landed.append((index, received)))
+    received = 0
+    for number, segment in enumerate(incoming.segments):
+        received = segment.end  # every byte before this has landed too
+        incoming.segment_landed(number)
+    reported = [index for index, _ in landed]
+    with_bytes = [i for i, s in enumerate(plan.storages) if s.nbytes]
+    assert sorted(set(reported)) == sorted(set(reported) | set(with_bytes)) and len(set(reported)) == len(reported)
+    for index, when in landed:
+        storage = plan.storages[index]
+        assert storage.offset + storage.nbytes <= when, (index, storage.offset, storage.nbytes, when)
+    big = next(i for i, s in enumerate(plan.storages) if s.nbytes == 40_000)
+    chunks = [n for n, s in enumerate(incoming.segments) if s.direct and s.first == big]
+    assert len(chunks) > 1 and dict(landed)[big] == incoming.segments[chunks[-1]].end

@@ -5,6 +5,7 @@ engine that owns (pinned, optionally shared) host memory, copies on worker threa
 GIL, and writes files durably.
 """
 
+from . import errors as errors  # StagerError's subclasses, one per kind
 from ._native import StagerError
 from ._native import __version__ as __version__
 from .dtensor import LocalShard, MeshInfo

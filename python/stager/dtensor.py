@@ -416,7 +416,7 @@ class GroupMeshes:
         self.built: dict[tuple, Any] = {}
 
     def release(self) -> None:
-        """Drops the group and the meshes over it (see ``transport._release_groups_at_exit``)."""
+        """Drops the group and the meshes over it (see ``stager.transport.pg._release_groups_at_exit``)."""
         self.group = None
         self.built.clear()
 

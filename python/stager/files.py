@@ -1,5 +1,5 @@
 """Checkpoint files: ``save`` (atomic, durable, checksummed), ``load`` (validated, no pickle),
-the replica writers (:class:`_StreamingReplica`, :func:`durable_torch_save`), and the
+the whole-copy replica writer (:func:`durable_torch_save`), and the
 ``stager inspect`` / ``stager verify`` commands.
 
 A stager file is a ``.safetensors`` file (any safetensors reader opens it) whose ``__metadata__``
@@ -35,13 +35,13 @@ import errno
 import json
 import os
 import sys
-import threading
 from typing import Any
 
 import torch
 
 from . import _native, dtensor, engine, tree
 from ._native import StagerError
+from .errors import IO, make_error
 from .options import StagingOptions
 from .plan import StatePlan, gc_paused, plan_state_dict
 from .stagers import StagingEngine
@@ -131,79 +131,6 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
 # ---- replicas -----------------------------------------------------------------------------------
 
 
-class _StreamingReplica:
-    """Writes a received replica with stager's durable writer *while its bytes arrive*.
-
-    The writer (``_native.write_file``, the one behind :func:`save`) writes storage i once
-    request i of a completion completes; here the requests are completed as the segments
-    holding each storage are received (:meth:`received`), so the disk works during the
-    exchange. It writes straight into the commit's temp file (``<final>.<pid>.<n>.stager.tmp``)
-    and fsyncs it, but does not rename it: :meth:`commit`, called once the exchange succeeded,
-    renames it over the final name and fsyncs the directory. :meth:`abort` releases the writer
-    and removes the temp file, so neither a partial nor a stale replica is left and the previous
-    one stays. ``metadata``: extra header strings (the replica record)."""
-
-    _ABORT_WAIT_S = 5.0
-
-    def __init__(self, path: str, incoming: Any, metadata: dict[str, str] | None = None) -> None:
-        plan, meta = incoming.plan, incoming.meta
-        self.path = path
-        names = tree.tensor_names(meta, len(plan.table))
-        metadata = {**(metadata or {}), **header_metadata(meta)}  # reserved keys win
-        nbytes = plan.table.storage_nbytes
-        buffer = incoming.buffer if isinstance(incoming.buffer, _native.HostBuffer) else None
-        self.buffer = incoming.buffer  # the writer reads it until it returns
-        self.job = _native.Completion(len(nbytes))
-        for index, size in enumerate(nbytes):
-            if not size:
-                self.job.mark_complete(index)
-        self.error: BaseException | None = None
-        self.file: Any = None  # the written, uncommitted _native.AtomicFile
-        self._aborted = False
-
-        def write() -> None:
-            try:
-                file = _native.write_file(path, plan.table, names, metadata, buffer, self.job, commit=False)
-            except BaseException as err:  # reported by commit(), in the caller's thread
-                self.error = err
-                return
-            if self._aborted:
-                file.abort()
-            else:
-                self.file = file
-
-        self.thread = threading.Thread(target=write, name="stager-replica-writer", daemon=True)
-        self.thread.start()
-
-    def received(self, incoming: Any, index: int) -> None:
-        """Segment ``index`` has landed: release the storages it completes to the writer."""
-        segment = incoming.segments[index]
-        if segment.direct:
-            storage = incoming.plan.storages[segment.first]
-            if segment.end == storage.offset + storage.nbytes:
-                self.job.mark_complete(segment.first)
-        else:
-            for storage_index in range(segment.first, segment.last):
-                self.job.mark_complete(storage_index)
-
-    def commit(self) -> None:
-        """Waits for the writer, then renames the replica over its final name."""
-        self.thread.join()
-        if self.error is not None:
-            if isinstance(self.error, StagerError):
-                raise self.error
-            raise StagerError(f"cannot persist replica {self.path!r}: {self.error}") from self.error
-        self.file.commit()
-
-    def abort(self) -> None:
-        """Drops the replica being written; the previous one stays. Doesn't wait for the disk."""
-        self._aborted = True
-        self.job.fail("the replica was not received completely")  # the writer stops, removes its temp
-        self.thread.join(self._ABORT_WAIT_S)
-        if not self.thread.is_alive() and self.file is not None:
-            self.file.abort()  # (a writer still running aborts its own file when it returns)
-
-
 class _RecordingWriter:
     """The file object ``torch.save`` writes into: the commit's temp file, buffered, keeping the
     first OSError, which torch's zip writer turns into an opaque ``RuntimeError``."""
@@ -278,11 +205,7 @@ def make_directory(path: str, what: str, *, writable: bool = True) -> None:
 def os_error(what: str, err: OSError) -> StagerError:
     """A StagerError saying ``what`` failed with ``err`` (its errno name included and kept as
     ``.errno``)."""
-    error = StagerError(f"{what}: {err.strerror or err} [{errno_name(err.errno)}]")
-    error.kind = "io"  # the attributes the Rust errors carry
-    error.errno = err.errno
-    error.cuda_code = None
-    return error
+    return make_error(IO, f"{what}: {err.strerror or err} [{errno_name(err.errno)}]", err.errno)
 
 
 def errno_name(code: int | None) -> str:

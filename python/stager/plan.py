@@ -503,9 +503,15 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
             memo[id(value)] = skeleton
             keep.append(value)
             for k, v in value.items():
-                if type(v) is Tensor:  # the common leaves, without a call to visit
+                if type(v) is Tensor:  # the common leaves: add_tensor, inlined (no call per tensor)
                     skeleton[k] = None
-                    add_tensor(v, skeleton, k)
+                    index = tensor_index.get(id(v))
+                    if index is None:
+                        index = tensor_index[id(v)] = len(leaves)
+                        leaves.append(v)
+                        if v.__dict__:
+                            keep_attributes(index, v)
+                    fills.append((skeleton, k, index))
                 elif type(v) is dtensor_type:  # FSDP2's leaves: dtensor_slot, inlined
                     skeleton[k] = None
                     index = dtensor_index.get(id(v))

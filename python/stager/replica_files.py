@@ -1,5 +1,6 @@
 """Replica files on disk: their names, the record each carries (owner, holder, world size, step,
-sending id), finding them in a directory, loading one, and writing a whole copy durably.
+sending id), finding them in a directory, loading one, and writing one durably: whole
+(:func:`_write_copy`) or as its bytes arrive (:class:`StreamingReplica`).
 
 Both sides of recovery use this room: :mod:`stager.replication` writes copies (its own and its
 partners') and :mod:`stager.recovery` reads them back after a failure. A copy is a stager file
@@ -13,15 +14,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import _native, files
+from . import _native, files, tree
 from ._native import StagerError
-from .files import durable_torch_save
+from .files import durable_torch_save, header_metadata
 
 __all__ = ["Replica", "find_replicas", "load_replica", "read_record", "recover", "replica_path"]
 
@@ -231,7 +233,74 @@ def load_replica(path: str, *, verify: bool = True) -> Any:
     return files.load(path, verify=verify)
 
 
-# ---- persistence (the writers, _StreamingReplica and durable_torch_save, are in stager.files) ----
+# ---- persistence ---------------------------------------------------------------------------------
+
+
+class StreamingReplica:
+    """Writes a received replica with stager's durable writer *while its bytes arrive*.
+
+    The writer (``_native.write_file``, the one behind :func:`save`) writes storage i once
+    request i of a completion completes; here the requests are completed as each storage
+    lands (the incoming side's :meth:`~stager.transport.Incoming.on_storage_landed` hook), so
+    the disk works during the exchange. It writes straight into the commit's temp file (``<final>.<pid>.<n>.stager.tmp``)
+    and fsyncs it, but does not rename it: :meth:`commit`, called once the exchange succeeded,
+    renames it over the final name and fsyncs the directory. :meth:`abort` releases the writer
+    and removes the temp file, so neither a partial nor a stale replica is left and the previous
+    one stays. ``metadata``: extra header strings (the replica record)."""
+
+    _ABORT_WAIT_S = 5.0
+
+    def __init__(self, path: str, incoming: Any, metadata: dict[str, str] | None = None) -> None:
+        plan, meta = incoming.plan, incoming.meta
+        self.path = path
+        names = tree.tensor_names(meta, len(plan.table))
+        metadata = {**(metadata or {}), **header_metadata(meta)}  # reserved keys win
+        nbytes = plan.table.storage_nbytes
+        buffer = incoming.buffer if isinstance(incoming.buffer, _native.HostBuffer) else None
+        self.buffer = incoming.buffer  # the writer reads it until it returns
+        self.job = _native.Completion(len(nbytes))
+        for index, size in enumerate(nbytes):
+            if not size:
+                self.job.mark_complete(index)
+        self.error: BaseException | None = None
+        self.file: Any = None  # the written, uncommitted _native.AtomicFile
+        self._aborted = False
+
+        def write() -> None:
+            try:
+                file = _native.write_file(path, plan.table, names, metadata, buffer, self.job, commit=False)
+            except BaseException as err:  # reported by commit(), in the caller's thread
+                self.error = err
+                return
+            if self._aborted:
+                file.abort()
+            else:
+                self.file = file
+
+        self.thread = threading.Thread(target=write, name="stager-replica-writer", daemon=True)
+        self.thread.start()
+        incoming.on_storage_landed(self._landed)
+
+    def _landed(self, storage_index: int) -> None:
+        """All the bytes of storage ``storage_index`` are in the buffer: the writer may take it."""
+        self.job.mark_complete(storage_index)
+
+    def commit(self) -> None:
+        """Waits for the writer, then renames the replica over its final name."""
+        self.thread.join()
+        if self.error is not None:
+            if isinstance(self.error, StagerError):
+                raise self.error
+            raise StagerError(f"cannot persist replica {self.path!r}: {self.error}") from self.error
+        self.file.commit()
+
+    def abort(self) -> None:
+        """Drops the replica being written; the previous one stays. Doesn't wait for the disk."""
+        self._aborted = True
+        self.job.fail("the replica was not received completely")  # the writer stops, removes its temp
+        self.thread.join(self._ABORT_WAIT_S)
+        if not self.thread.is_alive() and self.file is not None:
+            self.file.abort()  # (a writer still running aborts its own file when it returns)
 
 
 
@@ -251,7 +320,7 @@ def _append_torch_record(path: str, record: dict[str, int]) -> None:
 
 def _write_copy(state_dict: Any, pending: str, persist_format: str, record: dict[str, int]) -> None:
     """Writes a whole state_dict durably as ``pending`` (the own copy; replicas that arrive over
-    the wire stream through _StreamingReplica instead)."""
+    the wire stream through StreamingReplica instead)."""
     if persist_format == "stager":
         files.save(state_dict, pending, metadata=_metadata(record))
     else:

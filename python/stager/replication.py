@@ -119,13 +119,13 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from . import _native, files, segments
 from ._native import StagerError
-from .files import _StreamingReplica
 from .incremental import CHECK_ENV, UnchangedStorages
 from .placement import Placement, default_ranks_per_node, place
 from .plan import StatePlan, plan_state_dict
 from .replica_files import (
     _TEMP,
     EXTENSIONS,
+    StreamingReplica,
     _metadata,
     _pending_path,
     _pid_alive,
@@ -312,7 +312,7 @@ class _Copy:
         self.previous = replica_path(storage_dir, holder, owner, persist_format, previous=True)
         self.pending = _pending_path(self.final)
         self.record = record
-        self.writer: _StreamingReplica | None = None
+        self.writer: StreamingReplica | None = None
         self.state_dict: Any = None
 
 
@@ -618,18 +618,13 @@ class ReplicationStager(AsyncStager):
             # written whole from the received state_dict once it is complete (_persist).
             if fmt == "stager" and not incoming.replacements:
                 copy = copies[incoming.rank]
-                copy.writer = _StreamingReplica(copy.pending, incoming, _metadata(copy.record))
-
-        def on_segment(incoming: Any, index: int) -> None:
-            copy = copies.get(incoming.rank)  # (none without persistence)
-            if copy is not None and copy.writer is not None:
-                copy.writer.received(incoming, index)
+                copy.writer = StreamingReplica(copy.pending, incoming, _metadata(copy.record))
 
         local_error: BaseException | None = None
         received: dict[int, Any] = {}
         try:
             received = transport.transfer({dst: state_dict for dst in dsts}, srcs, deadline=deadline,
-                                          before_bulk=agree, on_metadata=on_metadata, on_segment=on_segment,
+                                          before_bulk=agree, on_metadata=on_metadata,
                                           incremental=deltas,
                                           receive_buffer=receive_buffer if self._survive else None)
         except TransportError as err:
@@ -788,7 +783,7 @@ class ReplicationStager(AsyncStager):
         """A failed stage: no pending file survives; the published copies are untouched."""
         thread = own.get("thread")
         if thread is not None and shm:
-            thread.join(_StreamingReplica._ABORT_WAIT_S)
+            thread.join(StreamingReplica._ABORT_WAIT_S)
         for copy in (shm or {}).values():
             try:
                 copy.abort()
@@ -800,7 +795,7 @@ class ReplicationStager(AsyncStager):
                 copy.writer = None
         thread = own.get("thread")
         if thread is not None:
-            thread.join(_StreamingReplica._ABORT_WAIT_S)
+            thread.join(StreamingReplica._ABORT_WAIT_S)
         for copy in copies.values():
             _remove_quietly(copy.pending)
 

@@ -5,7 +5,8 @@
 //! [`files`] (writer and reader), [`limits`]. The rules of this layer, tested at the boundary:
 //!
 //! - every engine error becomes `stager.StagerError` (a `RuntimeError`) here, in one place, with
-//!   `.kind`, `.errno` and `.cuda_code` attributes, so callers never parse messages;
+//!   `.kind`, `.errno` and `.cuda_code` attributes, so callers never parse messages; its class is
+//!   the kind's subclass from `stager.errors` (a missing file is also a `FileNotFoundError`);
 //! - every integer that comes from Python is range-checked into a StagerError ([`usize_arg`]):
 //!   no input may raise `OverflowError`, abort the process or panic;
 //! - every call that moves bytes or waits releases the GIL, and every wait wakes up at least every
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use pyo3::create_exception;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::types::PyType;
 
 mod buffer;
 mod copy;
@@ -54,10 +56,27 @@ fn kind_of(err: &crate::StagerError) -> &'static str {
     }
 }
 
+/// The `StagerError` subclass of `kind` (and `errno`) from `stager.errors.error_class`, where the
+/// Python package defines one class per kind (some also `FileNotFoundError`/`PermissionError`,
+/// which a class made here could not be). None before that module is importable: the base class.
+fn error_class<'py>(py: Python<'py>, kind: &str, errno: Option<i32>) -> Option<Bound<'py, PyType>> {
+    let class = py
+        .import("stager.errors")
+        .ok()?
+        .getattr("error_class")
+        .ok()?
+        .call1((kind, errno))
+        .ok()?;
+    class.cast_into::<PyType>().ok()
+}
+
 impl From<crate::StagerError> for PyErr {
     fn from(err: crate::StagerError) -> PyErr {
         Python::attach(|py| {
-            let py_err = StagerError::new_err(err.to_string());
+            let py_err = match error_class(py, kind_of(&err), err.errno()) {
+                Some(class) => PyErr::from_type(class, err.to_string()),
+                None => StagerError::new_err(err.to_string()),
+            };
             let value = py_err.value(py);
             // Attributes on an exception instance cannot fail short of memory exhaustion; a
             // failure would only lose the attribute, never the error itself.
