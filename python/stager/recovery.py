@@ -48,11 +48,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import increment_version
 from torch.distributed.tensor import DTensor
 
-from . import segments
+from . import engine, segments
 from ._native import StagerError
 from .dtensor import LocalShard
+from .options import default_num_threads
 from .replica_files import _scan, load_replica, read_record
 from .transport import PGTransport, TransportError
 from .tree import tensors_by_path
@@ -230,19 +232,56 @@ def _check_into(state: Any, into: Any) -> None:
                               f"holds {target.dtype} {list(target.shape)}")
 
 
+def _overlapping(tensors: list[torch.Tensor]) -> set[int]:
+    """Indices of the (contiguous) tensors whose bytes overlap another's."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, i) for i, t in enumerate(tensors) if t.nbytes)
+    found: set[int] = set()
+    reach, owner = -1, -1  # the furthest end so far, and whose it is
+    for start, end, index in spans:
+        if start < reach:
+            found.update((index, owner))
+        if end > reach:
+            reach, owner = end, index
+    return found
+
+
 def _restore_into(result: Any, into: Any) -> Any:
     """Copies every tensor value of ``result`` into the tensor of ``into`` at the same key path
     (skipping those received in place) and returns ``result`` with ``into``'s tensors in it."""
     _check_into(result, into)
     targets = tensors_by_path(into)
+    host_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[tuple[int, int, int]] = set()
+    others: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for path, leaf in _leaves(result).items():
+        target, value = _local(targets[path]), _local(leaf)
+        in_place = (target.device == value.device and target.storage_offset() == value.storage_offset()
+                    and target.stride() == value.stride()
+                    and target.untyped_storage().data_ptr() == value.untyped_storage().data_ptr())
+        if in_place:
+            continue
+        if target.is_cpu and value.is_cpu and target.is_contiguous() and value.is_contiguous():
+            key = (value.data_ptr(), target.data_ptr(), target.nbytes)
+            if key not in seen:  # tied weights: one copy per distinct pair
+                seen.add(key)
+                host_pairs.append((value, target))
+        else:
+            others.append((value, target))
+    # Host tensors: one batch on the copy engine's threads, GIL released (version counters
+    # bumped as torch's copy_ would, so skip_unchanged sees the change). Targets that overlap
+    # another (views of one storage in ``into``) take torch's copy, in order, like the rest.
+    overlapping = _overlapping([target for _, target in host_pairs])
+    if overlapping:
+        others = [pair for i, pair in enumerate(host_pairs) if i in overlapping] + others
+        host_pairs = [pair for i, pair in enumerate(host_pairs) if i not in overlapping]
+    try:
+        engine.copy_engine(default_num_threads()).copy_tensors(host_pairs)
+        increment_version([target for _, target in host_pairs if not target.is_inference()])
+    except StagerError:
+        others = host_pairs + others
     with torch.no_grad():
-        for path, leaf in _leaves(result).items():
-            target, value = _local(targets[path]), _local(leaf)
-            in_place = (target.device == value.device and target.storage_offset() == value.storage_offset()
-                        and target.stride() == value.stride()
-                        and target.untyped_storage().data_ptr() == value.untyped_storage().data_ptr())
-            if not in_place:
-                target.copy_(value)
+        for value, target in others:
+            target.copy_(value)
 
     def put(value: Any, path: tuple) -> Any:
         """``value`` with into's tensors at its tensor leaves (containers of the fresh result are

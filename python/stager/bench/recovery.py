@@ -12,7 +12,10 @@ Rows of ``restore, <n> ranks`` (measured interleaved, round by round, after the 
   partner while receiving one (``send`` and ``recv`` posted together);
 * ``stager restore() (restarted: copies on disk)``: fresh ReplicationStagers on the old
   ``storage_dir``s (inventory, reading and checking the ``.stager`` replica, sending it, receiving
-  this rank's state);
+  this rank's state); its limit is ``limit: cold direct read, then gloo exchange``, the sum of
+  the round's ``limit: cold direct read of the replica file`` (each rank reads the replica it
+  serves with O_DIRECT, 8 MiB requests, 4 in flight, into touched memory, all ranks at once) and
+  its gloo exchange: the reader fills the pool buffer before the transport sends it;
 * ``stager restore() (survivors: replicas in memory)``: the stagers that replicated, restoring from
   the replicas they hold in memory;
 * ``stager restore() (restarted, survive_restart: own copies in shared memory)``: fresh stagers
@@ -21,8 +24,12 @@ Rows of ``restore, <n> ranks`` (measured interleaved, round by round, after the 
 * ``stager restore() (restarted, node replaced: holders' shared memory)``: ``survive_restart``
   without own copies (as for the ranks of a replaced node): each rank's copy comes from its
   holder's shared memory over gloo;
-* ``limit: memory copy of one buffer``: one copy of the dict's bytes into touched memory, all
-  copy threads (the limit of the shared-memory row);
+* ``stager restore(into=model) (restarted, survive_restart: own copies in shared memory)``: the
+  same, into the tensors of an existing state_dict (checksums verified over the segment, then one
+  parallel copy by the copy engine into the targets);
+* ``limit: memory copy of one buffer``: one parallel copy (all copy threads) of the dict's bytes
+  from one touched buffer into another, on every rank at once like the restore rows (a barrier
+  before each sample, the slowest rank's time): the limit of the shared-memory rows;
 * ``PyTorch: torch.load replica + PGTransport``: what a PyTorch user does with
   ``_ReplicationStager``'s ``.pt`` files: ``torch.load`` the partner's replica, then PyTorch's
   ``PGTransport`` sends it to the partner and receives this rank's (lower rank sends first).
@@ -57,13 +64,16 @@ MEMORY = "stager restore() (survivors: replicas in memory)"
 TORCH = "PyTorch: torch.load replica + PGTransport"
 SHM = "stager restore() (restarted, survive_restart: own copies in shared memory)"
 SHM_HOLDER = "stager restore() (restarted, node replaced: holders' shared memory)"
+SHM_INTO = "stager restore(into=model) (restarted, survive_restart: own copies in shared memory)"
 MEMCPY = "limit: memory copy of one buffer"
+READ = "limit: cold direct read of the replica file"
+READ_WIRE = "limit: cold direct read, then gloo exchange"
 ONE = "stager ReplicationStager replicas=1"
 TWO = "stager ReplicationStager replicas=2"
 
-#: Bytes per rank: each rank on one machine holds its dict, a survivor's replica in memory, the
-#: shared-memory copies of both survive_restart layouts and the copy being restored, about 5x the
-#: dict, so the ranks of one run share this budget (1 GB per rank with 2 ranks, 0.5 GB with 4)
+#: Bytes per rank: each rank on one machine holds its dict (the target of restore(into=)), a
+#: survivor's replica in memory, the shared-memory copies of both survive_restart layouts and the
+#: copy being restored, about 5x the dict, so the ranks of one run share this budget (1 GB per rank with 2 ranks, 0.5 GB with 4)
 #: to stay inside a 24 GB machine.
 BYTES_FOR_ALL_RANKS = 2_000_000_000
 WORLDS = (2, 4)
@@ -112,8 +122,11 @@ def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
             ctx.row(SECTION, workload, WIRE, samples[WIRE], **size),
             ctx.row(SECTION, workload, MEMCPY, samples[MEMCPY], **size),
             ctx.row(SECTION, workload, SHM, samples[SHM], limit=MEMCPY, baseline=TORCH, **size),
+            ctx.row(SECTION, workload, SHM_INTO, samples[SHM_INTO], limit=MEMCPY, baseline=TORCH, **size),
             ctx.row(SECTION, workload, SHM_HOLDER, samples[SHM_HOLDER], limit=WIRE, baseline=TORCH, **size),
-            ctx.row(SECTION, workload, DISK, samples[DISK], limit=WIRE, baseline=TORCH, **size),
+            ctx.row(SECTION, workload, READ, samples[READ], **size),
+            ctx.row(SECTION, workload, READ_WIRE, [r + w for r, w in zip(samples[READ], samples[WIRE])], **size),
+            ctx.row(SECTION, workload, DISK, samples[DISK], limit=READ_WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, MEMORY, samples[MEMORY], limit=WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, TORCH, samples[TORCH], limit=WIRE, **size),
         ]
@@ -248,8 +261,21 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     workload = f"restore, {world} ranks"
     from .. import _native, segments
 
-    samples = {WIRE: wire_limit(nbytes), DISK: [], MEMORY: [], TORCH: [], SHM: [], SHM_HOLDER: [],
-               MEMCPY: list(_native.copy_limit_seconds(nbytes, settings["threads"], "touched", ctx.repeats))}
+    def memcpy_limit() -> list[float]:
+        """One parallel copy of one touched buffer into another, on all ranks at once: the
+        slowest rank's copy time of each sample (the destination's touch is not timed)."""
+        source = torch.empty(nbytes, dtype=torch.uint8).fill_(7).numpy()
+        seconds = []
+        for _ in range(ctx.repeats):
+            dist.barrier()
+            copy = _native.copy_limit_seconds(nbytes, settings["threads"], "touched", 1, source)[0]
+            slowest = torch.tensor([copy], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            seconds.append(float(slowest.item()))
+        return seconds
+
+    samples = {WIRE: wire_limit(nbytes), DISK: [], MEMORY: [], TORCH: [], SHM: [], SHM_INTO: [], SHM_HOLDER: [],
+               READ: [], MEMCPY: memcpy_limit()}
     gc.collect()
     survivor = make_replicas(sd)
     # survive_restart: own copies (two simulated nodes) and replicas only, in shared memory
@@ -260,17 +286,25 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None, ranks_per_node=rpn,
                       survive_restart=True).stage(sd)
     gc.collect()
-    sd = None  # the replicas are what restore works from
+    into = sd  # the model restore(into=) fills: the dict itself (the replicas are what restore works from)
+    sd = None
     ctx.drop_workloads()
     cases: list[tuple[str, Callable[[], Any]]] = [
         (DISK, lambda: ReplicationStager(pg, timeout, storage_dir=stager_dir).restore()),
         (MEMORY, survivor.restore),
         (SHM, lambda: ReplicationStager(pg, timeout, storage_dir=shm_own, keep_own=True, ranks_per_node=rpn,
                                         survive_restart=True).restore()),
+        (SHM_INTO, lambda: ReplicationStager(pg, timeout, storage_dir=shm_own, keep_own=True, ranks_per_node=rpn,
+                                             survive_restart=True).restore(into=into)),
         (SHM_HOLDER, lambda: ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None,
                                                ranks_per_node=rpn, survive_restart=True).restore()),
         (TORCH, torch_restore),
     ]
+    from .persistence import DiskLimits
+
+    replica_file = os.path.join(stager_dir, f"rank_{rank}_replica_partner_{partner}.stager")
+    disk = DiskLimits(base, os.path.getsize(replica_file))
+    cases.append((READ, lambda: disk.read(replica_file)))
     timed(cases[0][1])  # warm the pools
     for round_ in range(ctx.repeats):
         for name, fn in cases:
@@ -279,6 +313,8 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
             + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
     report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
     survivor.close()
+    disk.close()
+    into = None
     gc.collect()
     dist.barrier()
     segments.release_shared_memory(shm_own)
