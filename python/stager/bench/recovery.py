@@ -34,6 +34,13 @@ Rows of ``restore, <n> ranks`` (measured interleaved, round by round, after the 
   ``_ReplicationStager``'s ``.pt`` files: ``torch.load`` the partner's replica, then PyTorch's
   ``PGTransport`` sends it to the partner and receives this rank's (lower rank sends first).
 
+Rows of ``peak host memory, <n> ranks``: ``ReplicationStager(keep_own=True)`` with and without
+``survive_restart`` (two nodes, each rank's own copy on its disk and, with survive_restart, in
+shared memory), three stages each; the row's time is the third stage's, and its ``extra`` holds the
+peak host memory during that stage summed over the ranks: each rank's anonymous resident memory
+(``RssAnon``: its dict, pool buffers, torch) plus the shared-memory segments of its
+``storage_dir`` (tmpfs pages are RAM whether mapped or not), sampled every 2 ms.
+
 Rows of ``replication, <n> ranks`` (4 ranks, one rank per failure domain, memory only):
 
 * ``limit: gloo exchange of one buffer`` / ``limit: gloo, two buffers each way``: one buffer to
@@ -69,6 +76,8 @@ MEMCPY = "limit: memory copy of one buffer"
 READ = "limit: cold direct read of the replica file"
 READ_WIRE = "limit: cold direct read, then gloo exchange"
 ONE = "stager ReplicationStager replicas=1"
+PEAK_PLAIN = "stager ReplicationStager keep_own stage(): peak host memory"
+PEAK_SHM = "stager ReplicationStager keep_own survive_restart stage(): peak host memory"
 TWO = "stager ReplicationStager replicas=2"
 
 #: Bytes per rank: each rank on one machine holds its dict (the target of restore(into=)), a
@@ -104,7 +113,7 @@ def _release_segments(workdir: str, world: int) -> None:
     from .. import segments
 
     for rank in range(world):
-        for layout in ("shm-own", "shm-holders"):
+        for layout in ("shm-own", "shm-holders", "peak-1"):
             segments.release_shared_memory(os.path.join(workdir, f"rank{rank}", layout))
 
 
@@ -129,6 +138,17 @@ def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
             ctx.row(SECTION, workload, DISK, samples[DISK], limit=READ_WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, MEMORY, samples[MEMORY], limit=WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, TORCH, samples[TORCH], limit=WIRE, **size),
+        ]
+    if workload.startswith("peak"):
+        plain, shm = data["peak_bytes"][PEAK_PLAIN], data["peak_bytes"][PEAK_SHM]
+        ratio = shm / plain if plain else None
+        return [
+            ctx.row(SECTION, workload, PEAK_PLAIN, samples[PEAK_PLAIN], **size,
+                    extra={"peak_host_bytes": plain, "summary": f"peak {plain / 1e9:.2f} GB"}),
+            ctx.row(SECTION, workload, PEAK_SHM, samples[PEAK_SHM], **size,
+                    extra={"peak_host_bytes": shm, "peak_vs_survive_restart_false": ratio,
+                           "summary": f"peak {shm / 1e9:.2f} GB, {ratio:.2f}x survive_restart=False"
+                           if ratio else ""}),
         ]
     one, two = statistics.median(samples[ONE]), statistics.median(samples[TWO])
     ratio = two / one if one > 0 else None
@@ -225,6 +245,55 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
         drop_replicas()
         return {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
 
+    def peak_host_memory(sd: Any, nbytes: int, ntensors: int) -> dict[str, Any]:
+        """Peak host memory of the third keep_own stage with and without survive_restart."""
+        import threading
+
+        from .. import segments
+
+        def host_bytes(directory: str) -> int:
+            with open("/proc/self/status") as f:
+                anon = next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+            return anon + sum(s.nbytes for s in segments.find_segments(directory, temps=True))
+
+        samples: dict[str, list[float]] = {}
+        peaks: dict[str, int] = {}
+        for name, survive in ((PEAK_PLAIN, False), (PEAK_SHM, True)):
+            directory = os.path.join(base, f"peak-{int(survive)}")
+            replicator = ReplicationStager(pg, timeout, storage_dir=directory, keep_own=True, ranks_per_node=rpn,
+                                           survive_restart=survive)
+            try:
+                for step in (1, 2):
+                    replicator.stage(sd, step=step)
+                gc.collect()
+                peak = [host_bytes(directory)]
+                stop = threading.Event()
+
+                def sample(directory: str = directory, peak: list[int] = peak, stop: threading.Event = stop) -> None:
+                    while not stop.wait(0.002):
+                        peak[0] = max(peak[0], host_bytes(directory))
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                try:
+                    samples[name] = [timed(lambda r=replicator: r.stage(sd, step=3))]
+                finally:
+                    stop.set()
+                    sampler.join()
+                peak[0] = max(peak[0], host_bytes(directory))
+                total = torch.tensor([peak[0]], dtype=torch.int64)
+                dist.all_reduce(total)
+                peaks[name] = int(total.item())
+            finally:
+                replicator.close()
+                del replicator
+                gc.collect()
+                dist.barrier()
+                segments.release_shared_memory(directory)
+                shutil.rmtree(directory, ignore_errors=True)
+        log(f"  [{world} ranks] peak host memory: " + ", ".join(f"{n} {b / 1e9:.2f} GB" for n, b in peaks.items()))
+        return {"nbytes": nbytes, "ntensors": ntensors, "samples": samples, "peak_bytes": peaks}
+
     def wire_limit(nbytes: int) -> list[float]:
         send = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
         receive = torch.empty(nbytes, dtype=torch.uint8)
@@ -258,6 +327,9 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     if world >= 3:
         report[f"replication, {world} ranks"] = replication(sd, nbytes, ntensors)
         gc.collect()
+    rpn = max(1, world // 2)  # two simulated nodes
+    report[f"peak host memory, {world} ranks"] = peak_host_memory(sd, nbytes, ntensors)
+    gc.collect()
     workload = f"restore, {world} ranks"
     from .. import _native, segments
 
@@ -280,7 +352,6 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     survivor = make_replicas(sd)
     # survive_restart: own copies (two simulated nodes) and replicas only, in shared memory
     shm_own, shm_holders = os.path.join(base, "shm-own"), os.path.join(base, "shm-holders")
-    rpn = max(1, world // 2)
     ReplicationStager(pg, timeout, storage_dir=shm_own, persist_format="stager", keep_own=True,
                       ranks_per_node=rpn, survive_restart=True).stage(sd)
     ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None, ranks_per_node=rpn,
