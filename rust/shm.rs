@@ -494,22 +494,6 @@ fn encode_header(data_len: u64, record: &[u8], nranges: u64, tail: &[u8]) -> Vec
 /// large storage is spread over every thread too.
 const CHECK_PIECE: usize = 4 << 20;
 
-/// Asks the kernel to map the pages of `bytes` readable at once (`MADV_POPULATE_READ`, Linux
-/// 5.14+): one call per piece instead of one page fault every few pages, and no copy-on-write
-/// break for a private mapping. A kernel without it just faults the pages in as they are read.
-fn populate_read(bytes: &[u8]) {
-    const MADV_POPULATE_READ: libc::c_int = 22;
-    let page = page_size();
-    let start = bytes.as_ptr() as usize / page * page;
-    let end = bytes.as_ptr() as usize + bytes.len();
-    if end <= start {
-        return;
-    }
-    // SAFETY: a hint over pages that hold `bytes` (rounded down to a page boundary, still inside
-    // the same mapping: our mappings start page-aligned); it changes no memory contents.
-    unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_READ) };
-}
-
 /// crc32c of each range, its pieces spread over a few threads and combined per range.
 fn checksums(bytes: &[u8], ranges: &[(u64, u64)]) -> Vec<u32> {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -535,7 +519,6 @@ fn checksums(bytes: &[u8], ranges: &[(u64, u64)]) -> Vec<u32> {
         let (range, at, n) = pieces[i];
         let start = ranges[range].0 as usize + at;
         let piece = &bytes[start..start + n];
-        populate_read(piece);
         crcs[i].store(crc32c::crc32c(piece), Ordering::Relaxed);
     };
     if threads <= 1 {
