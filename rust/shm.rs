@@ -490,21 +490,39 @@ fn encode_header(data_len: u64, record: &[u8], nranges: u64, tail: &[u8]) -> Vec
     h
 }
 
-/// crc32c of each range, on a few threads (ranges are independent).
+/// Bytes one thread checksums at a time: ranges are split into pieces this large so that one
+/// large storage is spread over every thread too.
+const CHECK_PIECE: usize = 4 << 20;
+
+/// crc32c of each range, its pieces spread over a few threads and combined per range.
 fn checksums(bytes: &[u8], ranges: &[(u64, u64)]) -> Vec<u32> {
+    // (range, offset in it, length) of every piece, in order.
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+    for (index, &(_, len)) in ranges.iter().enumerate() {
+        let len = len as usize;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(CHECK_PIECE);
+            pieces.push((index, at, n));
+            at += n;
+        }
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8);
-    let sums = crate::direct_io::for_each_piece(ranges.len(), threads, |i, _: &mut ()| {
-        let (offset, len) = ranges[i];
-        Ok::<_, std::convert::Infallible>(crc32c::crc32c(
-            &bytes[offset as usize..(offset + len) as usize],
-        ))
+    let sums = crate::direct_io::for_each_piece(pieces.len(), threads, |i, _: &mut ()| {
+        let (range, at, n) = pieces[i];
+        let start = ranges[range].0 as usize + at;
+        Ok::<_, std::convert::Infallible>(crc32c::crc32c(&bytes[start..start + n]))
     });
-    match sums {
+    let sums = match sums {
         Ok(sums) => sums,
         Err(never) => match never {},
-    }
+    };
+    crate::direct_io::combine_crc32c(
+        ranges.len(),
+        pieces.iter().zip(sums).map(|(&(range, _, n), crc)| (range, crc, n)),
+    )
 }
 
 /// A published segment, opened: its record, checked ranges and a private (copy-on-write)
@@ -843,6 +861,23 @@ mod tests {
             (opened.buffer.as_slice(), &opened.record[..]),
             (&data[..], &b"new"[..])
         );
+    }
+
+    #[test]
+    fn checksums_split_into_pieces_match_one_pass_over_each_range() {
+        let len = 3 * CHECK_PIECE + 12_345;
+        let data: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+        let ranges = [
+            (0u64, len as u64),
+            (7, 0),
+            (100, CHECK_PIECE as u64 + 1),
+            (len as u64 - 5, 5),
+        ];
+        let expected: Vec<u32> = ranges
+            .iter()
+            .map(|&(o, l)| crc32c::crc32c(&data[o as usize..(o + l) as usize]))
+            .collect();
+        assert_eq!(checksums(&data, &ranges), expected);
     }
 
     #[test]

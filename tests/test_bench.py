@@ -163,6 +163,11 @@ def test_recovery_section_measures_every_tier_and_leaves_no_segment(tmp_path, sh
         assert {"stager restore() (restarted, survive_restart: own copies in shared memory)",
                 "stager restore() (restarted, node replaced: holders' shared memory)",
                 "stager restore() (restarted: copies on disk)",
-                "PyTorch: torch.load replica + PGTransport"} <= names
+                "PyTorch: torch.load replica + PGTransport",
+                "stager restore(into=model) (restarted, survive_restart: own copies in shared memory)",
+                "limit: memory copy of one buffer", "limit: cold direct read, then gloo exchange"} <= names
     assert all(row["seconds_median"] > 0 for row in rows)
+    for world in (2, 4):
+        peaks = {row["name"]: row["extra"] for row in rows if row["workload"] == f"peak host memory, {world} ranks"}
+        assert len(peaks) == 2 and all(extra["peak_host_bytes"] > 0 for extra in peaks.values()), peaks
     assert os.listdir(shm_dir) == []

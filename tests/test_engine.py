@@ -42,3 +42,27 @@ def test_copy_niceness_from_the_environment_is_checked(monkeypatch):
             engine._background_niceness()
     monkeypatch.delenv("STAGER_COPY_NICENESS")
     assert engine._background_niceness() == engine.BACKGROUND_NICENESS == 0
+
+
+def test_copy_tensors_copies_host_tensors_and_refuses_what_it_cannot_copy_safely():
+    copier = engine.copy_engine(2)
+    sources = [torch.randn(3_000_000), torch.arange(10, dtype=torch.int64), torch.randn(0)]
+    targets = [torch.zeros(3_000_000), torch.zeros(10, dtype=torch.int64), torch.zeros(0)]
+    copier.copy_tensors(list(zip(sources, targets)))
+    assert all(torch.equal(s, t) for s, t in zip(sources, targets))
+    same = torch.randn(5)
+    copier.copy_tensors([(same, same)])  # the same memory: nothing to do
+    base = torch.zeros(100)
+    bad = {
+        "not contiguous": [(torch.randn(4, 4), torch.zeros(4, 4).t())],
+        "holds 16 bytes, not 32": [(torch.randn(8), torch.zeros(4))],
+        "overlap": [(torch.randn(10), base[:10]), (torch.randn(10), base[5:15])],
+        "overlaps the source": [(base[:10], base[5:15])],
+        "not a CPU tensor": [(torch.randn(2), torch.zeros(2, device="meta"))],
+    }
+    for why, pairs in bad.items():
+        before = [t.clone() for _, t in pairs if t.device.type == "cpu"]
+        with pytest.raises(_native.StagerError, match=why):
+            copier.copy_tensors(pairs)
+        after = [t for _, t in pairs if t.device.type == "cpu"]
+        assert all(torch.equal(b, a) for b, a in zip(before, after)), f"{why}: nothing is copied"

@@ -228,3 +228,29 @@ def test_link_cut_in_the_middle_of_a_transfer(tmp_path, network):
         assert result["elapsed"] < timeout + 3, result  # within the timeout, no hang
         assert result["kind"] in ("timeout", "connection"), result
         print(f"rank {rank}: {result['kind']} after {result['elapsed']:.1f}s: {result['error']}")
+
+
+def test_recovery_reads_its_input_and_returns_what_it_restored(tmp_path):
+    """recovery.restore() works from a RecoveryInput alone (no stager), changes nothing in it,
+    and returns the step, tier and server; recovery.py never imports replication.py."""
+    import ast
+    import datetime
+    import pathlib
+
+    import torch
+
+    from stager import recovery
+
+    held = {"w": torch.arange(6.0)}
+    memory = {0: (7, 1, held)}
+    source = recovery.RecoveryInput(str(tmp_path), datetime.timedelta(seconds=30), memory, False,
+                                    group_for=lambda pg: pytest.fail("one rank needs no group"),
+                                    transport_for=lambda group: pytest.fail("one rank needs no transport"))
+    restored = recovery.restore(source)
+    assert restored.state_dict is held and memory == {0: (7, 1, held)}
+    assert restored.report() == {"step": 7, "server": 0, "tier": "memory", "where": "memory", "received_bytes": 0}
+    tree = ast.parse(pathlib.Path(recovery.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                 for alias in node.names}
+    assert not any(name and name.split(".")[-1] == "replication" for name in imported), imported

@@ -253,3 +253,22 @@ def test_find_replicas_inspect_verify_and_release_shm_command(tmp_path, shm_dir)
     out = subprocess.run(cli + ["release-shm", str(tmp_path / "job")], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "released" in out.stdout and " 0 bytes" not in out.stdout
     assert steps_in_shm(tmp_path / "job") == []
+
+
+def test_restore_into_a_model_copies_every_layout_and_bumps_version_counters(tmp_path, shm_dir):
+    """restore(into=) copies contiguous host tensors with the copy engine; non-contiguous and
+    tied targets still get their values, and every target's version counter moves (so a
+    skip_unchanged stage after it sends the restored bytes)."""
+    model = torch.nn.Linear(64, 32)
+    reference = {"weight": torch.randn(32, 64), "bias": torch.randn(32), "t": torch.randn(8, 4), "tied": None}
+    reference["tied"] = reference["weight"]
+    rep = stager.ReplicationStager(storage_dir=str(tmp_path / "job"), keep_own=True, survive_restart=True)
+    rep.stage(reference, step=3)
+    rep.close()
+    target = {"weight": model.weight, "bias": model.bias, "t": torch.zeros(4, 8).t(), "tied": model.weight}
+    versions = {key: value._version for key, value in target.items()}
+    result = own_stager(tmp_path / "job").restore(into=target)
+    for key in ("weight", "bias", "t", "tied"):
+        assert result[key] is target[key], key
+        assert torch.equal(result[key], reference[key]), key
+        assert target[key]._version > versions[key], key

@@ -169,6 +169,7 @@ class CopyEngine:
         completion: Completion,
         copies: Sequence[tuple[int, torch.UntypedStorage, int, int, int]],
     ) -> None: ...
+    def copy_tensors(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None: ...
 
 def write_file(
     path: str,

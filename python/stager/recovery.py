@@ -37,27 +37,77 @@ Protocol (every wait bounded by the stager's timeout from the start of the call,
 
 A timeout or lost peer in steps 1, 3 or 4 breaks the group (see :mod:`stager.transport`); every
 rank raises within the timeout.
+
+Recovery reads only what it is given (:class:`RecoveryInput`: the replicas held in memory, the
+``storage_dir``, whether to look in shared memory, the timeout and how to get the group and its
+transport) and returns what it restored (:class:`Restored`); the stager records the step itself.
+Data flows one way: :mod:`stager.replication` imports this module, never the reverse.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import increment_version
 from torch.distributed.tensor import DTensor
 
-from . import segments
+from . import engine, segments
 from ._native import StagerError
 from .dtensor import LocalShard
+from .options import default_num_threads
 from .replica_files import _scan, load_replica, read_record
 from .transport import PGTransport, TransportError
 from .tree import tensors_by_path
 
-__all__ = ["Decision", "decide", "inventory", "restore"]
+__all__ = ["Decision", "RecoveryInput", "Restored", "decide", "inventory", "restore"]
+
+
+@dataclass(frozen=True)
+class RecoveryInput:
+    """What one rank serves from and how it reaches the others, for :func:`restore`.
+
+    Attributes:
+        storage_dir: the directory of this rank's copy files (and the name of its segments).
+        timeout: bound on the whole call (one deadline from its start).
+        memory: owner → ``(step, world_size, state_dict)``, the replicas held in this process
+            (read only; empty for a restarted process).
+        shared_memory: whether to look for segments of ``storage_dir`` (``survive_restart``).
+        group_for: the process group to use for a ``pg`` argument (``None``: the default one).
+        transport_for: the :class:`~stager.transport.PGTransport` over a group.
+    """
+
+    storage_dir: str
+    timeout: timedelta
+    memory: Mapping[int, tuple[int, int, Any]]
+    shared_memory: bool
+    group_for: Callable[[Any], Any]
+    transport_for: Callable[[Any], PGTransport]
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :func:`restore` restored on this rank: its ``state_dict`` of ``step``, the rank that
+    served it, its tier (``"memory"``, ``"shm"`` or ``"disk"``), where the copy was (``"memory"``,
+    a segment or a file path), and the bytes received over the group."""
+
+    state_dict: Any
+    step: int
+    server: int
+    tier: str
+    where: str
+    received_bytes: int
+
+    def report(self) -> dict[str, Any]:
+        """Everything but the state_dict (``ReplicationStager.last_restore``)."""
+        return {"step": self.step, "server": self.server, "tier": self.tier, "where": self.where,
+                "received_bytes": self.received_bytes}
 
 
 @dataclass(frozen=True)
@@ -68,14 +118,14 @@ class Decision:
     servers: tuple[tuple[int, int], ...]
 
 
-def inventory(stager: Any, world_size: int) -> list[dict[str, Any]]:
+def inventory(source: RecoveryInput, world_size: int) -> list[dict[str, Any]]:
     """This rank's copies (see the module doc, step 1). Files whose record can't be read are
     listed with an ``error`` and no step, so a failed restore can say what was found."""
     copies: list[dict[str, Any]] = []
-    for owner, (step, world, _) in sorted(stager._memory.items()):
+    for owner, (step, world, _) in sorted(source.memory.items()):
         copies.append({"owner": owner, "step": step, "world_size": world, "where": "memory"})
-    if getattr(stager, "_survive", False):
-        for segment in sorted(segments.find_segments(stager.storage_dir), key=lambda s: s.path):
+    if source.shared_memory:
+        for segment in sorted(segments.find_segments(source.storage_dir), key=lambda s: s.path):
             try:
                 record = segments.read_segment_record(segment.path)
             except StagerError as err:
@@ -86,7 +136,7 @@ def inventory(stager: Any, world_size: int) -> list[dict[str, Any]]:
                 continue
             copies.append({"owner": record["owner"], "step": record["step"], "world_size": record["world_size"],
                            "where": segment.path, "tier": "shm"})
-    for entry, _ in sorted(_scan(stager.storage_dir), key=lambda item: item[0].name):
+    for entry, _ in sorted(_scan(source.storage_dir), key=lambda item: item[0].name):
         try:
             record = read_record(entry.path)
         except StagerError as err:
@@ -184,9 +234,9 @@ def _unrestorable(world_size: int, usable: dict, damaged: dict, inventories: lis
     return ". ".join(details)
 
 
-def _load(stager: Any, copy: dict[str, Any]) -> Any:
+def _load(source: RecoveryInput, copy: dict[str, Any]) -> Any:
     if copy["where"] == "memory":
-        step, _, state_dict = stager._memory[copy["owner"]]
+        step, _, state_dict = source.memory[copy["owner"]]
         if step != copy["step"]:
             raise StagerError(f"the in-memory replica of rank {copy['owner']} changed during restore()")
         return state_dict
@@ -230,19 +280,56 @@ def _check_into(state: Any, into: Any) -> None:
                               f"holds {target.dtype} {list(target.shape)}")
 
 
+def _overlapping(tensors: list[torch.Tensor]) -> set[int]:
+    """Indices of the (contiguous) tensors whose bytes overlap another's."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes, i) for i, t in enumerate(tensors) if t.nbytes)
+    found: set[int] = set()
+    reach, owner = -1, -1  # the furthest end so far, and whose it is
+    for start, end, index in spans:
+        if start < reach:
+            found.update((index, owner))
+        if end > reach:
+            reach, owner = end, index
+    return found
+
+
 def _restore_into(result: Any, into: Any) -> Any:
     """Copies every tensor value of ``result`` into the tensor of ``into`` at the same key path
     (skipping those received in place) and returns ``result`` with ``into``'s tensors in it."""
     _check_into(result, into)
     targets = tensors_by_path(into)
+    host_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[tuple[int, int, int]] = set()
+    others: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for path, leaf in _leaves(result).items():
+        target, value = _local(targets[path]), _local(leaf)
+        in_place = (target.device == value.device and target.storage_offset() == value.storage_offset()
+                    and target.stride() == value.stride()
+                    and target.untyped_storage().data_ptr() == value.untyped_storage().data_ptr())
+        if in_place:
+            continue
+        if target.is_cpu and value.is_cpu and target.is_contiguous() and value.is_contiguous():
+            key = (value.data_ptr(), target.data_ptr(), target.nbytes)
+            if key not in seen:  # tied weights: one copy per distinct pair
+                seen.add(key)
+                host_pairs.append((value, target))
+        else:
+            others.append((value, target))
+    # Host tensors: one batch on the copy engine's threads, GIL released (version counters
+    # bumped as torch's copy_ would, so skip_unchanged sees the change). Targets that overlap
+    # another (views of one storage in ``into``) take torch's copy, in order, like the rest.
+    overlapping = _overlapping([target for _, target in host_pairs])
+    if overlapping:
+        others = [pair for i, pair in enumerate(host_pairs) if i in overlapping] + others
+        host_pairs = [pair for i, pair in enumerate(host_pairs) if i not in overlapping]
+    try:
+        engine.copy_engine(default_num_threads()).copy_tensors(host_pairs)
+        increment_version([target for _, target in host_pairs if not target.is_inference()])
+    except StagerError:
+        others = host_pairs + others
     with torch.no_grad():
-        for path, leaf in _leaves(result).items():
-            target, value = _local(targets[path]), _local(leaf)
-            in_place = (target.device == value.device and target.storage_offset() == value.storage_offset()
-                        and target.stride() == value.stride()
-                        and target.untyped_storage().data_ptr() == value.untyped_storage().data_ptr())
-            if not in_place:
-                target.copy_(value)
+        for value, target in others:
+            target.copy_(value)
 
     def put(value: Any, path: tuple) -> Any:
         """``value`` with into's tensors at its tensor leaves (containers of the fresh result are
@@ -276,19 +363,18 @@ def _gather(transport: PGTransport | None, payload: Any, what: str, deadline: fl
     return out
 
 
-def restore(stager: Any, into: Any = None, *, pg: Any = None) -> Any:
-    """See the module doc; ``stager`` is the :class:`~stager.ReplicationStager` whose memory and
-    ``storage_dir`` this rank serves from."""
+def restore(source: RecoveryInput, into: Any = None, *, pg: Any = None) -> Restored:
+    """See the module doc: this rank serves from ``source``; returns its own restored state."""
     started = time.monotonic()
-    deadline = started + stager._timeout.total_seconds()
+    deadline = started + source.timeout.total_seconds()
     if pg is None and not dist.is_initialized():
         rank, world, transport = 0, 1, None
     else:
-        group = stager._group(pg)
+        group = source.group_for(pg)
         rank, world = group.rank(), group.size()
-        transport = stager._transport_for(group) if world > 1 else None
+        transport = source.transport_for(group) if world > 1 else None
     received_before = transport.received.data if transport is not None else 0
-    mine = inventory(stager, world)
+    mine = inventory(source, world)
     inventories = _gather(transport, mine, "exchanging what each rank holds for restore()", deadline)
     damaged: dict[tuple[int, int], str] = {}
     loaded: dict[int, Any] = {}
@@ -298,7 +384,7 @@ def restore(stager: Any, into: Any = None, *, pg: Any = None) -> Any:
         for server, index in decision.servers:
             if server == rank and index not in loaded:
                 try:
-                    loaded[index] = _load(stager, mine[index])
+                    loaded[index] = _load(source, mine[index])
                 except StagerError as err:
                     failures.append([index, str(err)])
         reports = _gather(transport, failures, "checking the copies chosen for restore()", deadline)
@@ -335,10 +421,7 @@ def restore(stager: Any, into: Any = None, *, pg: Any = None) -> Any:
     failed = [f"rank {r}: {o['error']}" for r, o in enumerate(outcomes) if o.get("error")]
     if failed:
         raise StagerError(f"restore() of step {decision.step} failed: " + "; ".join(failed)) from error
-    stager._newest_step = max(stager._newest_step or 0, decision.step)
     copy = inventories[own_server][own_index]
-    stager.last_restore = {"step": decision.step, "server": own_server,
-                           "tier": ("memory", "shm", "disk")[_tier(copy)], "where": copy["where"],
-                           "received_bytes": (transport.received.data if transport is not None else 0) - received_before}
-    return result
+    return Restored(result, decision.step, own_server, ("memory", "shm", "disk")[_tier(copy)], copy["where"],
+                    (transport.received.data if transport is not None else 0) - received_before)
 

@@ -111,13 +111,14 @@ import secrets
 import tempfile
 import threading
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native, files, segments
+from . import _native, files, recovery, segments
 from ._native import StagerError
 from .incremental import CHECK_ENV, UnchangedStorages
 from .placement import Placement, default_ranks_per_node, place
@@ -840,9 +841,12 @@ class ReplicationStager(AsyncStager):
         into scratch memory and copying on success would keep it intact at the price of a
         second copy of the whole state_dict in host memory and one more pass over its bytes.)
         """
-        from .recovery import restore
-
-        return restore(self, into, pg=pg)
+        source = recovery.RecoveryInput(self._storage_dir, self._timeout, MappingProxyType(self._memory),
+                                        self._survive, self._group, self._transport_for)
+        restored = recovery.restore(source, into, pg=pg)
+        self._newest_step = max(self._newest_step or 0, restored.step)
+        self.last_restore = restored.report()
+        return restored.state_dict
 
     # ---- AsyncStager --------------------------------------------------------------------------------
     def synchronize_staging(self) -> None:

@@ -249,6 +249,98 @@ impl PyCopyEngine {
         py.detach(|| unsafe { self.engine.submit(completion, host_copies, Some(owner)) })?;
         Ok(())
     }
+    /// Copies every `(source, target)` pair of contiguous CPU tensors of equal byte size, all
+    /// pairs at once on the engine's workers (GIL released), and waits for them (Ctrl-C
+    /// interrupts the wait; the batch keeps the tensors alive until its copies finish). A pair
+    /// whose source and target are the same memory is skipped. Raises StagerError, before
+    /// copying anything, when a tensor is not contiguous host memory, sizes differ, two targets
+    /// overlap, or a target overlaps a source. For restore(into=...).
+    fn copy_tensors(
+        &self,
+        py: Python<'_>,
+        pairs: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>,
+    ) -> PyResult<()> {
+        let mut copies = Vec::with_capacity(pairs.len());
+        let mut sources = Vec::with_capacity(pairs.len());
+        let mut owned: Vec<(Py<PyAny>, Py<PyAny>)> = Vec::with_capacity(pairs.len());
+        for (index, (source, target)) in pairs.iter().enumerate() {
+            let nbytes = tensor_nbytes(source)
+                .map_err(|why| invalid(format!("copy {index}: the source is {why}")))?;
+            let src = super::table::contiguous_cpu_bytes(source, nbytes)
+                .map_err(|why| invalid(format!("copy {index}: the source is {why}")))?;
+            let dst = super::table::contiguous_cpu_bytes(target, nbytes)
+                .map_err(|why| invalid(format!("copy {index}: the target is {why}")))?;
+            if src == dst || nbytes == 0 {
+                continue;
+            }
+            sources.push((src, nbytes));
+            copies.push(HostCopy {
+                request: copies.len(),
+                src: src as *const u8,
+                dst: dst as *mut u8,
+                len: nbytes,
+            });
+            owned.push((source.clone().unbind(), target.clone().unbind()));
+        }
+        check_targets_apart_from_sources(&copies, sources)?;
+        let completion = Completion::new(copies.len());
+        let owner: crate::copy_engine::MemoryOwner = Box::new(owned);
+        // SAFETY: every range lies inside its live contiguous CPU tensor (checked above, exact
+        // byte sizes), no target overlaps another (checked by submit) or any source (checked
+        // just above), and the batch owns the tensors until its last copy has finished.
+        py.detach(|| unsafe { self.engine.submit(&completion, copies, Some(owner)) })?;
+        wait_interruptibly(py, None, |slice| {
+            Ok(completion.wait_all(Some(slice))?.then_some(()))
+        })?;
+        Ok(())
+    }
+}
+
+/// Bytes of a tensor's elements (`numel * element_size`), or what it is instead.
+fn tensor_nbytes(tensor: &Bound<'_, PyAny>) -> Result<usize, String> {
+    let py = tensor.py();
+    let attempt = || -> PyResult<Option<usize>> {
+        let numel: usize = tensor.call_method0(intern!(py, "numel"))?.extract()?;
+        let itemsize: usize = tensor
+            .call_method0(intern!(py, "element_size"))?
+            .extract()?;
+        Ok(numel.checked_mul(itemsize))
+    };
+    match attempt() {
+        Ok(Some(nbytes)) => Ok(nbytes),
+        Ok(None) => Err("too large".into()),
+        Err(err) => Err(format!("not a tensor ({err})")),
+    }
+}
+
+/// StagerError when a copy's target overlaps any copy's source (the copies run concurrently).
+fn check_targets_apart_from_sources(
+    copies: &[HostCopy],
+    mut sources: Vec<(usize, usize)>,
+) -> PyResult<()> {
+    sources.sort_unstable();
+    // Merge into disjoint spans [start, end), sorted: one binary search per target.
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(sources.len());
+    for (start, len) in sources {
+        let end = start.saturating_add(len);
+        match spans.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => spans.push((start, end)),
+        }
+    }
+    for (index, copy) in copies.iter().enumerate() {
+        let (start, end) = (
+            copy.dst as usize,
+            (copy.dst as usize).saturating_add(copy.len),
+        );
+        let after = spans.partition_point(|span| span.1 <= start);
+        if spans.get(after).is_some_and(|span| span.0 < end) {
+            return Err(invalid(format!(
+                "copy {index}: its target overlaps the source of a copy"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `(address, nbytes)` of a CPU `torch.UntypedStorage`, or a StagerError saying what it is instead.

@@ -12,7 +12,10 @@ Rows of ``restore, <n> ranks`` (measured interleaved, round by round, after the 
   partner while receiving one (``send`` and ``recv`` posted together);
 * ``stager restore() (restarted: copies on disk)``: fresh ReplicationStagers on the old
   ``storage_dir``s (inventory, reading and checking the ``.stager`` replica, sending it, receiving
-  this rank's state);
+  this rank's state); its limit is ``limit: cold direct read, then gloo exchange``, the sum of
+  the round's ``limit: cold direct read of the replica file`` (each rank reads the replica it
+  serves with O_DIRECT, 8 MiB requests, 4 in flight, into touched memory, all ranks at once) and
+  its gloo exchange: the reader fills the pool buffer before the transport sends it;
 * ``stager restore() (survivors: replicas in memory)``: the stagers that replicated, restoring from
   the replicas they hold in memory;
 * ``stager restore() (restarted, survive_restart: own copies in shared memory)``: fresh stagers
@@ -21,11 +24,22 @@ Rows of ``restore, <n> ranks`` (measured interleaved, round by round, after the 
 * ``stager restore() (restarted, node replaced: holders' shared memory)``: ``survive_restart``
   without own copies (as for the ranks of a replaced node): each rank's copy comes from its
   holder's shared memory over gloo;
-* ``limit: memory copy of one buffer``: one copy of the dict's bytes into touched memory, all
-  copy threads (the limit of the shared-memory row);
+* ``stager restore(into=model) (restarted, survive_restart: own copies in shared memory)``: the
+  same, into the tensors of an existing state_dict (checksums verified over the segment, then one
+  parallel copy by the copy engine into the targets);
+* ``limit: memory copy of one buffer``: one parallel copy (all copy threads) of the dict's bytes
+  from one touched buffer into another, on every rank at once like the restore rows (a barrier
+  before each sample, the slowest rank's time): the limit of the shared-memory rows;
 * ``PyTorch: torch.load replica + PGTransport``: what a PyTorch user does with
   ``_ReplicationStager``'s ``.pt`` files: ``torch.load`` the partner's replica, then PyTorch's
   ``PGTransport`` sends it to the partner and receives this rank's (lower rank sends first).
+
+Rows of ``peak host memory, <n> ranks``: ``ReplicationStager(keep_own=True)`` with and without
+``survive_restart`` (two nodes, each rank's own copy on its disk and, with survive_restart, in
+shared memory), three stages each; the row's time is the third stage's, and its ``extra`` holds the
+peak host memory during that stage summed over the ranks: each rank's anonymous resident memory
+(``RssAnon``: its dict, pool buffers, torch) plus the shared-memory segments of its
+``storage_dir`` (tmpfs pages are RAM whether mapped or not), sampled every 2 ms.
 
 Rows of ``replication, <n> ranks`` (4 ranks, one rank per failure domain, memory only):
 
@@ -58,13 +72,18 @@ MEMORY = "stager restore() (survivors: replicas in memory)"
 TORCH = "PyTorch: torch.load replica + PGTransport"
 SHM = "stager restore() (restarted, survive_restart: own copies in shared memory)"
 SHM_HOLDER = "stager restore() (restarted, node replaced: holders' shared memory)"
+SHM_INTO = "stager restore(into=model) (restarted, survive_restart: own copies in shared memory)"
 MEMCPY = "limit: memory copy of one buffer"
+READ = "limit: cold direct read of the replica file"
+READ_WIRE = "limit: cold direct read, then gloo exchange"
 ONE = "stager ReplicationStager replicas=1"
+PEAK_PLAIN = "stager ReplicationStager keep_own stage(): peak host memory"
+PEAK_SHM = "stager ReplicationStager keep_own survive_restart stage(): peak host memory"
 TWO = "stager ReplicationStager replicas=2"
 
-#: Bytes per rank: each rank on one machine holds its dict, a survivor's replica in memory, the
-#: shared-memory copies of both survive_restart layouts and the copy being restored, about 5x the
-#: dict, so the ranks of one run share this budget (1 GB per rank with 2 ranks, 0.5 GB with 4)
+#: Bytes per rank: each rank on one machine holds its dict (the target of restore(into=)), a
+#: survivor's replica in memory, the shared-memory copies of both survive_restart layouts and the
+#: copy being restored, about 5x the dict, so the ranks of one run share this budget (1 GB per rank with 2 ranks, 0.5 GB with 4)
 #: to stay inside a 24 GB machine.
 BYTES_FOR_ALL_RANKS = 2_000_000_000
 WORLDS = (2, 4)
@@ -95,7 +114,7 @@ def _release_segments(workdir: str, world: int) -> None:
     from .. import segments
 
     for rank in range(world):
-        for layout in ("shm-own", "shm-holders"):
+        for layout in ("shm-own", "shm-holders", "peak-1"):
             segments.release_shared_memory(os.path.join(workdir, f"rank{rank}", layout))
 
 
@@ -113,10 +132,24 @@ def _rows(ctx: BenchContext, workload: str, data: dict[str, Any]) -> list[Row]:
             ctx.row(SECTION, workload, WIRE, samples[WIRE], **size),
             ctx.row(SECTION, workload, MEMCPY, samples[MEMCPY], **size),
             ctx.row(SECTION, workload, SHM, samples[SHM], limit=MEMCPY, baseline=TORCH, **size),
+            ctx.row(SECTION, workload, SHM_INTO, samples[SHM_INTO], limit=MEMCPY, baseline=TORCH, **size),
             ctx.row(SECTION, workload, SHM_HOLDER, samples[SHM_HOLDER], limit=WIRE, baseline=TORCH, **size),
-            ctx.row(SECTION, workload, DISK, samples[DISK], limit=WIRE, baseline=TORCH, **size),
+            ctx.row(SECTION, workload, READ, samples[READ], **size),
+            ctx.row(SECTION, workload, READ_WIRE, [r + w for r, w in zip(samples[READ], samples[WIRE])], **size),
+            ctx.row(SECTION, workload, DISK, samples[DISK], limit=READ_WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, MEMORY, samples[MEMORY], limit=WIRE, baseline=TORCH, **size),
             ctx.row(SECTION, workload, TORCH, samples[TORCH], limit=WIRE, **size),
+        ]
+    if workload.startswith("peak"):
+        plain, shm = data["peak_bytes"][PEAK_PLAIN], data["peak_bytes"][PEAK_SHM]
+        ratio = shm / plain if plain else None
+        return [
+            ctx.row(SECTION, workload, PEAK_PLAIN, samples[PEAK_PLAIN], **size,
+                    extra={"peak_host_bytes": plain, "summary": f"peak {plain / 1e9:.2f} GB"}),
+            ctx.row(SECTION, workload, PEAK_SHM, samples[PEAK_SHM], **size,
+                    extra={"peak_host_bytes": shm, "peak_vs_survive_restart_false": ratio,
+                           "summary": f"peak {shm / 1e9:.2f} GB, {ratio:.2f}x survive_restart=False"
+                           if ratio else ""}),
         ]
     one, two = statistics.median(samples[ONE]), statistics.median(samples[TWO])
     ratio = two / one if one > 0 else None
@@ -214,6 +247,55 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
         drop_replicas()
         return {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
 
+    def peak_host_memory(sd: Any, nbytes: int, ntensors: int) -> dict[str, Any]:
+        """Peak host memory of the third keep_own stage with and without survive_restart."""
+        import threading
+
+        from .. import segments
+
+        def host_bytes(directory: str) -> int:
+            with open("/proc/self/status") as f:
+                anon = next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+            return anon + sum(s.nbytes for s in segments.find_segments(directory, temps=True))
+
+        samples: dict[str, list[float]] = {}
+        peaks: dict[str, int] = {}
+        for name, survive in ((PEAK_PLAIN, False), (PEAK_SHM, True)):
+            directory = os.path.join(base, f"peak-{int(survive)}")
+            replicator = ReplicationStager(pg, timeout, storage_dir=directory, keep_own=True, ranks_per_node=rpn,
+                                           survive_restart=survive)
+            try:
+                for step in (1, 2):
+                    replicator.stage(sd, step=step)
+                gc.collect()
+                peak = [host_bytes(directory)]
+                stop = threading.Event()
+
+                def sample(directory: str = directory, peak: list[int] = peak, stop: threading.Event = stop) -> None:
+                    while not stop.wait(0.002):
+                        peak[0] = max(peak[0], host_bytes(directory))
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                try:
+                    samples[name] = [timed(lambda r=replicator: r.stage(sd, step=3))]
+                finally:
+                    stop.set()
+                    sampler.join()
+                peak[0] = max(peak[0], host_bytes(directory))
+                total = torch.tensor([peak[0]], dtype=torch.int64)
+                dist.all_reduce(total)
+                peaks[name] = int(total.item())
+            finally:
+                replicator.close()
+                del replicator
+                gc.collect()
+                dist.barrier()
+                segments.release_shared_memory(directory)
+                shutil.rmtree(directory, ignore_errors=True)
+        log(f"  [{world} ranks] peak host memory: " + ", ".join(f"{n} {b / 1e9:.2f} GB" for n, b in peaks.items()))
+        return {"nbytes": nbytes, "ntensors": ntensors, "samples": samples, "peak_bytes": peaks}
+
     def wire_limit(nbytes: int) -> list[float]:
         send = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
         receive = torch.empty(nbytes, dtype=torch.uint8)
@@ -247,32 +329,55 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     if world >= 3:
         report[f"replication, {world} ranks"] = replication(sd, nbytes, ntensors)
         gc.collect()
+    rpn = max(1, world // 2)  # two simulated nodes
+    report[f"peak host memory, {world} ranks"] = peak_host_memory(sd, nbytes, ntensors)
+    gc.collect()
     workload = f"restore, {world} ranks"
     from .. import _native, segments
 
-    samples = {WIRE: wire_limit(nbytes), DISK: [], MEMORY: [], TORCH: [], SHM: [], SHM_HOLDER: [],
-               MEMCPY: list(_native.copy_limit_seconds(nbytes, settings["threads"], "touched", ctx.repeats))}
+    def memcpy_limit() -> list[float]:
+        """One parallel copy of one touched buffer into another, on all ranks at once: the
+        slowest rank's copy time of each sample (the destination's touch is not timed)."""
+        source = torch.empty(nbytes, dtype=torch.uint8).fill_(7).numpy()
+        seconds = []
+        for _ in range(ctx.repeats):
+            dist.barrier()
+            copy = _native.copy_limit_seconds(nbytes, settings["threads"], "touched", 1, source)[0]
+            slowest = torch.tensor([copy], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            seconds.append(float(slowest.item()))
+        return seconds
+
+    samples = {WIRE: wire_limit(nbytes), DISK: [], MEMORY: [], TORCH: [], SHM: [], SHM_INTO: [], SHM_HOLDER: [],
+               READ: [], MEMCPY: memcpy_limit()}
     gc.collect()
     survivor = make_replicas(sd)
     # survive_restart: own copies (two simulated nodes) and replicas only, in shared memory
     shm_own, shm_holders = os.path.join(base, "shm-own"), os.path.join(base, "shm-holders")
-    rpn = max(1, world // 2)
     ReplicationStager(pg, timeout, storage_dir=shm_own, persist_format="stager", keep_own=True,
                       ranks_per_node=rpn, survive_restart=True).stage(sd)
     ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None, ranks_per_node=rpn,
                       survive_restart=True).stage(sd)
     gc.collect()
-    del sd  # the replicas are what restore works from
+    into = sd  # the model restore(into=) fills: the dict itself (the replicas are what restore works from)
+    sd = None
     ctx.drop_workloads()
     cases: list[tuple[str, Callable[[], Any]]] = [
         (DISK, lambda: ReplicationStager(pg, timeout, storage_dir=stager_dir).restore()),
         (MEMORY, survivor.restore),
         (SHM, lambda: ReplicationStager(pg, timeout, storage_dir=shm_own, keep_own=True, ranks_per_node=rpn,
                                         survive_restart=True).restore()),
+        (SHM_INTO, lambda: ReplicationStager(pg, timeout, storage_dir=shm_own, keep_own=True, ranks_per_node=rpn,
+                                             survive_restart=True).restore(into=into)),
         (SHM_HOLDER, lambda: ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None,
                                                ranks_per_node=rpn, survive_restart=True).restore()),
         (TORCH, torch_restore),
     ]
+    from .persistence import DiskLimits
+
+    replica_file = os.path.join(stager_dir, f"rank_{rank}_replica_partner_{partner}.stager")
+    disk = DiskLimits(base, os.path.getsize(replica_file))
+    cases.append((READ, lambda: disk.read(replica_file)))
     timed(cases[0][1])  # warm the pools
     for round_ in range(ctx.repeats):
         for name, fn in cases:
@@ -281,6 +386,8 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
             + ", ".join(f"{name} {values[-1]:.3f}s" for name, values in samples.items() if values))
     report[workload] = {"nbytes": nbytes, "ntensors": ntensors, "samples": samples}
     survivor.close()
+    disk.close()
+    into = None
     gc.collect()
     dist.barrier()
     segments.release_shared_memory(shm_own)
