@@ -68,7 +68,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crate::commit::AtomicFile;
@@ -239,6 +239,7 @@ pub unsafe fn write_uncommitted(
                 ptr: sources[storage].ptr,
                 request: sources[storage].request,
                 suffix_of: None,
+                framing: false,
             });
         }
         storage += 1;
@@ -254,7 +255,7 @@ pub unsafe fn write_uncommitted(
     if mode.is_direct() && direct_io::set_direct(file, true).is_err() {
         mode = IoMode::Buffered;
     }
-    let ops = plan_ops(&parts, data_len, mode, staged);
+    let ops = plan_ops(&parts, data_len, mode, staged, IO_CHUNK);
     let run = Run {
         file,
         path,
@@ -265,6 +266,9 @@ pub unsafe fn write_uncommitted(
         direct: AtomicBool::new(mode.is_direct()),
         offset_align: mode.alignment().1,
         records: None,
+        streaming: None,
+        unread: Vec::new(),
+        bounce_slots: AtomicUsize::new(0),
     };
     let crc_parts = run.execute()?;
     if !run.direct.load(Ordering::Relaxed) {
@@ -328,6 +332,25 @@ pub struct RecordsReport {
     pub mode: IoMode,
 }
 
+/// A write that streams from sources still in use (a state_dict larger than the host-memory
+/// budget, written by [`write_records_uncommitted`] straight from the training tensors): the
+/// writer tells when it is done reading each source, and copies only through the bounce memory
+/// it is given.
+pub struct Streaming<'a> {
+    /// One request per item, completed once the writer has read the last byte of the item's
+    /// source (written or copied out, and checksummed): its owner may change it from then on.
+    /// Failed with the write's error when the write fails.
+    pub consumed: &'a Completion,
+    /// `(address, length)` of the only memory bounced bytes go through (cut into one chunk per
+    /// I/O thread, each refilled as soon as its write returns), in place of the writer's own
+    /// chunks; None: the writer's own. At least [`BLOCK`] bytes, page-aligned.
+    pub bounce: Option<(*mut u8, usize)>,
+}
+
+// SAFETY: the bounce address is memory the caller hands to the writer for the whole call
+// (write_records_uncommitted's streaming contract), usable from any thread; `Completion` is Sync.
+unsafe impl Sync for Streaming<'_> {}
+
 /// Source sizes from which a record places its storage for `O_DIRECT` from memory (smaller
 /// ones are bounced anyway; padding them costs file bytes for nothing).
 const DIRECT_PLACEMENT_MIN: u64 = 64 << 10;
@@ -383,11 +406,39 @@ impl Records<'_> {
 ///
 /// # Safety
 /// As [`write_file`] for `items[i].source` and `items[i].nbytes`.
+///
+/// With `streaming`, see [`Streaming`]: request i of `streaming.consumed` completes once item i's
+/// source is no longer read, and bounced bytes go only through `streaming.bounce`.
+///
+/// # Safety (streaming)
+/// `streaming.bounce` must be writable memory of that length that nothing else uses during the
+/// call.
 pub unsafe fn write_records_uncommitted(
     path: &Path,
     items: &[RecordItem],
     serialization_id: &str,
     completion: Option<&Completion>,
+    streaming: Option<&Streaming<'_>>,
+) -> Result<(AtomicFile, RecordsReport)> {
+    // SAFETY: forwarded contract.
+    let result =
+        unsafe { write_records_inner(path, items, serialization_id, completion, streaming) };
+    if let (Err(err), Some(streaming)) = (&result, streaming) {
+        streaming.consumed.fail(err.duplicate());
+    }
+    result
+}
+
+/// [`write_records_uncommitted`] without the failure of `streaming.consumed`.
+///
+/// # Safety
+/// As [`write_records_uncommitted`].
+unsafe fn write_records_inner(
+    path: &Path,
+    items: &[RecordItem],
+    serialization_id: &str,
+    completion: Option<&Completion>,
+    streaming: Option<&Streaming<'_>>,
 ) -> Result<(AtomicFile, RecordsReport)> {
     let invalid = |reason: String| StagerError::InvalidFile {
         path: path.to_path_buf(),
@@ -398,6 +449,22 @@ pub unsafe fn write_records_uncommitted(
     let mut ranges = Vec::with_capacity(items.len());
     let mut data_offsets = Vec::with_capacity(items.len());
     let mut cursor = 0u64;
+    if let Some(streaming) = streaming {
+        if streaming.consumed.len() != items.len() {
+            return Err(invalid(format!(
+                "the consumed completion has {} requests for {} items",
+                streaming.consumed.len(),
+                items.len()
+            )));
+        }
+        if let Some((ptr, len)) = streaming.bounce {
+            if len < BLOCK || ptr as usize % BLOCK != 0 {
+                return Err(invalid(format!(
+                    "bounce memory of {len} bytes at {ptr:?}: at least {BLOCK} page-aligned bytes needed"
+                )));
+            }
+        }
+    }
     for (index, item) in items.iter().enumerate() {
         if item.nbytes > 0 && item.source.ptr.is_null() {
             return Err(invalid(format!("item {index} has a null address")));
@@ -444,6 +511,7 @@ pub unsafe fn write_records_uncommitted(
                 ptr: framing.prefix().as_ptr(),
                 request: None,
                 suffix_of: None,
+                framing: true,
             });
         }
         if item.nbytes > 0 {
@@ -454,6 +522,7 @@ pub unsafe fn write_records_uncommitted(
                 ptr: item.source.ptr,
                 request: item.source.request,
                 suffix_of: None,
+                framing: false,
             });
         }
         if let Some(framing) = framing {
@@ -464,6 +533,7 @@ pub unsafe fn write_records_uncommitted(
                 ptr: std::ptr::null(),
                 request: None,
                 suffix_of: Some(index),
+                framing: true,
             });
         }
     }
@@ -484,7 +554,37 @@ pub unsafe fn write_records_uncommitted(
     if mode.is_direct() && direct_io::set_direct(file, true).is_err() {
         mode = IoMode::Buffered;
     }
-    let ops = plan_ops(&parts, file_bytes, mode, None);
+    let offset_align = mode.alignment().1;
+    let bounce = streaming.and_then(|streaming| streaming.bounce);
+    let bounce_chunk = match bounce {
+        // One chunk per thread of the busiest run (twice IO_DEPTH), whole blocks, at most IO_CHUNK.
+        Some((_, len)) => {
+            let unit = BLOCK.max(offset_align);
+            (len / (2 * IO_DEPTH) / unit * unit).clamp(unit, IO_CHUNK)
+        }
+        None => IO_CHUNK,
+    };
+    if bounce.is_some_and(|(_, len)| len < bounce_chunk) {
+        return Err(invalid(format!(
+            "bounce memory of {} bytes is smaller than the file's {offset_align}-byte I/O unit",
+            bounce.map_or(0, |(_, len)| len)
+        )));
+    }
+    let ops = plan_ops(&parts, file_bytes, mode, None, bounce_chunk);
+    let unread: Vec<AtomicU64> = match streaming {
+        Some(streaming) => {
+            for (index, item) in items.iter().enumerate() {
+                if item.nbytes == 0 {
+                    streaming.consumed.mark_complete(index);
+                }
+            }
+            items
+                .iter()
+                .map(|item| AtomicU64::new(item.nbytes))
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let run = Run {
         file,
         path,
@@ -493,8 +593,15 @@ pub unsafe fn write_records_uncommitted(
         ops: &ops,
         completion,
         direct: AtomicBool::new(mode.is_direct()),
-        offset_align: mode.alignment().1,
+        offset_align,
         records: Some(&records),
+        streaming: streaming.map(|streaming| StreamingRun {
+            consumed: streaming.consumed,
+            bounce: bounce.map(|(ptr, len)| (ptr as usize, len)),
+            bounce_chunk,
+        }),
+        unread,
+        bounce_slots: AtomicUsize::new(0),
     };
     run.execute()?;
     if !run.direct.load(Ordering::Relaxed) {
@@ -527,6 +634,8 @@ struct Part {
     /// A record's suffix (bytes rendered once record `item`'s storage checksum is known),
     /// not memory: `ptr` is null.
     suffix_of: Option<usize>,
+    /// A record's prefix or suffix (the writer's bytes), not a source's.
+    framing: bool,
 }
 
 impl Part {
@@ -552,7 +661,13 @@ struct Op {
 unsafe impl Sync for Op {}
 
 /// Cuts the data section into write requests (see the module docs for the rules).
-fn plan_ops(parts: &[Part], data_len: u64, mode: IoMode, staged: Option<StagedBuffer>) -> Vec<Op> {
+fn plan_ops(
+    parts: &[Part],
+    data_len: u64,
+    mode: IoMode,
+    staged: Option<StagedBuffer>,
+    bounce_chunk: usize,
+) -> Vec<Op> {
     let (mem_align, _) = mode.alignment();
     let block = BLOCK as u64;
     // Spans: runs of parts whose memory advances exactly like their file offsets, the bytes in
@@ -592,12 +707,18 @@ fn plan_ops(parts: &[Part], data_len: u64, mode: IoMode, staged: Option<StagedBu
         }
         first = last + 1;
     }
-    // Requests in file order: bounced ranges between the direct ones, all cut to IO_CHUNK.
+    // Requests in file order: bounced ranges between the direct ones, direct ones cut to
+    // IO_CHUNK, bounced ones to `bounce_chunk` (the size of a bounce chunk).
     let mut ops = Vec::new();
     let mut push = |begin: u64, end: u64, direct_from: Option<*const u8>| {
+        let step = if direct_from.is_some() {
+            IO_CHUNK
+        } else {
+            bounce_chunk
+        } as u64;
         let mut at = begin;
         while at < end {
-            let next = (at + IO_CHUNK as u64).min(end);
+            let next = (at + step).min(end);
             ops.push(Op {
                 begin: at,
                 end: next,
@@ -689,6 +810,21 @@ struct Run<'a> {
     offset_align: usize,
     /// A file of `torch.save` records (no crc32c fused; suffixes rendered from crc32s).
     records: Option<&'a Records<'a>>,
+    /// A streamed write (records only): sources' reads reported, bounce memory given.
+    streaming: Option<StreamingRun<'a>>,
+    /// Per storage (streamed writes): bytes of its source not yet written.
+    unread: Vec<AtomicU64>,
+    /// Bounce chunks of `streaming.bounce` handed to threads so far.
+    bounce_slots: AtomicUsize,
+}
+
+/// What a streamed run needs from its [`Streaming`].
+struct StreamingRun<'a> {
+    consumed: &'a Completion,
+    /// `(address, length)` of the bounce memory.
+    bounce: Option<(usize, usize)>,
+    /// Bytes of one bounce chunk (the longest bounced request).
+    bounce_chunk: usize,
 }
 
 /// Bytes copied into a bounce chunk before their checksum is taken (fits in L2).
@@ -705,12 +841,14 @@ impl Run<'_> {
             self.ops.iter().map(|_| Mutex::new(Vec::new())).collect();
         let work = || {
             let mut chunk: Option<AlignedBuf> = None;
+            // A streamed write bounces through its own slot of the given memory.
+            let slot = self.bounce_slot();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= self.ops.len() || failed.load(Ordering::Relaxed) {
                     break;
                 }
-                match self.run_op(&self.ops[index], &mut chunk) {
+                match self.run_op(&self.ops[index], &mut chunk, slot) {
                     Ok(crcs) => *results[index].lock().unwrap_or_else(|p| p.into_inner()) = crcs,
                     Err(err) => {
                         failed.store(true, Ordering::Relaxed);
@@ -734,7 +872,15 @@ impl Run<'_> {
             .filter(|op| op.direct_from.is_none())
             .count();
         let depth = if bounced > 1 { 2 * IO_DEPTH } else { IO_DEPTH };
-        let threads = depth.min(self.ops.len());
+        let mut threads = depth.min(self.ops.len());
+        if let Some(StreamingRun {
+            bounce: Some((_, len)),
+            bounce_chunk,
+            ..
+        }) = &self.streaming
+        {
+            threads = threads.min(len / bounce_chunk).max(1);
+        }
         crate::direct_io::run_on_threads(threads, work);
         if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(err);
@@ -743,6 +889,31 @@ impl Run<'_> {
             .into_iter()
             .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
             .collect())
+    }
+
+    /// This thread's bounce chunk of a streamed write's bounce memory: `(address, length)`.
+    fn bounce_slot(&self) -> Option<(*mut u8, usize)> {
+        let streaming = self.streaming.as_ref()?;
+        let (base, _) = streaming.bounce?;
+        let slot = self.bounce_slots.fetch_add(1, Ordering::Relaxed);
+        let ptr = (base + slot * streaming.bounce_chunk) as *mut u8;
+        Some((ptr, streaming.bounce_chunk))
+    }
+
+    /// A streamed write read `n` more bytes of storage `storage`'s source: once none are left
+    /// (and its checksum is taken), the source is reported consumed.
+    fn read_from(&self, storage: usize, n: usize) -> Result<()> {
+        let Some(streaming) = &self.streaming else {
+            return Ok(());
+        };
+        if n == 0 || self.unread[storage].fetch_sub(n as u64, Ordering::AcqRel) != n as u64 {
+            return Ok(());
+        }
+        if let Some(records) = self.records {
+            records.crc(self, storage)?;
+        }
+        streaming.consumed.mark_complete(storage);
+        Ok(())
     }
 
     /// Waits until `part`'s bytes are in place; the completion's failure if it failed.
@@ -766,7 +937,12 @@ impl Run<'_> {
         ((lo - part.begin) as usize, (hi - lo) as usize)
     }
 
-    fn run_op(&self, op: &Op, chunk: &mut Option<AlignedBuf>) -> Result<Vec<(usize, u32, usize)>> {
+    fn run_op(
+        &self,
+        op: &Op,
+        chunk: &mut Option<AlignedBuf>,
+        slot: Option<(*mut u8, usize)>,
+    ) -> Result<Vec<(usize, u32, usize)>> {
         let parts = &self.parts[op.first_part..op.last_part];
         let mut crcs = Vec::with_capacity(parts.len());
         let len = (op.end - op.begin) as usize;
@@ -795,19 +971,35 @@ impl Run<'_> {
             // SAFETY: that span is readable for the call.
             unsafe { self.write_at(ptr, len, self.data_start + op.begin) }
                 .map_err(|err| self.io_error(err))?;
+            for part in parts.iter().filter(|part| !part.framing) {
+                self.read_from(part.storage, Self::overlap(part, op.begin, op.end).1)?;
+            }
         } else {
             let write_len = len.div_ceil(self.offset_align) * self.offset_align;
-            if !matches!(chunk, Some(c) if c.capacity() >= write_len) {
-                if let Some(old) = chunk.take() {
-                    old.recycle();
+            let bytes: &mut [u8] = match slot {
+                Some((ptr, capacity)) => {
+                    // plan_ops cut bounced requests to the slot's size, in whole I/O units.
+                    assert!(
+                        write_len <= capacity,
+                        "a bounced request longer than its slot"
+                    );
+                    // SAFETY: this thread's own slot of the bounce memory (write_records'
+                    // streaming contract: writable, used by nothing else during the call).
+                    unsafe { std::slice::from_raw_parts_mut(ptr, write_len) }
                 }
-                let fresh = AlignedBuf::take(write_len.max(IO_CHUNK)).map_err(|err| {
-                    StagerError::io("allocating a bounce buffer for", self.path, err)
-                })?;
-                *chunk = Some(fresh);
-            }
-            let buffer = chunk.as_mut().expect("just set");
-            let bytes = buffer.slice_mut(write_len);
+                None => {
+                    if !matches!(chunk, Some(c) if c.capacity() >= write_len) {
+                        if let Some(old) = chunk.take() {
+                            old.recycle();
+                        }
+                        let fresh = AlignedBuf::take(write_len.max(IO_CHUNK)).map_err(|err| {
+                            StagerError::io("allocating a bounce buffer for", self.path, err)
+                        })?;
+                        *chunk = Some(fresh);
+                    }
+                    chunk.as_mut().expect("just set").slice_mut(write_len)
+                }
+            };
             let mut filled = 0;
             for part in parts {
                 let (offset, n) = Self::overlap(part, op.begin, op.end);
@@ -840,8 +1032,11 @@ impl Run<'_> {
             }
             bytes[filled..].fill(0);
             // SAFETY: `write_len` initialized bytes of the chunk.
-            unsafe { self.write_at(buffer.as_ptr(), write_len, self.data_start + op.begin) }
+            unsafe { self.write_at(bytes.as_ptr(), write_len, self.data_start + op.begin) }
                 .map_err(|err| self.io_error(err))?;
+            for part in parts.iter().filter(|part| !part.framing) {
+                self.read_from(part.storage, Self::overlap(part, op.begin, op.end).1)?;
+            }
         }
         if !self.direct.load(Ordering::Relaxed) && len >= BLOCK {
             // Start write-back of what was just written; the final fsync waits for it.
@@ -1107,6 +1302,7 @@ mod tests {
                 ptr: buffer.as_ptr().wrapping_add(o),
                 request: None,
                 suffix_of: None,
+                framing: false,
             })
             .collect();
         let data_len = parts.last().unwrap().end();
@@ -1118,7 +1314,7 @@ mod tests {
             ptr: buffer.as_ptr(),
             len: buffer.capacity(),
         };
-        let ops = plan_ops(&parts, data_len, mode, Some(staged));
+        let ops = plan_ops(&parts, data_len, mode, Some(staged), IO_CHUNK);
         let direct: u64 = ops
             .iter()
             .filter(|op| op.direct_from.is_some())
@@ -1126,7 +1322,7 @@ mod tests {
             .sum();
         assert_eq!(direct, data_len / 4096 * 4096);
         // Without the buffer, every block where two storages meet is bounced instead.
-        let ops = plan_ops(&parts, data_len, mode, None);
+        let ops = plan_ops(&parts, data_len, mode, None, IO_CHUNK);
         let bounced: Vec<(u64, u64)> = ops
             .iter()
             .filter(|op| op.direct_from.is_none())
@@ -1352,7 +1548,7 @@ mod tests {
                 .collect();
             // SAFETY: the buffer outlives the call.
             let (file, report) =
-                unsafe { write_records_uncommitted(&path, &items, "1", None) }.unwrap();
+                unsafe { write_records_uncommitted(&path, &items, "1", None, None) }.unwrap();
             file.commit().unwrap();
             let raw = std::fs::read(&path).unwrap();
             assert_eq!(raw.len() as u64, report.file_bytes);
@@ -1374,5 +1570,88 @@ mod tests {
             }
             buffer.recycle();
         }
+    }
+
+    #[test]
+    fn streamed_records_bounce_through_the_given_memory_and_report_each_source_read() {
+        for dir in [
+            tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(),
+            tempfile::tempdir_in("/dev/shm").unwrap(),
+        ] {
+            let path = dir.path().join("__0_0.distcp");
+            // Sources one byte off alignment: everything is bounced (under O_DIRECT).
+            let sizes = [5usize, 300_000, 0, 70_001, 9];
+            let data: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| pattern(i, n + 1))
+                .collect();
+            let items: Vec<RecordItem> = data
+                .iter()
+                .zip(&sizes)
+                .map(|(bytes, &n)| RecordItem {
+                    source: Source {
+                        ptr: bytes[1..].as_ptr(),
+                        request: None,
+                    },
+                    nbytes: n as u64,
+                    pickle: Some(crate::torch_record::tensor_pickle(
+                        "ByteStorage",
+                        n as u64,
+                        0,
+                        &[n as u64],
+                        &[1],
+                        None,
+                    )),
+                })
+                .collect();
+            let mut bounce = AlignedBuf::take(3 * BLOCK).unwrap();
+            let consumed = Completion::new(items.len());
+            let streaming = Streaming {
+                consumed: &consumed,
+                bounce: Some((bounce.slice_mut(3 * BLOCK).as_mut_ptr(), 3 * BLOCK)),
+            };
+            // SAFETY: the sources and the bounce memory outlive the call; nothing else uses them.
+            let (file, report) =
+                unsafe { write_records_uncommitted(&path, &items, "1", None, Some(&streaming)) }
+                    .unwrap();
+            assert!(consumed.all_done() && consumed.failure().is_none());
+            file.commit().unwrap();
+            let opened = File::open(&path).unwrap();
+            let raw = std::fs::read(&path).unwrap();
+            for (i, &(at, len)) in report.ranges.iter().enumerate() {
+                let expected = &data[i][1..];
+                let parsed = crate::torch_record::parse_record(&opened, at, len).unwrap();
+                let entry = &parsed.storages[0];
+                assert_eq!(entry.crc32, crc32fast::hash(expected));
+                assert_eq!(&raw[entry.offset as usize..][..sizes[i]], expected);
+            }
+            bounce.recycle();
+        }
+    }
+
+    #[test]
+    fn a_failed_streamed_write_fails_its_consumed_completion() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("missing").join("__0_0.distcp");
+        let data = vec![7u8; 10_000];
+        let items = [RecordItem {
+            source: Source {
+                ptr: data.as_ptr(),
+                request: None,
+            },
+            nbytes: data.len() as u64,
+            pickle: None,
+        }];
+        let consumed = Completion::new(1);
+        let streaming = Streaming {
+            consumed: &consumed,
+            bounce: None,
+        };
+        // SAFETY: `data` outlives the call.
+        let result =
+            unsafe { write_records_uncommitted(&path, &items, "1", None, Some(&streaming)) };
+        assert!(result.is_err());
+        assert!(consumed.failure().is_some());
     }
 }

@@ -96,6 +96,7 @@ from . import _native, engine, files, tree
 from ._native import StagerError
 from .plan import ALIGNMENT, TensorPlan, gc_paused, plan_state_dict
 from .stagers import BlockingAsyncStager
+from .streaming import StreamedStage
 
 __all__ = ["FileSystemReader", "FileSystemWriter"]
 
@@ -833,6 +834,17 @@ def write_data_file(path: str, items: list[tuple[str, Any]], stage: Any = None) 
     copying, whose staged dict ``items`` come from), a tensor in that stage's buffer is written
     once its storage's request of the stage's completion has completed: the Rust writer waits on
     it."""
+    if isinstance(stage, StreamedStage):
+        return _write_streamed(path, items, stage)
+    entries, waits = _record_entries(items, path, stage)
+    _, ranges, _, _ = _native.write_records(
+        path, entries, _serialization_id(os.path.basename(path)), stage.completion if waits else None
+    )
+    return ranges
+
+
+def _record_entries(items: list[tuple[str, Any]], path: str, stage: Any) -> tuple[list[tuple], bool]:
+    """``write_records``' items for ``items``, and whether one waits for a copy of ``stage``."""
     entries: list[tuple[torch.Tensor, int, int | None, tuple | None]] = []
     waits = False
     for fqn, data in items:
@@ -850,8 +862,21 @@ def write_data_file(path: str, items: list[tuple[str, Any]], stage: Any = None) 
                 list(tensor.stride()), v3_dtype)
         raw = tensor.reshape(-1).view(torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         entries.append((raw, nbytes, request, spec))
+    return entries, waits
+
+
+def _write_streamed(path: str, items: list[tuple[str, Any]], stage: StreamedStage) -> list[tuple[int, int]]:
+    """:func:`write_data_file` for a state_dict larger than the budget (:mod:`stager.streaming`):
+    the Rust writer reads the sources themselves, bounces through the stage's pool buffer, and
+    reports each item read."""
+    try:
+        entries = _record_entries(items, path, None)[0]
+        consumed, bounce = stage.claim(len(entries))
+    except BaseException as err:
+        stage.fail(str(err))
+        raise
     _, ranges, _, _ = _native.write_records(
-        path, entries, _serialization_id(os.path.basename(path)), stage.completion if waits else None
+        path, entries, _serialization_id(os.path.basename(path)), consumed=consumed, bounce=bounce
     )
     return ranges
 
@@ -953,18 +978,20 @@ class FileSystemWriter(StorageWriter):
         self._accepted.append(stage)
 
     def _stage_of(self, values: list[tuple[str, Any]]) -> Any:
-        """The accepted stage whose buffer holds this plan's tensors (taken off the list, with any
-        stage older than it or already complete); None when the tensors are in none."""
+        """The accepted stage that holds this plan's tensors (taken off the list, with any stage
+        older than it or already complete); else the oldest streamed stage (this rank writes
+        none of its tensors); None when there is neither."""
         accepted = self._accepted
         if not accepted:
             return None
         tensors = [data for _, data in values if isinstance(data, torch.Tensor) and data.device.type == "cpu"]
         for stage in list(accepted):
-            start, end = stage.buffer.address, stage.buffer.address + stage.buffer.nbytes
-            if any(t.untyped_storage().nbytes() and start <= t.untyped_storage().data_ptr() < end for t in tensors):
-                while accepted and accepted[0] is not stage:
-                    accepted.popleft()
-                accepted.popleft()
+            if any(stage.holds(tensor) for tensor in tensors):
+                accepted.remove(stage)
+                return stage
+        for stage in list(accepted):
+            if isinstance(stage, StreamedStage):
+                accepted.remove(stage)
                 return stage
         while accepted and accepted[0].completion.done():
             accepted.popleft()
@@ -1041,17 +1068,26 @@ class FileSystemWriter(StorageWriter):
             raise StagerError("stager.FileSystemWriter.write_data got a plan that its prepare_global_plan did not make")
         items = plan.items
         if not items:  # nothing of this rank's is in the checkpoint (dcp deduplicated it away)
+            stream = self._stage_of([])
+            if stream is not None and isinstance(stream, StreamedStage):
+                stream.skip()
             future: Future[list[WriteResult]] = Future()
             future.set_result([])
             return future
         path = os.path.join(self.path, target.name)
         byte_type = WriteItemType.BYTE_IO
         values = []
-        for item in items:
-            data = planner.resolve_data(item)
-            if item.type != byte_type and not isinstance(data, torch.Tensor):
-                raise StagerError(f"dcp item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor")
-            values.append((item.index.fqn, data))
+        try:
+            for item in items:
+                data = planner.resolve_data(item)
+                if item.type != byte_type and not isinstance(data, torch.Tensor):
+                    raise StagerError(f"dcp item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor")
+                values.append((item.index.fqn, data))
+        except BaseException as err:
+            stage = self._stage_of(values)
+            if isinstance(stage, StreamedStage):
+                stage.fail(str(err))
+            raise
         ranges = write_data_file(path, values, self._stage_of(values))
         results = [
             WriteResult(index=item.index, size_in_bytes=length,

@@ -27,6 +27,7 @@ from .device import capture_order, start_device_copies
 from .incremental import UnchangedStorages
 from .options import StagingOptions
 from .plan import StatePlan, plan_state_dict
+from .streaming import StreamedStage
 
 __all__ = ["BlockingAsyncStager", "DefaultStager", "StagedCopy", "StagingEngine", "StagingFuture"]
 
@@ -45,6 +46,13 @@ class StagedCopy:
     def wait(self) -> None:
         """Blocks (without the GIL, interruptibly) until every byte is in the host buffer."""
         self.completion.wait()
+
+    def holds(self, tensor: Any) -> bool:
+        """Whether ``tensor``'s bytes lie in this stage's buffer."""
+        storage = tensor.untyped_storage()
+        if storage.device.type != "cpu" or not storage.nbytes():
+            return False
+        return 0 <= storage.data_ptr() - self.buffer.address < self.buffer.nbytes
 
     def request_of(self, tensor: Any) -> int | None:
         """The request of :attr:`completion` that fills ``tensor``'s bytes when they lie in this
@@ -124,10 +132,20 @@ class StagingEngine:
               writer: Any = None) -> Any:
         """Stages ``state_dict`` and returns the staged copy once every byte has landed. With
         ``early``, the staged dict is offered to it as soon as it is built (copies still running),
-        after ``writer.accept_stage`` was told which stage it is (so the writer waits per storage)."""
+        after ``writer.accept_stage`` was told which stage it is (so the writer waits per storage).
+        A state_dict that does not fit ``memory_budget_bytes`` is streamed by that writer
+        (:mod:`stager.streaming`); without one, it raises StagerError before copying."""
         unchanged = self.unchanged
+        self.pool.reset_peak()
         if unchanged is None:
-            staged = self.start(state_dict, order)
+            plan = plan_state_dict(state_dict)
+            if early is not None and self._streams(plan):
+                stream = StreamedStage(state_dict, plan, self.pool, self.options.memory_budget_bytes)
+                writer.accept_stage(stream)
+                early.offer_early(state_dict)
+                stream.wait(early.reader_gone)
+                return state_dict
+            staged = self.start_plan(plan, order)
             result = staged.plan.materialize(staged.buffer)  # overlaps the copies
         else:
             if self._lock_pid != os.getpid():
@@ -150,6 +168,15 @@ class StagingEngine:
             early.offer_early(result)
         staged.wait()
         return result
+
+    def _streams(self, plan: StatePlan) -> bool:
+        """Whether ``plan`` is streamed: it does not fit what the budget leaves free, and its
+        tensors are all plain CPU ones that the writer can read itself."""
+        budget = self.options.memory_budget_bytes
+        if budget is None or plan.device_storages or plan.opaque:
+            return False
+        stats = self.pool.stats()
+        return plan.total_nbytes > budget - (stats["allocated_bytes"] - stats["free_bytes"])
 
     def reserve(self, nbytes: int) -> None:
         self.pool.reserve(nbytes, self.options.threads)
@@ -179,6 +206,12 @@ class StagingFuture(Future):
         self.bound = bound
         self._early_ready = threading.Event()
         self._early: Any = None
+        self._reader: threading.Thread | None = None
+
+    def reader_gone(self) -> bool:
+        """Whether the thread that took the early result has ended (its save is over)."""
+        reader = self._reader
+        return reader is not None and not reader.is_alive()
 
     def offer_early(self, result: Any) -> None:
         self._early = result
@@ -196,6 +229,7 @@ class StagingFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         if self.bound and not self.done():
+            self._reader = threading.current_thread()
             self._early_ready.wait(timeout)
             early = self._early
             if early is not None:

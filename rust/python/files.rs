@@ -16,7 +16,7 @@ use crate::reader::{CheckpointFile, RangeTarget, RecordFile, StorageTarget};
 use crate::table::Device;
 use crate::torch_record::tensor_pickle;
 use crate::writer::{
-    write_records_uncommitted, write_uncommitted, RecordItem, Source, StagedBuffer,
+    write_records_uncommitted, write_uncommitted, RecordItem, Source, StagedBuffer, Streaming,
 };
 
 use super::buffer::PyHostBuffer;
@@ -429,9 +429,13 @@ type RecordSpec = (String, u64, u64, Vec<u64>, Vec<i64>, Option<String>);
 /// `torch.save` record is written around the bytes) or None (the bytes are written as they
 /// are). Returns `(file size or the uncommitted AtomicFile, [(offset, length)], [crc32],
 /// [data offset])` per item. The GIL is released while writing.
+///
+/// A streamed write (`consumed`, a completion with one request per item): request i completes
+/// once item i's bytes are no longer read (their owner may change them), and the write's error
+/// fails it; bounced bytes go only through `bounce` (a pool buffer nothing else uses meanwhile).
 #[pyfunction]
-#[pyo3(signature = (path, items, serialization_id, completion = None, *, commit = true))]
-#[allow(clippy::type_complexity)]
+#[pyo3(signature = (path, items, serialization_id, completion = None, *, commit = true, consumed = None, bounce = None))]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn write_records(
     py: Python<'_>,
     path: PathBuf,
@@ -439,8 +443,24 @@ fn write_records(
     serialization_id: String,
     completion: Option<Bound<'_, PyCompletion>>,
     commit: bool,
+    consumed: Option<Bound<'_, PyCompletion>>,
+    bounce: Option<Bound<'_, PyHostBuffer>>,
 ) -> PyResult<(Py<PyAny>, Vec<(u64, u64)>, Vec<u32>, Vec<u64>)> {
     let completion = completion.as_ref().map(|c| c.get().completion.clone());
+    if bounce.is_some() && consumed.is_none() {
+        return Err(invalid(
+            "bounce memory is for a streamed write (consumed=...)".to_string(),
+        ));
+    }
+    let consumed = consumed.as_ref().map(|c| c.get().completion.clone());
+    let bounce_memory = bounce.as_ref().map(|b| {
+        let host = &b.get().buffer;
+        (host.as_ptr(), host.len())
+    });
+    let streaming = consumed.as_ref().map(|consumed| Streaming {
+        consumed,
+        bounce: bounce_memory,
+    });
     let mut records = Vec::with_capacity(items.len());
     for (index, (bytes, nbytes, request, spec)) in items.iter().enumerate() {
         let address = super::table::contiguous_cpu_bytes(bytes, *nbytes)
@@ -486,9 +506,16 @@ fn write_records(
     }
     // SAFETY: every source is a contiguous CPU tensor of exactly `nbytes` bytes (checked above),
     // held by `items` for the call; bytes still being filled are read only after their request of
-    // `completion` has completed (the writer waits).
+    // `completion` has completed (the writer waits). `bounce` (held by the Bound for the call)
+    // is a pool buffer the caller uses for nothing else meanwhile.
     let (file, report) = py.detach(|| unsafe {
-        write_records_uncommitted(&path, &records, &serialization_id, completion.as_ref())
+        write_records_uncommitted(
+            &path,
+            &records,
+            &serialization_id,
+            completion.as_ref(),
+            streaming.as_ref(),
+        )
     })?;
     let head = if commit {
         py.detach(|| file.commit())?;

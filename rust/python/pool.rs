@@ -97,7 +97,13 @@ impl PyHostPool {
         dict.set_item("buffers_in_use", stats.buffers_in_use)?;
         dict.set_item("allocations", stats.allocations)?;
         dict.set_item("reuses", stats.reuses)?;
+        dict.set_item("peak_bytes", stats.peak_bytes)?;
         Ok(dict)
+    }
+
+    /// Starts a new high-water mark (`stats()["peak_bytes"]`) at what the pool holds now.
+    fn reset_peak(&self) {
+        self.pool.reset_peak();
     }
 }
 
