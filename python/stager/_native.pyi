@@ -69,6 +69,7 @@ class HostPool:
     @property
     def pinned(self) -> bool: ...
     def stats(self) -> dict[str, int]: ...
+    def reset_peak(self) -> None: ...
 
 class UnchangedRecords:
     """Incremental staging's records of the previous stage (rust/unchanged.rs)."""
@@ -182,6 +183,8 @@ def write_records(
     completion: Completion | None = None,
     *,
     commit: bool = True,
+    consumed: Completion | None = None,
+    bounce: HostBuffer | None = None,
 ) -> tuple[int | AtomicFile, list[tuple[int, int]], list[int], list[int]]: ...
 def tensor_pickle(
     storage_type: str, numel: int, storage_offset: int, size: list[int], stride: list[int], v3_dtype: str | None = None

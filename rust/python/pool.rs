@@ -88,7 +88,8 @@ impl PyHostPool {
         self.pool.is_pinned()
     }
 
-    /// The pool's counters: allocated_bytes, free_bytes, buffers_in_use, allocations, reuses.
+    /// The pool's counters: allocated_bytes, free_bytes, buffers_in_use, allocations, reuses,
+    /// peak_bytes.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = self.pool.stats();
         let dict = PyDict::new(py);
