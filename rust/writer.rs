@@ -255,7 +255,7 @@ pub unsafe fn write_uncommitted(
     if mode.is_direct() && direct_io::set_direct(file, true).is_err() {
         mode = IoMode::Buffered;
     }
-    let ops = plan_ops(&parts, data_len, mode, staged, IO_CHUNK);
+    let ops = plan_ops(&parts, data_len, mode, staged, BouncePlan::DEFAULT);
     let run = Run {
         file,
         path,
@@ -449,6 +449,7 @@ unsafe fn write_records_inner(
     let mut ranges = Vec::with_capacity(items.len());
     let mut data_offsets = Vec::with_capacity(items.len());
     let mut cursor = 0u64;
+    let bounce_all = streaming.is_some_and(|streaming| streaming.bounce.is_some());
     if let Some(streaming) = streaming {
         if streaming.consumed.len() != items.len() {
             return Err(invalid(format!(
@@ -480,8 +481,11 @@ unsafe fn write_records_inner(
         let framing = match &item.pickle {
             Some(pickle) => {
                 let address = item.source.ptr as u64;
-                let residue = (item.nbytes >= DIRECT_PLACEMENT_MIN && address % 64 == 0)
-                    .then_some(address % BLOCK as u64);
+                // A streamed write bounces everything (see below): no placement for direct
+                // writes from the source.
+                let residue =
+                    (!bounce_all && item.nbytes >= DIRECT_PLACEMENT_MIN && address % 64 == 0)
+                        .then_some(address % BLOCK as u64);
                 Some(
                     RecordFraming::new(pickle, item.nbytes, start, residue, serialization_id)
                         .map_err(invalid)?,
@@ -570,7 +574,14 @@ unsafe fn write_records_inner(
             bounce.map_or(0, |(_, len)| len)
         )));
     }
-    let ops = plan_ops(&parts, file_bytes, mode, None, bounce_chunk);
+    // Under O_DIRECT a streamed write bounces everything through its pool buffer (huge pages:
+    // faster to write from than the sources' own pages); buffered, sources go to the page cache
+    // straight from their memory as usual.
+    let plan = BouncePlan {
+        chunk: bounce_chunk,
+        everything: bounce.is_some() && mode.is_direct(),
+    };
+    let ops = plan_ops(&parts, file_bytes, mode, None, plan);
     let unread: Vec<AtomicU64> = match streaming {
         Some(streaming) => {
             for (index, item) in items.iter().enumerate() {
@@ -660,20 +671,37 @@ struct Op {
 // SAFETY: as for `Part`.
 unsafe impl Sync for Op {}
 
+/// How [`plan_ops`] bounces.
+#[derive(Clone, Copy)]
+struct BouncePlan {
+    /// Bytes of the longest bounced request (one bounce chunk).
+    chunk: usize,
+    /// Bounce every byte (no request straight from memory).
+    everything: bool,
+}
+
+impl BouncePlan {
+    const DEFAULT: BouncePlan = BouncePlan {
+        chunk: IO_CHUNK,
+        everything: false,
+    };
+}
+
 /// Cuts the data section into write requests (see the module docs for the rules).
 fn plan_ops(
     parts: &[Part],
     data_len: u64,
     mode: IoMode,
     staged: Option<StagedBuffer>,
-    bounce_chunk: usize,
+    bounce: BouncePlan,
 ) -> Vec<Op> {
     let (mem_align, _) = mode.alignment();
     let block = BLOCK as u64;
     // Spans: runs of parts whose memory advances exactly like their file offsets, the bytes in
     // between being either none or the staged buffer's padding.
     let mut direct_ranges: Vec<(u64, u64, *const u8)> = Vec::new();
-    let mut first = 0;
+    // Bounce everything (a streamed write through its bounce memory): no direct range at all.
+    let mut first = if bounce.everything { parts.len() } else { 0 };
     while first < parts.len() {
         if parts[first].suffix_of.is_some() {
             first += 1;
@@ -708,13 +736,13 @@ fn plan_ops(
         first = last + 1;
     }
     // Requests in file order: bounced ranges between the direct ones, direct ones cut to
-    // IO_CHUNK, bounced ones to `bounce_chunk` (the size of a bounce chunk).
+    // IO_CHUNK, bounced ones to the size of a bounce chunk.
     let mut ops = Vec::new();
     let mut push = |begin: u64, end: u64, direct_from: Option<*const u8>| {
         let step = if direct_from.is_some() {
             IO_CHUNK
         } else {
-            bounce_chunk
+            bounce.chunk
         } as u64;
         let mut at = begin;
         while at < end {
@@ -1314,7 +1342,7 @@ mod tests {
             ptr: buffer.as_ptr(),
             len: buffer.capacity(),
         };
-        let ops = plan_ops(&parts, data_len, mode, Some(staged), IO_CHUNK);
+        let ops = plan_ops(&parts, data_len, mode, Some(staged), BouncePlan::DEFAULT);
         let direct: u64 = ops
             .iter()
             .filter(|op| op.direct_from.is_some())
@@ -1322,7 +1350,7 @@ mod tests {
             .sum();
         assert_eq!(direct, data_len / 4096 * 4096);
         // Without the buffer, every block where two storages meet is bounced instead.
-        let ops = plan_ops(&parts, data_len, mode, None, IO_CHUNK);
+        let ops = plan_ops(&parts, data_len, mode, None, BouncePlan::DEFAULT);
         let bounced: Vec<(u64, u64)> = ops
             .iter()
             .filter(|op| op.direct_from.is_none())
