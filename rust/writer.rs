@@ -154,9 +154,58 @@ pub unsafe fn write_uncommitted(
     path: &Path,
     specs: &[EntrySpec],
     sources: &[Source],
+    metadata: BTreeMap<String, String>,
+    completion: Option<&Completion>,
+    staged: Option<StagedBuffer>,
+) -> Result<(AtomicFile, WriteReport)> {
+    // SAFETY: forwarded contract.
+    unsafe { write_file_inner(path, specs, sources, metadata, completion, staged, None) }
+}
+
+/// [`write_uncommitted`] streaming from sources still in use (see [`Streaming`]): request i of
+/// `streaming.consumed` completes once storage i's source is no longer read (the write's error
+/// fails it), and bounced bytes go only through `streaming.bounce`.
+///
+/// # Safety
+/// As [`write_file`] without `staged`, and as [`write_records_uncommitted`] for `streaming`.
+pub unsafe fn write_uncommitted_streamed(
+    path: &Path,
+    specs: &[EntrySpec],
+    sources: &[Source],
+    metadata: BTreeMap<String, String>,
+    streaming: &Streaming<'_>,
+) -> Result<(AtomicFile, WriteReport)> {
+    if let Some((ptr, len)) = streaming.bounce {
+        if len < BLOCK || ptr as usize % BLOCK != 0 {
+            let err = StagerError::InvalidFile {
+                path: path.to_path_buf(),
+                reason: format!("bounce memory of {len} bytes at {ptr:?}: at least {BLOCK} page-aligned bytes needed"),
+            };
+            streaming.consumed.fail(err.duplicate());
+            return Err(err);
+        }
+    }
+    // SAFETY: forwarded contract.
+    let result =
+        unsafe { write_file_inner(path, specs, sources, metadata, None, None, Some(streaming)) };
+    if let Err(err) = &result {
+        streaming.consumed.fail(err.duplicate());
+    }
+    result
+}
+
+/// The body of [`write_uncommitted`] and [`write_uncommitted_streamed`].
+///
+/// # Safety
+/// As those.
+unsafe fn write_file_inner(
+    path: &Path,
+    specs: &[EntrySpec],
+    sources: &[Source],
     mut metadata: BTreeMap<String, String>,
     completion: Option<&Completion>,
     staged: Option<StagedBuffer>,
+    streaming: Option<&Streaming<'_>>,
 ) -> Result<(AtomicFile, WriteReport)> {
     let invalid = |reason: String| StagerError::InvalidFile {
         path: path.to_path_buf(),
@@ -255,7 +304,9 @@ pub unsafe fn write_uncommitted(
     if mode.is_direct() && direct_io::set_direct(file, true).is_err() {
         mode = IoMode::Buffered;
     }
-    let ops = plan_ops(&parts, data_len, mode, staged, BouncePlan::DEFAULT);
+    let sizes: Vec<u64> = specs.iter().map(|spec| spec.nbytes).collect();
+    let (plan, streaming_run, unread) = streamed_run(streaming, &sizes, mode).map_err(invalid)?;
+    let ops = plan_ops(&parts, data_len, mode, staged, plan);
     let run = Run {
         file,
         path,
@@ -266,8 +317,8 @@ pub unsafe fn write_uncommitted(
         direct: AtomicBool::new(mode.is_direct()),
         offset_align: mode.alignment().1,
         records: None,
-        streaming: None,
-        unread: Vec::new(),
+        streaming: streaming_run,
+        unread,
         bounce_slots: AtomicUsize::new(0),
     };
     let crc_parts = run.execute()?;
@@ -451,13 +502,6 @@ unsafe fn write_records_inner(
     let mut cursor = 0u64;
     let bounce_all = streaming.is_some_and(|streaming| streaming.bounce.is_some());
     if let Some(streaming) = streaming {
-        if streaming.consumed.len() != items.len() {
-            return Err(invalid(format!(
-                "the consumed completion has {} requests for {} items",
-                streaming.consumed.len(),
-                items.len()
-            )));
-        }
         if let Some((ptr, len)) = streaming.bounce {
             if len < BLOCK || ptr as usize % BLOCK != 0 {
                 return Err(invalid(format!(
@@ -559,43 +603,9 @@ unsafe fn write_records_inner(
         mode = IoMode::Buffered;
     }
     let offset_align = mode.alignment().1;
-    let bounce = streaming.and_then(|streaming| streaming.bounce);
-    let bounce_chunk = match bounce {
-        // One chunk per thread of the busiest run (twice IO_DEPTH), whole blocks, at most IO_CHUNK.
-        Some((_, len)) => {
-            let unit = BLOCK.max(offset_align);
-            (len / (2 * IO_DEPTH) / unit * unit).clamp(unit, IO_CHUNK)
-        }
-        None => IO_CHUNK,
-    };
-    if bounce.is_some_and(|(_, len)| len < bounce_chunk) {
-        return Err(invalid(format!(
-            "bounce memory of {} bytes is smaller than the file's {offset_align}-byte I/O unit",
-            bounce.map_or(0, |(_, len)| len)
-        )));
-    }
-    // Under O_DIRECT a streamed write bounces everything through its pool buffer (huge pages:
-    // faster to write from than the sources' own pages); buffered, sources go to the page cache
-    // straight from their memory as usual.
-    let plan = BouncePlan {
-        chunk: bounce_chunk,
-        everything: bounce.is_some() && mode.is_direct(),
-    };
+    let sizes: Vec<u64> = items.iter().map(|item| item.nbytes).collect();
+    let (plan, streaming_run, unread) = streamed_run(streaming, &sizes, mode).map_err(invalid)?;
     let ops = plan_ops(&parts, file_bytes, mode, None, plan);
-    let unread: Vec<AtomicU64> = match streaming {
-        Some(streaming) => {
-            for (index, item) in items.iter().enumerate() {
-                if item.nbytes == 0 {
-                    streaming.consumed.mark_complete(index);
-                }
-            }
-            items
-                .iter()
-                .map(|item| AtomicU64::new(item.nbytes))
-                .collect()
-        }
-        None => Vec::new(),
-    };
     let run = Run {
         file,
         path,
@@ -606,11 +616,7 @@ unsafe fn write_records_inner(
         direct: AtomicBool::new(mode.is_direct()),
         offset_align,
         records: Some(&records),
-        streaming: streaming.map(|streaming| StreamingRun {
-            consumed: streaming.consumed,
-            bounce: bounce.map(|(ptr, len)| (ptr as usize, len)),
-            bounce_chunk,
-        }),
+        streaming: streaming_run,
         unread,
         bounce_slots: AtomicUsize::new(0),
     };
@@ -670,6 +676,64 @@ struct Op {
 
 // SAFETY: as for `Part`.
 unsafe impl Sync for Op {}
+
+/// What a streamed write ([`Streaming`]) of sources of `sizes` bytes runs with: how it bounces,
+/// its [`StreamingRun`], and each source's unread bytes (empty sources are reported consumed
+/// here). The plain defaults without `streaming`. Errors name bounce memory that is too small.
+fn streamed_run<'a>(
+    streaming: Option<&Streaming<'a>>,
+    sizes: &[u64],
+    mode: IoMode,
+) -> std::result::Result<(BouncePlan, Option<StreamingRun<'a>>, Vec<AtomicU64>), String> {
+    let Some(streaming) = streaming else {
+        return Ok((BouncePlan::DEFAULT, None, Vec::new()));
+    };
+    if streaming.consumed.len() != sizes.len() {
+        return Err(format!(
+            "the consumed completion has {} requests for {} sources",
+            streaming.consumed.len(),
+            sizes.len()
+        ));
+    }
+    let offset_align = mode.alignment().1;
+    let bounce = streaming.bounce;
+    let chunk = match bounce {
+        // One chunk per thread of the busiest run (twice IO_DEPTH), whole I/O units, at most
+        // IO_CHUNK.
+        Some((_, len)) => {
+            let unit = BLOCK.max(offset_align);
+            if len < unit {
+                return Err(format!(
+                    "bounce memory of {len} bytes is smaller than the file's {unit}-byte I/O unit"
+                ));
+            }
+            (len / (2 * IO_DEPTH) / unit * unit).clamp(unit, IO_CHUNK)
+        }
+        None => IO_CHUNK,
+    };
+    for (index, &size) in sizes.iter().enumerate() {
+        if size == 0 {
+            streaming.consumed.mark_complete(index);
+        }
+    }
+    // Under O_DIRECT a streamed write bounces everything through its pool buffer (huge pages:
+    // faster to write from than the sources' own pages); buffered, sources go to the page cache
+    // straight from their memory as usual.
+    let plan = BouncePlan {
+        chunk,
+        everything: bounce.is_some() && mode.is_direct(),
+    };
+    let run = StreamingRun {
+        consumed: streaming.consumed,
+        bounce: bounce.map(|(ptr, len)| (ptr as usize, len)),
+        bounce_chunk: chunk,
+    };
+    Ok((
+        plan,
+        Some(run),
+        sizes.iter().map(|&n| AtomicU64::new(n)).collect(),
+    ))
+}
 
 /// How [`plan_ops`] bounces.
 #[derive(Clone, Copy)]
@@ -1681,5 +1745,44 @@ mod tests {
             unsafe { write_records_uncommitted(&path, &items, "1", None, Some(&streaming)) };
         assert!(result.is_err());
         assert!(consumed.failure().is_some());
+    }
+
+    #[test]
+    fn streamed_stager_file_reports_each_storage_read_and_round_trips() {
+        for dir in [
+            tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(),
+            tempfile::tempdir_in("/dev/shm").unwrap(),
+        ] {
+            let path = dir.path().join("a.safetensors");
+            let sizes = [7usize, 0, 200_003, 4096, 65_537];
+            let data: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| pattern(i, n))
+                .collect();
+            let sources: Vec<Source> = data
+                .iter()
+                .map(|bytes| Source {
+                    ptr: bytes.as_ptr(),
+                    request: None,
+                })
+                .collect();
+            let mut bounce = AlignedBuf::take(2 * BLOCK).unwrap();
+            let consumed = Completion::new(sizes.len());
+            let streaming = Streaming {
+                consumed: &consumed,
+                bounce: Some((bounce.slice_mut(2 * BLOCK).as_mut_ptr(), 2 * BLOCK)),
+            };
+            // SAFETY: the sources and the bounce memory outlive the call; nothing else uses them.
+            let (file, _) = unsafe {
+                write_uncommitted_streamed(&path, &specs_for(&sizes), &sources, meta(), &streaming)
+            }
+            .unwrap();
+            assert!(consumed.all_done() && consumed.failure().is_none());
+            file.commit().unwrap();
+            let expected: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            read_back(&path, &expected);
+            bounce.recycle();
+        }
     }
 }

@@ -7,7 +7,9 @@ FileSystemWriter on the THREAD checkpointer:
 
 * ``save``: waits for staging_completion, changes every tensor (training goes on), waits for the
   upload; prints ``RESULT {...}`` with the high-water growth, the pool's peak and the timings;
-* ``hold``: prints ``SAVING`` and waits for the upload, so the test can SIGKILL it mid-write.
+* ``hold``: prints ``SAVING`` and waits for the upload, so the test can SIGKILL it mid-write;
+* ``file``: ``stager.save(sd, DIR/state.stager, stager=...)`` instead (blocking), then the
+  same report.
 
 A failed save prints ``RESULT {"error": ...}`` and exits 1.
 """
@@ -54,6 +56,10 @@ def high_water():
     raise RuntimeError("no VmHWM")
 
 
+class _Saved(Exception):
+    """The blocking save of mode ``file`` is done."""
+
+
 def main():
     warnings.filterwarnings("ignore")
     mode, directory, budget, layout, seed = sys.argv[1:6]
@@ -66,6 +72,10 @@ def main():
     before = high_water()
     started = time.perf_counter()
     try:
+        if mode == "file":
+            stager.save(sd, f"{directory}/state.stager", stager=async_stager)
+            staged = time.perf_counter() - started
+            raise _Saved
         response = dcp.async_save(sd, storage_writer=writer, async_stager=async_stager,
                                   async_checkpointer_type=AsyncCheckpointerType.THREAD, no_dist=True)
         if mode == "hold":
@@ -77,6 +87,8 @@ def main():
         for tensor in sd["model"].values():
             tensor.add_(1)  # training goes on: the checkpoint must hold the values before this
         response.upload_completion.result(timeout=120)
+    except _Saved:
+        pass
     except Exception as err:  # reported to the test, which asserts on it
         print("RESULT " + json.dumps({"error": f"{type(err).__name__}: {err}"}), flush=True)
         return 1

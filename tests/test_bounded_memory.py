@@ -82,6 +82,18 @@ def test_budget_smaller_than_the_largest_tensor(tmp_path):
     assert_holds(tmp_path, "big", 7)
 
 
+def test_stager_save_with_a_stager_streams_within_its_budget(tmp_path):
+    budget = state_nbytes("many") // 6
+    rc, result = run_worker("file", tmp_path, budget, "many", 5)
+    assert rc == 0 and "error" not in result, result
+    assert result["peak_bytes"] <= budget and result["growth"] <= budget + SLACK, result
+    loaded = stager.load(tmp_path / "state.stager")
+    expected = bounded_worker.state("many", 5)
+    for key, value in expected["model"].items():
+        assert torch.equal(loaded["model"][key], value), key
+    assert loaded["step"] == 5 and loaded["note"] == expected["note"]
+
+
 def test_a_stage_handed_out_whole_still_refuses_before_copying():
     sd = bounded_worker.state("big", 1)
     budget = 2 * MiB

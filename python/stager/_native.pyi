@@ -174,6 +174,8 @@ def write_file(
     completion: Completion | None = None,
     *,
     commit: bool = True,
+    consumed: Completion | None = None,
+    bounce: HostBuffer | None = None,
 ) -> int | AtomicFile: ...
 
 def write_records(
