@@ -193,3 +193,22 @@ def test_fsdp2_two_ranks_streamed_and_loaded_bitwise(tmp_path):
     for rank, (_, found, _) in results.items():
         save = found["save"]
         assert save["peak_bytes"] <= 16 << 10 < save["state_nbytes"], (rank, save)
+
+
+def test_back_to_back_streamed_saves_share_the_budget(tmp_path):
+    # The second async_save starts while the first is still writing: its stream waits for the
+    # first's pool buffer instead of finding the budget taken (or exceeding it).
+    budget = state_nbytes("many") // 6
+    options = stager.StagingOptions(use_shared_memory=False, memory_budget_bytes=budget)
+    with stager.DefaultStager(options) as async_stager:
+        states = {seed: bounded_worker.state("many", seed) for seed in (11, 12, 13)}
+        responses = []
+        for seed, sd in states.items():
+            responses.append(dcp.async_save(sd, storage_writer=stager.FileSystemWriter(tmp_path / str(seed)),
+                                            async_stager=async_stager, no_dist=True,
+                                            async_checkpointer_type=AsyncCheckpointerType.THREAD))
+        for response in responses:
+            response.upload_completion.result(timeout=120)
+        assert async_stager.pool_stats()["allocated_bytes"] <= budget
+    for seed in (11, 12, 13):
+        assert_holds(tmp_path / str(seed), "many", seed)

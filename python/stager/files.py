@@ -129,7 +129,10 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
         # bounced through one pool buffer of at most the budget (stager.streaming).
         stream = StreamedStage(state_dict, plan, staging.pool, staging.options.memory_budget_bytes)
         consumed, bounce = stream.claim(len(plan.table.storage_nbytes))
-        _native.write_file(path, plan.table, names, metadata, consumed=consumed, bounce=bounce)
+        try:
+            _native.write_file(path, plan.table, names, metadata, consumed=consumed, bounce=bounce)
+        finally:
+            bounce = None  # a traceback keeps this frame: it must not keep the pool buffer
         return
     staged = staging.start_plan(plan)
     try:

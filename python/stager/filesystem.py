@@ -869,16 +869,23 @@ def _write_streamed(path: str, items: list[tuple[str, Any]], stage: StreamedStag
     """:func:`write_data_file` for a state_dict larger than the budget (:mod:`stager.streaming`):
     the Rust writer reads the sources themselves, bounces through the stage's pool buffer, and
     reports each item read."""
+    bounce = None
     try:
-        entries = _record_entries(items, path, None)[0]
-        consumed, bounce = stage.claim(len(entries))
-    except BaseException as err:
-        stage.fail(str(err))
-        raise
-    _, ranges, _, _ = _native.write_records(
-        path, entries, _serialization_id(os.path.basename(path)), consumed=consumed, bounce=bounce
-    )
-    return ranges
+        try:
+            entries = _record_entries(items, path, None)[0]
+            consumed, bounce = stage.claim(len(entries))
+        except BaseException as err:
+            stage.fail(str(err))
+            raise
+        _, ranges, _, _ = _native.write_records(
+            path, entries, _serialization_id(os.path.basename(path)), consumed=consumed, bounce=bounce
+        )
+        return ranges
+    finally:
+        # Back to the pool before the next streamed stage may take it (a traceback keeps this
+        # frame alive: it must not keep the buffer).
+        bounce = None
+        stage.released.set()
 
 
 def _record_source(tensor: torch.Tensor, fqn: str, path: str, stage: Any = None) -> torch.Tensor:

@@ -89,6 +89,8 @@ class StagingEngine:
         # gets a lock of its own (one held by a parent's thread at the fork is never released).
         self._incremental_lock = threading.Lock()
         self._lock_pid = os.getpid()
+        # The last streamed stage (stager.streaming); the next one waits for its memory.
+        self._stream: StreamedStage | None = None
 
     def _new_pool(self) -> _native.HostPool:
         return _native.HostPool(
@@ -140,7 +142,10 @@ class StagingEngine:
         if unchanged is None:
             plan = plan_state_dict(state_dict)
             if early is not None and self._streams(plan):
-                stream = StreamedStage(state_dict, plan, self.pool, self.options.memory_budget_bytes)
+                previous = self._stream
+                if previous is not None:
+                    previous.released.wait()  # its writer gives the budget back when it returns
+                stream = self._stream = StreamedStage(state_dict, plan, self.pool, self.options.memory_budget_bytes)
                 writer.accept_stage(stream)
                 early.offer_early(state_dict)
                 stream.wait(early.reader_gone)

@@ -59,6 +59,10 @@ class StreamedStage:
             if leaf.device.type == "cpu" and leaf.untyped_storage().nbytes()
         }
         self._claimed = threading.Event()
+        #: Set once the writer holds no memory of this stage any more (its write returned, or it
+        #: never started): the next streamed stage of the same pool waits for it, so it finds
+        #: the budget free.
+        self.released = threading.Event()
         self.consumed: Any = None
         self._failure: str | None = None
 
@@ -86,6 +90,7 @@ class StreamedStage:
             bounce = self._pool.acquire(size)
         except BaseException as err:
             self.fail(str(err))
+            self.released.set()
             raise
         self.consumed = consumed
         self._claimed.set()
@@ -105,8 +110,10 @@ class StreamedStage:
         failed before ``write_data``)."""
         while not self._claimed.wait(poll):
             if reader_gone():
+                self.released.set()
                 raise StagerError("dcp's upload ended before it wrote the streamed state_dict")
         if self.consumed is None:
+            self.released.set()
             raise StagerError(f"the streamed save failed: {self._failure}")
         self.consumed.wait()
         failure = self.consumed.failure
@@ -117,3 +124,4 @@ class StreamedStage:
         """The writer writes none of this state_dict (dcp left this rank no items)."""
         self.consumed = _native.Completion(0)
         self._claimed.set()
+        self.released.set()
