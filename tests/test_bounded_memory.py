@@ -6,6 +6,7 @@ writer: the growth must stay near the budget, not the state, and the checkpoint 
 values at save time (the worker changes every tensor right after staging_completion).
 """
 
+import gc
 import os
 import signal
 import subprocess
@@ -212,3 +213,17 @@ def test_back_to_back_streamed_saves_share_the_budget(tmp_path):
         assert async_stager.pool_stats()["allocated_bytes"] <= budget
     for seed in (11, 12, 13):
         assert_holds(tmp_path / str(seed), "many", seed)
+
+
+def test_pool_stats_peak_is_the_host_memory_of_the_last_checkpoint():
+    options = stager.StagingOptions(use_shared_memory=False, use_async_staging=False)
+    with stager.DefaultStager(options) as s:
+        staged = s.stage({"big": torch.randn(4 * MiB)})  # 16 MiB
+        assert s.pool_stats()["peak_bytes"] >= 16 * MiB
+        del staged
+        gc.collect()
+        s._engine.pool.trim()  # the free buffer is unmapped: the pool holds nothing now
+        staged = s.stage({"small": torch.randn(1000)})
+        stats = s.pool_stats()
+        assert stats["peak_bytes"] == stats["allocated_bytes"] < 1 * MiB, stats
+        assert staged["small"].numel() == 1000
