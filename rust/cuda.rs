@@ -53,8 +53,10 @@ use crate::copy_engine::MemoryOwner;
 use crate::error::{Result, StagerError};
 use crate::pool::MemoryPinner;
 
-/// Bytes per `cuMemcpyDtoHAsync` call: large copies are cut so a device's streams share them.
-pub const DEVICE_CHUNK_BYTES: usize = 64 << 20;
+/// Bytes per `cuMemcpyDtoHAsync` call: large copies are cut so a device's streams share them,
+/// and at most 32 MiB so that the training step's own device-to-host copies on the copy engine
+/// never queue behind one bulk copy of ours (torchrec#4303; DESIGN.md, "Bounded host memory").
+pub const DEVICE_CHUNK_BYTES: usize = 32 << 20;
 /// A completion event is recorded on a stream once this many bytes were queued behind the last.
 pub const EVENT_BYTES: usize = 32 << 20;
 /// Streams the copier creates per device unless told otherwise.

@@ -76,6 +76,10 @@ pub struct PoolStats {
     pub allocations: u64,
     /// How many acquisitions were served from the free list.
     pub reuses: u64,
+    /// The most bytes the pool held mapped at once (`allocated_bytes`' high-water mark) since it
+    /// was made or since [`HostPool::reset_peak`]: the host memory of a checkpoint, when reset
+    /// at its start.
+    pub peak_bytes: usize,
 }
 
 /// One mapping of host memory. Owns the mapping, the memfd and the pinning.
@@ -311,6 +315,7 @@ impl HostPool {
         let slab = Slab::map(capacity, &self.shared.options, self.shared.creator)?;
         let mut state = self.lock();
         state.stats.allocated_bytes += capacity;
+        state.stats.peak_bytes = state.stats.peak_bytes.max(state.stats.allocated_bytes);
         state.stats.allocations += 1;
         state.stats.buffers_in_use += 1;
         Ok(HostBuffer::new(slab, nbytes, self.shared.clone()))
@@ -337,6 +342,7 @@ impl HostPool {
         drop(inherited);
         // Count it now so concurrent acquisitions see the budget it will take.
         state.stats.allocated_bytes += capacity;
+        state.stats.peak_bytes = state.stats.peak_bytes.max(state.stats.allocated_bytes);
         drop(released);
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
@@ -419,6 +425,12 @@ impl HostPool {
         state.stats.free_bytes = 0;
         drop(state);
         drop(free);
+    }
+
+    /// Starts a new high-water mark ([`PoolStats::peak_bytes`]) at what the pool holds now.
+    pub fn reset_peak(&self) {
+        let mut state = self.lock();
+        state.stats.peak_bytes = state.stats.allocated_bytes;
     }
 
     /// A snapshot of the pool's counters.

@@ -68,7 +68,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::commit::AtomicFile;
@@ -157,9 +157,58 @@ pub unsafe fn write_uncommitted(
     path: &Path,
     specs: &[EntrySpec],
     sources: &[Source],
+    metadata: BTreeMap<String, String>,
+    completion: Option<&Completion>,
+    staged: Option<StagedBuffer>,
+) -> Result<(AtomicFile, WriteReport)> {
+    // SAFETY: forwarded contract.
+    unsafe { write_file_inner(path, specs, sources, metadata, completion, staged, None) }
+}
+
+/// [`write_uncommitted`] streaming from sources still in use (see [`Streaming`]): request i of
+/// `streaming.consumed` completes once storage i's source is no longer read (the write's error
+/// fails it), and bounced bytes go only through `streaming.bounce`.
+///
+/// # Safety
+/// As [`write_file`] without `staged`, and as [`write_records_uncommitted`] for `streaming`.
+pub unsafe fn write_uncommitted_streamed(
+    path: &Path,
+    specs: &[EntrySpec],
+    sources: &[Source],
+    metadata: BTreeMap<String, String>,
+    streaming: &Streaming<'_>,
+) -> Result<(AtomicFile, WriteReport)> {
+    if let Some((ptr, len)) = streaming.bounce {
+        if len < BLOCK || ptr as usize % BLOCK != 0 {
+            let err = StagerError::InvalidFile {
+                path: path.to_path_buf(),
+                reason: format!("bounce memory of {len} bytes at {ptr:?}: at least {BLOCK} page-aligned bytes needed"),
+            };
+            streaming.consumed.fail(err.duplicate());
+            return Err(err);
+        }
+    }
+    // SAFETY: forwarded contract.
+    let result =
+        unsafe { write_file_inner(path, specs, sources, metadata, None, None, Some(streaming)) };
+    if let Err(err) = &result {
+        streaming.consumed.fail(err.duplicate());
+    }
+    result
+}
+
+/// The body of [`write_uncommitted`] and [`write_uncommitted_streamed`].
+///
+/// # Safety
+/// As those.
+unsafe fn write_file_inner(
+    path: &Path,
+    specs: &[EntrySpec],
+    sources: &[Source],
     mut metadata: BTreeMap<String, String>,
     completion: Option<&Completion>,
     staged: Option<StagedBuffer>,
+    streaming: Option<&Streaming<'_>>,
 ) -> Result<(AtomicFile, WriteReport)> {
     let invalid = |reason: String| StagerError::InvalidFile {
         path: path.to_path_buf(),
@@ -242,6 +291,7 @@ pub unsafe fn write_uncommitted(
                 ptr: sources[storage].ptr,
                 request: sources[storage].request,
                 suffix_of: None,
+                framing: false,
             });
         }
         storage += 1;
@@ -257,7 +307,9 @@ pub unsafe fn write_uncommitted(
     if mode.is_direct() && direct_io::set_direct(file, true).is_err() {
         mode = IoMode::Buffered;
     }
-    let ops = plan_ops(&parts, data_len, mode, staged);
+    let sizes: Vec<u64> = specs.iter().map(|spec| spec.nbytes).collect();
+    let (plan, streaming_run, unread) = streamed_run(streaming, &sizes, mode).map_err(invalid)?;
+    let ops = plan_ops(&parts, data_len, mode, staged, plan);
     let run = Run {
         file,
         path,
@@ -268,6 +320,9 @@ pub unsafe fn write_uncommitted(
         direct: AtomicBool::new(mode.is_direct()),
         offset_align: mode.alignment().1,
         records: None,
+        streaming: streaming_run,
+        unread,
+        bounce_slots: AtomicUsize::new(0),
     };
     let crc_parts = run.execute()?;
     if !run.direct.load(Ordering::Relaxed) {
@@ -331,6 +386,25 @@ pub struct RecordsReport {
     pub mode: IoMode,
 }
 
+/// A write that streams from sources still in use (a state_dict larger than the host-memory
+/// budget, written by [`write_records_uncommitted`] straight from the training tensors): the
+/// writer tells when it is done reading each source, and copies only through the bounce memory
+/// it is given.
+pub struct Streaming<'a> {
+    /// One request per item, completed once the writer has read the last byte of the item's
+    /// source (written or copied out, and checksummed): its owner may change it from then on.
+    /// Failed with the write's error when the write fails.
+    pub consumed: &'a Completion,
+    /// `(address, length)` of the only memory bounced bytes go through (cut into one chunk per
+    /// I/O thread, each refilled as soon as its write returns), in place of the writer's own
+    /// chunks; None: the writer's own. At least [`BLOCK`] bytes, page-aligned.
+    pub bounce: Option<(*mut u8, usize)>,
+}
+
+// SAFETY: the bounce address is memory the caller hands to the writer for the whole call
+// (write_records_uncommitted's streaming contract), usable from any thread; `Completion` is Sync.
+unsafe impl Sync for Streaming<'_> {}
+
 /// Source sizes from which a record places its storage for `O_DIRECT` from memory (smaller
 /// ones are bounced anyway; padding them costs file bytes for nothing).
 const DIRECT_PLACEMENT_MIN: u64 = 64 << 10;
@@ -386,11 +460,39 @@ impl Records<'_> {
 ///
 /// # Safety
 /// As [`write_file`] for `items[i].source` and `items[i].nbytes`.
+///
+/// With `streaming`, see [`Streaming`]: request i of `streaming.consumed` completes once item i's
+/// source is no longer read, and bounced bytes go only through `streaming.bounce`.
+///
+/// # Safety (streaming)
+/// `streaming.bounce` must be writable memory of that length that nothing else uses during the
+/// call.
 pub unsafe fn write_records_uncommitted(
     path: &Path,
     items: &[RecordItem],
     serialization_id: &str,
     completion: Option<&Completion>,
+    streaming: Option<&Streaming<'_>>,
+) -> Result<(AtomicFile, RecordsReport)> {
+    // SAFETY: forwarded contract.
+    let result =
+        unsafe { write_records_inner(path, items, serialization_id, completion, streaming) };
+    if let (Err(err), Some(streaming)) = (&result, streaming) {
+        streaming.consumed.fail(err.duplicate());
+    }
+    result
+}
+
+/// [`write_records_uncommitted`] without the failure of `streaming.consumed`.
+///
+/// # Safety
+/// As [`write_records_uncommitted`].
+unsafe fn write_records_inner(
+    path: &Path,
+    items: &[RecordItem],
+    serialization_id: &str,
+    completion: Option<&Completion>,
+    streaming: Option<&Streaming<'_>>,
 ) -> Result<(AtomicFile, RecordsReport)> {
     let invalid = |reason: String| StagerError::InvalidFile {
         path: path.to_path_buf(),
@@ -401,6 +503,16 @@ pub unsafe fn write_records_uncommitted(
     let mut ranges = Vec::with_capacity(items.len());
     let mut data_offsets = Vec::with_capacity(items.len());
     let mut cursor = 0u64;
+    let bounce_all = streaming.is_some_and(|streaming| streaming.bounce.is_some());
+    if let Some(streaming) = streaming {
+        if let Some((ptr, len)) = streaming.bounce {
+            if len < BLOCK || ptr as usize % BLOCK != 0 {
+                return Err(invalid(format!(
+                    "bounce memory of {len} bytes at {ptr:?}: at least {BLOCK} page-aligned bytes needed"
+                )));
+            }
+        }
+    }
     for (index, item) in items.iter().enumerate() {
         if item.nbytes > 0 && item.source.ptr.is_null() {
             return Err(invalid(format!("item {index} has a null address")));
@@ -416,8 +528,11 @@ pub unsafe fn write_records_uncommitted(
         let framing = match &item.pickle {
             Some(pickle) => {
                 let address = item.source.ptr as u64;
-                let residue = (item.nbytes >= DIRECT_PLACEMENT_MIN && address % 64 == 0)
-                    .then_some(address % BLOCK as u64);
+                // A streamed write bounces everything (see below): no placement for direct
+                // writes from the source.
+                let residue =
+                    (!bounce_all && item.nbytes >= DIRECT_PLACEMENT_MIN && address % 64 == 0)
+                        .then_some(address % BLOCK as u64);
                 Some(
                     RecordFraming::new(pickle, item.nbytes, start, residue, serialization_id)
                         .map_err(invalid)?,
@@ -447,6 +562,7 @@ pub unsafe fn write_records_uncommitted(
                 ptr: framing.prefix().as_ptr(),
                 request: None,
                 suffix_of: None,
+                framing: true,
             });
         }
         if item.nbytes > 0 {
@@ -457,6 +573,7 @@ pub unsafe fn write_records_uncommitted(
                 ptr: item.source.ptr,
                 request: item.source.request,
                 suffix_of: None,
+                framing: false,
             });
         }
         if let Some(framing) = framing {
@@ -467,6 +584,7 @@ pub unsafe fn write_records_uncommitted(
                 ptr: std::ptr::null(),
                 request: None,
                 suffix_of: Some(index),
+                framing: true,
             });
         }
     }
@@ -487,7 +605,10 @@ pub unsafe fn write_records_uncommitted(
     if mode.is_direct() && direct_io::set_direct(file, true).is_err() {
         mode = IoMode::Buffered;
     }
-    let ops = plan_ops(&parts, file_bytes, mode, None);
+    let offset_align = mode.alignment().1;
+    let sizes: Vec<u64> = items.iter().map(|item| item.nbytes).collect();
+    let (plan, streaming_run, unread) = streamed_run(streaming, &sizes, mode).map_err(invalid)?;
+    let ops = plan_ops(&parts, file_bytes, mode, None, plan);
     let run = Run {
         file,
         path,
@@ -496,8 +617,11 @@ pub unsafe fn write_records_uncommitted(
         ops: &ops,
         completion,
         direct: AtomicBool::new(mode.is_direct()),
-        offset_align: mode.alignment().1,
+        offset_align,
         records: Some(&records),
+        streaming: streaming_run,
+        unread,
+        bounce_slots: AtomicUsize::new(0),
     };
     run.execute()?;
     if !run.direct.load(Ordering::Relaxed) {
@@ -530,6 +654,8 @@ struct Part {
     /// A record's suffix (bytes rendered once record `item`'s storage checksum is known),
     /// not memory: `ptr` is null.
     suffix_of: Option<usize>,
+    /// A record's prefix or suffix (the writer's bytes), not a source's.
+    framing: bool,
 }
 
 impl Part {
@@ -554,14 +680,95 @@ struct Op {
 // SAFETY: as for `Part`.
 unsafe impl Sync for Op {}
 
+/// What a streamed write ([`Streaming`]) of sources of `sizes` bytes runs with: how it bounces,
+/// its [`StreamingRun`], and each source's unread bytes (empty sources are reported consumed
+/// here). The plain defaults without `streaming`. Errors name bounce memory that is too small.
+fn streamed_run<'a>(
+    streaming: Option<&Streaming<'a>>,
+    sizes: &[u64],
+    mode: IoMode,
+) -> std::result::Result<(BouncePlan, Option<StreamingRun<'a>>, Vec<AtomicU64>), String> {
+    let Some(streaming) = streaming else {
+        return Ok((BouncePlan::DEFAULT, None, Vec::new()));
+    };
+    if streaming.consumed.len() != sizes.len() {
+        return Err(format!(
+            "the consumed completion has {} requests for {} sources",
+            streaming.consumed.len(),
+            sizes.len()
+        ));
+    }
+    let offset_align = mode.alignment().1;
+    let bounce = streaming.bounce;
+    let chunk = match bounce {
+        // One chunk per thread of the busiest run (twice IO_DEPTH), whole I/O units, at most
+        // IO_CHUNK.
+        Some((_, len)) => {
+            let unit = BLOCK.max(offset_align);
+            if len < unit {
+                return Err(format!(
+                    "bounce memory of {len} bytes is smaller than the file's {unit}-byte I/O unit"
+                ));
+            }
+            (len / (2 * IO_DEPTH) / unit * unit).clamp(unit, IO_CHUNK)
+        }
+        None => IO_CHUNK,
+    };
+    for (index, &size) in sizes.iter().enumerate() {
+        if size == 0 {
+            streaming.consumed.mark_complete(index);
+        }
+    }
+    // Under O_DIRECT a streamed write bounces everything through its pool buffer (huge pages:
+    // faster to write from than the sources' own pages); buffered, sources go to the page cache
+    // straight from their memory as usual.
+    let plan = BouncePlan {
+        chunk,
+        everything: bounce.is_some() && mode.is_direct(),
+    };
+    let run = StreamingRun {
+        consumed: streaming.consumed,
+        bounce: bounce.map(|(ptr, len)| (ptr as usize, len)),
+        bounce_chunk: chunk,
+    };
+    Ok((
+        plan,
+        Some(run),
+        sizes.iter().map(|&n| AtomicU64::new(n)).collect(),
+    ))
+}
+
+/// How [`plan_ops`] bounces.
+#[derive(Clone, Copy)]
+struct BouncePlan {
+    /// Bytes of the longest bounced request (one bounce chunk).
+    chunk: usize,
+    /// Bounce every byte (no request straight from memory).
+    everything: bool,
+}
+
+impl BouncePlan {
+    const DEFAULT: BouncePlan = BouncePlan {
+        chunk: IO_CHUNK,
+        everything: false,
+    };
+}
+
 /// Cuts the data section into write requests (see the module docs for the rules).
-fn plan_ops(parts: &[Part], data_len: u64, mode: IoMode, staged: Option<StagedBuffer>) -> Vec<Op> {
+fn plan_ops(
+    parts: &[Part],
+    data_len: u64,
+    mode: IoMode,
+    staged: Option<StagedBuffer>,
+    bounce: BouncePlan,
+) -> Vec<Op> {
     let (mem_align, _) = mode.alignment();
     let block = BLOCK as u64;
     // Spans: runs of parts whose memory advances exactly like their file offsets, the bytes in
     // between being either none or the staged buffer's padding.
     let mut direct_ranges: Vec<(u64, u64, *const u8)> = Vec::new();
-    let mut first = 0;
+    // Bounce everything (a streamed write through its bounce memory): no direct range at all.
+    let mut first = if bounce.everything { parts.len() } else { 0 };
     while first < parts.len() {
         if parts[first].suffix_of.is_some() {
             first += 1;
@@ -595,12 +802,18 @@ fn plan_ops(parts: &[Part], data_len: u64, mode: IoMode, staged: Option<StagedBu
         }
         first = last + 1;
     }
-    // Requests in file order: bounced ranges between the direct ones, all cut to IO_CHUNK.
+    // Requests in file order: bounced ranges between the direct ones, direct ones cut to
+    // IO_CHUNK, bounced ones to the size of a bounce chunk.
     let mut ops = Vec::new();
     let mut push = |begin: u64, end: u64, direct_from: Option<*const u8>| {
+        let step = if direct_from.is_some() {
+            IO_CHUNK
+        } else {
+            bounce.chunk
+        } as u64;
         let mut at = begin;
         while at < end {
-            let next = (at + IO_CHUNK as u64).min(end);
+            let next = (at + step).min(end);
             ops.push(Op {
                 begin: at,
                 end: next,
@@ -666,6 +879,14 @@ unsafe fn zero_padding(parts: &[Part], begin: u64, end: u64, ptr: *const u8) {
 /// Per request: `(storage, crc32c of its bytes in the request, how many bytes)`.
 type CrcParts = Vec<Vec<(usize, u32, usize)>>;
 
+/// What one thread of [`Run::execute`] keeps between the requests it claims: its bounce chunk,
+/// and (for a streamed write) its slot of the bounce memory, claimed at its first request.
+#[derive(Default)]
+struct OpThread {
+    chunk: ThreadChunk,
+    slot: Option<Option<(*mut u8, usize)>>,
+}
+
 /// The requests of one write and what executing them needs.
 struct Run<'a> {
     file: &'a File,
@@ -680,6 +901,21 @@ struct Run<'a> {
     offset_align: usize,
     /// A file of `torch.save` records (no crc32c fused; suffixes rendered from crc32s).
     records: Option<&'a Records<'a>>,
+    /// A streamed write (records only): sources' reads reported, bounce memory given.
+    streaming: Option<StreamingRun<'a>>,
+    /// Per storage (streamed writes): bytes of its source not yet written.
+    unread: Vec<AtomicU64>,
+    /// Bounce chunks of `streaming.bounce` handed to threads so far.
+    bounce_slots: AtomicUsize,
+}
+
+/// What a streamed run needs from its [`Streaming`].
+struct StreamingRun<'a> {
+    consumed: &'a Completion,
+    /// `(address, length)` of the bounce memory.
+    bounce: Option<(usize, usize)>,
+    /// Bytes of one bounce chunk (the longest bounced request).
+    bounce_chunk: usize,
 }
 
 /// Bytes copied into a bounce chunk before their checksum is taken (fits in L2).
@@ -697,9 +933,45 @@ impl Run<'_> {
             .filter(|op| op.direct_from.is_none())
             .count();
         let depth = if bounced > 1 { 2 * IO_DEPTH } else { IO_DEPTH };
-        for_each_piece(self.ops.len(), depth, |index, chunk: &mut ThreadChunk| {
-            self.run_op(&self.ops[index], chunk)
+        let mut threads = depth;
+        if let Some(StreamingRun {
+            bounce: Some((_, len)),
+            bounce_chunk,
+            ..
+        }) = &self.streaming
+        {
+            // One bounce slot per thread: never more threads than slots.
+            threads = threads.min(len / bounce_chunk).max(1);
+        }
+        for_each_piece(self.ops.len(), threads, |index, state: &mut OpThread| {
+            let slot = *state.slot.get_or_insert_with(|| self.bounce_slot());
+            self.run_op(&self.ops[index], &mut state.chunk, slot)
         })
+    }
+
+    /// This thread's bounce chunk of a streamed write's bounce memory: `(address, length)`.
+    fn bounce_slot(&self) -> Option<(*mut u8, usize)> {
+        let streaming = self.streaming.as_ref()?;
+        let (base, _) = streaming.bounce?;
+        let slot = self.bounce_slots.fetch_add(1, Ordering::Relaxed);
+        let ptr = (base + slot * streaming.bounce_chunk) as *mut u8;
+        Some((ptr, streaming.bounce_chunk))
+    }
+
+    /// A streamed write read `n` more bytes of storage `storage`'s source: once none are left
+    /// (and its checksum is taken), the source is reported consumed.
+    fn read_from(&self, storage: usize, n: usize) -> Result<()> {
+        let Some(streaming) = &self.streaming else {
+            return Ok(());
+        };
+        if n == 0 || self.unread[storage].fetch_sub(n as u64, Ordering::AcqRel) != n as u64 {
+            return Ok(());
+        }
+        if let Some(records) = self.records {
+            records.crc(self, storage)?;
+        }
+        streaming.consumed.mark_complete(storage);
+        Ok(())
     }
 
     /// Waits until `part`'s bytes are in place; the completion's failure if it failed.
@@ -723,7 +995,12 @@ impl Run<'_> {
         ((lo - part.begin) as usize, (hi - lo) as usize)
     }
 
-    fn run_op(&self, op: &Op, chunk: &mut ThreadChunk) -> Result<Vec<(usize, u32, usize)>> {
+    fn run_op(
+        &self,
+        op: &Op,
+        chunk: &mut ThreadChunk,
+        slot: Option<(*mut u8, usize)>,
+    ) -> Result<Vec<(usize, u32, usize)>> {
         let parts = &self.parts[op.first_part..op.last_part];
         let mut crcs = Vec::with_capacity(parts.len());
         let len = (op.end - op.begin) as usize;
@@ -752,12 +1029,27 @@ impl Run<'_> {
             // SAFETY: that span is readable for the call.
             unsafe { self.write_at(ptr, len, self.data_start + op.begin) }
                 .map_err(|err| self.io_error(err))?;
+            for part in parts.iter().filter(|part| !part.framing) {
+                self.read_from(part.storage, Self::overlap(part, op.begin, op.end).1)?;
+            }
         } else {
             let write_len = len.div_ceil(self.offset_align) * self.offset_align;
-            let buffer = chunk
-                .at_least(write_len, IO_CHUNK)
-                .map_err(|err| StagerError::io("allocating a bounce buffer for", self.path, err))?;
-            let bytes = buffer.slice_mut(write_len);
+            let bytes: &mut [u8] = match slot {
+                Some((ptr, capacity)) => {
+                    // plan_ops cut bounced requests to the slot's size, in whole I/O units.
+                    assert!(
+                        write_len <= capacity,
+                        "a bounced request longer than its slot"
+                    );
+                    // SAFETY: this thread's own slot of the bounce memory (write_records'
+                    // streaming contract: writable, used by nothing else during the call).
+                    unsafe { std::slice::from_raw_parts_mut(ptr, write_len) }
+                }
+                None => chunk
+                    .at_least(write_len, IO_CHUNK)
+                    .map_err(|err| StagerError::io("allocating a bounce buffer for", self.path, err))?
+                    .slice_mut(write_len),
+            };
             let mut filled = 0;
             for part in parts {
                 let (offset, n) = Self::overlap(part, op.begin, op.end);
@@ -790,8 +1082,11 @@ impl Run<'_> {
             }
             bytes[filled..].fill(0);
             // SAFETY: `write_len` initialized bytes of the chunk.
-            unsafe { self.write_at(buffer.as_ptr(), write_len, self.data_start + op.begin) }
+            unsafe { self.write_at(bytes.as_ptr(), write_len, self.data_start + op.begin) }
                 .map_err(|err| self.io_error(err))?;
+            for part in parts.iter().filter(|part| !part.framing) {
+                self.read_from(part.storage, Self::overlap(part, op.begin, op.end).1)?;
+            }
         }
         if !self.direct.load(Ordering::Relaxed) && len >= BLOCK {
             // Start write-back of what was just written; the final fsync waits for it.
@@ -1057,6 +1352,7 @@ mod tests {
                 ptr: buffer.as_ptr().wrapping_add(o),
                 request: None,
                 suffix_of: None,
+                framing: false,
             })
             .collect();
         let data_len = parts.last().unwrap().end();
@@ -1068,7 +1364,7 @@ mod tests {
             ptr: buffer.as_ptr(),
             len: buffer.capacity(),
         };
-        let ops = plan_ops(&parts, data_len, mode, Some(staged));
+        let ops = plan_ops(&parts, data_len, mode, Some(staged), BouncePlan::DEFAULT);
         let direct: u64 = ops
             .iter()
             .filter(|op| op.direct_from.is_some())
@@ -1076,7 +1372,7 @@ mod tests {
             .sum();
         assert_eq!(direct, data_len / 4096 * 4096);
         // Without the buffer, every block where two storages meet is bounced instead.
-        let ops = plan_ops(&parts, data_len, mode, None);
+        let ops = plan_ops(&parts, data_len, mode, None, BouncePlan::DEFAULT);
         let bounced: Vec<(u64, u64)> = ops
             .iter()
             .filter(|op| op.direct_from.is_none())
@@ -1302,7 +1598,7 @@ mod tests {
                 .collect();
             // SAFETY: the buffer outlives the call.
             let (file, report) =
-                unsafe { write_records_uncommitted(&path, &items, "1", None) }.unwrap();
+                unsafe { write_records_uncommitted(&path, &items, "1", None, None) }.unwrap();
             file.commit().unwrap();
             let raw = std::fs::read(&path).unwrap();
             assert_eq!(raw.len() as u64, report.file_bytes);
@@ -1323,6 +1619,128 @@ mod tests {
                 assert_eq!(&raw[entry.offset as usize..][..n], expected);
             }
             buffer.recycle();
+        }
+    }
+
+    #[test]
+    fn streamed_records_bounce_through_the_given_memory_and_report_each_source_read() {
+        for dir in [
+            tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(),
+            tempfile::tempdir_in("/dev/shm").unwrap(),
+        ] {
+            let path = dir.path().join("__0_0.distcp");
+            // Sources one byte off alignment: everything is bounced (under O_DIRECT).
+            let sizes = [5usize, 300_000, 0, 70_001, 9];
+            let data: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| pattern(i, n + 1))
+                .collect();
+            let items: Vec<RecordItem> = data
+                .iter()
+                .zip(&sizes)
+                .map(|(bytes, &n)| RecordItem {
+                    source: Source {
+                        ptr: bytes[1..].as_ptr(),
+                        request: None,
+                    },
+                    nbytes: n as u64,
+                    pickle: Some(crate::torch_record::tensor_pickle(
+                        "ByteStorage",
+                        n as u64,
+                        0,
+                        &[n as u64],
+                        &[1],
+                        None,
+                    )),
+                })
+                .collect();
+            let mut bounce = AlignedBuf::take(3 * BLOCK).unwrap();
+            let consumed = Completion::new(items.len());
+            let streaming = Streaming {
+                consumed: &consumed,
+                bounce: Some((bounce.slice_mut(3 * BLOCK).as_mut_ptr(), 3 * BLOCK)),
+            };
+            // SAFETY: the sources and the bounce memory outlive the call; nothing else uses them.
+            let (file, report) =
+                unsafe { write_records_uncommitted(&path, &items, "1", None, Some(&streaming)) }
+                    .unwrap();
+            assert!(consumed.all_done() && consumed.failure().is_none());
+            file.commit().unwrap();
+            let opened = File::open(&path).unwrap();
+            let raw = std::fs::read(&path).unwrap();
+            for (i, &(at, len)) in report.ranges.iter().enumerate() {
+                let expected = &data[i][1..];
+                let parsed = crate::torch_record::parse_record(&opened, at, len).unwrap();
+                let entry = &parsed.storages[0];
+                assert_eq!(entry.crc32, crc32fast::hash(expected));
+                assert_eq!(&raw[entry.offset as usize..][..sizes[i]], expected);
+            }
+            bounce.recycle();
+        }
+    }
+
+    #[test]
+    fn a_failed_streamed_write_fails_its_consumed_completion() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("missing").join("__0_0.distcp");
+        let data = vec![7u8; 10_000];
+        let items = [RecordItem {
+            source: Source {
+                ptr: data.as_ptr(),
+                request: None,
+            },
+            nbytes: data.len() as u64,
+            pickle: None,
+        }];
+        let consumed = Completion::new(1);
+        let streaming = Streaming {
+            consumed: &consumed,
+            bounce: None,
+        };
+        // SAFETY: `data` outlives the call.
+        let result =
+            unsafe { write_records_uncommitted(&path, &items, "1", None, Some(&streaming)) };
+        assert!(result.is_err());
+        assert!(consumed.failure().is_some());
+    }
+
+    #[test]
+    fn streamed_stager_file_reports_each_storage_read_and_round_trips() {
+        for dir in [
+            tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap(),
+            tempfile::tempdir_in("/dev/shm").unwrap(),
+        ] {
+            let path = dir.path().join("a.safetensors");
+            let sizes = [7usize, 0, 200_003, 4096, 65_537];
+            let data: Vec<Vec<u8>> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| pattern(i, n))
+                .collect();
+            let sources: Vec<Source> = data
+                .iter()
+                .map(|bytes| Source {
+                    ptr: bytes.as_ptr(),
+                    request: None,
+                })
+                .collect();
+            let mut bounce = AlignedBuf::take(2 * BLOCK).unwrap();
+            let consumed = Completion::new(sizes.len());
+            let streaming = Streaming {
+                consumed: &consumed,
+                bounce: Some((bounce.slice_mut(2 * BLOCK).as_mut_ptr(), 2 * BLOCK)),
+            };
+            // SAFETY: the sources and the bounce memory outlive the call; nothing else uses them.
+            let (file, _) = unsafe {
+                write_uncommitted_streamed(&path, &specs_for(&sizes), &sources, meta(), &streaming)
+            }
+            .unwrap();
+            assert!(consumed.all_done() && consumed.failure().is_none());
+            file.commit().unwrap();
+            let expected: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+            read_back(&path, &expected);
+            bounce.recycle();
         }
     }
 }

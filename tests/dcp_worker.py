@@ -6,7 +6,7 @@ small MLP sharded with FSDP2 (``fully_shard`` on a CPU mesh of WORLD ranks), and
 
 * ``save``: trains ``steps`` steps from ``seed``, then ``dcp.async_save`` of the model + optimizer
   state (DTensors) and a plain replicated part into DIR/<ckpt> with the chosen writer, stager and
-  checkpointer; rank 0 also records the full (unsharded) values in DIR/<ckpt>.expected.pt;
+  checkpointer (``budget``: stager's stager with that memory_budget_bytes); rank 0 also records the full (unsharded) values in DIR/<ckpt>.expected.pt;
 * ``load``: a fresh model (other seed) on this world size, ``dcp.load`` with the chosen reader, then
   compares every full tensor and the plain part with the recorded values (resharding when the
   world size differs from the saving run's);
@@ -94,9 +94,9 @@ def make_writer(kind, path):
     return stager.FileSystemWriter(path) if kind == "stager" else dcp.FileSystemWriter(path)
 
 
-def make_stager(kind):
+def make_stager(kind, budget=None):
     if kind == "stager":
-        return stager.DefaultStager(stager.StagingOptions(num_threads=1))
+        return stager.DefaultStager(stager.StagingOptions(num_threads=1, memory_budget_bytes=budget))
     if kind == "torch":
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -120,7 +120,7 @@ def scenario_save(rank, world, directory, dcp_group, options):
     expected = full_values(model, optim)
     if rank == 0:
         torch.save(expected, path + ".expected.pt")
-    async_stager = make_stager(options.get("stager", "stager"))
+    async_stager = make_stager(options.get("stager", "stager"), options.get("budget"))
     checkpointer = getattr(AsyncCheckpointerType, options.get("checkpointer", "THREAD"))
     response = dcp.async_save(state, storage_writer=make_writer(options.get("writer", "stager"), path),
                               async_stager=async_stager, process_group=dcp_group,
@@ -131,9 +131,21 @@ def scenario_save(rank, world, directory, dcp_group, options):
         response.staging_completion.result(timeout=60)
     train(model, optim, 1, 99)
     upload.result(timeout=120)
+    peak = async_stager.pool_stats()["peak_bytes"] if isinstance(async_stager, stager.DefaultStager) else None
     if async_stager is not None:
         async_stager.close()
-    report("save", files=sorted(os.listdir(path)))
+    nbytes = sum(t.numel() * t.element_size() for t in _local_tensors(state))
+    report("save", files=sorted(os.listdir(path)), peak_bytes=peak, state_nbytes=nbytes)
+
+
+def _local_tensors(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _local_tensors(value)
+    elif hasattr(tree, "to_local"):
+        yield tree.to_local()
+    elif isinstance(tree, torch.Tensor):
+        yield tree
 
 
 def scenario_load(rank, world, directory, dcp_group, options):

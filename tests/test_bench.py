@@ -171,3 +171,27 @@ def test_recovery_section_measures_every_tier_and_leaves_no_segment(tmp_path, sh
         peaks = {row["name"]: row["extra"] for row in rows if row["workload"] == f"peak host memory, {world} ranks"}
         assert len(peaks) == 2 and all(extra["peak_host_bytes"] > 0 for extra in peaks.values()), peaks
     assert os.listdir(shm_dir) == []
+
+
+def test_bounded_rows_compare_the_streamed_save_with_the_unbounded_one(tmp_path):
+    # The persistence section's rows for a state 4x the budget (bench/bounded.py), on a tiny state.
+    from stager.bench import bounded, persistence
+    from stager.bench.common import BenchContext
+
+    ctx = BenchContext(size_bytes=8_000_000, tiny_count=10, repeats=1, threads=1, workdir=str(tmp_path),
+                       progress=False)
+    sd = ctx.large_state_dict()
+    nbytes = ctx.nbytes_of(sd)
+
+    def row(workload, name, samples, **kwargs):
+        return ctx.row("persistence", workload, name, samples, nbytes=nbytes, **kwargs)
+
+    rows = {r.name: r for r in bounded.rows(ctx, sd, nbytes, persistence._interleaved, row)}
+    assert set(rows) == {bounded.UNBOUNDED, bounded.BOUNDED, bounded.WAIT_UNBOUNDED, bounded.WAIT_BOUNDED}
+    assert all(r.seconds > 0 for r in rows.values())
+    assert rows[bounded.BOUNDED].baseline == bounded.UNBOUNDED
+    assert rows[bounded.WAIT_BOUNDED].baseline == bounded.WAIT_UNBOUNDED
+    streamed = rows[bounded.BOUNDED].extra
+    assert streamed["peak_bytes"] <= streamed["budget_bytes"] < nbytes
+    assert streamed["host_memory_over_budget"]["max"] > 0
+    assert os.listdir(tmp_path) == []  # the checkpoints are removed

@@ -397,26 +397,28 @@ def test_commit_removes_leftovers_of_killed_saves_and_nothing_else(tmp_path):
 
 
 def test_writer_waits_for_each_storage_of_a_stage_still_copying(tmp_path):
-    # A stage in flight, made of the engine's own parts: a pool buffer registered as pending with
-    # a completion, the staged tensors built over it before any byte is in. The writer must write
-    # each storage only once its request completes: the file then holds what was copied in, not
-    # the buffer's earlier contents.
+    # A stage in flight, made of the engine's own parts: a pool buffer and a completion, the
+    # staged tensors built over it before any byte is in. The writer, handed the stage, must
+    # write each storage only once its request completes: the file then holds what was copied
+    # in, not the buffer's earlier contents.
     import threading
 
     from stager import engine
     from stager.plan import plan_state_dict
+    from stager.stagers import StagedCopy
 
     source = {f"t{i}": torch.full((1 << 16,), float(i + 1)) for i in range(6)}
     plan = plan_state_dict(source)
     buffer = engine.process_pool(False).acquire(plan.total_nbytes)
     completion = stager._native.Completion(len(plan.table.storage_nbytes))
-    engine.register_pending(buffer, completion, plan.table)
+    stage = StagedCopy(plan, buffer, completion)
     staged = plan.materialize(buffer)
     for tensor in staged.values():
         tensor.fill_(-7.0)  # what a writer that does not wait would store
     path = str(tmp_path / "__0_0000000000000001abcdef01.distcp")
     results = []
-    writer = threading.Thread(target=lambda: results.append(filesystem.write_data_file(path, list(staged.items()))))
+    writer = threading.Thread(
+        target=lambda: results.append(filesystem.write_data_file(path, list(staged.items()), stage)))
     writer.start()
     for i, key in enumerate(source):
         time.sleep(0.02)

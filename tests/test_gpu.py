@@ -411,7 +411,7 @@ FAKE_SCRIPT = textwrap.dedent(
     assert job.done() and len(job) == len(sources)
     for s, o in zip(sources, offsets):
         assert torch.equal(torch.frombuffer(target, dtype=torch.uint8, count=s.numel(), offset=o), s) if s.numel() else True
-    assert counters.copies == 1 + 1 + 2 + 1, counters.copies  # 64 MiB chunks: the 100 MiB copy is two
+    assert counters.copies == 1 + 1 + 4 + 2, counters.copies  # 32 MiB chunks (DEVICE_CHUNK_BYTES): 100 MiB is four
     del mark
     gc.collect()
     assert counters.events_alive == 0, counters.events_alive

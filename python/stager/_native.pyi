@@ -71,6 +71,7 @@ class HostPool:
     @property
     def pinned(self) -> bool: ...
     def stats(self) -> dict[str, int]: ...
+    def reset_peak(self) -> None: ...
 
 @final
 class UnchangedRecords:
@@ -180,6 +181,8 @@ def write_file(
     completion: Completion | None = None,
     *,
     commit: bool = True,
+    consumed: Completion | None = None,
+    bounce: HostBuffer | None = None,
 ) -> int | AtomicFile: ...
 
 def write_records(
@@ -189,6 +192,8 @@ def write_records(
     completion: Completion | None = None,
     *,
     commit: bool = True,
+    consumed: Completion | None = None,
+    bounce: HostBuffer | None = None,
 ) -> tuple[int | AtomicFile, list[tuple[int, int]], list[int], list[int]]: ...
 def tensor_pickle(
     storage_type: str, numel: int, storage_offset: int, size: list[int], stride: list[int], v3_dtype: str | None = None

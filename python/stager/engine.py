@@ -1,4 +1,4 @@
-"""The process-wide parts of the engine: copy engines, host pools, and stages still in flight.
+"""The process-wide parts of the engine: copy engines and host pools.
 
 Every stager, writer and transport in a process shares these:
 
@@ -8,9 +8,6 @@ Every stager, writer and transport in a process shares these:
 * :func:`process_pool` gives a process-wide pool of host memory, for users that own no memory
   across calls (``BlockingAsyncStager``, ``load``, the transport's receive buffers): a new user
   reuses what an earlier one's results left behind instead of faulting in fresh pages;
-* :func:`register_pending` / :func:`pending_copy` track staged buffers whose copies are still
-  running, so a writer handed a staged dict early can wait for each storage's copy before writing
-  it instead of for the whole stage;
 * at import, the ``multiprocessing`` pickler learns to send tensors in shared-memory buffers by
   reference (:mod:`stager.sharing`).
 
@@ -21,11 +18,8 @@ exist in the child, so the next stage there makes new engines, and the Rust engi
 
 from __future__ import annotations
 
-import bisect
 import os
 import threading
-import weakref
-from typing import Any
 
 from . import _native, sharing
 
@@ -33,10 +27,7 @@ __all__ = [
     "BACKGROUND_NICENESS",
     "copy_engine",
     "empty_buffer",
-    "forget_pending",
-    "pending_copy",
     "process_pool",
-    "register_pending",
 ]
 
 #: Scheduling priority drop of background (async) copy workers (``STAGER_COPY_NICENESS``
@@ -105,70 +96,6 @@ def process_pool(pinned: bool = False) -> _native.HostPool:
         return pool
 
 
-# ---- stages in flight -------------------------------------------------------------------------
-
-
-class _Pending:
-    __slots__ = ("buffer", "completion", "table")
-
-    def __init__(self, buffer: Any, completion: Any, table: Any) -> None:
-        self.buffer = weakref.ref(buffer)
-        self.completion = completion
-        self.table = table
-
-
-_pending_starts: list[int] = []
-_pending: dict[int, _Pending] = {}
-
-
-def register_pending(buffer: Any, completion: Any, table: Any) -> None:
-    """Records that ``buffer`` is being filled with ``table``'s storages, request i of
-    ``completion`` completing storage i."""
-    start = buffer.address
-    entry = _Pending(buffer, completion, table)
-    with _lock:
-        _forget_finished()
-        if start not in _pending:
-            bisect.insort(_pending_starts, start)
-        _pending[start] = entry
-
-
-def forget_pending(buffer: Any) -> None:
-    """Drops ``buffer``'s entry once its copies are done (the entry holds the stage's table, a few
-    hundred bytes per tensor, which a finished stage must not keep alive)."""
-    with _lock:
-        if _pending.pop(buffer.address, None) is not None:
-            _pending_starts.remove(buffer.address)
-
-
-def _forget_finished() -> None:
-    done = [start for start, entry in _pending.items() if entry.buffer() is None or entry.completion.done()]
-    for start in done:
-        del _pending[start]
-        _pending_starts.remove(start)
-
-
-def pending_copy(tensor: Any) -> tuple[Any, int] | None:
-    """``(completion, request)`` when ``tensor``'s bytes lie in a staged buffer whose copy into
-    that storage has not completed yet; None when they are in place (or not stager's)."""
-    storage = tensor.untyped_storage()
-    if storage.device.type != "cpu" or not storage.nbytes():
-        return None
-    address = storage.data_ptr()
-    with _lock:
-        index = bisect.bisect_right(_pending_starts, address) - 1
-        if index < 0:
-            return None
-        entry = _pending[_pending_starts[index]]
-        buffer = entry.buffer()
-        if buffer is None or entry.completion.done():
-            return None
-        request = entry.table.storage_at(address - buffer.address)
-        if request is None or entry.completion.done(request):
-            return None
-        return entry.completion, request
-
-
 # ---- fork -------------------------------------------------------------------------------------
 
 
@@ -180,8 +107,6 @@ def _reset_after_fork() -> None:
     _empty = None
     _engines.clear()
     _pools.clear()
-    _pending.clear()
-    _pending_starts.clear()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -45,6 +45,7 @@ from .errors import IO, make_error
 from .options import StagingOptions
 from .plan import StatePlan, gc_paused, plan_state_dict
 from .stagers import StagingEngine
+from .streaming import StreamedStage
 
 __all__ = ["durable_torch_save", "inspect_command", "load", "save", "verify_command"]
 
@@ -93,7 +94,10 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
     :class:`~stager.DefaultStager` or :class:`~stager.BlockingAsyncStager`) to stage through that
     stager's pool and copy threads: the save then also takes a consistent host copy of CPU
     tensors (training may change them as soon as their copy completed) while writing overlaps
-    the copying. A dict staged by a stager saves with no further copy.
+    the copying. A dict staged by a stager saves with no further copy. When the state_dict does
+    not fit that stager's ``memory_budget_bytes``, its CPU tensors are streamed instead: written
+    from their own memory through one pool buffer of at most the budget (they must not change
+    until ``save`` returns).
 
     Non-tensor leaves that are not plain Python values need ``allow_pickle=True`` (and the same
     flag to load them back). ``metadata``: extra ``__metadata__`` strings (replication records
@@ -119,6 +123,17 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
         raise StagerError(
             f"save(stager=...) needs a stager.DefaultStager or BlockingAsyncStager, got {type(stager).__name__}"
         )
+    staging.pool.reset_peak()
+    if staging._streams(plan):
+        # Larger than the stager's memory budget: the writer reads the tensors themselves,
+        # bounced through one pool buffer of at most the budget (stager.streaming).
+        stream = StreamedStage(state_dict, plan, staging.pool, staging.options.memory_budget_bytes)
+        consumed, bounce = stream.claim(len(plan.table.storage_nbytes))
+        try:
+            _native.write_file(path, plan.table, names, metadata, consumed=consumed, bounce=bounce)
+        finally:
+            bounce = None  # a traceback keeps this frame: it must not keep the pool buffer
+        return
     staged = staging.start_plan(plan)
     try:
         # Storage i is written once request i of the stage has completed, so writing overlaps

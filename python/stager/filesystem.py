@@ -37,8 +37,10 @@ read item covers whole goes straight from the file into the destination tensor; 
 once into scratch and copied out. Every storage read is checked against its crc32; damage raises
 ``StagerError`` naming the file and the items.
 
-When a state_dict staged by stager reaches ``write_data`` while its copies are still running (see
-``stager.engine.pending_copy``), each item is written as soon as its copy has completed.
+When ``dcp.async_save`` stages with stager's ``DefaultStager`` for this writer (THREAD
+checkpointer), the stager hands the stage in flight to the writer (:meth:`FileSystemWriter.accept_stage`,
+found through :mod:`stager.dcp_hooks`) and dcp's upload gets the staged dict before its copies are
+done: the Rust writer waits on the stage's own completion, per storage, before writing each item.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ from ._native import StagerError
 from .json_checks import is_int_list
 from .plan import ALIGNMENT, TensorPlan, gc_paused, plan_state_dict
 from .stagers import BlockingAsyncStager
+from .streaming import StreamedStage
 
 __all__ = ["FileSystemReader", "FileSystemWriter"]
 
@@ -799,9 +802,8 @@ def _item_keys(items: list) -> list[str]:
 
 def write_rank_file(path: str, tensors: dict[str, torch.Tensor], extra_metadata: dict[str, str]) -> int:
     """Writes the flat dict ``tensors`` as a stager file at ``path`` (atomic, durable) and returns
-    its size. Storages whose stage copy is still running (a dict a stager handed out early) are
-    each written as soon as their copy completes; tensors on an accelerator are staged through
-    the process-wide pool first, each written as its copy lands."""
+    its size. Tensors on an accelerator are staged through the process-wide pool first, each
+    written as its copy lands."""
     plan = plan_state_dict(tensors)
     keys = list(tensors)
     if plan.opaque:
@@ -821,65 +823,73 @@ def write_rank_file(path: str, tensors: dict[str, torch.Tensor], extra_metadata:
             return _native.write_file(path, plan.table, names, metadata, staged.buffer, staged.completion)
         finally:
             staged.wait()
-    copies = _storage_copies(plan)
-    try:
-        return _native.write_file(path, plan.table, names, metadata, completion=copies.completion)
-    finally:
-        copies.close()
+    return _native.write_file(path, plan.table, names, metadata)
 
 
-def _storage_copies(plan: Any) -> _ItemCopies:
-    """Copies for ``write_file``: one request per storage of ``plan``, waited for only where a
-    stage is still filling that storage (``engine.pending_copy``), in file order."""
-    first_tensor: dict[int, int] = {}
-    for index, storage in enumerate(plan.table.tensor_storage):
-        first_tensor.setdefault(storage, index)
-    pending = []
-    for storage, tensor in sorted(first_tensor.items()):
-        found = engine.pending_copy(plan.leaves[tensor])
-        if found is not None:
-            pending.append((storage, *found))
-    waited = {storage for storage, _, _ in pending}
-    count = len(plan.table.storage_nbytes)
-    return _ItemCopies(count, pending, done=[s for s in range(count) if s not in waited])
-
-
-def write_data_file(path: str, items: list[tuple[str, Any]]) -> list[tuple[int, int]]:
+def write_data_file(path: str, items: list[tuple[str, Any]], stage: Any = None) -> list[tuple[int, int]]:
     """Writes a data file of dcp's format at ``path`` (atomic, durable; one Rust call) and returns
     each item's ``(offset, length)``: for each ``(fqn, value)``, a tensor becomes a ``torch.save``
     record whose storage bytes go straight from the tensor's memory (a view or a non-contiguous
     tensor: from a compact copy, as PyTorch's writer stores it), anything else (dcp's serialised
-    ``BytesIO``) is stored as its bytes. A tensor whose stage copy is still running (a dict
-    stager handed out early) is written once its copy has completed."""
+    ``BytesIO``) is stored as its bytes. With ``stage`` (a :class:`stager.StagedCopy` still
+    copying, whose staged dict ``items`` come from), a tensor in that stage's buffer is written
+    once its storage's request of the stage's completion has completed: the Rust writer waits on
+    it."""
+    if isinstance(stage, StreamedStage):
+        return _write_streamed(path, items, stage)
+    entries, waits = _record_entries(items, path, stage)
+    _, ranges, _, _ = _native.write_records(
+        path, entries, _serialization_id(os.path.basename(path)), stage.completion if waits else None
+    )
+    return ranges
+
+
+def _record_entries(items: list[tuple[str, Any]], path: str, stage: Any) -> tuple[list[tuple], bool]:
+    """``write_records``' items for ``items``, and whether one waits for a copy of ``stage``."""
     entries: list[tuple[torch.Tensor, int, int | None, tuple | None]] = []
-    pending: list[tuple[int, Any, int]] = []
-    for number, (fqn, data) in enumerate(items):
+    waits = False
+    for fqn, data in items:
         if not isinstance(data, torch.Tensor):
             raw = data.getbuffer() if isinstance(data, io.BytesIO) else memoryview(bytes(data))
             tensor = torch.frombuffer(raw, dtype=torch.uint8) if raw.nbytes else torch.empty(0, dtype=torch.uint8)
             entries.append((tensor, raw.nbytes, None, None))
             continue
-        tensor = _record_source(data.detach(), fqn, path)
-        found = engine.pending_copy(tensor)
-        if found is not None:
-            pending.append((number, *found))
+        tensor = _record_source(data.detach(), fqn, path, stage)
+        request = stage.request_of(tensor) if stage is not None else None
+        waits = waits or request is not None
         nbytes = tensor.numel() * tensor.element_size()
         storage_type, v3_dtype = _storage_type(tensor.dtype)
         spec = (storage_type, nbytes if v3_dtype else tensor.numel(), 0, list(tensor.shape),
                 list(tensor.stride()), v3_dtype)
         raw = tensor.reshape(-1).view(torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-        entries.append((raw, nbytes, number if found is not None else None, spec))
-    waits = _ItemCopies(len(items), pending)
+        entries.append((raw, nbytes, request, spec))
+    return entries, waits
+
+
+def _write_streamed(path: str, items: list[tuple[str, Any]], stage: StreamedStage) -> list[tuple[int, int]]:
+    """:func:`write_data_file` for a state_dict larger than the budget (:mod:`stager.streaming`):
+    the Rust writer reads the sources themselves, bounces through the stage's pool buffer, and
+    reports each item read."""
+    bounce = None
     try:
+        try:
+            entries = _record_entries(items, path, None)[0]
+            consumed, bounce = stage.claim(len(entries))
+        except BaseException as err:
+            stage.fail(str(err))
+            raise
         _, ranges, _, _ = _native.write_records(
-            path, entries, _serialization_id(os.path.basename(path)), waits.completion
+            path, entries, _serialization_id(os.path.basename(path)), consumed=consumed, bounce=bounce
         )
+        return ranges
     finally:
-        waits.close()
-    return ranges
+        # Back to the pool before the next streamed stage may take it (a traceback keeps this
+        # frame alive: it must not keep the buffer).
+        bounce = None
+        stage.released.set()
 
 
-def _record_source(tensor: torch.Tensor, fqn: str, path: str) -> torch.Tensor:
+def _record_source(tensor: torch.Tensor, fqn: str, path: str, stage: Any = None) -> torch.Tensor:
     """The tensor whose bytes a record stores: ``tensor`` itself when it is a plain contiguous
     CPU tensor (its bytes go straight from its memory), else a contiguous CPU copy (what
     PyTorch's writer stores too: it clones views)."""
@@ -889,12 +899,9 @@ def _record_source(tensor: torch.Tensor, fqn: str, path: str) -> torch.Tensor:
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
     if tensor.is_conj() or tensor.is_neg() or not tensor.is_contiguous():
-        found = engine.pending_copy(tensor)
-        if found is not None:  # a staged copy still landing: wait before reading it here
-            stage, request = found
-            while not stage.wait(request, 0.1):
-                if stage.failure is not None:
-                    raise StagerError(f"staging failed: {stage.failure}")
+        request = stage.request_of(tensor) if stage is not None else None
+        if request is not None:  # a staged copy still landing: wait before reading it here
+            stage.completion.wait(request)
         tensor = tensor.resolve_conj().resolve_neg().contiguous()
     return tensor
 
@@ -904,45 +911,6 @@ def _serialization_id(name: str) -> str:
     match = _RANK_FILE.match(name)
     number = int(match.group(2) + match.group(3), 16) if match else 0
     return f"{number % 10**40:040d}"
-
-
-class _ItemCopies:
-    """A completion for the writer with one request per item, done once the item's bytes are in
-    place; only ``pending`` items ``(item, stage completion, request)`` are waited for, relayed in
-    file order by a thread, and the items in ``done`` are complete from the start.
-    ``completion`` is None when nothing is pending."""
-
-    def __init__(self, count: int, pending: list[tuple[int, Any, int]], done: list[int] | tuple[int, ...] = ()) -> None:
-        self.completion = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        if not pending:
-            return
-        self.completion = _native.Completion(count)
-        for item in done:
-            self.completion.mark_complete(item)
-        self._thread = threading.Thread(target=self._relay, args=(self.completion, pending), daemon=True,
-                                        name="stager-dcp-pending")
-        self._thread.start()
-
-    def _relay(self, completion: Any, pending: list[tuple[int, Any, int]]) -> None:
-        try:
-            for item, stage, request in pending:
-                while not stage.wait(request, 0.1):
-                    if self._stop.is_set() or stage.failure is not None:
-                        completion.fail(stage.failure or "the write was abandoned")
-                        return
-                if stage.failure is not None:
-                    completion.fail(f"staging failed: {stage.failure}")
-                    return
-                completion.mark_complete(item)
-        except BaseException as err:  # handed to the writer, which raises it
-            completion.fail(f"staging failed: {err}")
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
 
 
 class FileSystemWriter(StorageWriter):
@@ -966,10 +934,6 @@ class FileSystemWriter(StorageWriter):
     """
 
     _synchronize_after_execute: bool = False
-    #: Tells stager's DefaultStager that this writer may be handed a staged dict whose copies are
-    #: still running (it waits for each storage's copy before writing it): dcp's upload then
-    #: plans and starts writing while the stage is still copying.
-    waits_for_pending_copies: bool = True
 
     def __init__(
         self,
@@ -1003,12 +967,43 @@ class FileSystemWriter(StorageWriter):
         self.is_coordinator = False
         self.use_collectives = True
         self._stager: BlockingAsyncStager | None = None
+        # Stages in flight handed over by stager's DefaultStager (accept_stage), oldest first.
+        self._accepted: collections.deque = collections.deque()
 
     def __getstate__(self) -> dict:
-        # The PROCESS checkpointer sends the writer to its daemon; the stager stays here.
+        # The PROCESS checkpointer sends the writer to its daemon; the stager and the stages in
+        # flight stay here.
         state = self.__dict__.copy()
         state["_stager"] = None
+        state["_accepted"] = collections.deque()
         return state
+
+    def accept_stage(self, stage: Any) -> None:
+        """Told by stager's ``DefaultStager`` (under ``dcp.async_save``, see :mod:`stager.dcp_hooks`)
+        that the dict it stages for this writer is ``stage`` (a :class:`stager.StagedCopy`), whose
+        copies may still be running when ``write_data`` gets its tensors: the write then waits
+        for each storage's copy (in Rust, on the stage's own completion) before writing it."""
+        self._accepted.append(stage)
+
+    def _stage_of(self, values: list[tuple[str, Any]]) -> Any:
+        """The accepted stage that holds this plan's tensors (taken off the list, with any stage
+        older than it or already complete); else the oldest streamed stage (this rank writes
+        none of its tensors); None when there is neither."""
+        accepted = self._accepted
+        if not accepted:
+            return None
+        tensors = [data for _, data in values if isinstance(data, torch.Tensor) and data.device.type == "cpu"]
+        for stage in list(accepted):
+            if any(stage.holds(tensor) for tensor in tensors):
+                accepted.remove(stage)
+                return stage
+        for stage in list(accepted):
+            if isinstance(stage, StreamedStage):
+                accepted.remove(stage)
+                return stage
+        while accepted and accepted[0].completion.done():
+            accepted.popleft()
+        return None
 
     # ---- AsyncStager (used only when dcp.async_save gets no async_stager) ----------------------
     @property
@@ -1081,18 +1076,27 @@ class FileSystemWriter(StorageWriter):
             raise StagerError("stager.FileSystemWriter.write_data got a plan that its prepare_global_plan did not make")
         items = plan.items
         if not items:  # nothing of this rank's is in the checkpoint (dcp deduplicated it away)
+            stream = self._stage_of([])
+            if stream is not None and isinstance(stream, StreamedStage):
+                stream.skip()
             future: Future[list[WriteResult]] = Future()
             future.set_result([])
             return future
         path = os.path.join(self.path, target.name)
         byte_type = WriteItemType.BYTE_IO
         values = []
-        for item in items:
-            data = planner.resolve_data(item)
-            if item.type != byte_type and not isinstance(data, torch.Tensor):
-                raise StagerError(f"dcp item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor")
-            values.append((item.index.fqn, data))
-        ranges = write_data_file(path, values)
+        try:
+            for item in items:
+                data = planner.resolve_data(item)
+                if item.type != byte_type and not isinstance(data, torch.Tensor):
+                    raise StagerError(f"dcp item {item.index.fqn!r} resolved to a {type(data).__name__}, not a tensor")
+                values.append((item.index.fqn, data))
+        except BaseException as err:
+            stage = self._stage_of(values)
+            if isinstance(stage, StreamedStage):
+                stage.fail(str(err))
+            raise
+        ranges = write_data_file(path, values, self._stage_of(values))
         results = [
             WriteResult(index=item.index, size_in_bytes=length,
                         storage_data=_StorageInfo(target.name, offset, length))

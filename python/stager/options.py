@@ -45,8 +45,11 @@ class StagingOptions:
         use_non_blocking_copy: device-to-host copies don't block the calling thread; the stager
             waits for them before the result is handed out. No-op without CUDA.
         num_threads: copy threads; ``None`` means every core this process may use.
-        memory_budget_bytes: upper bound on the host memory the stager's pool holds; a stage
-            that cannot fit raises ``StagerError`` before anything is copied. ``None``: unbounded.
+        memory_budget_bytes: upper bound on the host memory the stager's pool holds. A state_dict
+            that cannot fit is streamed in waves through at most this much memory when the stage
+            feeds stager's ``FileSystemWriter`` under ``dcp.async_save`` (THREAD checkpointer) or
+            ``stager.save(..., stager=)`` (:mod:`stager.streaming`); a stage whose whole result is
+            handed out raises ``StagerError`` before anything is copied. ``None``: unbounded.
         skip_unchanged: don't copy storages that are unchanged since this stager's previous stage
             (same storage object, address, size and version counters): their staged tensors
             share the previous result's bytes, so staged results must be treated as read-only.

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,12 +21,13 @@ from typing import Any
 
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from . import _native, engine, sharing
+from . import _native, dcp_hooks, engine, sharing
 from ._native import StagerError
 from .device import capture_order, start_device_copies
 from .incremental import UnchangedStorages
 from .options import StagingOptions
 from .plan import StatePlan, plan_state_dict
+from .streaming import StreamedStage
 
 __all__ = ["BlockingAsyncStager", "DefaultStager", "StagedCopy", "StagingEngine", "StagingFuture"]
 
@@ -46,7 +46,27 @@ class StagedCopy:
     def wait(self) -> None:
         """Blocks (without the GIL, interruptibly) until every byte is in the host buffer."""
         self.completion.wait()
-        engine.forget_pending(self.buffer)
+
+    def holds(self, tensor: Any) -> bool:
+        """Whether ``tensor``'s bytes lie in this stage's buffer."""
+        storage = tensor.untyped_storage()
+        if storage.device.type != "cpu" or not storage.nbytes():
+            return False
+        return 0 <= storage.data_ptr() - self.buffer.address < self.buffer.nbytes
+
+    def request_of(self, tensor: Any) -> int | None:
+        """The request of :attr:`completion` that fills ``tensor``'s bytes when they lie in this
+        stage's buffer and that copy has not completed yet; None otherwise (nothing to wait for)."""
+        storage = tensor.untyped_storage()
+        if storage.device.type != "cpu" or not storage.nbytes():
+            return None
+        offset = storage.data_ptr() - self.buffer.address
+        if not 0 <= offset < self.buffer.nbytes:
+            return None
+        request = self.plan.table.storage_at(offset)
+        if request is None or self.completion.done(request):
+            return None
+        return request
 
 
 class StagingEngine:
@@ -69,6 +89,8 @@ class StagingEngine:
         # gets a lock of its own (one held by a parent's thread at the fork is never released).
         self._incremental_lock = threading.Lock()
         self._lock_pid = os.getpid()
+        # The last streamed stage (stager.streaming); the next one waits for its memory.
+        self._stream: StreamedStage | None = None
 
     def _new_pool(self) -> _native.HostPool:
         return _native.HostPool(
@@ -106,15 +128,29 @@ class StagingEngine:
         completion = _native.Completion(len(table.storage_nbytes))
         self.copier.submit_table(buffer, table, completion)
         start_device_copies(plan, buffer, completion, self.options.use_non_blocking_copy, order)
-        engine.register_pending(buffer, completion, table)
         return StagedCopy(plan, buffer, completion)
 
-    def stage(self, state_dict: Any, order: dict | None = None, early: StagingFuture | None = None) -> Any:
+    def stage(self, state_dict: Any, order: dict | None = None, early: StagingFuture | None = None,
+              writer: Any = None) -> Any:
         """Stages ``state_dict`` and returns the staged copy once every byte has landed. With
-        ``early``, the staged dict is offered to it as soon as it is built (copies still running)."""
+        ``early``, the staged dict is offered to it as soon as it is built (copies still running),
+        after ``writer.accept_stage`` was told which stage it is (so the writer waits per storage).
+        A state_dict that does not fit ``memory_budget_bytes`` is streamed by that writer
+        (:mod:`stager.streaming`); without one, it raises StagerError before copying."""
         unchanged = self.unchanged
+        self.pool.reset_peak()
         if unchanged is None:
-            staged = self.start(state_dict, order)
+            plan = plan_state_dict(state_dict)
+            if early is not None and self._streams(plan):
+                previous = self._stream
+                if previous is not None:
+                    previous.released.wait()  # its writer gives the budget back when it returns
+                stream = self._stream = StreamedStage(state_dict, plan, self.pool, self.options.memory_budget_bytes)
+                writer.accept_stage(stream)
+                early.offer_early(state_dict)
+                stream.wait(early.reader_gone)
+                return state_dict
+            staged = self.start_plan(plan, order)
             result = staged.plan.materialize(staged.buffer)  # overlaps the copies
         else:
             if self._lock_pid != os.getpid():
@@ -126,15 +162,26 @@ class StagingEngine:
                 tensors: list[Any] = []
                 result = plan.materialize(staged.buffer, reused, tensors)
                 if early is not None:
+                    writer.accept_stage(staged)
                     early.offer_early(result)
                 staged.wait()
                 # Only now: the next stage may reuse these bytes, so they must all be in place.
                 unchanged.remember(plan, tensors)
             return result
         if early is not None:
+            writer.accept_stage(staged)
             early.offer_early(result)
         staged.wait()
         return result
+
+    def _streams(self, plan: StatePlan) -> bool:
+        """Whether ``plan`` is streamed: it does not fit what the budget leaves free, and its
+        tensors are all plain CPU ones that the writer can read itself."""
+        budget = self.options.memory_budget_bytes
+        if budget is None or plan.device_storages or plan.opaque:
+            return False
+        stats = self.pool.stats()
+        return plan.total_nbytes > budget - (stats["allocated_bytes"] - stats["free_bytes"])
 
     def reserve(self, nbytes: int) -> None:
         self.pool.reserve(nbytes, self.options.threads)
@@ -151,17 +198,25 @@ class StagingFuture(Future):
     """The ``Future`` an async :class:`DefaultStager` returns: done (and ``staging_completion``
     fired) only once every byte is in host memory, like PyTorch's.
 
-    One reader gets the staged dict earlier: dcp's upload thread (``save_wrapper`` of the THREAD
-    checkpointer) when its storage writer is :class:`stager.FileSystemWriter`. That writer waits
-    for each storage's copy (``stager.engine.pending_copy``) before writing it, so writing starts
-    per buffer instead of after the whole stage. Every other caller of :meth:`result` waits for
-    the stage as usual.
+    A stage made for a writer that drains it (``dcp.async_save`` on the THREAD checkpointer with
+    :class:`stager.FileSystemWriter`, found by :func:`stager.dcp_hooks.draining_writer`) is
+    *bound*: the writer was handed the stage itself (``accept_stage``), so it can wait for each
+    storage's copy before writing it, and :meth:`result` then returns the staged dict as soon as
+    it is built, so that dcp's upload plans and starts writing while the copies run. An unbound
+    future's :meth:`result` waits for the stage, as usual; :meth:`wait_staged` always does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, bound: bool = False) -> None:
         super().__init__()
+        self.bound = bound
         self._early_ready = threading.Event()
         self._early: Any = None
+        self._reader: threading.Thread | None = None
+
+    def reader_gone(self) -> bool:
+        """Whether the thread that took the early result has ended (its save is over)."""
+        reader = self._reader
+        return reader is not None and not reader.is_alive()
 
     def offer_early(self, result: Any) -> None:
         self._early = result
@@ -178,24 +233,17 @@ class StagingFuture(Future):
         self._early = None
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done() and _called_by_pipelined_writer(sys._getframe(1)):
+        if self.bound and not self.done():
+            self._reader = threading.current_thread()
             self._early_ready.wait(timeout)
             early = self._early
             if early is not None:
                 return early
         return super().result(timeout)
 
-
-_DCP_THREAD_EXECUTOR = "torch.distributed.checkpoint._async_thread_executor"
-
-
-def _called_by_pipelined_writer(frame: Any) -> bool:
-    """Whether ``frame`` is dcp's THREAD-checkpointer upload about to save with a storage writer
-    that waits per storage (one that sets ``waits_for_pending_copies``)."""
-    if frame.f_code.co_name != "save_wrapper" or frame.f_globals.get("__name__") != _DCP_THREAD_EXECUTOR:
-        return False
-    writer = frame.f_locals.get("storage_writer")
-    return bool(getattr(writer, "waits_for_pending_copies", False))
+    def wait_staged(self, timeout: float | None = None) -> Any:
+        """The staged dict once every byte has landed (whether or not the future is bound)."""
+        return super().result(timeout)
 
 
 class DefaultStager(AsyncStager):
@@ -251,13 +299,15 @@ class DefaultStager(AsyncStager):
             return self._engine.stage(state_dict)
         # The GPU copies must follow what the caller has queued *now*, not when the stage starts.
         order = capture_order()
-        future = StagingFuture()
+        writer = dcp_hooks.draining_writer()
+        future = StagingFuture(bound=writer is not None)
 
         def run() -> None:
             if not future.set_running_or_notify_cancel():
                 return
             try:
-                future.set_result(self._engine.stage(state_dict, order, early=future))
+                early = future if writer is not None else None
+                future.set_result(self._engine.stage(state_dict, order, early=early, writer=writer))
             except BaseException as err:
                 future.set_exception(err)
 
@@ -274,7 +324,7 @@ class DefaultStager(AsyncStager):
         """Waits for the last async stage to finish; a no-op in sync mode."""
         future = self._staging_future() if self._staging_future is not None else None
         if future is not None:
-            future.result()
+            future.wait_staged()
 
     def close(self) -> None:
         """Waits for a stage in flight and releases the pool's free memory. Results handed out

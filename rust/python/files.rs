@@ -16,7 +16,8 @@ use crate::reader::{CheckpointFile, RangeTarget, RecordFile, StorageTarget};
 use crate::table::Device;
 use crate::torch_record::tensor_pickle;
 use crate::writer::{
-    write_records_uncommitted, write_uncommitted, RecordItem, Source, StagedBuffer,
+    write_records_uncommitted, write_uncommitted, write_uncommitted_streamed, RecordItem, Source,
+    StagedBuffer, Streaming,
 };
 
 use super::buffer::PyHostBuffer;
@@ -34,8 +35,12 @@ use super::table::PyTensorTable;
 /// request i has completed, so writing overlaps staging or receiving. `tensor_names[i]` (the
 /// dotted key path of tensor i, or None) names the file entry of a storage a single tensor covers.
 /// The GIL is released while writing; the table and buffer stay alive for the whole call.
+///
+/// A streamed write (`consumed`, a completion with one request per storage; no `buffer`, no
+/// `completion`): the sources are read in place, bounced only through `bounce` (a pool buffer
+/// nothing else uses meanwhile), and request i completes once storage i is no longer read.
 #[pyfunction]
-#[pyo3(signature = (path, table, tensor_names, metadata, buffer = None, completion = None, *, commit = true))]
+#[pyo3(signature = (path, table, tensor_names, metadata, buffer = None, completion = None, *, commit = true, consumed = None, bounce = None))]
 #[allow(clippy::too_many_arguments)]
 fn write_file(
     py: Python<'_>,
@@ -46,7 +51,20 @@ fn write_file(
     buffer: Option<Bound<'_, PyHostBuffer>>,
     completion: Option<Bound<'_, PyCompletion>>,
     commit: bool,
+    consumed: Option<Bound<'_, PyCompletion>>,
+    bounce: Option<Bound<'_, PyHostBuffer>>,
 ) -> PyResult<Py<PyAny>> {
+    if consumed.is_some() && (buffer.is_some() || completion.is_some()) {
+        return Err(invalid(
+            "a streamed write (consumed=...) reads the sources themselves: no buffer, no completion"
+                .to_string(),
+        ));
+    }
+    if bounce.is_some() && consumed.is_none() {
+        return Err(invalid(
+            "bounce memory is for a streamed write (consumed=...)".to_string(),
+        ));
+    }
     let table_ref = table.get();
     let described = &table_ref.table;
     if tensor_names.len() != described.views().len() {
@@ -111,11 +129,25 @@ fn write_file(
             })
             .collect::<PyResult<_>>()?,
     };
+    let consumed = consumed.as_ref().map(|c| c.get().completion.clone());
+    let bounce_memory = bounce.as_ref().map(|b| {
+        let host = &b.get().buffer;
+        (host.as_ptr(), host.len())
+    });
+    let streaming = consumed.as_ref().map(|consumed| Streaming {
+        consumed,
+        bounce: bounce_memory,
+    });
     // SAFETY: every source points into a storage the table holds (CPU, alive for this call) or
     // into `buffer` at the table's checked offsets (alive for this call; its bytes between the
     // storages are the table's padding, nobody's); bytes still being filled are only read after
-    // their request of `completion` has completed (the writer waits).
+    // their request of `completion` has completed (the writer waits). A streamed write's
+    // `bounce` (held by the Bound for the call) is a pool buffer the caller uses for nothing else
+    // meanwhile.
     let (file, report) = py.detach(|| unsafe {
+        if let Some(streaming) = &streaming {
+            return write_uncommitted_streamed(&path, &specs, &sources, metadata, streaming);
+        }
         let staged = staged.map(|(ptr, len)| StagedBuffer {
             ptr: ptr as *mut u8,
             len,
@@ -429,9 +461,13 @@ type RecordSpec = (String, u64, u64, Vec<u64>, Vec<i64>, Option<String>);
 /// `torch.save` record is written around the bytes) or None (the bytes are written as they
 /// are). Returns `(file size or the uncommitted AtomicFile, [(offset, length)], [crc32],
 /// [data offset])` per item. The GIL is released while writing.
+///
+/// A streamed write (`consumed`, a completion with one request per item): request i completes
+/// once item i's bytes are no longer read (their owner may change them), and the write's error
+/// fails it; bounced bytes go only through `bounce` (a pool buffer nothing else uses meanwhile).
 #[pyfunction]
-#[pyo3(signature = (path, items, serialization_id, completion = None, *, commit = true))]
-#[allow(clippy::type_complexity)]
+#[pyo3(signature = (path, items, serialization_id, completion = None, *, commit = true, consumed = None, bounce = None))]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn write_records(
     py: Python<'_>,
     path: PathBuf,
@@ -439,8 +475,24 @@ fn write_records(
     serialization_id: String,
     completion: Option<Bound<'_, PyCompletion>>,
     commit: bool,
+    consumed: Option<Bound<'_, PyCompletion>>,
+    bounce: Option<Bound<'_, PyHostBuffer>>,
 ) -> PyResult<(Py<PyAny>, Vec<(u64, u64)>, Vec<u32>, Vec<u64>)> {
     let completion = completion.as_ref().map(|c| c.get().completion.clone());
+    if bounce.is_some() && consumed.is_none() {
+        return Err(invalid(
+            "bounce memory is for a streamed write (consumed=...)".to_string(),
+        ));
+    }
+    let consumed = consumed.as_ref().map(|c| c.get().completion.clone());
+    let bounce_memory = bounce.as_ref().map(|b| {
+        let host = &b.get().buffer;
+        (host.as_ptr(), host.len())
+    });
+    let streaming = consumed.as_ref().map(|consumed| Streaming {
+        consumed,
+        bounce: bounce_memory,
+    });
     let mut records = Vec::with_capacity(items.len());
     for (index, (bytes, nbytes, request, spec)) in items.iter().enumerate() {
         let address = super::table::contiguous_cpu_bytes(bytes, *nbytes)
@@ -486,9 +538,16 @@ fn write_records(
     }
     // SAFETY: every source is a contiguous CPU tensor of exactly `nbytes` bytes (checked above),
     // held by `items` for the call; bytes still being filled are read only after their request of
-    // `completion` has completed (the writer waits).
+    // `completion` has completed (the writer waits). `bounce` (held by the Bound for the call)
+    // is a pool buffer the caller uses for nothing else meanwhile.
     let (file, report) = py.detach(|| unsafe {
-        write_records_uncommitted(&path, &records, &serialization_id, completion.as_ref())
+        write_records_uncommitted(
+            &path,
+            &records,
+            &serialization_id,
+            completion.as_ref(),
+            streaming.as_ref(),
+        )
     })?;
     let head = if commit {
         py.detach(|| file.commit())?;

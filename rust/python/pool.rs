@@ -88,7 +88,8 @@ impl PyHostPool {
         self.pool.is_pinned()
     }
 
-    /// The pool's counters: allocated_bytes, free_bytes, buffers_in_use, allocations, reuses.
+    /// The pool's counters: allocated_bytes, free_bytes, buffers_in_use, allocations, reuses,
+    /// peak_bytes.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = self.pool.stats();
         let dict = PyDict::new(py);
@@ -97,7 +98,13 @@ impl PyHostPool {
         dict.set_item("buffers_in_use", stats.buffers_in_use)?;
         dict.set_item("allocations", stats.allocations)?;
         dict.set_item("reuses", stats.reuses)?;
+        dict.set_item("peak_bytes", stats.peak_bytes)?;
         Ok(dict)
+    }
+
+    /// Starts a new high-water mark (`stats()["peak_bytes"]`) at what the pool holds now.
+    fn reset_peak(&self) {
+        self.pool.reset_peak();
     }
 }
 

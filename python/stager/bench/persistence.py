@@ -27,6 +27,9 @@ synthetic transformer + Adam state_dict (``--size``):
   ``stager.FileSystemReader`` and with PyTorch's reader, the directory's pages dropped before each
   call, against the cold read limit of its data file (targets: stager >= 2x PyTorch's reader and
   >= 0.8x the limit).
+* ``large dcp.async_save, budget 1/4 of the state``: stager's stager + writer with a memory budget
+  of a quarter of the state (streamed) against the unbounded pipelined save, with the RSS
+  high-water growth per budget and the caller's staging_completion wait (``bench/bounded.py``).
 
 Where the filesystem has no direct I/O (tmpfs), the limits fall back to buffered writes +
 ``fdatasync`` / buffered reads and say so in their note.
@@ -62,6 +65,7 @@ from .. import _native, files
 from ..files import durable_torch_save
 from ..options import StagingOptions
 from ..stagers import DefaultStager
+from . import bounded
 from .common import BenchContext, Row
 
 SECTION = "persistence"
@@ -393,6 +397,7 @@ def run(ctx: BenchContext) -> list[Row]:
         for path in (stager_path, torch_path, st_path):
             _remove(path)
         rows += _dcp_rows(ctx, sd, limits, how, row)
+        rows += bounded.rows(ctx, sd, nbytes, _interleaved, row)
     finally:
         limits.close()
         for path in (stager_path, torch_path, st_path, limit_path, dd_path):
