@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -335,6 +336,42 @@ def scenario_stall(rank, world, directory, options):
         open(os.path.join(directory, f"stall.done.{rank}"), "w").close()
         os._exit(0)
     raise AssertionError(f"rank {rank}: stage() succeeded although rank {victim} never called it")
+
+
+def scenario_stall_mid_stream(rank, world, directory, options):
+    """Holder ``victim`` stops (SIGSTOP, its whole process: gloo's threads too) in the middle of
+    receiving a large dict, after its first segments are posted; the sender must raise a
+    StagerError within the timeout, and once the holder runs again (a helper process resumes it
+    after the sender reported) it fails too, leaving no partial replica: the previous one stays."""
+    victim = options.get("victim", 1)
+    replicator = _prepare_failure(rank, world, directory, options)
+    done = os.path.join(directory, f"stall.done.{(victim + 1) % world}")
+    if rank == victim:
+        original = transport_module.PGTransport._post
+        resumer = (f"import os, time, signal\nend = time.monotonic() + {options['timeout'] + 60}\n"
+                   f"while not os.path.exists({done!r}) and time.monotonic() < end: time.sleep(0.05)\n"
+                   f"os.kill({os.getpid()}, signal.SIGCONT)\n")
+
+        def stall_mid_stream(self, waits, op, tensor, peer, seq, index, token):
+            if op == "recv" and index == transport_module._TAG_FIRST_SEGMENT + 2 and token[0] == "segment":
+                transport_module.PGTransport._post = original
+                subprocess.Popen([sys.executable, "-c", resumer])
+                os.kill(os.getpid(), signal.SIGSTOP)  # resumed by the helper above
+            return original(self, waits, op, tensor, peer, seq, index, token)
+
+        transport_module.PGTransport._post = stall_mid_stream
+    started = time.monotonic()
+    try:
+        replicator.stage(make_state_dict(rank, big_numel=options["big_numel"], step=1))
+    except Exception as err:
+        partner = victim if rank != victim else (victim + 1) % world
+        _check_after_failure(rank, world, directory, err, started, partner)
+        # only the good first stage's copies (step 1): nothing of the failed one was published
+        assert {r.step for r in stager.find_replicas(directory)} == {1}, stager.find_replicas(directory)
+        if rank != victim:
+            open(done, "w").close()
+        os._exit(0)
+    raise AssertionError(f"rank {rank}: stage() succeeded although rank {victim} stalled")
 
 
 def scenario_interrupt(rank, world, directory, options):

@@ -131,6 +131,22 @@ def test_partner_that_never_calls_stage(tmp_path):
         assert "rank 1" in result["error"] and result["kind"] == "timeout"
 
 
+@pytest.mark.timeout(120)
+def test_holder_that_stalls_mid_stream(tmp_path):
+    # Rank 1 stops (SIGSTOP) after posting the receives of its first two segments of rank 0's
+    # 48 MB: rank 0 raises within the timeout; rank 1, resumed afterwards, fails too; neither
+    # leaves a temp file or a replica of the failed step, and step 0's replicas stay loadable.
+    timeout = 6
+    results = run_ranks(2, tmp_path, [["stall_mid_stream", {"timeout": timeout, "big_numel": 12_000_000}]])
+    assert_all_ok(results, ["stall_mid_stream"])
+    sender = results[0][1]["stall_mid_stream"]
+    assert sender["elapsed"] < timeout + 3, sender
+    assert "rank 1" in sender["error"] and sender["kind"] == "timeout", sender
+    holder = results[1][1]["stall_mid_stream"]
+    assert "rank 0" in holder["error"], holder
+    assert not [name for name in os.listdir(tmp_path / "stall_mid_stream") if name.endswith(".tmp")]
+
+
 @pytest.mark.timeout(90)
 def test_ctrl_c_while_waiting_for_an_absent_partner(tmp_path):
     # Events, not durations: rank 0 says when it is inside the wait, and its partner stays away
