@@ -89,10 +89,12 @@ BATTERY = textwrap.dedent(
 
     # Tables from metadata.
     refused(lambda: _native.TensorTable.from_layout([-1], []), "storage nbytes")
-    refused(lambda: _native.TensorTable.from_layout([8], [(3, torch.float32, (2,), (1,), 0, 2, 0)]), "storage 3")
-    refused(lambda: _native.TensorTable.from_layout([8], [(0, torch.float32, (2,), (1,), 0, 2, 8)]), "flags")
-    refused(lambda: _native.TensorTable.from_layout([8], [(0, torch.float32)]), "must be (storage")
-    table = _native.TensorTable.from_layout([8], [(0, torch.float32, (2,), (1,), 0, 2, 1)])
+    # Records as tree.py hands them over: (storage, dtype name, shape, stride, offset, conj, neg).
+    refused(lambda: _native.TensorTable.from_layout([8], [(3, "float32", [2], [1], 0, False, False)]), "storage 3")
+    refused(lambda: _native.TensorTable.from_layout([8], [(0, "float32", [2], [1], 0, True, False)]), "not complex")
+    refused(lambda: _native.TensorTable.from_layout([8], [(0, "float32", [4], [1], 0, False, False)]), "past its storage")
+    refused(lambda: _native.TensorTable.from_layout([8], [(0, "float32")]), "must be (storage")
+    table = _native.TensorTable.from_layout([8], [(0, "float32", [2], [1], 0, False, False)])
     refused(lambda: table.materialize(pool.acquire(4)), "smaller")
     refused(lambda: table.materialize(pool.acquire(8), {5: torch.UntypedStorage(8)}), "replacement storage index")
     refused(lambda: table.materialize(pool.acquire(8), {0: torch.UntypedStorage(4)}), "replacement for storage 0")
