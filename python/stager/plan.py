@@ -44,7 +44,7 @@ from ._native import StagerError
 #: the writer refuses them too, before anything is written or sent (tree.py checks it).
 MAX_DEPTH = 256
 
-__all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
+__all__ = ["ALIGNMENT", "PlanCache", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
 
 #: Alignment of every storage inside the host buffer, a file's data section and the wire layout
 #: (defined once, in rust/layout.rs).
@@ -402,9 +402,50 @@ def _refuse_sharded_tensor(root: Any, value: Any) -> StagerError:
     )
 
 
-def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePlan:
+class PlanCache:
+    """The last table one stager described, reused while it still describes the tensors.
+
+    A training loop stages the same tensor objects with the same shapes every step, so the
+    per-tensor description (storage, address, size, view: the largest per-tensor cost of a
+    stage) is the same too. The next stage's leaves are checked against it in one Rust call
+    (``TensorTable.revalidated``: the same live tensor objects in the same order, with the same
+    dtype, shape, stride, data pointer and storage size); anything else describes them afresh
+    and replaces the entry. One entry per stager, holding weak references and no source memory.
+    The tree itself is walked every stage (the skeleton is the result), so containers, keys and
+    non-tensor leaves are always current.
+    """
+
+    __slots__ = ("table", "hits", "misses")
+
+    def __init__(self) -> None:
+        self.table: Any = None
+        self.hits = 0
+        self.misses = 0
+
+    def describe(self, leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
+        cached = self.table
+        if cached is not None:
+            try:
+                table = cached.revalidated(leaves, track_versions)
+            except Exception:  # a tensor whose metadata cannot be read: the full path says why
+                table = None
+            if table is not None:
+                self.hits += 1
+                return table
+        self.table = None
+        self.misses += 1
+        table = _describe_tensors(leaves, track_versions, root, cacheable=True)
+        self.table = table.without_storages()
+        return table
+
+    def clear(self) -> None:
+        self.table = None
+
+
+def plan_state_dict(state_dict: Any, *, track_versions: bool = False, cache: PlanCache | None = None) -> StatePlan:
     """Walks ``state_dict`` once and returns its :class:`StatePlan`; ``track_versions`` also
-    records each tensor's version counter (incremental staging)."""
+    records each tensor's version counter (incremental staging); ``cache`` reuses the previous
+    description of the same tensors (:class:`PlanCache`)."""
     plan = StatePlan()
     tensor_index: dict[int, int] = {}
     dtensor_index: dict[int, int] = {}
@@ -563,7 +604,10 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
         try:
             plan.holder[0] = visit(state_dict, plan.holder, 0)
             # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
-            plan.table = _describe_tensors(leaves, track_versions, state_dict)
+            if cache is not None:
+                plan.table = cache.describe(leaves, track_versions, state_dict)
+            else:
+                plan.table = _describe_tensors(leaves, track_versions, state_dict)
         except RecursionError:
             raise _nested_too_deeply(state_dict) from None
         finally:
@@ -576,11 +620,11 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
 # ---- refusals that name the key (kept apart from the walk above) ---------------------------------
 
 
-def _describe_tensors(leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
+def _describe_tensors(leaves: list[torch.Tensor], track_versions: bool, root: Any, cacheable: bool = False) -> Any:
     """``_native.describe_tensors``; a tensor it refuses (a view reaching past its storage) is
     named by its key path."""
     try:
-        return _native.describe_tensors(leaves, track_versions)
+        return _native.describe_tensors(leaves, track_versions, cacheable)
     except StagerError as err:
         index = getattr(err, "tensor_index", None)
         if type(index) is not int or not 0 <= index < len(leaves):
