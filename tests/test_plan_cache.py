@@ -180,3 +180,69 @@ def test_a_refused_tensor_after_a_cached_plan_is_still_refused():
     with pytest.raises(stager.StagerError, match="w"):
         s.stage(sd)
     s.close()
+
+
+@pytest.mark.parametrize("skip_unchanged", [False, True], ids=["full", "skip_unchanged"])
+def test_a_storage_swapped_through_an_empty_one_is_described_again(skip_unchanged):
+    # set_() drops the old storage, so a new one of the same size may take its address: same
+    # object, dtype, shape, stride and data pointer, another StorageImpl.
+    sd = {"w": torch.randn(256), "other": torch.randn(3)}
+    s = make_stager(skip_unchanged)
+    s.stage(sd)
+    s.stage(sd)
+    old_key = sd["w"].untyped_storage()._cdata
+    sd["w"].set_()
+    gc.collect()
+    fresh = torch.randn(256)
+    sd["w"].set_(fresh.untyped_storage(), 0, (256,), (1,))
+    out = s.stage(sd)
+    bitwise_equal(out, sd)
+    if sd["w"].untyped_storage()._cdata != old_key:
+        assert cache_of(s).misses == 2
+    s.close()
+
+
+def _result_data_replaced(out):
+    out["w"].data = torch.zeros(64, 64)
+
+
+def _result_resized(out):
+    out["w"].resize_(8)
+
+
+def _result_transposed(out):
+    out["w"].t_()
+
+
+def _result_dropped(out):
+    del out["w"]
+
+
+@pytest.mark.parametrize("meddle", [None, _result_data_replaced, _result_resized, _result_transposed,
+                                    _result_dropped], ids=lambda f: f.__name__.strip("_") if f else "untouched")
+def test_unchanged_tensors_alias_the_previous_result_only_while_it_fits(meddle):
+    # skip_unchanged with a cached plan: an unchanged tensor of the new result is a fresh alias of
+    # the previous result's tensor, unless someone changed that tensor's metadata since.
+    sd = {"w": torch.randn(64, 64), "b": torch.randn(64), "shared": torch.randn(8)}
+    sd["shared_view"] = sd["shared"][2:6]
+    s = make_stager(True)
+    s.stage(sd)
+    first = s.stage(sd)
+    with torch.no_grad():
+        sd["b"].add_(1.0)
+    if meddle is not None:
+        meddle(first)
+    out = s.stage(sd)
+    bitwise_equal(out, sd)
+    assert cache_of(s).hits == 2
+    assert s._engine.unchanged.reused_nbytes > 0
+    if meddle is None:
+        assert out["w"] is not first["w"]
+        assert out["w"].data_ptr() == first["w"].data_ptr()  # the bytes staged before
+        # An alias (detach) shares the earlier tensor's version counter; a rebuilt one would not.
+        before = out["w"]._version
+        first["w"].mul_(1.0)
+        assert out["w"]._version == before + 1
+    assert out["shared_view"].untyped_storage().data_ptr() == out["shared"].untyped_storage().data_ptr()
+    assert out["shared_view"].storage_offset() == 2
+    s.close()

@@ -187,17 +187,19 @@ class StatePlan:
         return [(None, index, self.leaves[index]) for index in self.table.opaque]
 
     def materialize(self, buffer: Any, replacements: dict[int, torch.UntypedStorage] | None = None,
-                    staged_tensors: list | None = None) -> Any:
+                    staged_tensors: list | None = None, previous: list | None = None) -> Any:
         """Builds the staged tree over ``buffer`` (a host buffer of at least ``total_nbytes``).
 
         The tensors alias the buffer: it must hold the copied bytes before anyone reads them.
         Each source storage becomes one CPU storage, so views that shared a storage still do.
         ``replacements`` (storage index → storage of the same size) makes that storage's tensors
         view the given storage instead (in-place receives, reused bytes). ``staged_tensors``, when
-        given, receives the staged tensors in table order.
+        given, receives the staged tensors in table order. ``previous`` (an earlier result's
+        ``staged_tensors`` for a table like this one) lets the tensors of replaced storages be
+        aliases of the earlier ones where those still fit (``TensorTable.materialize``).
         """
         with gc_paused():
-            staged = self.table.materialize(buffer, replacements)
+            staged = self.table.materialize(buffer, replacements, previous)
             if staged_tensors is not None:
                 staged_tensors.extend(staged)
             for index in self.table.opaque:
@@ -415,12 +417,14 @@ class PlanCache:
     non-tensor leaves are always current.
     """
 
-    __slots__ = ("table", "hits", "misses")
+    __slots__ = ("table", "hits", "misses", "last_hit")
 
     def __init__(self) -> None:
         self.table: Any = None
         self.hits = 0
         self.misses = 0
+        #: Whether the last description came from the cache (the same tensor order as before).
+        self.last_hit = False
 
     def describe(self, leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
         cached = self.table
@@ -431,8 +435,10 @@ class PlanCache:
                 table = None
             if table is not None:
                 self.hits += 1
+                self.last_hit = True
                 return table
         self.table = None
+        self.last_hit = False
         self.misses += 1
         table = _describe_tensors(leaves, track_versions, root, cacheable=True)
         self.table = table.without_storages()
@@ -440,6 +446,7 @@ class PlanCache:
 
     def clear(self) -> None:
         self.table = None
+        self.last_hit = False
 
 
 def plan_state_dict(state_dict: Any, *, track_versions: bool = False, cache: PlanCache | None = None) -> StatePlan:

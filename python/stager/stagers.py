@@ -86,6 +86,9 @@ class StagingEngine:
         self.unchanged = UnchangedStorages() if options.skip_unchanged else None
         #: The previous stage's tensor descriptions, reused while they hold (stager.plan.PlanCache).
         self.plan_cache = PlanCache()
+        # With skip_unchanged: the last incremental result's staged tensors (table order), whose
+        # unchanged ones the next stage of the same cached plan aliases instead of rebuilding.
+        self._previous_staged: list | None = None
         # Incremental stages run one at a time: each reads what the previous one recorded, and a
         # stage on another thread must not reuse bytes this one is still copying. A forked child
         # gets a lock of its own (one held by a parent's thread at the fork is never released).
@@ -162,13 +165,16 @@ class StagingEngine:
                 reused = unchanged.reuse(plan)
                 staged = self.start_plan(plan, order)
                 tensors: list[Any] = []
-                result = plan.materialize(staged.buffer, reused, tensors)
+                previous = self._previous_staged if self.plan_cache.last_hit else None
+                self._previous_staged = None
+                result = plan.materialize(staged.buffer, reused, tensors, previous)
                 if early is not None:
                     writer.accept_stage(staged)
                     early.offer_early(result)
                 staged.wait()
                 # Only now: the next stage may reuse these bytes, so they must all be in place.
                 unchanged.remember(plan, tensors)
+                self._previous_staged = tensors
             return result
         if early is not None:
             writer.accept_stage(staged)
@@ -193,6 +199,7 @@ class StagingEngine:
         if self.unchanged is not None:
             self.unchanged.forget()
         self.plan_cache.clear()
+        self._previous_staged = None
         if self._owns_pool:
             self.pool.trim()
 

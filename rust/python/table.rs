@@ -535,7 +535,7 @@ impl PyTensorTable {
     /// This table again for `tensors` (a new stage's leaves), or None when anything it describes
     /// may have changed: the plan cache's check. Each tensor must be the very object described
     /// (a live weak reference to it), with the same dtype, shape, stride and data pointer, and
-    /// each storage the same size. A replaced tensor, `.data =`, `set_()`, `resize_()`, a moved
+    /// each storage the same StorageImpl of the same size. A replaced tensor, `.data =`, `set_()`, `resize_()`, a moved
     /// or resized storage all change one of those; a storage's bytes may change freely (they are
     /// copied anyway). Only tables described with `cacheable` and without opaque tensors
     /// qualify. Reads a third of what `describe_tensors` reads and builds no layout.
@@ -584,7 +584,12 @@ impl PyTensorTable {
             }
             let storage_index = views[index].storage;
             if storages[storage_index].is_none() {
+                // The same StorageImpl (incremental records compare it) of the same size.
                 let storage = tensor.call_method0(intern!(py, "untyped_storage"))?;
+                let key: usize = storage.getattr(intern!(py, "_cdata"))?.extract()?;
+                if key != self.keys[storage_index] {
+                    return Ok(None);
+                }
                 let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
                 if nbytes != self.table.storages()[storage_index].nbytes {
                     return Ok(None);
@@ -824,12 +829,17 @@ impl PyTensorTable {
     /// storage becomes one CPU storage, so views that shared one still do. With `replacements`
     /// (storage index → `torch.UntypedStorage`), tensors of those storages view the given storage
     /// instead (e.g. in-place receives). The tensors alias the buffer: its bytes must be in place
-    /// before anyone reads them.
-    #[pyo3(signature = (buffer, replacements = None))]
+    /// before anyone reads them. `previous` (the staged tensors of an earlier result, in the order
+    /// of a table like this one) lets a tensor that is the only, whole view of a replaced storage
+    /// be an alias (`detach()`) of the earlier staged tensor, several times cheaper than building
+    /// it, when that tensor still views the replacement's bytes with the same dtype, shape and
+    /// stride; anything else is built as usual.
+    #[pyo3(signature = (buffer, replacements = None, previous = None))]
     fn materialize<'py>(
         &self,
         buffer: &Bound<'py, PyAny>,
         replacements: Option<&Bound<'py, PyDict>>,
+        previous: Option<&Bound<'py, PyList>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let py = buffer.py();
         let api = torch(py)?;
@@ -914,6 +924,23 @@ impl PyTensorTable {
                 out.append(tensor)?;
                 continue;
             }
+            if let (Some(previous), Some(base)) = (previous, &bases[view.storage]) {
+                if view.flags == VIEW_WHOLE_STORAGE && storage.users == 1 {
+                    let alias = alias_of_previous(
+                        api,
+                        previous,
+                        index,
+                        base,
+                        dtype,
+                        shape,
+                        self.strides[index].bind(py),
+                    )?;
+                    if let Some(alias) = alias {
+                        out.append(alias)?;
+                        continue;
+                    }
+                }
+            }
             let base = match &bases[view.storage] {
                 Some(base) => base.clone(),
                 None => {
@@ -946,6 +973,38 @@ impl PyTensorTable {
         }
         Ok(out)
     }
+}
+
+/// `previous[index].detach()` when that is a plain tensor over the first byte of storage `base`
+/// with this `dtype`, `shape` and `stride` (an earlier result's tensor, its metadata unchanged);
+/// else None.
+fn alias_of_previous<'py>(
+    api: &Torch,
+    previous: &Bound<'py, PyList>,
+    index: usize,
+    base: &Bound<'py, PyAny>,
+    dtype: &Bound<'py, PyAny>,
+    shape: &Bound<'py, PyAny>,
+    stride: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = previous.py();
+    let Ok(earlier) = previous.get_item(index) else {
+        return Ok(None);
+    };
+    if !earlier.get_type().is(api.tensor_type.bind(py))
+        || !earlier.getattr(intern!(py, "dtype"))?.is(dtype)
+    {
+        return Ok(None);
+    }
+    let address: usize = earlier.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let base_address: usize = base.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    if address != base_address
+        || !earlier.getattr(intern!(py, "shape"))?.eq(shape)?
+        || !earlier.call_method0(intern!(py, "stride"))?.eq(stride)?
+    {
+        return Ok(None);
+    }
+    Ok(Some(earlier.call_method0(intern!(py, "detach"))?))
 }
 
 /// `tensor.view(*shape)`: torch parses a call with the sizes as separate ints about twice as fast
