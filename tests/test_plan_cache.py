@@ -246,3 +246,13 @@ def test_unchanged_tensors_alias_the_previous_result_only_while_it_fits(meddle):
     assert out["shared_view"].untyped_storage().data_ptr() == out["shared"].untyped_storage().data_ptr()
     assert out["shared_view"].storage_offset() == 2
     s.close()
+
+
+def test_the_cache_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("STAGER_PLAN_CACHE", "0")
+    sd = {"w": torch.randn(16)}
+    s = make_stager(True)
+    for _ in range(3):
+        bitwise_equal(s.stage(sd), sd)
+    assert (cache_of(s).hits, cache_of(s).misses) == (0, 3)
+    s.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import copyreg
 import gc
+import os
 import types
 import weakref
 from collections import OrderedDict, defaultdict
@@ -417,9 +418,11 @@ class PlanCache:
     non-tensor leaves are always current.
     """
 
-    __slots__ = ("table", "hits", "misses", "last_hit")
+    __slots__ = ("table", "hits", "misses", "last_hit", "enabled")
 
     def __init__(self) -> None:
+        #: ``STAGER_PLAN_CACHE=0`` describes every stage afresh (A/B timing, debugging).
+        self.enabled = os.environ.get("STAGER_PLAN_CACHE", "1") != "0"
         self.table: Any = None
         self.hits = 0
         self.misses = 0
@@ -427,6 +430,9 @@ class PlanCache:
         self.last_hit = False
 
     def describe(self, leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
+        if not self.enabled:
+            self.misses += 1
+            return _describe_tensors(leaves, track_versions, root)
         cached = self.table
         if cached is not None:
             try:
