@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import copyreg
 import gc
+import os
 import types
 import weakref
 from collections import OrderedDict, defaultdict
@@ -44,7 +45,7 @@ from ._native import StagerError
 #: the writer refuses them too, before anything is written or sent (tree.py checks it).
 MAX_DEPTH = 256
 
-__all__ = ["ALIGNMENT", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
+__all__ = ["ALIGNMENT", "PlanCache", "StatePlan", "StoragePlan", "TensorPlan", "gc_paused", "plan_state_dict"]
 
 #: Alignment of every storage inside the host buffer, a file's data section and the wire layout
 #: (defined once, in rust/layout.rs).
@@ -187,17 +188,19 @@ class StatePlan:
         return [(None, index, self.leaves[index]) for index in self.table.opaque]
 
     def materialize(self, buffer: Any, replacements: dict[int, torch.UntypedStorage] | None = None,
-                    staged_tensors: list | None = None) -> Any:
+                    staged_tensors: list | None = None, previous: list | None = None) -> Any:
         """Builds the staged tree over ``buffer`` (a host buffer of at least ``total_nbytes``).
 
         The tensors alias the buffer: it must hold the copied bytes before anyone reads them.
         Each source storage becomes one CPU storage, so views that shared a storage still do.
         ``replacements`` (storage index → storage of the same size) makes that storage's tensors
         view the given storage instead (in-place receives, reused bytes). ``staged_tensors``, when
-        given, receives the staged tensors in table order.
+        given, receives the staged tensors in table order. ``previous`` (an earlier result's
+        ``staged_tensors`` for a table like this one) lets the tensors of replaced storages be
+        aliases of the earlier ones where those still fit (``TensorTable.materialize``).
         """
         with gc_paused():
-            staged = self.table.materialize(buffer, replacements)
+            staged = self.table.materialize(buffer, replacements, previous)
             if staged_tensors is not None:
                 staged_tensors.extend(staged)
             for index in self.table.opaque:
@@ -402,9 +405,60 @@ def _refuse_sharded_tensor(root: Any, value: Any) -> StagerError:
     )
 
 
-def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePlan:
+class PlanCache:
+    """The last table one stager described, reused while it still describes the tensors.
+
+    A training loop stages the same tensor objects with the same shapes every step, so the
+    per-tensor description (storage, address, size, view: the largest per-tensor cost of a
+    stage) is the same too. The next stage's leaves are checked against it in one Rust call
+    (``TensorTable.revalidated``: the same live tensor objects in the same order, with the same
+    dtype, shape, stride, data pointer and storage size); anything else describes them afresh
+    and replaces the entry. One entry per stager, holding weak references and no source memory.
+    The tree itself is walked every stage (the skeleton is the result), so containers, keys and
+    non-tensor leaves are always current.
+    """
+
+    __slots__ = ("table", "hits", "misses", "last_hit", "enabled")
+
+    def __init__(self) -> None:
+        #: ``STAGER_PLAN_CACHE=0`` describes every stage afresh (A/B timing, debugging).
+        self.enabled = os.environ.get("STAGER_PLAN_CACHE", "1") != "0"
+        self.table: Any = None
+        self.hits = 0
+        self.misses = 0
+        #: Whether the last description came from the cache (the same tensor order as before).
+        self.last_hit = False
+
+    def describe(self, leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
+        if not self.enabled:
+            self.misses += 1
+            return _describe_tensors(leaves, track_versions, root)
+        cached = self.table
+        if cached is not None:
+            try:
+                table = cached.revalidated(leaves, track_versions)
+            except Exception:  # a tensor whose metadata cannot be read: the full path says why
+                table = None
+            if table is not None:
+                self.hits += 1
+                self.last_hit = True
+                return table
+        self.table = None
+        self.last_hit = False
+        self.misses += 1
+        table = _describe_tensors(leaves, track_versions, root, cacheable=True)
+        self.table = table.without_storages()
+        return table
+
+    def clear(self) -> None:
+        self.table = None
+        self.last_hit = False
+
+
+def plan_state_dict(state_dict: Any, *, track_versions: bool = False, cache: PlanCache | None = None) -> StatePlan:
     """Walks ``state_dict`` once and returns its :class:`StatePlan`; ``track_versions`` also
-    records each tensor's version counter (incremental staging)."""
+    records each tensor's version counter (incremental staging); ``cache`` reuses the previous
+    description of the same tensors (:class:`PlanCache`)."""
     plan = StatePlan()
     tensor_index: dict[int, int] = {}
     dtensor_index: dict[int, int] = {}
@@ -563,7 +617,10 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
         try:
             plan.holder[0] = visit(state_dict, plan.holder, 0)
             # Every per-tensor query (storage, address, size, view) in one call, outside the interpreter.
-            plan.table = _describe_tensors(leaves, track_versions, state_dict)
+            if cache is not None:
+                plan.table = cache.describe(leaves, track_versions, state_dict)
+            else:
+                plan.table = _describe_tensors(leaves, track_versions, state_dict)
         except RecursionError:
             raise _nested_too_deeply(state_dict) from None
         finally:
@@ -576,11 +633,11 @@ def plan_state_dict(state_dict: Any, *, track_versions: bool = False) -> StatePl
 # ---- refusals that name the key (kept apart from the walk above) ---------------------------------
 
 
-def _describe_tensors(leaves: list[torch.Tensor], track_versions: bool, root: Any) -> Any:
+def _describe_tensors(leaves: list[torch.Tensor], track_versions: bool, root: Any, cacheable: bool = False) -> Any:
     """``_native.describe_tensors``; a tensor it refuses (a view reaching past its storage) is
     named by its key path."""
     try:
-        return _native.describe_tensors(leaves, track_versions)
+        return _native.describe_tensors(leaves, track_versions, cacheable)
     except StagerError as err:
         index = getattr(err, "tensor_index", None)
         if type(index) is not int or not 0 <= index < len(leaves):

@@ -26,7 +26,7 @@ from ._native import StagerError
 from .device import capture_order, start_device_copies
 from .incremental import UnchangedStorages
 from .options import StagingOptions
-from .plan import StatePlan, plan_state_dict
+from .plan import PlanCache, StatePlan, plan_state_dict
 from .streaming import StreamedStage
 
 __all__ = ["BlockingAsyncStager", "DefaultStager", "StagedCopy", "StagingEngine", "StagingFuture"]
@@ -84,6 +84,11 @@ class StagingEngine:
             self._pool = self._new_pool()
         #: With ``skip_unchanged``: what the previous stage staged (see stager.incremental).
         self.unchanged = UnchangedStorages() if options.skip_unchanged else None
+        #: The previous stage's tensor descriptions, reused while they hold (stager.plan.PlanCache).
+        self.plan_cache = PlanCache()
+        # With skip_unchanged: the last incremental result's staged tensors (table order), whose
+        # unchanged ones the next stage of the same cached plan aliases instead of rebuilding.
+        self._previous_staged: list | None = None
         # Incremental stages run one at a time: each reads what the previous one recorded, and a
         # stage on another thread must not reuse bytes this one is still copying. A forked child
         # gets a lock of its own (one held by a parent's thread at the fork is never released).
@@ -140,7 +145,7 @@ class StagingEngine:
         unchanged = self.unchanged
         self.pool.reset_peak()
         if unchanged is None:
-            plan = plan_state_dict(state_dict)
+            plan = plan_state_dict(state_dict, cache=self.plan_cache)
             if early is not None and self._streams(plan):
                 previous = self._stream
                 if previous is not None:
@@ -156,17 +161,20 @@ class StagingEngine:
             if self._lock_pid != os.getpid():
                 self._incremental_lock, self._lock_pid = threading.Lock(), os.getpid()
             with self._incremental_lock:
-                plan = plan_state_dict(state_dict, track_versions=True)
+                plan = plan_state_dict(state_dict, track_versions=True, cache=self.plan_cache)
                 reused = unchanged.reuse(plan)
                 staged = self.start_plan(plan, order)
                 tensors: list[Any] = []
-                result = plan.materialize(staged.buffer, reused, tensors)
+                previous = self._previous_staged if self.plan_cache.last_hit else None
+                self._previous_staged = None
+                result = plan.materialize(staged.buffer, reused, tensors, previous)
                 if early is not None:
                     writer.accept_stage(staged)
                     early.offer_early(result)
                 staged.wait()
                 # Only now: the next stage may reuse these bytes, so they must all be in place.
                 unchanged.remember(plan, tensors)
+                self._previous_staged = tensors
             return result
         if early is not None:
             writer.accept_stage(staged)
@@ -190,6 +198,8 @@ class StagingEngine:
         self.pool.finish_reservations()
         if self.unchanged is not None:
             self.unchanged.forget()
+        self.plan_cache.clear()
+        self._previous_staged = None
         if self._owns_pool:
             self.pool.trim()
 

@@ -116,6 +116,10 @@ pub(crate) struct PyTensorTable {
     devices: Vec<Option<Py<PyAny>>>,
     /// The storage's identity (`UntypedStorage._cdata`, its StorageImpl); 0 from metadata.
     pub(crate) keys: Vec<usize>,
+    /// For [`PyTensorTable::revalidated`] (tables from `describe_tensors(..., cacheable=True)`):
+    /// a weak reference to each plain tensor and its data pointer when described.
+    cache_refs: Vec<Option<Py<PyAny>>>,
+    data_ptrs: Vec<usize>,
 }
 
 impl PyTensorTable {
@@ -139,10 +143,11 @@ impl PyTensorTable {
 /// `tensor_index`, the position in `tensors`, so the caller can name the tensor's key. Nested
 /// tensors (no sizes or strides) are described as opaque, staged through torch.
 #[pyfunction]
-#[pyo3(signature = (tensors, track_versions = false))]
+#[pyo3(signature = (tensors, track_versions = false, cacheable = false))]
 pub(crate) fn describe_tensors(
     tensors: &Bound<'_, PyList>,
     track_versions: bool,
+    cacheable: bool,
 ) -> PyResult<PyTensorTable> {
     let py = tensors.py();
     let api = torch(py)?;
@@ -158,6 +163,9 @@ pub(crate) fn describe_tensors(
     let mut storage_nbytes: Vec<usize> = Vec::with_capacity(count);
     let mut versions: Vec<Option<i64>> = Vec::with_capacity(count);
     let mut identities: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
+    let mut cache_refs: Vec<Option<Py<PyAny>>> = Vec::with_capacity(count);
+    let mut data_ptrs: Vec<usize> = Vec::with_capacity(count);
+    let mut storage_addresses: Vec<usize> = Vec::with_capacity(count);
     let mut dtype_info: HashMap<usize, DtypeInfo> = HashMap::new();
     let mut dims: Vec<(i64, i64)> = Vec::new();
     for tensor in tensors.iter() {
@@ -177,6 +185,8 @@ pub(crate) fn describe_tensors(
             engine_dtypes.push(None);
             versions.push(None);
             identities.push(None);
+            cache_refs.push(None);
+            data_ptrs.push(0);
             continue;
         }
         let is_cpu = tensor.getattr(intern!(py, "is_cpu"))?.is_truthy()?;
@@ -197,6 +207,9 @@ pub(crate) fn describe_tensors(
                 strides.push(py.None());
                 engine_dtypes.push(None);
                 versions.push(None);
+                identities.push(None);
+                cache_refs.push(None);
+                data_ptrs.push(0);
                 continue;
             }
             Err(err) => return Err(err),
@@ -224,6 +237,7 @@ pub(crate) fn describe_tensors(
                 storages.push(Some(storage.unbind()));
                 keys.push(key);
                 storage_nbytes.push(nbytes);
+                storage_addresses.push(address);
                 builder.add_storage(key, address, nbytes, device)
             }
         };
@@ -290,11 +304,21 @@ pub(crate) fn describe_tensors(
         } else {
             None
         });
-        identities.push(if track_versions {
+        let identity = if track_versions || cacheable {
             Some(PyWeakrefReference::new(&tensor)?.into_any().unbind())
         } else {
             None
+        };
+        identities.push(if track_versions {
+            identity.as_ref().map(|o| o.clone_ref(py))
+        } else {
+            None
         });
+        cache_refs.push(if cacheable { identity } else { None });
+        data_ptrs.push(
+            storage_addresses[index]
+                .wrapping_add((storage_offset as usize).wrapping_mul(info.itemsize)),
+        );
     }
     Ok(PyTensorTable {
         table: builder.finish()?,
@@ -307,6 +331,8 @@ pub(crate) fn describe_tensors(
         storages,
         devices,
         keys,
+        cache_refs,
+        data_ptrs,
     })
 }
 
@@ -469,6 +495,8 @@ impl PyTensorTable {
             storages: (0..storage_count).map(|_| None).collect(),
             devices: (0..storage_count).map(|_| None).collect(),
             keys: vec![0; storage_count],
+            cache_refs: (0..count).map(|_| None).collect(),
+            data_ptrs: vec![0; count],
         })
     }
 
@@ -499,7 +527,135 @@ impl PyTensorTable {
             storages: clone_opt(&self.storages),
             devices: clone_opt(&self.devices),
             keys: self.keys.clone(),
+            cache_refs: clone_opt(&self.cache_refs),
+            data_ptrs: self.data_ptrs.clone(),
         })
+    }
+
+    /// This table again for `tensors` (a new stage's leaves), or None when anything it describes
+    /// may have changed: the plan cache's check. Each tensor must be the very object described
+    /// (a live weak reference to it), with the same dtype, shape, stride and data pointer, and
+    /// each storage the same StorageImpl of the same size. A replaced tensor, `.data =`, `set_()`, `resize_()`, a moved
+    /// or resized storage all change one of those; a storage's bytes may change freely (they are
+    /// copied anyway). Only tables described with `cacheable` and without opaque tensors
+    /// qualify. Reads a third of what `describe_tensors` reads and builds no layout.
+    #[pyo3(signature = (tensors, track_versions = false))]
+    fn revalidated(
+        &self,
+        tensors: &Bound<'_, PyList>,
+        track_versions: bool,
+    ) -> PyResult<Option<PyTensorTable>> {
+        let py = tensors.py();
+        let count = self.dtypes.len();
+        if tensors.len() != count || self.table.opaque().next().is_some() {
+            return Ok(None);
+        }
+        let views = self.table.views();
+        let storage_count = self.table.storages().len();
+        let mut storages: Vec<Option<Py<PyAny>>> = (0..storage_count).map(|_| None).collect();
+        let mut versions = Vec::with_capacity(count);
+        for (index, tensor) in tensors.iter().enumerate() {
+            let Some(identity) = self.cache_refs[index].as_ref() else {
+                return Ok(None);
+            };
+            let same_object = identity
+                .bind(py)
+                .cast::<PyWeakrefReference>()
+                .ok()
+                .and_then(|r| r.upgrade())
+                .is_some_and(|o| o.is(&tensor));
+            if !same_object
+                || !tensor
+                    .getattr(intern!(py, "dtype"))?
+                    .is(self.dtypes[index].bind(py))
+            {
+                return Ok(None);
+            }
+            let data_ptr: usize = tensor.call_method0(intern!(py, "data_ptr"))?.extract()?;
+            if data_ptr != self.data_ptrs[index]
+                || !tensor
+                    .getattr(intern!(py, "shape"))?
+                    .eq(self.shapes[index].bind(py))?
+                || !tensor
+                    .call_method0(intern!(py, "stride"))?
+                    .eq(self.strides[index].bind(py))?
+            {
+                return Ok(None);
+            }
+            let storage_index = views[index].storage;
+            if storages[storage_index].is_none() {
+                // The same StorageImpl (incremental records compare it) of the same size.
+                let storage = tensor.call_method0(intern!(py, "untyped_storage"))?;
+                let key: usize = storage.getattr(intern!(py, "_cdata"))?.extract()?;
+                if key != self.keys[storage_index] {
+                    return Ok(None);
+                }
+                let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+                if nbytes != self.table.storages()[storage_index].nbytes {
+                    return Ok(None);
+                }
+                storages[storage_index] = Some(storage.unbind());
+            }
+            versions.push(if track_versions {
+                tensor
+                    .getattr(intern!(py, "_version"))
+                    .and_then(|v| v.extract::<i64>())
+                    .ok()
+            } else {
+                None
+            });
+        }
+        let clone = |objects: &[Py<PyAny>]| objects.iter().map(|o| o.clone_ref(py)).collect();
+        let clone_opt = |objects: &[Option<Py<PyAny>>]| {
+            objects
+                .iter()
+                .map(|o| o.as_ref().map(|o| o.clone_ref(py)))
+                .collect::<Vec<_>>()
+        };
+        Ok(Some(PyTensorTable {
+            table: self.table.clone(),
+            dtypes: clone(&self.dtypes),
+            shapes: clone(&self.shapes),
+            strides: clone(&self.strides),
+            engine_dtypes: self.engine_dtypes.clone(),
+            versions,
+            identities: if track_versions {
+                clone_opt(&self.cache_refs)
+            } else {
+                (0..count).map(|_| None).collect()
+            },
+            storages,
+            devices: clone_opt(&self.devices),
+            keys: self.keys.clone(),
+            cache_refs: clone_opt(&self.cache_refs),
+            data_ptrs: self.data_ptrs.clone(),
+        }))
+    }
+
+    /// This table without its source storages (`storage_objects` all None): what a plan cache
+    /// keeps, so that it holds no source memory alive between stages.
+    fn without_storages(&self, py: Python<'_>) -> PyTensorTable {
+        let clone = |objects: &[Py<PyAny>]| objects.iter().map(|o| o.clone_ref(py)).collect();
+        let clone_opt = |objects: &[Option<Py<PyAny>>]| {
+            objects
+                .iter()
+                .map(|o| o.as_ref().map(|o| o.clone_ref(py)))
+                .collect::<Vec<_>>()
+        };
+        PyTensorTable {
+            table: self.table.clone(),
+            dtypes: clone(&self.dtypes),
+            shapes: clone(&self.shapes),
+            strides: clone(&self.strides),
+            engine_dtypes: self.engine_dtypes.clone(),
+            versions: vec![None; self.versions.len()],
+            identities: (0..self.identities.len()).map(|_| None).collect(),
+            storages: (0..self.storages.len()).map(|_| None).collect(),
+            devices: clone_opt(&self.devices),
+            keys: self.keys.clone(),
+            cache_refs: clone_opt(&self.cache_refs),
+            data_ptrs: self.data_ptrs.clone(),
+        }
     }
 
     /// Bytes of the buffer every storage fits in.
@@ -673,12 +829,17 @@ impl PyTensorTable {
     /// storage becomes one CPU storage, so views that shared one still do. With `replacements`
     /// (storage index → `torch.UntypedStorage`), tensors of those storages view the given storage
     /// instead (e.g. in-place receives). The tensors alias the buffer: its bytes must be in place
-    /// before anyone reads them.
-    #[pyo3(signature = (buffer, replacements = None))]
+    /// before anyone reads them. `previous` (the staged tensors of an earlier result, in the order
+    /// of a table like this one) lets a tensor that is the only, whole view of a replaced storage
+    /// be an alias (`detach()`) of the earlier staged tensor, several times cheaper than building
+    /// it, when that tensor still views the replacement's bytes with the same dtype, shape and
+    /// stride; anything else is built as usual.
+    #[pyo3(signature = (buffer, replacements = None, previous = None))]
     fn materialize<'py>(
         &self,
         buffer: &Bound<'py, PyAny>,
         replacements: Option<&Bound<'py, PyDict>>,
+        previous: Option<&Bound<'py, PyList>>,
     ) -> PyResult<Bound<'py, PyList>> {
         let py = buffer.py();
         let api = torch(py)?;
@@ -763,6 +924,23 @@ impl PyTensorTable {
                 out.append(tensor)?;
                 continue;
             }
+            if let (Some(previous), Some(base)) = (previous, &bases[view.storage]) {
+                if view.flags == VIEW_WHOLE_STORAGE && storage.users == 1 {
+                    let alias = alias_of_previous(
+                        api,
+                        previous,
+                        index,
+                        base,
+                        dtype,
+                        shape,
+                        self.strides[index].bind(py),
+                    )?;
+                    if let Some(alias) = alias {
+                        out.append(alias)?;
+                        continue;
+                    }
+                }
+            }
             let base = match &bases[view.storage] {
                 Some(base) => base.clone(),
                 None => {
@@ -795,6 +973,38 @@ impl PyTensorTable {
         }
         Ok(out)
     }
+}
+
+/// `previous[index].detach()` when that is a plain tensor over the first byte of storage `base`
+/// with this `dtype`, `shape` and `stride` (an earlier result's tensor, its metadata unchanged);
+/// else None.
+fn alias_of_previous<'py>(
+    api: &Torch,
+    previous: &Bound<'py, PyList>,
+    index: usize,
+    base: &Bound<'py, PyAny>,
+    dtype: &Bound<'py, PyAny>,
+    shape: &Bound<'py, PyAny>,
+    stride: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let py = previous.py();
+    let Ok(earlier) = previous.get_item(index) else {
+        return Ok(None);
+    };
+    if !earlier.get_type().is(api.tensor_type.bind(py))
+        || !earlier.getattr(intern!(py, "dtype"))?.is(dtype)
+    {
+        return Ok(None);
+    }
+    let address: usize = earlier.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let base_address: usize = base.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    if address != base_address
+        || !earlier.getattr(intern!(py, "shape"))?.eq(shape)?
+        || !earlier.call_method0(intern!(py, "stride"))?.eq(stride)?
+    {
+        return Ok(None);
+    }
+    Ok(Some(earlier.call_method0(intern!(py, "detach"))?))
 }
 
 /// `tensor.view(*shape)`: torch parses a call with the sizes as separate ints about twice as fast
