@@ -521,7 +521,10 @@ fn checksums(bytes: &[u8], ranges: &[(u64, u64)]) -> Vec<u32> {
     };
     crate::direct_io::combine_crc32c(
         ranges.len(),
-        pieces.iter().zip(sums).map(|(&(range, _, n), crc)| (range, crc, n)),
+        pieces
+            .iter()
+            .zip(sums)
+            .map(|(&(range, _, n), crc)| (range, crc, n)),
     )
 }
 

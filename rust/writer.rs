@@ -1047,7 +1047,9 @@ impl Run<'_> {
                 }
                 None => chunk
                     .at_least(write_len, IO_CHUNK)
-                    .map_err(|err| StagerError::io("allocating a bounce buffer for", self.path, err))?
+                    .map_err(|err| {
+                        StagerError::io("allocating a bounce buffer for", self.path, err)
+                    })?
                     .slice_mut(write_len),
             };
             let mut filled = 0;
