@@ -111,7 +111,7 @@ def _delta_layout(plan: StatePlan, reuse: dict[int, int]) -> tuple[Any, list[Sto
 def _encode_delta(offer: Offer, table: Any, nsegments: int) -> bytes:
     """The delta message: the reuse map as runs ``[first index, first base index, length]``."""
     runs: list[list[int]] = []
-    for index, base in sorted(offer.reuse.items()):
+    for index, base in sorted((offer.reuse or {}).items()):
         if runs and runs[-1][0] + runs[-1][2] == index and runs[-1][1] + runs[-1][2] == base:
             runs[-1][2] += 1
         else:
@@ -165,18 +165,20 @@ def _base_problem(base: list[torch.UntypedStorage | None], reuse: dict[int, int]
     """Why the storages ``base`` can't stand in for the reused ones (None when they can)."""
     if len(base) != base_count:
         return f"the previous step held here has {len(base)} storages, the sender's {base_count}"
+    standing_in: dict[int, torch.UntypedStorage] = {}  # storage index → the base storage holding its bytes
     for index, position in reuse.items():
         storage = base[position]
         if storage is None or storage.nbytes() != nbytes[index]:
             held = "none" if storage is None else f"{storage.nbytes()} bytes"
             return (f"storage {index} ({nbytes[index]} bytes) is storage {position} of the previous step, which holds "
                     f"{held} here")
+        standing_in[index] = storage
     if check is not None:
-        for (index, position), crc in zip(sorted(reuse.items()), check):
-            held = _native.storage_crc32c(base[position])
-            if crc is not None and crc != held:
+        for (index, _), crc in zip(sorted(reuse.items()), check):
+            held_crc = _native.storage_crc32c(standing_in[index])
+            if crc is not None and crc != held_crc:
                 return (f"storage {index} ({nbytes[index]} bytes) was not sent as unchanged, but its bytes differ from "
-                        f"the previous step's (crc32c {held:08x} held here, {crc:08x} at the sender): it changed "
+                        f"the previous step's (crc32c {held_crc:08x} held here, {crc:08x} at the sender): it changed "
                         "without a version-counter bump (a write through `.data`, a NumPy view or a C extension?), or "
                         "the replica held here was modified")
     return None

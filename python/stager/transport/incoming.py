@@ -61,8 +61,8 @@ class Incoming:
         self.strict = strict
         self.header = torch.zeros(_HEADER_BYTES, dtype=torch.uint8)
         self.raw_meta: torch.Tensor | None = None
-        self.plan: StatePlan | None = None
-        self.meta: dict | None = None
+        self._plan: StatePlan | None = None
+        self._meta: dict | None = None
         self.sent: list[StatePlan] = []  # what this rank sends in the same call (its own meshes)
         self.segments: list[Segment] = []
         self.targets: dict[int, torch.UntypedStorage] = {}
@@ -91,6 +91,20 @@ class Incoming:
         #: Where a full receive lands instead of the pool (see PGTransport.transfer).
         self.receive_buffer: Callable[[Incoming], Any] | None = None
         self._storage_hooks: list[Callable[[int], None]] = []
+
+    @property
+    def plan(self) -> StatePlan:
+        """The sender's plan, once its metadata landed (:meth:`read_metadata`)."""
+        if self._plan is None:
+            raise StagerError(f"the checkpoint metadata from rank {self.rank} has not landed yet")
+        return self._plan
+
+    @property
+    def meta(self) -> dict:
+        """The sender's decoded metadata (JSON), once it landed."""
+        if self._meta is None:
+            raise StagerError(f"the checkpoint metadata from rank {self.rank} has not landed yet")
+        return self._meta
 
     def on_storage_landed(self, hook: Callable[[int], None]) -> None:
         """Calls ``hook(storage_index)`` once all the bytes of that storage of :attr:`plan` are
@@ -154,6 +168,8 @@ class Incoming:
         step); a base that does not fit it sets :attr:`base_problem` (reported as :data:`LOCAL`)."""
         plan = self.plan
         nbytes = plan.table.storage_nbytes
+        assert self.raw_delta is not None and self.base_storages is not None, "apply_delta() without expect_delta()"
+        base_storages = self.base_storages
         raw = self.raw_delta.numpy().tobytes()
         self.raw_delta = None
         try:
@@ -170,13 +186,15 @@ class Incoming:
         plan.table = table
         plan._storages = None  # described by the new table from here on
         self.segments = segments
-        self.base_problem = _base_problem(self.base_storages, reuse, base_count, nbytes, check)
-        if self.base_problem is None:
-            self.replacements = {index: self.base_storages[base] for index, base in reuse.items()}
+        self.base_problem = _base_problem(base_storages, reuse, base_count, nbytes, check)
+        if self.base_problem is None:  # so every reused base storage is there (not None)
+            self.replacements = {index: storage for index, base in reuse.items()
+                                 if (storage := base_storages[base]) is not None}
         self.base_storages = None
 
     def read_metadata(self) -> None:
         total, bucket, chunk, nsegments = self._announced
+        assert self.raw_meta is not None, "read_metadata() before read_header()"
         text = self.raw_meta.numpy().tobytes()
         self.raw_meta = None
         try:
@@ -192,8 +210,8 @@ class Incoming:
         if len(self.segments) != nsegments:
             raise TransportError(PROTOCOL, f"rank {self.rank} announced {nsegments} segments, its metadata gives "
                                  f"{len(self.segments)}", self.rank)
-        self.meta = meta
-        self.plan = plan
+        self._meta = meta
+        self._plan = plan
 
     def prepare(self) -> list[torch.Tensor]:
         """The tensor each segment is received into (in place where possible, else the pool)."""
@@ -203,7 +221,7 @@ class Incoming:
         dtensor.bind_meshes(plan, dtensor.receiver_meshes(self.transport.mesh, self.inplace, self.sent),
                             required=False, rebuild=self.transport._group_meshes)
         storages = plan.storages
-        targets = {}
+        targets: dict[int, torch.UntypedStorage] = {}
         if self.inplace is not None and not self.replacements:
             if self.strict:
                 self.mismatch = _first_mismatch(plan, self.meta, self.inplace)
