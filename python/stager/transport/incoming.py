@@ -99,6 +99,10 @@ class Incoming:
             raise StagerError(f"the checkpoint metadata from rank {self.rank} has not landed yet")
         return self._plan
 
+    @plan.setter
+    def plan(self, plan: StatePlan) -> None:
+        self._plan = plan
+
     @property
     def meta(self) -> dict:
         """The sender's decoded metadata (JSON), once it landed."""
