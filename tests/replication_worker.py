@@ -508,9 +508,10 @@ def scenario_restore(rank, world, directory, options):
     into = make_state_dict(rank + 50, big_numel=big) if options.get("inplace") else None
     if into is not None and rank == options.get("mismatch_rank"):
         into["model"]["bias"] = torch.zeros(8, dtype=torch.int64)  # the replica's is 7
-    pointers = None
+    pointers = versions = None
     if into is not None:
         pointers = {key: t.untyped_storage().data_ptr() for key, t in into["model"].items() if t.numel()}
+        versions = {key: t._version for key, t in into["model"].items()}
     started = time.monotonic()
     before = sorted(os.listdir(_rank_dir(directory, rank))) if os.path.isdir(_rank_dir(directory, rank)) else []
     try:
@@ -535,7 +536,11 @@ def scenario_restore(rank, world, directory, options):
         assert now == pointers, (now, pointers)
         assert_same_tree(into["model"], make_state_dict(rank, big_numel=big, step=step)["model"])
         assert result["model"]["weight"] is into["model"]["weight"]
-    report(rank=rank, step=step, elapsed=time.monotonic() - started)
+        # every written tensor's version counter moved, however its bytes came (received in place
+        # over the group or copied in), so a later stage(skip_unchanged=True) sees the change
+        unbumped = sorted(key for key, t in into["model"].items() if t.numel() and t._version == versions[key])
+        assert not unbumped, f"restore(into=...) left the version counters of {unbumped} unchanged"
+    report(rank=rank, step=step, elapsed=time.monotonic() - started, restored=replicator.last_restore)
 
 
 def scenario_replicate_and_restore(rank, world, directory, options):

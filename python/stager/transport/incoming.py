@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import dtensor
 from .._native import StagerError
@@ -232,6 +233,8 @@ class Incoming:
             if self.mismatch is None:
                 targets = _inplace_targets(plan, self.meta, self.inplace, exact=self.strict)
         self.targets = targets
+        if targets:
+            _bump_versions(self.inplace, targets)
         needs_buffer = any(not (seg.direct and seg.first in targets) for seg in self.segments)
         if needs_buffer and plan.total_nbytes:
             chosen = None
@@ -302,6 +305,20 @@ def _inplace_targets(plan: StatePlan, meta: dict, inplace: Any, exact: bool = Fa
         used.add(storage.data_ptr())
         targets[storage_index] = storage
     return targets
+
+
+def _bump_versions(inplace: Any, targets: dict[int, torch.UntypedStorage]) -> None:
+    """Bumps the version counter of every tensor of ``inplace`` over a storage the receive writes
+    (``targets``), as torch's own in-place writes do: the bytes land through raw views of the
+    storages, which torch does not count, and ``skip_unchanged`` would otherwise take a storage
+    rewritten here for unchanged. Done before the first byte lands, so a receive that fails half
+    way leaves the counters moved too."""
+    written = {storage.data_ptr() for storage in targets.values() if storage.nbytes()}
+    tensors = [tensor for tensor in (dtensor.inplace_target(leaf) for leaf in tensors_by_path(inplace).values())
+               if isinstance(tensor, torch.Tensor) and not tensor.is_inference() and tensor.nbytes
+               and tensor.untyped_storage().data_ptr() in written]
+    if tensors:
+        increment_version(tensors)
 
 
 def _first_mismatch(plan: StatePlan, meta: dict, inplace: Any) -> str | None:
