@@ -9,16 +9,14 @@ group broken end the process with ``os._exit`` (a broken group is not waited for
 """
 
 import datetime
-import json
 import os
 import signal
-import sys
 import time
-import traceback
 from collections import OrderedDict, namedtuple
 
 import torch
 import torch.distributed as dist
+from ranks import report, worker_main  # tests/ is on sys.path: this script runs from there
 
 import stager
 from helpers import (
@@ -57,13 +55,6 @@ def make_state_dict(rank, *, big_numel=0, step=0):
     return sd
 
 
-_current = {}
-
-
-def report(**fields):
-    print("RESULT " + json.dumps({"scenario": _current.get("name"), **fields}), flush=True)
-
-
 def wait_for_files(paths, seconds):
     """Waits (bounded by ``seconds``) until every file of ``paths`` exists: how a rank that must
     stay away waits for the others to be done with it, instead of guessing a duration that load
@@ -94,23 +85,6 @@ def check_views(received):
     assert model["weight_t"].untyped_storage().data_ptr() == model["weight"].untyped_storage().data_ptr()
     assert model["row"].untyped_storage().data_ptr() == model["weight"].untyped_storage().data_ptr()
     assert model["row"].storage_offset() == 3 * 32
-
-
-def main():
-    rank, world, port, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    steps = json.loads(sys.argv[5])
-    host = os.environ.get("STAGER_TEST_HOST", "127.0.0.1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        for scenario, options in steps:
-            _current["name"] = options.get("name", options.get("subdir", scenario))
-            subdir = os.path.join(directory, options.get("subdir", scenario))
-            os.makedirs(subdir, exist_ok=True)
-            globals()["scenario_" + scenario](rank, world, subdir, options)
-    finally:
-        dist.destroy_process_group()
 
 
 def temps(directory, rank=None):
@@ -552,11 +526,4 @@ def scenario_replicate_and_restore(rank, world, directory, options):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
+    worker_main(globals())
