@@ -13,13 +13,11 @@ what it received against its own rebuild of its source's state, step by step.
 
 import copy
 import datetime
-import json
 import os
-import sys
-import traceback
 
 import torch
 import torch.distributed as dist
+from ranks import join_gloo, report, worker_main
 
 import stager
 from helpers import assert_same_tree  # tests/ is on sys.path: this script runs from there
@@ -28,33 +26,6 @@ from stager import replica_files
 #: Storages of the coalesced wire layout are 64-byte aligned: a changed storage costs at most this
 #: much padding on the wire.
 ALIGN = stager._native.STORAGE_ALIGNMENT
-
-_current = {}
-
-
-def report(**fields):
-    print("RESULT " + json.dumps({"scenario": _current.get("name"), **fields}), flush=True)
-
-
-def main():
-    rank, world, port, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    steps = json.loads(sys.argv[5])
-    torch.set_num_threads(1)
-    join(rank, world, port)
-    try:
-        for scenario, options in steps:
-            _current["name"] = options.get("name", options.get("subdir", scenario))
-            subdir = os.path.join(directory, options.get("subdir", scenario))
-            os.makedirs(subdir, exist_ok=True)
-            globals()["scenario_" + scenario](rank, world, subdir, options)
-    finally:
-        dist.destroy_process_group()
-
-
-def join(rank, world, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-
 
 # ---- deterministic states ---------------------------------------------------------------------------
 
@@ -368,7 +339,7 @@ def scenario_rejoin(rank, world, directory, options):
     """A survivor of a restart: leaves the old group and joins a new one on ``port`` (its
     stagers, and what they hold, stay)."""
     dist.destroy_process_group()
-    join(rank, world, options["port"])
+    join_gloo(rank, world, options["port"])
     report(rank=rank)
 
 
@@ -417,11 +388,4 @@ def scenario_restore(rank, world, directory, options):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
+    worker_main(globals())

@@ -5,6 +5,10 @@ network namespaces (one per simulated node, joined by a veth pair).
 each prints and returns once every process has exited (by itself; a process still running at the
 deadline is killed and the test fails). ``Network`` makes the namespaces (we run as root in CI) and
 removes them, and every process left in them, whatever happens.
+
+The worker side, for the scripts that run ``[scenario, options]`` steps (replication_worker.py,
+incremental_worker.py): ``worker_main`` (join the gloo group, run the steps, exit 1 with the
+traceback on any error), ``report`` (one ``RESULT`` line per scenario) and ``join_gloo``.
 """
 
 import json
@@ -125,6 +129,60 @@ def assert_all_ok(results, scenarios, ranks=None):
         if ranks is not None and rank not in ranks:
             continue
         assert rc == 0 and all(name in found for name in scenarios), f"rank {rank} failed (rc={rc}):\n{output}"
+
+
+# ---- the worker side: what a worker script started by start_ranks runs ------------------------------
+
+_running = {"name": None}  # the scenario running now in this worker, named in its RESULT lines
+
+
+def report(**fields):
+    """Prints this worker's ``RESULT`` line for the scenario running now (see :func:`results_in`)."""
+    print("RESULT " + json.dumps({"scenario": _running["name"], **fields}), flush=True)
+
+
+def join_gloo(rank, world, port, host=None, timeout_s=60):
+    """Joins the default gloo group of the workers (``host``: ``STAGER_TEST_HOST``, else 127.0.0.1)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    host = host or os.environ.get("STAGER_TEST_HOST", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def worker_main(scenarios):
+    """The whole life of a worker started by :func:`start_ranks` (argv: rank, world, port,
+    directory, steps): joins the gloo group, runs each ``[scenario, options]`` step as
+    ``scenarios["scenario_" + scenario](rank, world, subdir, options)`` in ``directory/subdir``
+    (``options["subdir"]``, else the scenario's name; reported as ``options["name"]``, else the
+    subdir), and leaves the group. Anything raised ends the process at once with status 1, its
+    traceback printed (the other ranks then time out of their collectives and stop too)."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        rank, world, port, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+        steps = json.loads(sys.argv[5])
+        torch.set_num_threads(1)
+        join_gloo(rank, world, port)
+        try:
+            for scenario, options in steps:
+                _running["name"] = options.get("name", options.get("subdir", scenario))
+                subdir = os.path.join(directory, options.get("subdir", scenario))
+                os.makedirs(subdir, exist_ok=True)
+                scenarios["scenario_" + scenario](rank, world, subdir, options)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
 
 
 # ---- network namespaces ------------------------------------------------------------------------------

@@ -9,17 +9,16 @@ group broken end the process with ``os._exit`` (a broken group is not waited for
 """
 
 import datetime
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections import OrderedDict, namedtuple
 
 import torch
 import torch.distributed as dist
+from ranks import report, worker_main  # tests/ is on sys.path: this script runs from there
 
 import stager
 from helpers import (
@@ -58,13 +57,6 @@ def make_state_dict(rank, *, big_numel=0, step=0):
     return sd
 
 
-_current = {}
-
-
-def report(**fields):
-    print("RESULT " + json.dumps({"scenario": _current.get("name"), **fields}), flush=True)
-
-
 def wait_for_files(paths, seconds):
     """Waits (bounded by ``seconds``) until every file of ``paths`` exists: how a rank that must
     stay away waits for the others to be done with it, instead of guessing a duration that load
@@ -95,23 +87,6 @@ def check_views(received):
     assert model["weight_t"].untyped_storage().data_ptr() == model["weight"].untyped_storage().data_ptr()
     assert model["row"].untyped_storage().data_ptr() == model["weight"].untyped_storage().data_ptr()
     assert model["row"].storage_offset() == 3 * 32
-
-
-def main():
-    rank, world, port, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    steps = json.loads(sys.argv[5])
-    host = os.environ.get("STAGER_TEST_HOST", "127.0.0.1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        for scenario, options in steps:
-            _current["name"] = options.get("name", options.get("subdir", scenario))
-            subdir = os.path.join(directory, options.get("subdir", scenario))
-            os.makedirs(subdir, exist_ok=True)
-            globals()["scenario_" + scenario](rank, world, subdir, options)
-    finally:
-        dist.destroy_process_group()
 
 
 def temps(directory, rank=None):
@@ -545,9 +520,10 @@ def scenario_restore(rank, world, directory, options):
     into = make_state_dict(rank + 50, big_numel=big) if options.get("inplace") else None
     if into is not None and rank == options.get("mismatch_rank"):
         into["model"]["bias"] = torch.zeros(8, dtype=torch.int64)  # the replica's is 7
-    pointers = None
+    pointers = versions = None
     if into is not None:
         pointers = {key: t.untyped_storage().data_ptr() for key, t in into["model"].items() if t.numel()}
+        versions = {key: t._version for key, t in into["model"].items()}
     started = time.monotonic()
     before = sorted(os.listdir(_rank_dir(directory, rank))) if os.path.isdir(_rank_dir(directory, rank)) else []
     try:
@@ -572,7 +548,11 @@ def scenario_restore(rank, world, directory, options):
         assert now == pointers, (now, pointers)
         assert_same_tree(into["model"], make_state_dict(rank, big_numel=big, step=step)["model"])
         assert result["model"]["weight"] is into["model"]["weight"]
-    report(rank=rank, step=step, elapsed=time.monotonic() - started)
+        # every written tensor's version counter moved, however its bytes came (received in place
+        # over the group or copied in), so a later stage(skip_unchanged=True) sees the change
+        unbumped = sorted(key for key, t in into["model"].items() if t.numel() and t._version == versions[key])
+        assert not unbumped, f"restore(into=...) left the version counters of {unbumped} unchanged"
+    report(rank=rank, step=step, elapsed=time.monotonic() - started, restored=replicator.last_restore)
 
 
 def scenario_replicate_and_restore(rank, world, directory, options):
@@ -584,11 +564,4 @@ def scenario_replicate_and_restore(rank, world, directory, options):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
+    worker_main(globals())

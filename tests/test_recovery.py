@@ -139,6 +139,22 @@ def test_damaged_copies_and_in_place_restore(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_in_place_restore_over_the_group_bumps_version_counters(tmp_path):
+    # Regression: bytes received straight into restore(into=...)'s tensors over gloo left their
+    # version counters as they were (the copied-in path bumped them), so stage(skip_unchanged=True)
+    # could take a restored storage for unchanged. The worker checks every into tensor's _version.
+    options = {"steps": 1, "big_numel": 100_000, "timeout": 20, "persist_format": None, "inplace": True}
+    results = run_ranks(2, tmp_path, [["replicate_and_restore", {**options, "subdir": "wire", "name": "wire"}]],
+                        deadline=90)
+    assert_all_ok(results, ["wire"])
+    for rank, (_, found, _) in results.items():
+        restored = found["wire"]["restored"]
+        # memory only, no own copy: the partner served it over the group, received in place
+        assert restored["server"] == 1 - rank and restored["tier"] == "memory", restored
+        assert restored["received_bytes"] >= 100_000 * 4, restored
+
+
+@pytest.mark.timeout(120)
 def test_one_rank_keeps_its_own_copies(tmp_path):
     # A group of one has nobody to replicate to; keep_own still writes generations, restore reads them.
     common = {"steps": 3, "keep_own": True, "timeout": 10}

@@ -6,7 +6,7 @@ the GIL and lets ``KeyboardInterrupt`` through.
 
 import os
 from collections.abc import Sequence
-from typing import Any, Self, final
+from typing import Any, Literal, Self, final, overload
 
 import torch
 
@@ -176,6 +176,8 @@ class CopyEngine:
     ) -> None: ...
     def copy_tensors(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None: ...
 
+# The bytes written (committed), or with commit=False the AtomicFile for the caller to commit.
+@overload
 def write_file(
     path: str,
     table: TensorTable,
@@ -184,10 +186,23 @@ def write_file(
     buffer: HostBuffer | None = None,
     completion: Completion | None = None,
     *,
-    commit: bool = True,
+    commit: Literal[True] = True,
     consumed: Completion | None = None,
     bounce: HostBuffer | None = None,
-) -> int | AtomicFile: ...
+) -> int: ...
+@overload
+def write_file(
+    path: str,
+    table: TensorTable,
+    tensor_names: Sequence[str | None],
+    metadata: dict[str, str],
+    buffer: HostBuffer | None = None,
+    completion: Completion | None = None,
+    *,
+    commit: Literal[False],
+    consumed: Completion | None = None,
+    bounce: HostBuffer | None = None,
+) -> AtomicFile: ...
 
 def write_records(
     path: str,

@@ -17,6 +17,7 @@ waited on). ``tests/test_dcp_hooks.py`` fails when a torch release renames what 
 from __future__ import annotations
 
 import sys
+from types import FrameType
 from typing import Any
 
 __all__ = ["DCP_SAVER_MODULE", "draining_writer"]
@@ -34,7 +35,7 @@ def draining_writer() -> Any | None:
     """The storage writer of the ``dcp.async_save`` (THREAD checkpointer) that is calling
     ``stage()`` on this thread, when that writer accepts a stage in flight (has
     ``accept_stage``); None for every other caller."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(_MAX_DEPTH):
         if frame is None:
             return None

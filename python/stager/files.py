@@ -124,10 +124,11 @@ def save(state_dict: Any, path: str | os.PathLike, *, stager: Any = None, allow_
             f"save(stager=...) needs a stager.DefaultStager or BlockingAsyncStager, got {type(stager).__name__}"
         )
     staging.pool.reset_peak()
-    if staging._streams(plan):
+    budget = staging._stream_budget(plan)
+    if budget is not None:
         # Larger than the stager's memory budget: the writer reads the tensors themselves,
         # bounced through one pool buffer of at most the budget (stager.streaming).
-        stream = StreamedStage(state_dict, plan, staging.pool, staging.options.memory_budget_bytes)
+        stream = StreamedStage(state_dict, plan, staging.pool, budget)
         consumed, bounce = stream.claim(len(plan.table.storage_nbytes))
         try:
             _native.write_file(path, plan.table, names, metadata, consumed=consumed, bounce=bounce)
@@ -187,7 +188,8 @@ def durable_torch_save(state_dict: Any, path: str | os.PathLike) -> None:
     with _native.AtomicFile(path) as file:  # aborted (temp removed) unless committed
         sink = _RecordingWriter(file.fileno())
         try:
-            torch.save(state_dict, sink)
+            # torch.save writes to any object with write() (its annotation names only IO[bytes]).
+            torch.save(state_dict, sink)  # type: ignore[arg-type]
             sink.flush()
         except Exception:
             if sink.error is None:
@@ -293,11 +295,12 @@ def load(path: str | os.PathLike, *, mesh: Any = None, verify: bool = True, allo
 
 
 def _size(nbytes: int) -> str:
+    amount = float(nbytes)
     for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return str(nbytes)
+        if amount < 1000 or unit == "GB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
+    return str(amount)
 
 
 def inspect_command(path: str) -> int:

@@ -63,7 +63,7 @@ import stat
 import threading
 import time
 import zlib
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -149,6 +149,10 @@ class _ItemLocation:
 
     relative_path: str
     key: str
+
+
+#: Where a read item is stored: in a stager rank file, or in a data file of dcp's format.
+_Location = TypeVar("_Location", _ItemLocation, _StorageInfo)
 
 
 def _new_token() -> tuple[str, int]:
@@ -306,6 +310,12 @@ def _check(condition: bool, reason: str) -> None:
         raise _Invalid(reason)
 
 
+def _list(value: Any, reason: str) -> list[Any]:
+    """``value`` when it is a list, else :class:`_Invalid` ``(reason)``."""
+    _check(type(value) is list, reason)
+    return value
+
+
 def _int_list(value: Any, what: str) -> list[int]:
     _check(is_int_list(value, max_len=None), f"{what} must be a list of non-negative integers")
     return value
@@ -352,14 +362,12 @@ def _decode_metadata(data: bytes, path: str) -> tuple[Metadata, dict]:
     """Validates and rebuilds the Metadata of ``.metadata`` bytes (untrusted input)."""
     body, _ = _parse_header(data, path)
     try:
-        files_used = body.get("files")
-        _check(type(files_used) is list and all(type(f) is str and _token_time(f) is not None and f.endswith(".safetensors")
+        files_used = _list(body.get("files"), "'files' must list rank files")
+        _check(all(type(f) is str and _token_time(f) is not None and f.endswith(".safetensors")
                                                   and not _TEMP_SUFFIX.search(f) for f in files_used),
                "'files' must list rank files")
         state: dict[str, Any] = {}
-        entries = body.get("state_dict_metadata")
-        _check(type(entries) is list, "'state_dict_metadata' must be a list")
-        for entry in entries:
+        for entry in _list(body.get("state_dict_metadata"), "'state_dict_metadata' must be a list"):
             _check(type(entry) is list and len(entry) == 2 and type(entry[0]) is str and type(entry[1]) is dict,
                    "bad state_dict_metadata entry")
             fqn, spec = entry
@@ -368,15 +376,14 @@ def _decode_metadata(data: bytes, path: str) -> tuple[Metadata, dict]:
                 continue
             _check(spec.get("t") == "tensor", f"{fqn}: unknown kind {spec.get('t')!r}")
             dtype = tree.DTYPES.get(spec.get("dtype")) if type(spec.get("dtype")) is str else None
-            _check(dtype is not None, f"{fqn}: unknown dtype {spec.get('dtype')!r}")
+            if dtype is None:
+                raise _Invalid(f"{fqn}: unknown dtype {spec.get('dtype')!r}")
             size = _int_list(spec.get("size"), f"{fqn} size")
             strides = spec.get("strides")
             if strides is not None:
                 strides = tuple(_int_list(strides, f"{fqn} strides"))
             chunks = []
-            raw_chunks = spec.get("chunks")
-            _check(type(raw_chunks) is list, f"{fqn}: chunks must be a list")
-            for chunk in raw_chunks:
+            for chunk in _list(spec.get("chunks"), f"{fqn}: chunks must be a list"):
                 _check(type(chunk) is list and len(chunk) == 2, f"{fqn}: bad chunk")
                 offsets = _int_list(chunk[0], f"{fqn} chunk offsets")
                 sizes = _int_list(chunk[1], f"{fqn} chunk sizes")
@@ -397,9 +404,7 @@ def _decode_metadata(data: bytes, path: str) -> tuple[Metadata, dict]:
             )
             state[fqn] = TensorStorageMetadata(properties=properties, size=torch.Size(size), chunks=chunks)
         storage_data: dict[MetadataIndex, _ItemLocation] = {}
-        raw_storage = body.get("storage_data")
-        _check(type(raw_storage) is list, "'storage_data' must be a list")
-        for entry in raw_storage:
+        for entry in _list(body.get("storage_data"), "'storage_data' must be a list"):
             _check(type(entry) is list and len(entry) == 5, "bad storage_data entry")
             fqn, offset, hint, file_index, key = entry
             _check(type(fqn) is str and type(key) is str, "bad storage_data names")
@@ -535,7 +540,7 @@ def _load_dcp_metadata(data: bytes, path: str) -> Metadata:
     version = getattr(metadata, "version", None)
     if version is not None:
         parsed = _version_tuple(version) if isinstance(version, str) else None
-        if parsed is None or parsed > _version_tuple(DCP_VERSION):
+        if parsed is None or parsed > tuple(int(part) for part in DCP_VERSION.split(".")):
             raise StagerError(
                 f"{path}: written by dcp metadata version {version!r}, newer than the {DCP_VERSION} this "
                 "stager reads; load it with the PyTorch that wrote it"
@@ -861,8 +866,8 @@ def _record_entries(items: list[tuple[str, Any]], path: str, stage: Any) -> tupl
         storage_type, v3_dtype = _storage_type(tensor.dtype)
         spec = (storage_type, nbytes if v3_dtype else tensor.numel(), 0, list(tensor.shape),
                 list(tensor.stride()), v3_dtype)
-        raw = tensor.reshape(-1).view(torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-        entries.append((raw, nbytes, request, spec))
+        record_bytes = tensor.reshape(-1).view(torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+        entries.append((record_bytes, nbytes, request, spec))
     return entries, waits
 
 
@@ -1144,7 +1149,7 @@ class FileSystemWriter(StorageWriter):
             keep = set(files_used) | (committed[1] if committed is not None else set())
             self._remove_unreferenced(keep, started_ns)
 
-    def _remove_unreferenced(self, keep: set[str], started_ns: int, own: set[str] = frozenset()) -> None:
+    def _remove_unreferenced(self, keep: set[str], started_ns: int, own: frozenset[str] | set[str] = frozenset()) -> None:
         """Removes what no checkpoint needs any more: rank files (and their temps) of saves that
         started before ``started_ns`` and that ``keep`` does not list, the files named in
         ``own``, and metadata temps of commits killed before this save. With
@@ -1299,6 +1304,15 @@ class FileSystemReader(StorageReader):
         future.set_result(None)
         return future
 
+    def _located(self, item: ReadItem, kind: type[_Location], name: str) -> _Location:
+        """Where ``item`` is stored: a location of ``kind`` (the kind of its file's others, as
+        :meth:`read_data` routed it); StagerError for metadata that mixes kinds in one file."""
+        location = self.storage_data[item.storage_index]
+        if not isinstance(location, kind):
+            raise StagerError(f"the checkpoint in {self.path} names {name!r} as both a stager rank file and a data "
+                              f"file of dcp's format (item {item.storage_index.fqn!r}): damaged metadata")
+        return location
+
     def _read_records(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         """Serves ``items`` from a data file of dcp's format: records parsed without running
         their pickles, storages read straight into the destination where one read item covers
@@ -1317,14 +1331,13 @@ class FileSystemReader(StorageReader):
         scratch: dict[int, torch.Tensor] = {}
         direct_spans: list[tuple[int, int, int]] = []  # (start, end, index into `after`)
         # Every record's framing at once (a cold file serves each small read with a seek).
-        spans = {}
-        for item in items:
+        located = [self._located(item, _StorageInfo, name) for item in items]
+        spans: dict[int, int] = {}  # record offset → length
+        for item, info in zip(items, located):
             if item.type != LoadItemType.BYTE_IO:
-                info = self.storage_data[item.storage_index]
                 spans.setdefault(info.offset, info.length)
         raw_records = dict(zip(spans, file.parse_records(list(spans.items()))))
-        for item in items:
-            info: _StorageInfo = self.storage_data[item.storage_index]
+        for item, info in zip(items, located):
             fqn = item.storage_index.fqn
             if item.type == LoadItemType.BYTE_IO:
                 buffer = torch.empty(info.length, dtype=torch.uint8)
@@ -1476,7 +1489,7 @@ class FileSystemReader(StorageReader):
 
     def _read_file(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         path = os.path.join(self.path, name)
-        keys = [self.storage_data[item.storage_index].key for item in items]
+        keys = [self._located(item, _ItemLocation, name).key for item in items]
         rank_file = _OpenRankFile(path, keys)
         tensors = rank_file.tensors
         storages = rank_file.plan.storages
@@ -1526,7 +1539,7 @@ class FileSystemReader(StorageReader):
                 scratch_offsets[storage] = total
                 total += -(-storages[storage].nbytes // ALIGNMENT) * ALIGNMENT
         scratch = engine.process_pool(False).acquire(total) if total else engine.empty_buffer()
-        reads = [(s, destination) for s, destination in direct.items()]
+        reads: list[tuple[int, torch.Tensor | tuple[_native.HostBuffer, int]]] = list(direct.items())
         reads += [(s, (scratch, offset)) for s, offset in scratch_offsets.items()]
         damaged = rank_file.file.read_storages(reads, self.verify)
         if damaged:
@@ -1538,10 +1551,10 @@ class FileSystemReader(StorageReader):
                 "the file is damaged"
             )
         bases: dict[int, torch.Tensor] = {}
-        for item, tensor, dest in zip(items, chosen, targets):
+        for item, tensor, target in zip(items, chosen, targets):
             storage = tensor.storage_index
-            if storage in direct:
-                planner.commit_tensor(item, dest)
+            if storage in direct:  # read straight into this item's destination (its only reader)
+                planner.commit_tensor(item, direct[storage])
                 continue
             base = bases.get(storage)
             if base is None:
@@ -1550,7 +1563,7 @@ class FileSystemReader(StorageReader):
                     torch.frombuffer(scratch, dtype=torch.uint8, count=nbytes, offset=scratch_offsets[storage])
                     if nbytes else torch.empty(0, dtype=torch.uint8)
                 )
-            if dest is None:
+            if target is None:
                 planner.load_bytes(item, io.BytesIO(base.numpy().tobytes()))
                 continue
             source = torch.empty(0, dtype=tensor.dtype).set_(
@@ -1558,8 +1571,8 @@ class FileSystemReader(StorageReader):
             )
             for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
                 source = source.narrow(dim, start, length)
-            dest.copy_(source)
-            planner.commit_tensor(item, dest)
+            target.copy_(source)
+            planner.commit_tensor(item, target)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:

@@ -138,15 +138,15 @@ def inventory(source: RecoveryInput, world_size: int) -> list[dict[str, Any]]:
                            "where": segment.path, "tier": "shm"})
     for entry, _ in sorted(_scan(source.storage_dir), key=lambda item: item[0].name):
         try:
-            record = read_record(entry.path)
+            file_record = read_record(entry.path)
         except StagerError as err:
             copies.append({"where": entry.path, "error": str(err)})
             continue
-        if record is None:
+        if file_record is None:
             copies.append({"where": entry.path, "error": "it records no owner and step (written by an older stager)"})
             continue
-        copies.append({"owner": record["owner"], "step": record["step"], "world_size": record["world_size"],
-                       "where": entry.path})
+        copies.append({"owner": file_record["owner"], "step": file_record["step"],
+                       "world_size": file_record["world_size"], "where": entry.path})
     return copies
 
 

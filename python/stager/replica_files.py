@@ -166,7 +166,7 @@ def find_replicas(storage_dir: str | os.PathLike) -> list[Replica]:
     storage_dir = os.fspath(storage_dir)
     found = []
     listed = segments.find_segments(storage_dir)
-    newest = {}
+    newest: dict[tuple[int, int], int] = {}  # (holder, owner) → the newest step
     for segment in listed:
         key = (segment.holder, segment.owner)
         newest[key] = max(newest.get(key, segment.step), segment.step)

@@ -110,6 +110,7 @@ import os
 import secrets
 import tempfile
 import threading
+from collections.abc import Sequence
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Any
@@ -305,10 +306,11 @@ class _Deltas:
 class _Copy:
     """One copy this rank writes in a stage: where it goes and what it records."""
 
-    __slots__ = ("final", "owner", "pending", "previous", "record", "state_dict", "writer")
+    __slots__ = ("final", "owner", "pending", "persist_format", "previous", "record", "state_dict", "writer")
 
     def __init__(self, storage_dir: str, holder: int, owner: int, persist_format: str, record: dict[str, int]) -> None:
         self.owner = owner
+        self.persist_format = persist_format
         self.final = replica_path(storage_dir, holder, owner, persist_format)
         self.previous = replica_path(storage_dir, holder, owner, persist_format, previous=True)
         self.pending = _pending_path(self.final)
@@ -675,6 +677,8 @@ class ReplicationStager(AsyncStager):
         if not self._keep_own:
             return
         fmt = self._persist_format
+        if fmt is None:  # the constructor refuses keep_own without a format
+            raise StagerError("keep_own=True needs a persist_format")
         self._load_index(rank)
         self._sweep_temps(rank)
         chosen = step if step is not None else (self._newest_step or 0) + 1
@@ -712,7 +716,7 @@ class ReplicationStager(AsyncStager):
                         writer, copy.writer = copy.writer, None
                         writer.commit()
                     else:
-                        _write_copy(received[owner], copy.pending, self._persist_format, copy.record)
+                        _write_copy(received[owner], copy.pending, copy.persist_format, copy.record)
                 except Exception as err:
                     errors.append(err)
         thread = own.get("thread")
@@ -723,7 +727,7 @@ class ReplicationStager(AsyncStager):
         if errors:
             raise errors[0] if len(errors) == 1 else StagerError("; ".join(str(e) for e in errors))
 
-    def _publish_segments(self, shm: dict[int, segments.SegmentCopy], received: dict[int, Any], srcs: list[int],
+    def _publish_segments(self, shm: dict[int, segments.SegmentCopy], received: dict[int, Any], srcs: Sequence[int],
                           rank: int, world: int, step: int) -> None:
         """survive_restart, before the vote: every copy of this stage published in shared memory.
         A replica that could not land in its segment (an incremental receive builds on the
@@ -785,9 +789,9 @@ class ReplicationStager(AsyncStager):
         thread = own.get("thread")
         if thread is not None and shm:
             thread.join(StreamingReplica._ABORT_WAIT_S)
-        for copy in (shm or {}).values():
+        for segment in (shm or {}).values():
             try:
-                copy.abort()
+                segment.abort()
             except StagerError:
                 pass
         for copy in copies.values():

@@ -78,10 +78,8 @@ class StagingEngine:
     def __init__(self, options: StagingOptions, pool: _native.HostPool | None = None) -> None:
         self.options = options
         self._owns_pool = pool is None
-        self._pool = pool
+        self._pool = pool if pool is not None else self._new_pool()
         self._pid = os.getpid()
-        if pool is None:
-            self._pool = self._new_pool()
         #: With ``skip_unchanged``: what the previous stage staged (see stager.incremental).
         self.unchanged = UnchangedStorages() if options.skip_unchanged else None
         #: The previous stage's tensor descriptions, reused while they hold (stager.plan.PlanCache).
@@ -146,11 +144,12 @@ class StagingEngine:
         self.pool.reset_peak()
         if unchanged is None:
             plan = plan_state_dict(state_dict, cache=self.plan_cache)
-            if early is not None and self._streams(plan):
+            budget = self._stream_budget(plan) if early is not None else None
+            if early is not None and budget is not None:
                 previous = self._stream
                 if previous is not None:
                     previous.released.wait()  # its writer gives the budget back when it returns
-                stream = self._stream = StreamedStage(state_dict, plan, self.pool, self.options.memory_budget_bytes)
+                stream = self._stream = StreamedStage(state_dict, plan, self.pool, budget)
                 writer.accept_stage(stream)
                 early.offer_early(state_dict)
                 stream.wait(early.reader_gone)
@@ -182,14 +181,14 @@ class StagingEngine:
         staged.wait()
         return result
 
-    def _streams(self, plan: StatePlan) -> bool:
-        """Whether ``plan`` is streamed: it does not fit what the budget leaves free, and its
-        tensors are all plain CPU ones that the writer can read itself."""
+    def _stream_budget(self, plan: StatePlan) -> int | None:
+        """The memory budget when ``plan`` is streamed (it does not fit what the budget leaves
+        free, and its tensors are all plain CPU ones that the writer can read itself), else None."""
         budget = self.options.memory_budget_bytes
         if budget is None or plan.device_storages or plan.opaque:
-            return False
+            return None
         stats = self.pool.stats()
-        return plan.total_nbytes > budget - (stats["allocated_bytes"] - stats["free_bytes"])
+        return budget if plan.total_nbytes > budget - (stats["allocated_bytes"] - stats["free_bytes"]) else None
 
     def reserve(self, nbytes: int) -> None:
         self.pool.reserve(nbytes, self.options.threads)
@@ -283,7 +282,7 @@ class DefaultStager(AsyncStager):
         self._staging_executor = self._new_executor()
         # Weak: holding the last Future would hold its staged dict, and with it a pool buffer
         # that the next stage could otherwise reuse once the caller is done with the result.
-        self._staging_future: weakref.ref[Future] | None = None
+        self._staging_future: weakref.ref[StagingFuture] | None = None
         self._closed = False
 
     @property

@@ -61,7 +61,7 @@ def _reset_high_water() -> bool:
 def rows(ctx: BenchContext, sd: Any, nbytes: int, interleaved: Callable[..., dict[str, list[float]]],
          row: Callable[..., Row]) -> list[Row]:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
     from .. import filesystem
     from ..options import StagingOptions
@@ -89,6 +89,8 @@ def rows(ctx: BenchContext, sd: Any, nbytes: int, interleaved: Callable[..., dic
             response = dcp.async_save(sd, storage_writer=filesystem.FileSystemWriter(directory),
                                       async_stager=stagers[name], no_dist=True,
                                       async_checkpointer_type=AsyncCheckpointerType.THREAD)
+            # with an async_stager, async_save returns both completions (else one Future)
+            assert isinstance(response, AsyncSaveResponse), type(response)
             response.staging_completion.result()
             waits[name].append(time.perf_counter() - start)
             response.upload_completion.result()

@@ -278,7 +278,7 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 try:
-                    samples[name] = [timed(lambda r=replicator: r.stage(sd, step=3))]
+                    samples[name] = [timed(partial(replicator.stage, sd, step=3))]
                 finally:
                     stop.set()
                     sampler.join()
@@ -323,7 +323,7 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
         return received
 
     report: dict[str, Any] = {}
-    sd = ctx.large_state_dict()
+    sd: Any = ctx.large_state_dict()  # a state_dict; dropped (None) once the replicas hold it
     nbytes, ntensors = ctx.nbytes_of(sd), ctx.count_tensors(sd)
     log(f"  [{world} ranks] {nbytes / 1e9:.3f} GB in {ntensors} tensors per rank")
     if world >= 3:
@@ -359,7 +359,7 @@ def _measure(rank: int, world: int, settings: dict, results: Any) -> dict[str, A
     ReplicationStager(pg, timeout, storage_dir=shm_holders, persist_format=None, ranks_per_node=rpn,
                       survive_restart=True).stage(sd)
     gc.collect()
-    into = sd  # the model restore(into=) fills: the dict itself (the replicas are what restore works from)
+    into: Any = sd  # the model restore(into=) fills: the dict itself (the replicas are what restore works from)
     sd = None
     ctx.drop_workloads()
     cases: list[tuple[str, Callable[[], Any]]] = [

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 
 from .. import _native
+from .._native import StagerError
+from ..json_checks import expect, int_field, is_int_list
 from ..plan import StatePlan, StoragePlan
 
 
@@ -111,7 +113,7 @@ def _delta_layout(plan: StatePlan, reuse: dict[int, int]) -> tuple[Any, list[Sto
 def _encode_delta(offer: Offer, table: Any, nsegments: int) -> bytes:
     """The delta message: the reuse map as runs ``[first index, first base index, length]``."""
     runs: list[list[int]] = []
-    for index, base in sorted(offer.reuse.items()):
+    for index, base in sorted((offer.reuse or {}).items()):
         if runs and runs[-1][0] + runs[-1][2] == index and runs[-1][1] + runs[-1][2] == base:
             runs[-1][2] += 1
         else:
@@ -125,38 +127,35 @@ def _encode_delta(offer: Offer, table: Any, nsegments: int) -> bytes:
 
 def _decode_delta(raw: bytes, count: int) -> tuple[dict[int, int], int, int, int, list[int | None] | None]:
     """Validates a delta message for a plan of ``count`` storages; returns (reuse map,
-    base_storages, nbytes, segments, crc32c list). Raises ValueError saying what is wrong."""
-    spec = json.loads(raw)
-    if not isinstance(spec, dict):
-        raise ValueError("not an object")
+    base_storages, nbytes, segments, crc32c list). Raises ValueError saying what is wrong (the
+    checks are :mod:`stager.json_checks`'; the transport reports it as a PROTOCOL error)."""
+    try:
+        return _checked_delta(json.loads(raw), count)
+    except StagerError as err:
+        raise ValueError(str(err)) from None
 
-    def integer(value: Any, what: str) -> int:
-        if type(value) is not int or value < 0:
-            raise ValueError(f"{what} must be a non-negative int, got {value!r}")
-        return value
 
-    base_storages = integer(spec.get("base_storages"), "base_storages")
-    nbytes, nsegments = integer(spec.get("nbytes"), "nbytes"), integer(spec.get("segments"), "segments")
+def _checked_delta(spec: Any, count: int) -> tuple[dict[int, int], int, int, int, list[int | None] | None]:
+    expect(type(spec) is dict, "a delta must be an object")
+    base_storages = int_field(spec.get("base_storages"), "base_storages")
+    nbytes, nsegments = int_field(spec.get("nbytes"), "nbytes"), int_field(spec.get("segments"), "segments")
     runs = spec.get("reuse")
-    if not isinstance(runs, list) or not runs:
-        raise ValueError("reuse must be a non-empty list")
+    expect(type(runs) is list and len(runs) > 0, "reuse must be a non-empty list")
     reuse: dict[int, int] = {}
     bases: set[int] = set()
     for run in runs:
-        if not isinstance(run, list) or len(run) != 3:
-            raise ValueError(f"a reuse run must be [index, base index, length], got {run!r}")
-        first, base, length = (integer(v, "a reuse run field") for v in run)
-        if not length or first + length > count or base + length > base_storages:
-            raise ValueError(f"reuse run {run!r} is out of range ({count} storages, {base_storages} in the base)")
+        expect(is_int_list(run, length=3), f"a reuse run must be [index, base index, length], got {run!r}")
+        first, base, length = run
+        expect(length > 0 and first + length <= count and base + length <= base_storages,
+               f"reuse run {run!r} is out of range ({count} storages, {base_storages} in the base)")
         for k in range(length):
-            if first + k in reuse or base + k in bases:
-                raise ValueError(f"reuse run {run!r} names a storage twice")
+            expect(first + k not in reuse and base + k not in bases, f"reuse run {run!r} names a storage twice")
             reuse[first + k] = base + k
             bases.add(base + k)
     check = spec.get("crc32c")
-    if check is not None and (not isinstance(check, list) or len(check) != len(reuse)
-                              or any(c is not None and (type(c) is not int or not 0 <= c < 1 << 32) for c in check)):
-        raise ValueError("crc32c must be one crc (or null) per reused storage")
+    expect(check is None or (type(check) is list and len(check) == len(reuse)
+                             and all(c is None or (type(c) is int and 0 <= c < 1 << 32) for c in check)),
+           "crc32c must be one crc (or null) per reused storage")
     return reuse, base_storages, nbytes, nsegments, check
 
 
@@ -165,18 +164,20 @@ def _base_problem(base: list[torch.UntypedStorage | None], reuse: dict[int, int]
     """Why the storages ``base`` can't stand in for the reused ones (None when they can)."""
     if len(base) != base_count:
         return f"the previous step held here has {len(base)} storages, the sender's {base_count}"
+    standing_in: dict[int, torch.UntypedStorage] = {}  # storage index → the base storage holding its bytes
     for index, position in reuse.items():
         storage = base[position]
         if storage is None or storage.nbytes() != nbytes[index]:
             held = "none" if storage is None else f"{storage.nbytes()} bytes"
             return (f"storage {index} ({nbytes[index]} bytes) is storage {position} of the previous step, which holds "
                     f"{held} here")
+        standing_in[index] = storage
     if check is not None:
-        for (index, position), crc in zip(sorted(reuse.items()), check):
-            held = _native.storage_crc32c(base[position])
-            if crc is not None and crc != held:
+        for (index, _), crc in zip(sorted(reuse.items()), check):
+            held_crc = _native.storage_crc32c(standing_in[index])
+            if crc is not None and crc != held_crc:
                 return (f"storage {index} ({nbytes[index]} bytes) was not sent as unchanged, but its bytes differ from "
-                        f"the previous step's (crc32c {held:08x} held here, {crc:08x} at the sender): it changed "
+                        f"the previous step's (crc32c {held_crc:08x} held here, {crc:08x} at the sender): it changed "
                         "without a version-counter bump (a write through `.data`, a NumPy view or a C extension?), or "
                         "the replica held here was modified")
     return None

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .. import dtensor
 from .._native import StagerError
@@ -61,8 +62,8 @@ class Incoming:
         self.strict = strict
         self.header = torch.zeros(_HEADER_BYTES, dtype=torch.uint8)
         self.raw_meta: torch.Tensor | None = None
-        self.plan: StatePlan | None = None
-        self.meta: dict | None = None
+        self._plan: StatePlan | None = None
+        self._meta: dict | None = None
         self.sent: list[StatePlan] = []  # what this rank sends in the same call (its own meshes)
         self.segments: list[Segment] = []
         self.targets: dict[int, torch.UntypedStorage] = {}
@@ -91,6 +92,24 @@ class Incoming:
         #: Where a full receive lands instead of the pool (see PGTransport.transfer).
         self.receive_buffer: Callable[[Incoming], Any] | None = None
         self._storage_hooks: list[Callable[[int], None]] = []
+
+    @property
+    def plan(self) -> StatePlan:
+        """The sender's plan, once its metadata landed (:meth:`read_metadata`)."""
+        if self._plan is None:
+            raise StagerError(f"the checkpoint metadata from rank {self.rank} has not landed yet")
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: StatePlan) -> None:
+        self._plan = plan
+
+    @property
+    def meta(self) -> dict:
+        """The sender's decoded metadata (JSON), once it landed."""
+        if self._meta is None:
+            raise StagerError(f"the checkpoint metadata from rank {self.rank} has not landed yet")
+        return self._meta
 
     def on_storage_landed(self, hook: Callable[[int], None]) -> None:
         """Calls ``hook(storage_index)`` once all the bytes of that storage of :attr:`plan` are
@@ -154,6 +173,8 @@ class Incoming:
         step); a base that does not fit it sets :attr:`base_problem` (reported as :data:`LOCAL`)."""
         plan = self.plan
         nbytes = plan.table.storage_nbytes
+        assert self.raw_delta is not None and self.base_storages is not None, "apply_delta() without expect_delta()"
+        base_storages = self.base_storages
         raw = self.raw_delta.numpy().tobytes()
         self.raw_delta = None
         try:
@@ -170,13 +191,15 @@ class Incoming:
         plan.table = table
         plan._storages = None  # described by the new table from here on
         self.segments = segments
-        self.base_problem = _base_problem(self.base_storages, reuse, base_count, nbytes, check)
-        if self.base_problem is None:
-            self.replacements = {index: self.base_storages[base] for index, base in reuse.items()}
+        self.base_problem = _base_problem(base_storages, reuse, base_count, nbytes, check)
+        if self.base_problem is None:  # so every reused base storage is there (not None)
+            self.replacements = {index: storage for index, base in reuse.items()
+                                 if (storage := base_storages[base]) is not None}
         self.base_storages = None
 
     def read_metadata(self) -> None:
         total, bucket, chunk, nsegments = self._announced
+        assert self.raw_meta is not None, "read_metadata() before read_header()"
         text = self.raw_meta.numpy().tobytes()
         self.raw_meta = None
         try:
@@ -192,8 +215,8 @@ class Incoming:
         if len(self.segments) != nsegments:
             raise TransportError(PROTOCOL, f"rank {self.rank} announced {nsegments} segments, its metadata gives "
                                  f"{len(self.segments)}", self.rank)
-        self.meta = meta
-        self.plan = plan
+        self._meta = meta
+        self._plan = plan
 
     def prepare(self) -> list[torch.Tensor]:
         """The tensor each segment is received into (in place where possible, else the pool)."""
@@ -203,13 +226,15 @@ class Incoming:
         dtensor.bind_meshes(plan, dtensor.receiver_meshes(self.transport.mesh, self.inplace, self.sent),
                             required=False, rebuild=self.transport._group_meshes)
         storages = plan.storages
-        targets = {}
+        targets: dict[int, torch.UntypedStorage] = {}
         if self.inplace is not None and not self.replacements:
             if self.strict:
                 self.mismatch = _first_mismatch(plan, self.meta, self.inplace)
             if self.mismatch is None:
                 targets = _inplace_targets(plan, self.meta, self.inplace, exact=self.strict)
         self.targets = targets
+        if targets:
+            _bump_versions(self.inplace, targets)
         needs_buffer = any(not (seg.direct and seg.first in targets) for seg in self.segments)
         if needs_buffer and plan.total_nbytes:
             chosen = None
@@ -280,6 +305,20 @@ def _inplace_targets(plan: StatePlan, meta: dict, inplace: Any, exact: bool = Fa
         used.add(storage.data_ptr())
         targets[storage_index] = storage
     return targets
+
+
+def _bump_versions(inplace: Any, targets: dict[int, torch.UntypedStorage]) -> None:
+    """Bumps the version counter of every tensor of ``inplace`` over a storage the receive writes
+    (``targets``), as torch's own in-place writes do: the bytes land through raw views of the
+    storages, which torch does not count, and ``skip_unchanged`` would otherwise take a storage
+    rewritten here for unchanged. Done before the first byte lands, so a receive that fails half
+    way leaves the counters moved too."""
+    written = {storage.data_ptr() for storage in targets.values() if storage.nbytes()}
+    tensors = [tensor for tensor in (dtensor.inplace_target(leaf) for leaf in tensors_by_path(inplace).values())
+               if isinstance(tensor, torch.Tensor) and not tensor.is_inference() and tensor.nbytes
+               and tensor.untyped_storage().data_ptr() in written]
+    if tensors:
+        increment_version(tensors)
 
 
 def _first_mismatch(plan: StatePlan, meta: dict, inplace: Any) -> str | None:

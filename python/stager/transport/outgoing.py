@@ -69,8 +69,8 @@ class _Payload:
             return
         buffer = transport._pool.acquire(pack_nbytes)
         self.keep.append(buffer)
-        copies = []
-        device_copies = []
+        copies: list[tuple[int, torch.UntypedStorage, int, int, int]] = []  # (index, source, begin, at, nbytes)
+        device_copies: list[tuple[StoragePlan, int, int, int]] = []  # (source, begin, nbytes, at)
         for index in self.packed:
             segment = segments[index]
             where = pack_at[index]
@@ -153,6 +153,7 @@ class _Outgoing:
         if delta and self.delta is not None:
             return self.delta
         if self._full is None:
+            assert self.plan is not None, "a send that failed to plan has no payload (its header says so)"
             self._full = _Payload(self.transport, self.plan.storages, self.segments)
         return self._full
 

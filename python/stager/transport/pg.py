@@ -157,8 +157,11 @@ class PGTransport:
         table[rank] = seq + 1
         return seq
 
-    def _post(self, waits: _Waits, op: str, tensor: torch.Tensor, peer: int, seq: int, index: int,
+    def _post(self, waits: _Waits, op: str, tensor: torch.Tensor | None, peer: int, seq: int, index: int,
               token: tuple) -> None:
+        # Every message is posted once its buffer exists (a payload's sources once packed, an
+        # incoming's metadata buffer once its header was read): None here is a bug of the caller.
+        assert tensor is not None, f"no buffer for message {index} to rank {peer}"
         try:
             if op == "send":
                 work = self._pg.send([tensor], peer, self._tag(seq, index))
@@ -314,8 +317,9 @@ class PGTransport:
         for dst, outgoing in outgoing_of.items():
             if outgoing.error is not None:
                 continue
-            delta = (outgoing.delta is not None and incremental is not None
-                     and incremental.accepts(dst, outgoing.offer.base))
+            offer = outgoing.offer
+            delta = (outgoing.delta is not None and offer is not None and incremental is not None
+                     and incremental.accepts(dst, offer.base))
             payload = payloads[dst] = outgoing.payload(delta)
             what = ("sent", dst, f"sending checkpoint bytes to rank {dst}")
             self._post(waits, "send", outgoing.meta, dst, seqs[dst], _TAG_META,
@@ -469,6 +473,6 @@ class PGTransport:
             raise self._connection_error(token, err) from err
         waits.add("collective", work, token)
         while waits.pending:
-            token, err = waits.next()
-            if err is not None:
-                raise self._connection_error(token, err) from err
+            token, failure = waits.next()
+            if failure is not None:
+                raise self._connection_error(token, failure) from failure
