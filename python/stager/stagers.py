@@ -164,9 +164,9 @@ class StagingEngine:
                 reused = unchanged.reuse(plan)
                 staged = self.start_plan(plan, order)
                 tensors: list[Any] = []
-                previous = self._previous_staged if self.plan_cache.last_hit else None
+                previous_staged = self._previous_staged if self.plan_cache.last_hit else None
                 self._previous_staged = None
-                result = plan.materialize(staged.buffer, reused, tensors, previous)
+                result = plan.materialize(staged.buffer, reused, tensors, previous_staged)
                 if early is not None:
                     writer.accept_stage(staged)
                     early.offer_early(result)
