@@ -139,7 +139,10 @@ class TensorTable:
     @property
     def tensor_flags(self) -> list[int]: ...
     def materialize(
-        self, buffer: Any, replacements: dict[int, torch.UntypedStorage] | None = None
+        self,
+        buffer: Any,
+        replacements: dict[int, torch.UntypedStorage] | None = None,
+        previous: list[torch.Tensor | None] | None = None,
     ) -> list[torch.Tensor | None]: ...
 
 def describe_tensors(
